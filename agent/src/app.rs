@@ -1,0 +1,104 @@
+//! Wires the agent together: backend → sampler → snapshots → exporter, with one shutdown path.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{AgentConfig, BackendKind};
+use crate::error::AgentError;
+use crate::exporter::{self, AgentMetrics, Renderer};
+use crate::gpu::nvml::NvmlBackend;
+use crate::gpu::sim::SimBackend;
+use crate::gpu::GpuBackend;
+use crate::sampler::{self, NodeSnapshot, Sampler, XidLog};
+
+/// Open the backend the configuration asks for. Blocking (NVML init enumerates the GPUs).
+pub fn open_backend(config: &AgentConfig) -> Result<Arc<dyn GpuBackend>, AgentError> {
+    Ok(match config.backend {
+        BackendKind::Nvml => {
+            let backend = NvmlBackend::open(&config.nvml_library)?;
+            tracing::info!(
+                gpus = backend.gpus().len(),
+                driver = backend.driver_version().as_deref().unwrap_or("?"),
+                "Opened NVML."
+            );
+            Arc::new(backend)
+        }
+        BackendKind::Sim => {
+            let model = config.sim_model.model();
+            tracing::info!(gpus = config.sim_gpus, model = model.name, seed = config.sim_seed, "Simulating GPUs.");
+            Arc::new(SimBackend::new(model, config.sim_gpus, config.sim_seed))
+        }
+    })
+}
+
+/// Bind the metrics address.
+pub async fn bind(config: &AgentConfig) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr: config.metrics_addr, source })
+}
+
+/// Run the agent until `shutdown` resolves.
+pub async fn run(
+    config: AgentConfig,
+    backend: Arc<dyn GpuBackend>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let agent_metrics = AgentMetrics::new()?;
+    let xids = Arc::new(XidLog::new(backend.gpus().len()));
+    // Host CPU usage is a difference of two readings: read it about once a second.
+    let host_every = (Duration::from_secs(1).as_nanos() / config.sample_interval.as_nanos()).max(1) as u64;
+    let sampler = Sampler::new(backend.clone(), config.full_sample_every(), host_every, xids.clone())
+        .with_duration_histogram(agent_metrics.sample_duration.clone());
+    let inventory = sampler.inventory();
+    // Three missed rounds, and at least 5 s, before readings are withheld as stale.
+    let stale_after = (config.sample_interval * 3).max(Duration::from_secs(5));
+    let renderer =
+        Arc::new(Renderer::new(&config.node_name, &inventory, config.dcgm_compat, stale_after, agent_metrics));
+    let (tx, rx) = watch::channel(Arc::new(NodeSnapshot::empty(inventory)));
+
+    let stop_events = Arc::new(AtomicBool::new(false));
+    let events = sampler::spawn_event_thread(backend.clone(), xids, stop_events.clone())
+        .map_err(|source| AgentError::Io { context: "cannot start the GPU event thread", source })?;
+
+    // One signal fans out to the sampler and the server.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait_stop = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let sampling = tokio::spawn(sampler::run(sampler, config.sample_interval, tx, wait_stop()));
+    let addr =
+        listener.local_addr().map_err(|source| AgentError::Io { context: "cannot read the bound address", source })?;
+    tracing::info!(
+        addr = %addr,
+        node = %config.node_name,
+        backend = backend.kind(),
+        gpus = backend.gpus().len(),
+        interval = %humantime::format_duration(config.sample_interval),
+        dcgm_compat = config.dcgm_compat,
+        "Serving metrics."
+    );
+    let server = tokio::spawn(exporter::serve(listener, exporter::router(renderer, rx), wait_stop()));
+
+    shutdown.await;
+    tracing::info!("Shutting down.");
+    let _ = stop_tx.send(true);
+    let served = server.await;
+    let _ = sampling.await;
+    stop_events.store(true, Ordering::Relaxed);
+    // The event thread wakes at least every 250 ms; don't hold the exit for it beyond that.
+    let _ = tokio::task::spawn_blocking(move || events.join()).await;
+    match served {
+        Ok(result) => result.map_err(|source| AgentError::Io { context: "metrics server failed", source }),
+        Err(e) => Err(AgentError::Io { context: "metrics server panicked", source: std::io::Error::other(e) }),
+    }
+}

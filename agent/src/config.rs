@@ -1,0 +1,332 @@
+//! The agent's configuration: command-line flags, `WATT_*` environment variables and a TOML
+//! file, merged in that order of precedence and validated in one place.
+//!
+//! Every value, whatever its source, goes through [`Args::resolve`], so a bad value is reported
+//! the same way — naming the flag and the config key — and nothing starts with it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+use crate::gpu::nvml::DEFAULT_LIBRARY;
+use crate::gpu::sim::{SimModel, TICK};
+
+/// The NVML driver updates power and energy every 100 ms: sampling faster reads the same value.
+pub const MIN_SAMPLE_INTERVAL: Duration = TICK;
+pub const MAX_SAMPLE_INTERVAL: Duration = Duration::from_secs(3600);
+pub const MAX_SIM_GPUS: u32 = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Real NVIDIA GPUs through NVML (`libnvidia-ml.so.1`).
+    Nvml,
+    /// Simulated GPUs, for machines without NVIDIA hardware.
+    Sim,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SimModelKey {
+    /// NVIDIA H100 SXM 80 GB (200–700 W)
+    H100,
+    /// NVIDIA H200 SXM 141 GB (200–700 W)
+    H200,
+    /// NVIDIA A100 SXM4 80 GB (100–400 W)
+    A100,
+}
+
+impl SimModelKey {
+    pub fn model(self) -> SimModel {
+        match self {
+            SimModelKey::H100 => SimModel::H100,
+            SimModelKey::H200 => SimModel::H200,
+            SimModelKey::A100 => SimModel::A100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Watt's node agent: reads every GPU on this node and exports what it reads to Prometheus.
+#[derive(Debug, Parser)]
+#[command(name = "watt-agent", version, about, long_about = None)]
+pub struct Args {
+    /// TOML config file. Flags and WATT_* variables override its values; unknown keys are errors.
+    #[arg(long, env = "WATT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// Where GPU readings come from [default: nvml].
+    #[arg(long, env = "WATT_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+
+    /// The NVML library to load [default: libnvidia-ml.so.1].
+    #[arg(long, env = "WATT_NVML_LIBRARY", value_name = "PATH")]
+    pub nvml_library: Option<String>,
+
+    /// Number of simulated GPUs, with --backend sim [default: 8].
+    #[arg(long, env = "WATT_SIM_GPUS", value_name = "N")]
+    pub sim_gpus: Option<u32>,
+
+    /// Model of the simulated GPUs [default: h100].
+    #[arg(long, env = "WATT_SIM_MODEL", value_enum)]
+    pub sim_model: Option<SimModelKey>,
+
+    /// Seed of the simulated workload and noise; the same seed gives the same readings [default: 1].
+    #[arg(long, env = "WATT_SIM_SEED", value_name = "SEED")]
+    pub sim_seed: Option<u64>,
+
+    /// This node's name in metrics and at the controller [default: the hostname].
+    #[arg(long, env = "WATT_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Address of the Prometheus endpoint (/metrics, /healthz) [default: 0.0.0.0:9400].
+    #[arg(long, env = "WATT_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// How often every GPU is read, e.g. 1s or 250ms; at least 100ms, the driver's update period
+    /// [default: 1s].
+    #[arg(long, env = "WATT_SAMPLE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub sample_interval: Option<Duration>,
+
+    /// How often the costly readings are refreshed: energy counter, power limits, PCIe, ECC,
+    /// processes. Between refreshes energy is integrated from power [default: 10s].
+    #[arg(long, env = "WATT_DETAIL_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub detail_interval: Option<Duration>,
+
+    /// Also export dcgm-exporter's metric names, units and labels (DCGM_FI_DEV_*), so dashboards
+    /// built for dcgm-exporter work unchanged.
+    #[arg(long, env = "WATT_DCGM_COMPAT")]
+    pub dcgm_compat: bool,
+
+    /// Log format [default: text].
+    #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The config file: the same settings as the flags, in snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub backend: Option<BackendKind>,
+    pub nvml_library: Option<String>,
+    pub sim_gpus: Option<u32>,
+    pub sim_model: Option<SimModelKey>,
+    pub sim_seed: Option<u64>,
+    pub node_name: Option<String>,
+    pub metrics_addr: Option<SocketAddr>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub sample_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub detail_interval: Option<Duration>,
+    pub dcgm_compat: Option<bool>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// The configuration the agent runs with: every value present and valid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub backend: BackendKind,
+    pub nvml_library: String,
+    pub sim_gpus: u32,
+    pub sim_model: SimModelKey,
+    pub sim_seed: u64,
+    pub node_name: String,
+    pub metrics_addr: SocketAddr,
+    pub sample_interval: Duration,
+    pub detail_interval: Duration,
+    pub dcgm_compat: bool,
+    pub log_format: LogFormat,
+}
+
+/// A configuration problem. `Display` is the one line the operator sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid --{flag} (config key {key}): {message}")]
+    Invalid { flag: &'static str, key: &'static str, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: String) -> Self {
+        // Flags are the keys in kebab-case; keep the table implicit by construction.
+        let flag = match key {
+            "sample_interval" => "sample-interval",
+            "detail_interval" => "detail-interval",
+            "sim_gpus" => "sim-gpus",
+            "node_name" => "node-name",
+            "nvml_library" => "nvml-library",
+            other => other,
+        };
+        ConfigError::Invalid { flag, key, message }
+    }
+}
+
+impl Args {
+    /// Merge flags (and their environment variables) over the config file over the defaults,
+    /// then validate.
+    pub fn resolve(&self) -> Result<AgentConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let config = AgentConfig {
+            backend: self.backend.or(file.backend).unwrap_or(BackendKind::Nvml),
+            nvml_library: self.nvml_library.clone().or(file.nvml_library).unwrap_or_else(|| DEFAULT_LIBRARY.into()),
+            sim_gpus: self.sim_gpus.or(file.sim_gpus).unwrap_or(8),
+            sim_model: self.sim_model.or(file.sim_model).unwrap_or(SimModelKey::H100),
+            sim_seed: self.sim_seed.or(file.sim_seed).unwrap_or(1),
+            node_name: match self.node_name.clone().or(file.node_name) {
+                Some(name) => name,
+                None => sysinfo::System::host_name().unwrap_or_else(|| "localhost".into()),
+            },
+            metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9400))),
+            sample_interval: self.sample_interval.or(file.sample_interval).unwrap_or(Duration::from_secs(1)),
+            detail_interval: self.detail_interval.or(file.detail_interval).unwrap_or(Duration::from_secs(10)),
+            dcgm_compat: self.dcgm_compat || file.dcgm_compat.unwrap_or(false),
+            log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            // toml's message spans several lines with a source excerpt; keep it on one.
+            message: e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+        })
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        if self.sample_interval < MIN_SAMPLE_INTERVAL || self.sample_interval > MAX_SAMPLE_INTERVAL {
+            return Err(ConfigError::invalid(
+                "sample_interval",
+                format!(
+                    "must be between {} (the driver's update period) and {}; got {}",
+                    show(MIN_SAMPLE_INTERVAL),
+                    show(MAX_SAMPLE_INTERVAL),
+                    show(self.sample_interval)
+                ),
+            ));
+        }
+        if self.detail_interval < self.sample_interval || self.detail_interval > MAX_SAMPLE_INTERVAL {
+            return Err(ConfigError::invalid(
+                "detail_interval",
+                format!(
+                    "must be at least the sample interval ({}) and at most {}; got {}",
+                    show(self.sample_interval),
+                    show(MAX_SAMPLE_INTERVAL),
+                    show(self.detail_interval)
+                ),
+            ));
+        }
+        if self.sim_gpus == 0 || self.sim_gpus > MAX_SIM_GPUS {
+            return Err(ConfigError::invalid(
+                "sim_gpus",
+                format!("must be between 1 and {MAX_SIM_GPUS}; got {}", self.sim_gpus),
+            ));
+        }
+        if self.node_name.trim().is_empty() || self.node_name.len() > 253 {
+            return Err(ConfigError::invalid(
+                "node_name",
+                format!("must be 1 to 253 characters and not blank; got {:?}", self.node_name),
+            ));
+        }
+        if self.nvml_library.is_empty() {
+            return Err(ConfigError::invalid("nvml_library", "must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// How many samples go by between two `Full` reads.
+    pub fn full_sample_every(&self) -> u64 {
+        (self.detail_interval.as_nanos() / self.sample_interval.as_nanos()).max(1) as u64
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write a duration such as 1s, 250ms or 2m)"))
+}
+
+/// Durations in the config file are written as on the command line: "1s", "250ms".
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| super::parse_duration(&t).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(argv: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("watt-agent").chain(argv.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = args(&["--node-name", "n1"]).resolve().unwrap();
+        assert_eq!(c.backend, BackendKind::Nvml);
+        assert_eq!(c.metrics_addr.port(), 9400);
+        assert_eq!(c.sample_interval, Duration::from_secs(1));
+        assert_eq!(c.full_sample_every(), 10);
+        assert!(!c.dcgm_compat);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "backend = \"sim\"\nsim_gpus = 4\nsample_interval = \"500ms\"\ndcgm_compat = true\n")
+            .unwrap();
+        let c = args(&["--config", path.to_str().unwrap(), "--sim-gpus", "2"]).resolve().unwrap();
+        assert_eq!((c.backend, c.sim_gpus, c.sample_interval), (BackendKind::Sim, 2, Duration::from_millis(500)));
+        assert!(c.dcgm_compat);
+    }
+
+    #[test]
+    fn errors_name_the_flag_and_the_key() {
+        let err = args(&["--sample-interval", "1ms"]).resolve().unwrap_err().to_string();
+        assert!(err.contains("--sample-interval") && err.contains("sample_interval") && err.contains("1ms"), "{err}");
+        let err = args(&["--sim-gpus", "0"]).resolve().unwrap_err().to_string();
+        assert!(err.contains("--sim-gpus") && err.contains("got 0"), "{err}");
+        let err = args(&["--sample-interval", "2s", "--detail-interval", "1s"]).resolve().unwrap_err().to_string();
+        assert!(err.contains("--detail-interval"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "sim_gpu = 4\n").unwrap();
+        let err = args(&["--config", path.to_str().unwrap()]).resolve().unwrap_err().to_string();
+        assert!(err.contains("sim_gpu") && err.contains("unknown field"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+}

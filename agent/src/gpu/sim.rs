@@ -1,0 +1,661 @@
+//! Simulated GPUs: a node without NVIDIA hardware that behaves like one, for laptops, CI and the
+//! local cluster.
+//!
+//! The physics is a small, deterministic model stepped in the driver's own 100 ms update period:
+//! draw follows utilization up to a per-model peak demand and is cut at the power limit (setting
+//! the "SW power cap" reason when the limit binds, as a real H100/H200 does under a bf16 matmul);
+//! the energy counter is the exact integral of that draw; temperature lags power with a thermal
+//! time constant; SM clocks fall when the cap binds. Cap ranges and memory sizes are the real
+//! boards'. Given a seed, every reading is a pure function of elapsed ticks and the limits set,
+//! however often it is read.
+//!
+//! [`SimBackend`] can also fail on purpose (a GPU that stops answering, a refused set call, XID
+//! events, ECC errors) and counts calls, so tests can assert what the agent did.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{
+    Detail, EccCounts, GpuBackend, GpuError, GpuEvent, GpuInfo, GpuProcess, GpuSample, PcieThroughput,
+    PowerLimitConstraints, ThrottleReasons,
+};
+
+/// The driver's update period: power and energy change every 100 ms, not faster.
+pub const TICK: Duration = Duration::from_millis(100);
+const TICK_SECONDS: f64 = 0.1;
+const MIB: u64 = 1 << 20;
+
+/// A GPU model's fixed characteristics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimModel {
+    /// Short name used on the command line.
+    pub key: &'static str,
+    /// Name as NVML reports it.
+    pub name: &'static str,
+    pub power_limit: PowerLimitConstraints,
+    /// Draw with nothing running, in the P0 state with memory clocks up.
+    pub idle_watts: f64,
+    /// What a dense matmul would draw with no cap: above the maximum limit, so the cap binds at
+    /// full load as on real boards.
+    pub peak_demand_watts: f64,
+    pub memory_total_bytes: u64,
+    pub sm_clock_max_hertz: f64,
+    pub sm_clock_idle_hertz: f64,
+    pub memory_clock_hertz: f64,
+    /// Steady-state temperature is `ambient + per_watt * power`.
+    pub ambient_celsius: f64,
+    pub celsius_per_watt: f64,
+}
+
+impl SimModel {
+    /// H100 SXM5 80 GB: 200–700 W, default 700 W.
+    pub const H100: SimModel = SimModel {
+        key: "h100",
+        name: "NVIDIA H100 80GB HBM3",
+        power_limit: PowerLimitConstraints { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 },
+        idle_watts: 72.0,
+        peak_demand_watts: 760.0,
+        memory_total_bytes: 81_559 * MIB,
+        sm_clock_max_hertz: 1_980e6,
+        sm_clock_idle_hertz: 345e6,
+        memory_clock_hertz: 2_619e6,
+        ambient_celsius: 28.0,
+        celsius_per_watt: 0.055,
+    };
+    /// H200 SXM 141 GB: 200–700 W, default 700 W.
+    pub const H200: SimModel = SimModel {
+        key: "h200",
+        name: "NVIDIA H200",
+        power_limit: PowerLimitConstraints { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 },
+        idle_watts: 78.0,
+        peak_demand_watts: 760.0,
+        memory_total_bytes: 143_771 * MIB,
+        sm_clock_max_hertz: 1_980e6,
+        sm_clock_idle_hertz: 345e6,
+        memory_clock_hertz: 3_201e6,
+        ambient_celsius: 28.0,
+        celsius_per_watt: 0.052,
+    };
+    /// A100 SXM4 80 GB: 100–400 W, default 400 W.
+    pub const A100: SimModel = SimModel {
+        key: "a100",
+        name: "NVIDIA A100-SXM4-80GB",
+        power_limit: PowerLimitConstraints { min_watts: 100.0, max_watts: 400.0, default_watts: 400.0 },
+        idle_watts: 55.0,
+        peak_demand_watts: 430.0,
+        memory_total_bytes: 81_920 * MIB,
+        sm_clock_max_hertz: 1_410e6,
+        sm_clock_idle_hertz: 210e6,
+        memory_clock_hertz: 1_593e6,
+        ambient_celsius: 30.0,
+        celsius_per_watt: 0.085,
+    };
+
+    pub const ALL: [SimModel; 3] = [Self::H100, Self::H200, Self::A100];
+
+    pub fn by_key(key: &str) -> Option<SimModel> {
+        Self::ALL.into_iter().find(|m| m.key == key)
+    }
+}
+
+/// SplitMix64: tiny, fast, and good enough for simulated noise; seeded per GPU.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn between(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.unit()
+    }
+}
+
+/// The workload a simulated GPU runs when nobody overrides its utilization: training that is
+/// busy most of the time, with short stalls (data loading, checkpoints, evaluation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Busy { ticks_left: u32, level: f64 },
+    Stall { ticks_left: u32 },
+}
+
+/// One simulated GPU's state, advanced tick by tick. Pure: no clock, no locks.
+#[derive(Debug, Clone)]
+pub struct SimGpu {
+    model: SimModel,
+    rng: Rng,
+    tick: u64,
+    phase: Phase,
+    /// `Some(u)` pins utilization to `u` (tests, and later the workers that drive the load).
+    utilization_override: Option<f64>,
+    power_limit_watts: f64,
+    // What the driver reports, updated once per tick.
+    utilization: f64,
+    demand_watts: f64,
+    power_watts: f64,
+    recent_power: VecDeque<f64>,
+    energy_joules: f64,
+    temperature_celsius: f64,
+    job_memory_bytes: u64,
+    pid: u32,
+    ecc: EccCounts,
+}
+
+impl SimGpu {
+    pub fn new(model: SimModel, seed: u64, index: u32) -> Self {
+        let mut rng = Rng(seed ^ (u64::from(index) + 1).wrapping_mul(0xD134_2543_DE82_EF95));
+        let job_memory_bytes = (model.memory_total_bytes as f64 * rng.between(0.55, 0.9)) as u64;
+        let pid = 10_000 + (rng.next_u64() % 50_000) as u32;
+        let first_busy = (rng.between(50.0, 600.0)) as u32;
+        let mut gpu = SimGpu {
+            model,
+            rng,
+            tick: 0,
+            phase: Phase::Busy { ticks_left: first_busy, level: 0.97 },
+            utilization_override: None,
+            power_limit_watts: model.power_limit.default_watts,
+            utilization: 0.0,
+            demand_watts: model.idle_watts,
+            power_watts: model.idle_watts,
+            recent_power: VecDeque::with_capacity(10),
+            energy_joules: 0.0,
+            temperature_celsius: model.ambient_celsius + model.celsius_per_watt * model.idle_watts,
+            job_memory_bytes,
+            pid,
+            ecc: EccCounts::default(),
+        };
+        gpu.recent_power.push_back(gpu.power_watts);
+        gpu
+    }
+
+    pub fn model(&self) -> &SimModel {
+        &self.model
+    }
+
+    /// Ticks stepped so far.
+    pub fn tick(&self) -> u64 {
+        self.tick
+    }
+
+    /// Step the driver forward until `tick` ticks have passed. Never goes back.
+    pub fn advance_to(&mut self, tick: u64) {
+        while self.tick < tick {
+            self.step();
+        }
+    }
+
+    /// One 100 ms driver update. Each step draws the same number of random values whatever
+    /// the state, so the readings depend on the seed and the tick count only.
+    fn step(&mut self) {
+        let phase_draw = self.rng.unit();
+        let length_draw = self.rng.unit();
+        let jitter = self.rng.between(-1.0, 1.0);
+        let regulation = self.rng.unit();
+
+        self.phase = match self.phase {
+            Phase::Busy { ticks_left: 0, .. } => Phase::Stall { ticks_left: 20 + (length_draw * 80.0) as u32 },
+            Phase::Stall { ticks_left: 0 } => {
+                Phase::Busy { ticks_left: 200 + (length_draw * 1_000.0) as u32, level: 0.9 + 0.1 * phase_draw }
+            }
+            Phase::Busy { ticks_left, level } => Phase::Busy { ticks_left: ticks_left - 1, level },
+            Phase::Stall { ticks_left } => Phase::Stall { ticks_left: ticks_left - 1 },
+        };
+        let utilization = match (self.utilization_override, self.phase) {
+            (Some(u), _) => u,
+            (None, Phase::Busy { level, .. }) => (level + 0.02 * jitter).clamp(0.0, 1.0),
+            (None, Phase::Stall { .. }) => (0.04 + 0.04 * jitter).clamp(0.0, 1.0),
+        };
+
+        let m = &self.model;
+        let dynamic = (m.peak_demand_watts - m.idle_watts) * utilization.powf(0.9);
+        self.utilization = utilization;
+        self.demand_watts = (m.idle_watts + dynamic * (1.0 + 0.015 * jitter)).max(0.0);
+        // The driver's power controller holds draw at or just under the limit when it binds.
+        self.power_watts = if self.demand_watts > self.power_limit_watts {
+            self.power_limit_watts * (1.0 - 0.012 * regulation)
+        } else {
+            self.demand_watts
+        };
+        self.energy_joules += self.power_watts * TICK_SECONDS;
+        if self.recent_power.len() == 10 {
+            self.recent_power.pop_front();
+        }
+        self.recent_power.push_back(self.power_watts);
+
+        // First-order thermal lag toward the steady state for this draw (time constant 30 s).
+        let target = m.ambient_celsius + m.celsius_per_watt * self.power_watts;
+        let alpha = 1.0 - (-TICK_SECONDS / 30.0f64).exp();
+        self.temperature_celsius += (target - self.temperature_celsius) * alpha;
+        self.tick += 1;
+    }
+
+    pub fn set_power_limit(&mut self, watts: f64) {
+        self.power_limit_watts = watts;
+    }
+
+    pub fn power_limit_watts(&self) -> f64 {
+        self.power_limit_watts
+    }
+
+    /// Pin utilization to `u` in [0, 1], or give control back to the built-in workload.
+    pub fn set_utilization(&mut self, u: Option<f64>) {
+        self.utilization_override = u.map(|u| u.clamp(0.0, 1.0));
+    }
+
+    pub fn add_ecc_errors(&mut self, corrected: u64, uncorrected: u64) {
+        self.ecc.corrected += corrected;
+        self.ecc.uncorrected += uncorrected;
+    }
+
+    pub fn energy_joules(&self) -> f64 {
+        self.energy_joules
+    }
+
+    pub fn power_watts(&self) -> f64 {
+        self.power_watts
+    }
+
+    /// What the driver would report now.
+    pub fn read(&self, detail: Detail) -> GpuSample {
+        let m = &self.model;
+        let busy = self.utilization > 0.05;
+        let cap_binds = self.demand_watts > self.power_limit_watts;
+        let mut reasons = ThrottleReasons::default();
+        if cap_binds {
+            reasons = reasons.with(ThrottleReasons::SW_POWER_CAP);
+        }
+        if !busy {
+            reasons = reasons.with(ThrottleReasons::GPU_IDLE);
+        }
+        // Dynamic power goes roughly with f·V², and V with f: clocks fall as the cube root of the
+        // share of dynamic power the cap leaves.
+        let sm_clock = if !busy {
+            m.sm_clock_idle_hertz
+        } else if cap_binds {
+            let share = (self.power_watts - m.idle_watts) / (self.demand_watts - m.idle_watts);
+            m.sm_clock_max_hertz * share.clamp(0.0, 1.0).cbrt()
+        } else {
+            m.sm_clock_max_hertz
+        };
+        let has_job = self.utilization_override.is_none_or(|u| u > 0.0);
+        // The driver and context reserve ~0.5 GiB even with no process.
+        let memory_used = if has_job { self.job_memory_bytes } else { 512 * MIB };
+        let average = self.recent_power.iter().sum::<f64>() / self.recent_power.len() as f64;
+
+        let mut sample = GpuSample {
+            power_watts: self.power_watts,
+            power_average_watts: Some(average),
+            utilization_ratio: self.utilization,
+            memory_utilization_ratio: (self.utilization * 0.62).clamp(0.0, 1.0),
+            memory_used_bytes: memory_used,
+            memory_total_bytes: m.memory_total_bytes,
+            temperature_celsius: self.temperature_celsius.round(),
+            memory_temperature_celsius: Some((self.temperature_celsius + 6.0).round()),
+            sm_clock_hertz: (sm_clock / 1e6).round() * 1e6,
+            memory_clock_hertz: m.memory_clock_hertz,
+            throttle_reasons: reasons,
+            ..GpuSample::default()
+        };
+        if detail == Detail::Full {
+            sample.energy_joules = Some(self.energy_joules);
+            sample.power_limit_watts = Some(self.power_limit_watts);
+            sample.enforced_power_limit_watts = Some(self.power_limit_watts);
+            sample.pcie = Some(PcieThroughput {
+                tx_bytes_per_second: self.utilization * 1.8e9,
+                rx_bytes_per_second: self.utilization * 2.4e9,
+            });
+            sample.ecc = Some(self.ecc);
+            sample.processes = Some(if has_job {
+                vec![GpuProcess { pid: self.pid, used_memory_bytes: Some(self.job_memory_bytes - 512 * MIB) }]
+            } else {
+                Vec::new()
+            });
+        }
+        sample
+    }
+}
+
+/// Faults a test can switch on for one GPU.
+#[derive(Debug, Default)]
+pub struct SimFaults {
+    /// Every call on this GPU fails with [`GpuError::Lost`].
+    pub lost: AtomicBool,
+    /// `set_power_limit` fails with [`GpuError::Refused`].
+    pub refuse_set: AtomicBool,
+}
+
+/// How often each method was called, for tests that assert what the agent did.
+#[derive(Debug, Default)]
+pub struct SimCallCounts {
+    pub sample_fast: AtomicU64,
+    pub sample_full: AtomicU64,
+    pub set_power_limit: AtomicU64,
+}
+
+#[derive(Debug)]
+struct SimSlot {
+    gpu: Mutex<SimGpu>,
+    faults: SimFaults,
+}
+
+/// A node of simulated GPUs on a clock that starts when the backend is built.
+#[derive(Debug)]
+pub struct SimBackend {
+    started: Instant,
+    infos: Vec<GpuInfo>,
+    slots: Vec<SimSlot>,
+    events: Mutex<VecDeque<GpuEvent>>,
+    event_ready: Condvar,
+    calls: SimCallCounts,
+}
+
+impl SimBackend {
+    /// `count` GPUs of `model`, their noise and workload drawn from `seed`.
+    pub fn new(model: SimModel, count: u32, seed: u64) -> Self {
+        let infos = (0..count)
+            .map(|index| GpuInfo {
+                index,
+                uuid: sim_uuid(seed, index),
+                model: model.name.to_string(),
+                pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + index * 0x10 % 0xe0),
+                device: format!("nvidia{index}"),
+                memory_total_bytes: model.memory_total_bytes,
+                power_limit: model.power_limit,
+            })
+            .collect();
+        let slots = (0..count)
+            .map(|index| SimSlot { gpu: Mutex::new(SimGpu::new(model, seed, index)), faults: SimFaults::default() })
+            .collect();
+        SimBackend {
+            started: Instant::now(),
+            infos,
+            slots,
+            events: Mutex::new(VecDeque::new()),
+            event_ready: Condvar::new(),
+            calls: SimCallCounts::default(),
+        }
+    }
+
+    pub fn faults(&self, index: u32) -> &SimFaults {
+        &self.slots[index as usize].faults
+    }
+
+    pub fn calls(&self) -> &SimCallCounts {
+        &self.calls
+    }
+
+    /// Pin a GPU's utilization, or hand it back to the built-in workload with `None`.
+    pub fn set_utilization(&self, index: u32, utilization: Option<f64>) {
+        if let Some(slot) = self.slots.get(index as usize) {
+            lock(&slot.gpu).set_utilization(utilization);
+        }
+    }
+
+    /// Raise an XID error on a GPU, as the driver would.
+    pub fn inject_xid(&self, index: u32, code: u64) {
+        lock(&self.events).push_back(GpuEvent::Xid { index, code });
+        self.event_ready.notify_all();
+    }
+
+    pub fn inject_ecc_errors(&self, index: u32, corrected: u64, uncorrected: u64) {
+        if let Some(slot) = self.slots.get(index as usize) {
+            lock(&slot.gpu).add_ecc_errors(corrected, uncorrected);
+        }
+    }
+
+    fn ticks_now(&self) -> u64 {
+        (self.started.elapsed().as_millis() / TICK.as_millis()) as u64
+    }
+
+    /// The GPU, stepped to now, or the error a real driver would give.
+    fn gpu(&self, index: u32) -> Result<MutexGuard<'_, SimGpu>, GpuError> {
+        let slot = self.slots.get(index as usize).ok_or(GpuError::NoSuchGpu { index })?;
+        if slot.faults.lost.load(Ordering::Relaxed) {
+            return Err(GpuError::Lost { index });
+        }
+        let mut gpu = lock(&slot.gpu);
+        gpu.advance_to(self.ticks_now());
+        Ok(gpu)
+    }
+}
+
+impl GpuBackend for SimBackend {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn gpus(&self) -> &[GpuInfo] {
+        &self.infos
+    }
+
+    fn sample(&self, index: u32, detail: Detail) -> Result<GpuSample, GpuError> {
+        let counter = match detail {
+            Detail::Fast => &self.calls.sample_fast,
+            Detail::Full => &self.calls.sample_full,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(self.gpu(index)?.read(detail))
+    }
+
+    fn power_limit_constraints(&self, index: u32) -> Result<PowerLimitConstraints, GpuError> {
+        Ok(self.gpu(index)?.model().power_limit)
+    }
+
+    fn set_power_limit(&self, index: u32, watts: f64) -> Result<(), GpuError> {
+        self.calls.set_power_limit.fetch_add(1, Ordering::Relaxed);
+        let mut gpu = self.gpu(index)?;
+        gpu.model().power_limit.check(index, watts)?;
+        if self.slots[index as usize].faults.refuse_set.load(Ordering::Relaxed) {
+            return Err(GpuError::Refused { index, reason: "Insufficient Permissions (simulated)".into() });
+        }
+        gpu.set_power_limit(watts);
+        Ok(())
+    }
+
+    fn wait_event(&self, timeout: Duration) -> Result<Option<GpuEvent>, GpuError> {
+        let queue = lock(&self.events);
+        let (mut queue, _) = self
+            .event_ready
+            .wait_timeout_while(queue, timeout, |q| q.is_empty())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(queue.pop_front())
+    }
+}
+
+/// A stable, UUID-shaped identifier per (seed, index), prefixed like NVML's.
+fn sim_uuid(seed: u64, index: u32) -> String {
+    let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(u64::from(index)));
+    let (a, b) = (rng.next_u64(), rng.next_u64());
+    format!(
+        "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// A poisoned lock here only means another thread panicked mid-read of plain numbers; the data
+/// is still usable, so recover instead of spreading the panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn models_have_the_real_cap_ranges() {
+        for (key, min, max) in [("h100", 200.0, 700.0), ("h200", 200.0, 700.0), ("a100", 100.0, 400.0)] {
+            let m = SimModel::by_key(key).unwrap();
+            assert_eq!((m.power_limit.min_watts, m.power_limit.max_watts), (min, max), "{key}");
+            assert_eq!(m.power_limit.default_watts, max, "{key}");
+        }
+        assert!(SimModel::by_key("v100").is_none());
+    }
+
+    #[test]
+    fn full_load_binds_the_cap_and_sets_the_sw_power_cap_reason() {
+        let mut gpu = SimGpu::new(SimModel::H100, 7, 0);
+        gpu.set_utilization(Some(1.0));
+        gpu.set_power_limit(450.0);
+        gpu.advance_to(50);
+        let s = gpu.read(Detail::Full);
+        assert!(s.power_watts <= 450.0 && s.power_watts > 440.0, "{}", s.power_watts);
+        assert!(s.throttle_reasons.contains(ThrottleReasons::SW_POWER_CAP));
+        assert!(s.sm_clock_hertz < SimModel::H100.sm_clock_max_hertz);
+        assert_eq!(s.power_limit_watts, Some(450.0));
+    }
+
+    #[test]
+    fn idle_gpu_draws_idle_power_and_says_so() {
+        let mut gpu = SimGpu::new(SimModel::A100, 7, 0);
+        gpu.set_utilization(Some(0.0));
+        gpu.advance_to(20);
+        let s = gpu.read(Detail::Full);
+        assert!((s.power_watts - SimModel::A100.idle_watts).abs() < 2.0, "{}", s.power_watts);
+        assert!(s.throttle_reasons.contains(ThrottleReasons::GPU_IDLE));
+        assert!(!s.throttle_reasons.contains(ThrottleReasons::SW_POWER_CAP));
+        assert_eq!(s.processes, Some(vec![]));
+        assert_eq!(s.sm_clock_hertz, SimModel::A100.sm_clock_idle_hertz);
+    }
+
+    #[test]
+    fn temperature_follows_power() {
+        let mut hot = SimGpu::new(SimModel::H200, 1, 0);
+        let mut cold = SimGpu::new(SimModel::H200, 1, 0);
+        hot.set_utilization(Some(1.0));
+        cold.set_utilization(Some(0.0));
+        hot.advance_to(3_000);
+        cold.advance_to(3_000);
+        let (h, c) = (hot.read(Detail::Fast), cold.read(Detail::Fast));
+        assert!(h.temperature_celsius > c.temperature_celsius + 20.0, "{h:?} vs {c:?}");
+    }
+
+    #[test]
+    fn backend_rejects_out_of_range_limits_without_clamping() {
+        let backend = SimBackend::new(SimModel::H100, 2, 3);
+        let err = backend.set_power_limit(1, 800.0).unwrap_err();
+        assert!(matches!(err, GpuError::LimitOutOfRange { index: 1, .. }), "{err}");
+        let full = backend.sample(1, Detail::Full).unwrap();
+        assert_eq!(full.power_limit_watts, Some(700.0), "an out-of-range order must change nothing");
+        backend.set_power_limit(1, 300.0).unwrap();
+        assert_eq!(backend.sample(1, Detail::Full).unwrap().power_limit_watts, Some(300.0));
+        assert_eq!(backend.calls().set_power_limit.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn injected_faults_surface_as_driver_errors() {
+        let backend = SimBackend::new(SimModel::H100, 2, 3);
+        backend.faults(0).lost.store(true, Ordering::Relaxed);
+        assert!(matches!(backend.sample(0, Detail::Fast), Err(GpuError::Lost { index: 0 })));
+        assert!(backend.sample(1, Detail::Fast).is_ok(), "the other GPU keeps answering");
+        backend.faults(1).refuse_set.store(true, Ordering::Relaxed);
+        assert!(matches!(backend.set_power_limit(1, 500.0), Err(GpuError::Refused { index: 1, .. })));
+        assert!(matches!(backend.sample(9, Detail::Fast), Err(GpuError::NoSuchGpu { index: 9 })));
+        backend.inject_xid(1, 79);
+        assert_eq!(backend.wait_event(Duration::from_millis(10)).unwrap(), Some(GpuEvent::Xid { index: 1, code: 79 }));
+        assert_eq!(backend.wait_event(Duration::from_millis(10)).unwrap(), None);
+    }
+
+    #[test]
+    fn uuids_are_distinct_and_nvml_shaped() {
+        let backend = SimBackend::new(SimModel::H100, 8, 42);
+        let mut uuids: Vec<_> = backend.gpus().iter().map(|g| g.uuid.clone()).collect();
+        assert!(uuids.iter().all(|u| u.starts_with("GPU-") && u.len() == 40), "{uuids:?}");
+        uuids.dedup();
+        assert_eq!(uuids.len(), 8);
+    }
+
+    /// One step of a random schedule: ticks to advance, a new limit, a new utilization override.
+    type Step = (u64, Option<f64>, Option<Option<f64>>);
+
+    fn schedule() -> impl Strategy<Value = Vec<Step>> {
+        prop::collection::vec(
+            (1u64..400, prop::option::of(200.0f64..=700.0), prop::option::of(prop::option::of(0.0f64..=1.0))),
+            1..30,
+        )
+    }
+
+    fn run(seed: u64, plan: &[Step]) -> Vec<(f64, f64, f64)> {
+        let mut gpu = SimGpu::new(SimModel::H100, seed, 0);
+        let mut readings = Vec::new();
+        for &(ticks, limit, util) in plan {
+            if let Some(limit) = limit {
+                gpu.set_power_limit(limit);
+            }
+            if let Some(util) = util {
+                gpu.set_utilization(util);
+            }
+            for _ in 0..ticks {
+                gpu.advance_to(gpu.tick() + 1);
+                readings.push((gpu.power_watts(), gpu.power_limit_watts(), gpu.energy_joules()));
+            }
+        }
+        readings
+    }
+
+    proptest! {
+        #[test]
+        fn power_never_exceeds_the_cap(seed in any::<u64>(), plan in schedule()) {
+            for (power, cap, _) in run(seed, &plan) {
+                prop_assert!(power <= cap, "power {power} W above cap {cap} W");
+                prop_assert!(power >= 0.0);
+            }
+        }
+
+        #[test]
+        fn energy_is_monotone_and_the_integral_of_power(seed in any::<u64>(), plan in schedule()) {
+            let readings = run(seed, &plan);
+            let mut integral = 0.0;
+            let mut last_energy = 0.0;
+            for (power, _, energy) in readings {
+                integral += power * TICK_SECONDS;
+                prop_assert!(energy >= last_energy, "energy went back: {last_energy} -> {energy}");
+                last_energy = energy;
+            }
+            prop_assert!((last_energy - integral).abs() <= 0.01 * integral, "energy {last_energy} J vs integral {integral} J");
+        }
+
+        #[test]
+        fn readings_depend_on_seed_and_ticks_only(seed in any::<u64>(), plan in schedule(), stride in 1u64..50) {
+            // Read the same GPU every tick and every `stride` ticks: the end state is identical.
+            let total: u64 = plan.iter().map(|p| p.0).sum();
+            let mut every = SimGpu::new(SimModel::H100, seed, 3);
+            let mut sparse = SimGpu::new(SimModel::H100, seed, 3);
+            for t in 1..=total {
+                every.advance_to(t);
+                if t % stride == 0 { sparse.advance_to(t); }
+            }
+            sparse.advance_to(total);
+            prop_assert_eq!(every.read(Detail::Full), sparse.read(Detail::Full));
+            prop_assert_eq!(run(seed, &plan), run(seed, &plan));
+        }
+    }
+
+    #[test]
+    fn different_seeds_give_different_nodes() {
+        let mut a = SimGpu::new(SimModel::H100, 1, 0);
+        let mut b = SimGpu::new(SimModel::H100, 2, 0);
+        a.advance_to(100);
+        b.advance_to(100);
+        assert_ne!(a.read(Detail::Full), b.read(Detail::Full));
+    }
+}

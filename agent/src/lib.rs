@@ -1,0 +1,19 @@
+//! `watt-agent`: Watt's per-node daemon.
+//!
+//! It reads every GPU on the node through a [`gpu::GpuBackend`] (NVML, or simulated GPUs when
+//! there are none), samples them on a fixed interval ([`sampler`]), and exports what it read to
+//! Prometheus ([`exporter`]), optionally under dcgm-exporter's names as well. Later parts of the
+//! agent — the power-cap enforcer, the worker supervisor and the session with the controller —
+//! read the same snapshots.
+//!
+//! The binary in `main.rs` only parses flags, starts logging and calls [`app::run`].
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod exporter;
+pub mod gpu;
+pub mod host;
+pub mod sampler;
+
+pub use error::AgentError;

@@ -1,0 +1,78 @@
+//! The `watt-agent` binary: flags, logging, signals, exit codes. Everything else is the library.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use watt_agent::config::{AgentConfig, Args, LogFormat};
+use watt_agent::{app, AgentError};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match args.resolve() {
+        Ok(config) => config,
+        Err(e) => return fail(&AgentError::from(e)),
+    };
+    if args.check_config {
+        #[allow(clippy::print_stdout)]
+        {
+            println!("configuration OK\n{config:#?}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    init_logging(config.log_format);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // Scrapes and the sampler's timer need little; GPU calls run on the blocking pool.
+        .worker_threads(2)
+        .thread_name("watt-agent")
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::Io { context: "cannot start the async runtime", source })?;
+    runtime.block_on(async {
+        let backend = tokio::task::block_in_place(|| app::open_backend(&config))?;
+        let listener = app::bind(&config).await?;
+        app::run(config, backend, listener, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("WATT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// One line on stderr, and the exit code that goes with the error.
+fn fail(e: &AgentError) -> ExitCode {
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("watt-agent: error: {e}");
+    }
+    ExitCode::from(e.exit_code())
+}

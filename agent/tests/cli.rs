@@ -1,0 +1,110 @@
+//! Bad input to the real binary: each gets one clear line naming the problem, and exit code 2.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::AGENT;
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(AGENT).args(args).env_remove("WATT_CONFIG").output().expect("run watt-agent")
+}
+
+fn assert_usage_error(out: &Output, must_name: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr: {stderr}");
+    for needle in must_name {
+        assert!(stderr.contains(needle), "stderr should name {needle:?}: {stderr}");
+    }
+    stderr
+}
+
+#[test]
+fn an_unknown_backend_is_rejected_with_the_choices() {
+    let out = agent(&["--backend", "cuda"]);
+    assert_usage_error(&out, &["--backend", "cuda", "nvml", "sim"]);
+}
+
+#[test]
+fn an_unknown_flag_is_rejected() {
+    assert_usage_error(&agent(&["--sim-gpu", "4"]), &["--sim-gpu"]);
+}
+
+#[test]
+fn a_too_short_sample_interval_is_rejected() {
+    let stderr = assert_usage_error(
+        &agent(&["--backend", "sim", "--sample-interval", "1ms"]),
+        &["--sample-interval", "1ms", "100ms"],
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+#[test]
+fn an_unparsable_duration_is_rejected() {
+    assert_usage_error(&agent(&["--sample-interval", "fast"]), &["--sample-interval", "fast"]);
+}
+
+#[test]
+fn zero_simulated_gpus_are_rejected_from_a_flag_or_the_environment() {
+    assert_usage_error(&agent(&["--backend", "sim", "--sim-gpus", "0"]), &["--sim-gpus", "got 0"]);
+    let out = Command::new(AGENT).args(["--backend", "sim"]).env("WATT_SIM_GPUS", "0").output().unwrap();
+    assert_usage_error(&out, &["--sim-gpus", "got 0"]);
+}
+
+#[test]
+fn a_malformed_config_file_is_rejected_with_its_path_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "backend = \"sim\"\nsim_gpus = = 4\n").unwrap();
+    let stderr = assert_usage_error(&agent(&["--config", path.to_str().unwrap()]), &["agent.toml", "line 2"]);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+#[test]
+fn an_unknown_config_key_is_rejected_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "backend = \"sim\"\nsample_intervall = \"1s\"\n").unwrap();
+    assert_usage_error(&agent(&["--config", path.to_str().unwrap()]), &["sample_intervall", "unknown field"]);
+}
+
+#[test]
+fn a_wrong_value_type_in_the_config_file_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "sim_model = \"v100\"\n").unwrap();
+    assert_usage_error(&agent(&["--config", path.to_str().unwrap()]), &["sim_model", "v100"]);
+}
+
+#[test]
+fn a_missing_config_file_is_an_error() {
+    assert_usage_error(&agent(&["--config", "/nonexistent/watt/agent.toml"]), &["/nonexistent/watt/agent.toml"]);
+}
+
+#[test]
+fn without_the_nvidia_driver_nvml_says_so_in_one_line_and_points_at_sim() {
+    // A library path that cannot exist stands in for a machine without the driver, so this
+    // test means the same on a GPU machine.
+    let out = agent(&["--backend", "nvml", "--nvml-library", "/nonexistent/libnvidia-ml.so.1"]);
+    let stderr = assert_usage_error(&out, &["libnvidia-ml.so.1", "--backend sim"]);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+#[test]
+fn check_config_validates_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "backend = \"sim\"\nsim_gpus = 4\nsim_model = \"a100\"\nsample_interval = \"250ms\"\n")
+        .unwrap();
+    let out = agent(&["--config", path.to_str().unwrap(), "--check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("configuration OK") && stdout.contains("sim_gpus: 4") && stdout.contains("A100"),
+        "{stdout}"
+    );
+    // --check-config on a bad file fails the same way a start would.
+    std::fs::write(&path, "sim_gpus = 0\n").unwrap();
+    assert_usage_error(&agent(&["--config", path.to_str().unwrap(), "--check-config"]), &["--sim-gpus"]);
+}

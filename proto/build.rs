@@ -1,0 +1,14 @@
+//! Compiles `proto/watt/v1/*.proto` with the `protoc` vendored as a crate, so that building Watt
+//! needs no system protobuf compiler.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // prost-build reads PROTOC; a build script is single-threaded, so setting it here is sound.
+    std::env::set_var("PROTOC", protoc);
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["proto/watt/v1/watt.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}
