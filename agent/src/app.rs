@@ -15,6 +15,8 @@ use crate::gpu::nvml::NvmlBackend;
 use crate::gpu::sim::SimBackend;
 use crate::gpu::GpuBackend;
 use crate::sampler::{self, NodeSnapshot, Sampler, XidLog};
+use crate::session::{self, SessionConfig};
+use crate::shards::ShardTable;
 
 /// Open the backend the configuration asks for. Blocking (NVML init enumerates the GPUs).
 pub fn open_backend(config: &AgentConfig) -> Result<Arc<dyn GpuBackend>, AgentError> {
@@ -61,7 +63,7 @@ pub async fn run(
     let stale_after = (config.sample_interval * 3).max(Duration::from_secs(5));
     let renderer =
         Arc::new(Renderer::new(&config.node_name, &inventory, config.dcgm_compat, stale_after, agent_metrics));
-    let (tx, rx) = watch::channel(Arc::new(NodeSnapshot::empty(inventory)));
+    let (tx, rx) = watch::channel(Arc::new(NodeSnapshot::empty(inventory.clone())));
 
     let stop_events = Arc::new(AtomicBool::new(false));
     let events = sampler::spawn_event_thread(backend.clone(), xids, stop_events.clone())
@@ -69,10 +71,13 @@ pub async fn run(
 
     // One signal fans out to the sampler and the server.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let wait_stop = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
+    let wait_stop = {
+        let stop_rx = stop_rx.clone();
+        move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
         }
     };
     let sampling = tokio::spawn(sampler::run(sampler, config.sample_interval, tx, wait_stop()));
@@ -87,6 +92,16 @@ pub async fn run(
         dcgm_compat = config.dcgm_compat,
         "Serving metrics."
     );
+    let session = config.controller.clone().map(|controller| {
+        let session_config = SessionConfig { controller, node_name: config.node_name.clone(), boot_id: boot_id() };
+        tokio::spawn(session::run(
+            session_config,
+            inventory.clone(),
+            rx.clone(),
+            Arc::new(ShardTable::default()),
+            stop_rx.clone(),
+        ))
+    });
     let server = tokio::spawn(exporter::serve(listener, exporter::router(renderer, rx), wait_stop()));
 
     shutdown.await;
@@ -94,6 +109,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let served = server.await;
     let _ = sampling.await;
+    if let Some(session) = session {
+        let _ = session.await;
+    }
     stop_events.store(true, Ordering::Relaxed);
     // The event thread wakes at least every 250 ms; don't hold the exit for it beyond that.
     let _ = tokio::task::spawn_blocking(move || events.join()).await;
@@ -101,4 +119,9 @@ pub async fn run(
         Ok(result) => result.map_err(|source| AgentError::Io { context: "metrics server failed", source }),
         Err(e) => Err(AgentError::Io { context: "metrics server panicked", source: std::io::Error::other(e) }),
     }
+}
+
+/// A random identity for this run of the agent.
+fn boot_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }

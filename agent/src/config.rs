@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 use crate::gpu::nvml::DEFAULT_LIBRARY;
 use crate::gpu::sim::{SimModel, TICK};
+use watt_common::duration::{parse as parse_duration, show};
+pub use watt_common::logging::LogFormat;
 
 /// The NVML driver updates power and energy every 100 ms: sampling faster reads the same value.
 pub const MIN_SAMPLE_INTERVAL: Duration = TICK;
@@ -47,13 +49,6 @@ impl SimModelKey {
             SimModelKey::A100 => SimModel::A100,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Watt's node agent: reads every GPU on this node and exports what it reads to Prometheus.
@@ -114,6 +109,11 @@ pub struct Args {
     /// Log format [default: text].
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// The controller to hold a session with, e.g. http://controller:7070. Without it the agent
+    /// only exports metrics.
+    #[arg(long, env = "WATT_CONTROLLER", value_name = "URL")]
+    pub controller: Option<String>,
 }
 
 /// The config file: the same settings as the flags, in snake_case.
@@ -127,12 +127,13 @@ pub struct FileConfig {
     pub sim_seed: Option<u64>,
     pub node_name: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "watt_common::duration::option")]
     pub sample_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "watt_common::duration::option")]
     pub detail_interval: Option<Duration>,
     pub dcgm_compat: Option<bool>,
     pub log_format: Option<LogFormat>,
+    pub controller: Option<String>,
 }
 
 /// The configuration the agent runs with: every value present and valid.
@@ -149,6 +150,7 @@ pub struct AgentConfig {
     pub detail_interval: Duration,
     pub dcgm_compat: bool,
     pub log_format: LogFormat,
+    pub controller: Option<String>,
 }
 
 /// A configuration problem. `Display` is the one line the operator sees.
@@ -200,6 +202,7 @@ impl Args {
             detail_interval: self.detail_interval.or(file.detail_interval).unwrap_or(Duration::from_secs(10)),
             dcgm_compat: self.dcgm_compat || file.dcgm_compat.unwrap_or(false),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            controller: self.controller.clone().or(file.controller),
         };
         config.validate()?;
         Ok(config)
@@ -219,7 +222,6 @@ impl FileConfig {
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let show = |d: Duration| humantime::format_duration(d).to_string();
         if self.sample_interval < MIN_SAMPLE_INTERVAL || self.sample_interval > MAX_SAMPLE_INTERVAL {
             return Err(ConfigError::invalid(
                 "sample_interval",
@@ -254,6 +256,15 @@ impl AgentConfig {
                 format!("must be 1 to 253 characters and not blank; got {:?}", self.node_name),
             ));
         }
+        if let Some(url) = &self.controller {
+            let ok = (url.starts_with("http://") || url.starts_with("https://")) && url.len() > "http://".len();
+            if !ok {
+                return Err(ConfigError::invalid(
+                    "controller",
+                    format!("must be an http:// or https:// URL; got {url:?}"),
+                ));
+            }
+        }
         if self.nvml_library.is_empty() {
             return Err(ConfigError::invalid("nvml_library", "must not be empty".into()));
         }
@@ -263,21 +274,6 @@ impl AgentConfig {
     /// How many samples go by between two `Full` reads.
     pub fn full_sample_every(&self) -> u64 {
         (self.detail_interval.as_nanos() / self.sample_interval.as_nanos()).max(1) as u64
-    }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write a duration such as 1s, 250ms or 2m)"))
-}
-
-/// Durations in the config file are written as on the command line: "1s", "250ms".
-mod humantime_serde_opt {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let text: Option<String> = Option::deserialize(d)?;
-        text.map(|t| super::parse_duration(&t).map_err(serde::de::Error::custom)).transpose()
     }
 }
 

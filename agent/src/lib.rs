@@ -4,7 +4,8 @@
 //! there are none), samples them on a fixed interval ([`sampler`]), and exports what it read to
 //! Prometheus ([`exporter`]), optionally under dcgm-exporter's names as well. Later parts of the
 //! agent — the power-cap enforcer, the worker supervisor and the session with the controller —
-//! read the same snapshots.
+//! read the same snapshots. With `--controller`, [`session`] keeps a stream open to the
+//! controller: registration, telemetry, and shard orders applied to the [`shards`] table.
 //!
 //! The binary in `main.rs` only parses flags, starts logging and calls [`app::run`].
 
@@ -15,5 +16,7 @@ pub mod exporter;
 pub mod gpu;
 pub mod host;
 pub mod sampler;
+pub mod session;
+pub mod shards;
 
 pub use error::AgentError;

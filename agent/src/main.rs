@@ -1,12 +1,11 @@
 //! The `watt-agent` binary: flags, logging, signals, exit codes. Everything else is the library.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use watt_agent::config::{AgentConfig, Args, LogFormat};
+use watt_agent::config::{AgentConfig, Args};
 use watt_agent::{app, AgentError};
+use watt_common::{logging, signal};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -21,7 +20,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    init_logging(config.log_format);
+    logging::init(config.log_format);
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
@@ -39,33 +38,8 @@ fn run(config: AgentConfig) -> Result<(), AgentError> {
     runtime.block_on(async {
         let backend = tokio::task::block_in_place(|| app::open_backend(&config))?;
         let listener = app::bind(&config).await?;
-        app::run(config, backend, listener, shutdown_signal()).await
+        app::run(config, backend, listener, signal::shutdown()).await
     })
-}
-
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("WATT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// One line on stderr, and the exit code that goes with the error.

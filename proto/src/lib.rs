@@ -8,4 +8,7 @@
 pub mod v1 {
     #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
     tonic::include_proto!("watt.v1");
+
+    /// The encoded descriptors of `watt.v1`, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("watt_descriptor");
 }

@@ -20,6 +20,7 @@ fn register_round_trips() {
                 power_limit: Some(PowerLimitRange { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 }),
             }],
             non_gpu_power_watts: 1_800.0,
+            shards: vec![],
         })),
     };
     let bytes = sent.encode_to_vec();

@@ -1,0 +1,175 @@
+//! The agent's session with the controller: one bidirectional gRPC stream that registers the
+//! node, sends telemetry summaries, answers shard orders with shard statuses, and reconnects
+//! with exponential backoff and jitter when the controller goes away (so that a thousand agents
+//! do not reconnect in the same instant after a controller restart).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use watt_proto::v1 as pb;
+use watt_proto::v1::agent_service_client::AgentServiceClient;
+
+use crate::gpu::GpuInfo;
+use crate::sampler::NodeSnapshot;
+use crate::shards::ShardTable;
+
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub controller: String,
+    pub node_name: String,
+    /// Distinguishes this run of the agent from a reconnect of the same run.
+    pub boot_id: String,
+}
+
+/// Keep a session open until `stop` turns true.
+pub async fn run(
+    config: SessionConfig,
+    inventory: Arc<[GpuInfo]>,
+    snapshots: watch::Receiver<Arc<NodeSnapshot>>,
+    shards: Arc<ShardTable>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let outcome = tokio::select! {
+            r = session_once(&config, &inventory, snapshots.clone(), &shards) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(controller = %config.controller, "Controller closed the session; reconnecting.");
+                backoff = BACKOFF_START;
+            }
+            Err(e) => {
+                tracing::warn!(controller = %config.controller, error = %e, "Controller session failed; reconnecting.")
+            }
+        }
+        // Full jitter: anywhere from half to all of the backoff.
+        let pause = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn inventory_proto(gpus: &[GpuInfo]) -> Vec<pb::GpuInventory> {
+    gpus.iter()
+        .map(|g| pb::GpuInventory {
+            index: g.index,
+            uuid: g.uuid.clone(),
+            model: g.model.clone(),
+            memory_total_bytes: g.memory_total_bytes,
+            pci_bus_id: g.pci_bus_id.clone(),
+            power_limit: Some(pb::PowerLimitRange {
+                min_watts: g.power_limit.min_watts,
+                max_watts: g.power_limit.max_watts,
+                default_watts: g.power_limit.default_watts,
+            }),
+        })
+        .collect()
+}
+
+/// A telemetry summary of the latest snapshot.
+pub fn telemetry(snapshot: &NodeSnapshot) -> pb::Telemetry {
+    pb::Telemetry {
+        unix_ms: snapshot.unix_ms,
+        gpus: snapshot
+            .inventory
+            .iter()
+            .zip(&snapshot.gpus)
+            .map(|(info, reading)| match &reading.sample {
+                Some(s) => pb::GpuTelemetry {
+                    index: info.index,
+                    up: true,
+                    power_watts: s.power_watts,
+                    energy_joules_total: reading.energy_joules_total.unwrap_or(0.0),
+                    power_limit_watts: s.power_limit_watts.unwrap_or(0.0),
+                    enforced_power_limit_watts: s.enforced_power_limit_watts.unwrap_or(0.0),
+                    utilization_ratio: s.utilization_ratio,
+                    temperature_celsius: s.temperature_celsius,
+                    memory_used_bytes: s.memory_used_bytes,
+                    throttle_reasons: s.throttle_reasons.0,
+                },
+                None => pb::GpuTelemetry { index: info.index, up: false, ..Default::default() },
+            })
+            .collect(),
+        host_cpu_utilization_ratio: snapshot.host.map(|h| h.cpu_utilization_ratio).unwrap_or(0.0),
+        host_memory_used_bytes: snapshot.host.map(|h| h.memory_used_bytes).unwrap_or(0),
+    }
+}
+
+fn message(body: pb::agent_message::Body) -> pb::AgentMessage {
+    pb::AgentMessage { body: Some(body) }
+}
+
+/// One session, from connect to the stream's end.
+async fn session_once(
+    config: &SessionConfig,
+    inventory: &[GpuInfo],
+    snapshots: watch::Receiver<Arc<NodeSnapshot>>,
+    shards: &ShardTable,
+) -> Result<(), tonic::Status> {
+    let channel = Endpoint::from_shared(config.controller.clone())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(256);
+    let register = pb::Register {
+        node_name: config.node_name.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        boot_id: config.boot_id.clone(),
+        gpus: inventory_proto(inventory),
+        non_gpu_power_watts: 0.0,
+        shards: shards.statuses(),
+    };
+    tx.send(message(pb::agent_message::Body::Register(register)))
+        .await
+        .map_err(|_| tonic::Status::internal("queue"))?;
+    let mut inbound = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await?.into_inner();
+    tracing::info!(controller = %config.controller, node = %config.node_name, "Registered with the controller.");
+
+    let mut interval = Duration::from_secs(1);
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            incoming = inbound.message() => {
+                let Some(m) = incoming? else { return Ok(()) };
+                match m.body {
+                    Some(pb::controller_message::Body::Registered(r)) => {
+                        let wanted = Duration::from_millis(u64::from(r.telemetry_interval_ms).max(100));
+                        if wanted != interval {
+                            interval = wanted;
+                            tick = tokio::time::interval(interval);
+                        }
+                    }
+                    Some(pb::controller_message::Body::ShardOrder(order)) => {
+                        let status = shards.apply(&order);
+                        if tx.send(message(pb::agent_message::Body::ShardStatus(status))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(pb::controller_message::Body::CapOrder(_)) | None => {}
+                }
+            }
+            _ = tick.tick() => {
+                let snapshot = snapshots.borrow().clone();
+                if snapshot.round > 0 && tx.send(message(pb::agent_message::Body::Telemetry(telemetry(&snapshot)))).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! `wattctl`: the operator's and user's command line for Watt.
+//!
+//! Human tables by default; `-o json` and `-o yaml` print stable documents for scripts (the
+//! `views` module's shapes, not raw protobuf). A server error is one readable line and exit
+//! code 1; a usage error (bad flags, an unreadable file) is exit code 2.
+
+mod views;
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use tonic::transport::{Channel, Endpoint};
+use watt_proto::v1 as pb;
+use watt_proto::v1::control_service_client::ControlServiceClient;
+
+use views::{EventView, GpuRow, JobView, NodeView};
+
+#[derive(Debug, Parser)]
+#[command(name = "wattctl", version, about = "Drive a Watt cluster: nodes, GPUs, jobs, events.")]
+struct Cli {
+    /// The controller's gRPC address.
+    #[arg(long, global = true, env = "WATT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    controller: String,
+
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List nodes: state, GPUs, allocation.
+    Nodes,
+    /// List every GPU of every node with its latest readings.
+    Gpus,
+    /// Submit a job from a YAML or JSON file ("-" reads standard input).
+    Submit {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: String,
+    },
+    /// List jobs.
+    Jobs,
+    /// Show one object in detail.
+    Describe {
+        #[command(subcommand)]
+        what: Describe,
+    },
+    /// Cancel a job: its shards are stopped and it will not be scheduled again.
+    Cancel { name: String },
+    /// Show recent events; with --follow, keep printing new ones.
+    Events {
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+enum Describe {
+    /// A job: spec, state, placement of every shard.
+    Job { name: String },
+}
+
+/// What went wrong, and the exit code that goes with it.
+#[derive(Debug)]
+enum Failure {
+    /// The server said no, or could not be reached: exit 1.
+    Server(String),
+    /// The command line or a local file is wrong: exit 2.
+    Usage(String),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        let message = status.message().trim();
+        let message = if message.is_empty() { format!("{:?}", status.code()) } else { message.to_string() };
+        Failure::Server(message)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return report(Failure::Server(format!("cannot start the async runtime: {e}"))),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => report(failure),
+    }
+}
+
+fn report(failure: Failure) -> ExitCode {
+    let (message, code) = match failure {
+        Failure::Server(m) => (m, 1),
+        Failure::Usage(m) => (m, 2),
+    };
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("wattctl: error: {message}");
+    }
+    ExitCode::from(code)
+}
+
+async fn connect(url: &str) -> Result<ControlServiceClient<Channel>, Failure> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| Failure::Usage(format!("--controller {url:?} is not a URL: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Server(format!("cannot reach the controller at {url}: {}", source_chain(&e))))?;
+    // Allow large answers (thousands of jobs or nodes) and large manifests on the way up.
+    Ok(ControlServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let output = cli.output;
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "wattctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Submit { file } => {
+            let manifest = read_manifest(&file)?;
+            let mut client = connect(&cli.controller).await?;
+            let request = pb::SubmitJobRequest { source: Some(pb::submit_job_request::Source::Manifest(manifest)) };
+            let job = JobView::from(client.submit_job(request).await?.into_inner());
+            emit(output, &job, || format!("job {} submitted (sequence {}, {})\n", job.name, job.sequence, job.state))
+        }
+        Command::Jobs => {
+            let mut client = connect(&cli.controller).await?;
+            let jobs: Vec<JobView> = client
+                .list_jobs(pb::ListJobsRequest {})
+                .await?
+                .into_inner()
+                .jobs
+                .into_iter()
+                .map(JobView::from)
+                .collect();
+            emit(output, &jobs, || JobView::table(&jobs))
+        }
+        Command::Describe { what: Describe::Job { name } } => {
+            let mut client = connect(&cli.controller).await?;
+            let job = JobView::from(client.get_job(pb::GetJobRequest { name }).await?.into_inner());
+            emit(output, &job, || job.describe())
+        }
+        Command::Cancel { name } => {
+            let mut client = connect(&cli.controller).await?;
+            let job = JobView::from(client.cancel_job(pb::CancelJobRequest { name }).await?.into_inner());
+            emit(output, &job, || format!("job {} {}\n", job.name, job.state))
+        }
+        Command::Nodes => {
+            let mut client = connect(&cli.controller).await?;
+            let nodes: Vec<NodeView> = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes
+                .into_iter()
+                .map(NodeView::from)
+                .collect();
+            emit(output, &nodes, || NodeView::table(&nodes))
+        }
+        Command::Gpus => {
+            let mut client = connect(&cli.controller).await?;
+            let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+            let gpus: Vec<GpuRow> = nodes.iter().flat_map(GpuRow::for_node).collect();
+            emit(output, &gpus, || GpuRow::table(&gpus))
+        }
+        Command::Events { follow } => {
+            let mut client = connect(&cli.controller).await?;
+            // Subscribe first so nothing falls between the history and the live stream.
+            let live =
+                if follow { Some(client.watch_events(pb::WatchEventsRequest {}).await?.into_inner()) } else { None };
+            let recent: Vec<EventView> = client
+                .list_events(pb::ListEventsRequest {})
+                .await?
+                .into_inner()
+                .events
+                .into_iter()
+                .map(EventView::from)
+                .collect();
+            let last = recent.last().cloned();
+            for event in &recent {
+                print_event(output, event)?;
+            }
+            if let Some(mut live) = live {
+                while let Some(event) = live.message().await? {
+                    let event = EventView::from(event);
+                    // Skip what the history already showed.
+                    if last.as_ref().is_some_and(|l| event.unix_ms < l.unix_ms || event == *l) {
+                        continue;
+                    }
+                    print_event(output, &event)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn read_manifest(file: &str) -> Result<String, Failure> {
+    let mut text = String::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| Failure::Usage(format!("cannot read standard input: {e}")))?;
+    } else {
+        text = std::fs::read_to_string(file).map_err(|e| Failure::Usage(format!("cannot read {file}: {e}")))?;
+    }
+    Ok(text)
+}
+
+fn print_event(output: Output, event: &EventView) -> Result<(), Failure> {
+    match output {
+        // One JSON document per line, for `jq` on a stream.
+        Output::Json => write_stdout(&format!("{}\n", serde_json::to_string(event).unwrap_or_default())),
+        Output::Yaml => write_stdout(&format!("---\n{}", serde_yaml::to_string(event).unwrap_or_default())),
+        Output::Table => write_stdout(&event.line()),
+    }
+}
+
+/// Print `value` as JSON or YAML, or the human text `human` makes.
+fn emit<T: serde::Serialize>(output: Output, value: &T, human: impl FnOnce() -> String) -> Result<(), Failure> {
+    let text = match output {
+        Output::Json => format!("{}\n", serde_json::to_string_pretty(value).unwrap_or_default()),
+        Output::Yaml => serde_yaml::to_string(value).unwrap_or_default(),
+        Output::Table => human(),
+    };
+    write_stdout(&text)
+}
+
+fn write_stdout(text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        // `wattctl jobs | head` closes the pipe early: not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure::Server(format!("cannot write output: {e}"))),
+    }
+}

@@ -1,0 +1,329 @@
+//! What `wattctl` prints: stable, documented shapes for `-o json|yaml`, and human tables.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use watt_proto::v1 as pb;
+
+/// Columns padded to their widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (i, cell) in cells.enumerate() {
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            let _ = write!(text, "{cell}{}  ", " ".repeat(pad));
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, &mut headers.iter().copied());
+    for row in rows {
+        line(&mut out, &mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+fn job_state(state: i32) -> String {
+    match pb::JobState::try_from(state).unwrap_or_default() {
+        pb::JobState::Pending => "pending",
+        pb::JobState::Starting => "starting",
+        pb::JobState::Running => "running",
+        pb::JobState::Succeeded => "succeeded",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Cancelled => "cancelled",
+        pb::JobState::Unspecified => "unknown",
+    }
+    .into()
+}
+
+fn shard_state(state: i32) -> String {
+    match pb::ShardState::try_from(state).unwrap_or_default() {
+        pb::ShardState::Starting => "starting",
+        pb::ShardState::Running => "running",
+        pb::ShardState::Stopping => "stopping",
+        pb::ShardState::Stopped => "stopped",
+        pb::ShardState::Succeeded => "succeeded",
+        pb::ShardState::Failed => "failed",
+        pb::ShardState::Unspecified => "ordered",
+    }
+    .into()
+}
+
+fn node_state(state: i32) -> String {
+    match pb::NodeState::try_from(state).unwrap_or_default() {
+        pb::NodeState::Ready => "ready",
+        pb::NodeState::Disconnected => "disconnected",
+        pb::NodeState::Lost => "lost",
+        pb::NodeState::Unspecified => "unknown",
+    }
+    .into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShardView {
+    pub shard: u32,
+    pub node: String,
+    pub gpus: Vec<u32>,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobView {
+    pub name: String,
+    pub state: String,
+    pub priority: i64,
+    pub shards_min: i64,
+    pub shards_max: i64,
+    pub gpus_per_shard: i64,
+    pub command: Vec<String>,
+    pub flex: f64,
+    pub max_restarts: i64,
+    pub sequence: u64,
+    pub submitted_unix_ms: i64,
+    pub epoch: u64,
+    pub placement: Vec<ShardView>,
+    pub message: String,
+    pub preemptions: u32,
+}
+
+impl From<pb::Job> for JobView {
+    fn from(job: pb::Job) -> Self {
+        let spec = job.spec.unwrap_or_default();
+        let shards = spec.shards.unwrap_or_default();
+        JobView {
+            name: spec.name,
+            state: job_state(job.state),
+            priority: spec.priority,
+            shards_min: shards.min,
+            shards_max: shards.max,
+            gpus_per_shard: spec.gpus_per_shard,
+            command: spec.command,
+            flex: spec.flex,
+            max_restarts: spec.max_restarts.unwrap_or_default(),
+            sequence: job.sequence,
+            submitted_unix_ms: job.submitted_unix_ms,
+            epoch: job.epoch,
+            placement: job
+                .shards
+                .into_iter()
+                .map(|s| ShardView { shard: s.shard, node: s.node, gpus: s.gpu_indices, state: shard_state(s.state) })
+                .collect(),
+            message: job.message,
+            preemptions: job.preemptions,
+        }
+    }
+}
+
+impl JobView {
+    pub fn table(jobs: &[JobView]) -> String {
+        let rows: Vec<Vec<String>> = jobs
+            .iter()
+            .map(|j| {
+                let mut nodes: Vec<&str> = j.placement.iter().map(|s| s.node.as_str()).collect();
+                nodes.dedup();
+                vec![
+                    j.name.clone(),
+                    j.state.clone(),
+                    j.priority.to_string(),
+                    format!("{}/{}..{}", j.placement.len(), j.shards_min, j.shards_max),
+                    j.gpus_per_shard.to_string(),
+                    if nodes.is_empty() { "-".into() } else { nodes.join(",") },
+                    j.message.clone(),
+                ]
+            })
+            .collect();
+        table(&["NAME", "STATE", "PRIORITY", "SHARDS", "GPUS/SHARD", "NODES", "MESSAGE"], &rows)
+    }
+
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "Name:           {}", self.name);
+        let _ = writeln!(out, "State:          {}", self.state);
+        let _ = writeln!(out, "Message:        {}", self.message);
+        let _ = writeln!(out, "Priority:       {}", self.priority);
+        let _ = writeln!(
+            out,
+            "Shards:         {} running of {}..{}",
+            self.placement.len(),
+            self.shards_min,
+            self.shards_max
+        );
+        let _ = writeln!(out, "GPUs per shard: {}", self.gpus_per_shard);
+        let _ = writeln!(out, "Command:        {}", self.command.join(" "));
+        let _ = writeln!(out, "Flex:           {}", self.flex);
+        let _ = writeln!(out, "Max restarts:   {}", self.max_restarts);
+        let _ = writeln!(out, "Sequence:       {}", self.sequence);
+        let _ = writeln!(out, "Epoch:          {}", self.epoch);
+        let _ = writeln!(out, "Preemptions:    {}", self.preemptions);
+        if !self.placement.is_empty() {
+            out.push_str("Placement:\n");
+            let rows: Vec<Vec<String>> = self
+                .placement
+                .iter()
+                .map(|s| {
+                    let gpus: Vec<String> = s.gpus.iter().map(u32::to_string).collect();
+                    vec![format!("  {}", s.shard), s.node.clone(), gpus.join(","), s.state.clone()]
+                })
+                .collect();
+            out.push_str(&table(&["  SHARD", "NODE", "GPUS", "STATE"], &rows));
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub state: String,
+    pub gpus: usize,
+    pub allocated_gpus: Vec<u32>,
+    pub model: String,
+    pub power_watts: f64,
+    pub last_seen_unix_ms: i64,
+    pub agent_version: String,
+}
+
+impl From<pb::Node> for NodeView {
+    fn from(n: pb::Node) -> Self {
+        let power = n.telemetry.as_ref().map(|t| t.gpus.iter().map(|g| g.power_watts).sum()).unwrap_or(0.0);
+        NodeView {
+            model: n.gpus.first().map(|g| g.model.clone()).unwrap_or_default(),
+            name: n.name,
+            state: node_state(n.state),
+            gpus: n.gpus.len(),
+            allocated_gpus: n.allocated_gpus,
+            power_watts: power,
+            last_seen_unix_ms: n.last_seen_unix_ms,
+            agent_version: n.agent_version,
+        }
+    }
+}
+
+impl NodeView {
+    pub fn table(nodes: &[NodeView]) -> String {
+        let rows: Vec<Vec<String>> = nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.state.clone(),
+                    n.gpus.to_string(),
+                    n.allocated_gpus.len().to_string(),
+                    n.model.clone(),
+                    format!("{:.0}", n.power_watts),
+                ]
+            })
+            .collect();
+        table(&["NAME", "STATE", "GPUS", "ALLOCATED", "MODEL", "POWER(W)"], &rows)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GpuRow {
+    pub node: String,
+    pub gpu: u32,
+    pub uuid: String,
+    pub model: String,
+    pub allocated: bool,
+    pub up: bool,
+    pub power_watts: f64,
+    pub power_limit_watts: f64,
+    pub power_limit_min_watts: f64,
+    pub power_limit_max_watts: f64,
+    pub utilization_ratio: f64,
+    pub temperature_celsius: f64,
+}
+
+impl GpuRow {
+    pub fn for_node(node: &pb::Node) -> Vec<GpuRow> {
+        node.gpus
+            .iter()
+            .map(|g| {
+                let t = node.telemetry.as_ref().and_then(|t| t.gpus.iter().find(|x| x.index == g.index));
+                let range = g.power_limit.unwrap_or_default();
+                GpuRow {
+                    node: node.name.clone(),
+                    gpu: g.index,
+                    uuid: g.uuid.clone(),
+                    model: g.model.clone(),
+                    allocated: node.allocated_gpus.contains(&g.index),
+                    up: t.is_some_and(|t| t.up),
+                    power_watts: t.map(|t| t.power_watts).unwrap_or(0.0),
+                    power_limit_watts: t.map(|t| t.power_limit_watts).unwrap_or(0.0),
+                    power_limit_min_watts: range.min_watts,
+                    power_limit_max_watts: range.max_watts,
+                    utilization_ratio: t.map(|t| t.utilization_ratio).unwrap_or(0.0),
+                    temperature_celsius: t.map(|t| t.temperature_celsius).unwrap_or(0.0),
+                }
+            })
+            .collect()
+    }
+
+    pub fn table(gpus: &[GpuRow]) -> String {
+        let rows: Vec<Vec<String>> = gpus
+            .iter()
+            .map(|g| {
+                vec![
+                    g.node.clone(),
+                    g.gpu.to_string(),
+                    g.model.clone(),
+                    if g.allocated { "yes".into() } else { "-".into() },
+                    if g.up { format!("{:.0}", g.power_watts) } else { "down".into() },
+                    format!("{:.0}", g.power_limit_watts),
+                    format!("{:.0}-{:.0}", g.power_limit_min_watts, g.power_limit_max_watts),
+                    format!("{:.0}%", g.utilization_ratio * 100.0),
+                    format!("{:.0}", g.temperature_celsius),
+                ]
+            })
+            .collect();
+        table(&["NODE", "GPU", "MODEL", "ALLOCATED", "POWER(W)", "CAP(W)", "RANGE(W)", "UTIL", "TEMP(C)"], &rows)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventView {
+    pub unix_ms: i64,
+    pub kind: String,
+    pub name: String,
+    pub reason: String,
+    pub message: String,
+}
+
+impl From<pb::Event> for EventView {
+    fn from(e: pb::Event) -> Self {
+        EventView { unix_ms: e.unix_ms, kind: e.kind, name: e.name, reason: e.reason, message: e.message }
+    }
+}
+
+impl EventView {
+    pub fn line(&self) -> String {
+        let secs = self.unix_ms / 1000;
+        let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+        format!(
+            "{h:02}:{m:02}:{s:02}.{:03}Z  {:<4}  {:<20}  {:<12}  {}\n",
+            self.unix_ms % 1000,
+            self.kind,
+            self.name,
+            self.reason,
+            self.message
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_pad_columns_to_the_widest_cell() {
+        let t = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()]]);
+        assert_eq!(t, "A    LONG\nxyz  1\n");
+    }
+}

@@ -1,0 +1,72 @@
+//! `watt-common`: the little every Watt binary needs the same way — durations written as
+//! `250ms`/`10s` on the command line and in config files, logging set up once, and one
+//! shutdown signal.
+
+pub mod duration {
+    //! Durations as people write them: `100ms`, `1s`, `2m`.
+    use std::time::Duration;
+
+    /// Parse a duration for clap or a config file.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        humantime::parse_duration(s).map_err(|e| format!("{e} (write a duration such as 1s, 250ms or 2m)"))
+    }
+
+    /// Show a duration the way `parse` reads it.
+    pub fn show(d: Duration) -> String {
+        humantime::format_duration(d).to_string()
+    }
+
+    /// `#[serde(default, with = "watt_common::duration::option")]` for `Option<Duration>` fields.
+    pub mod option {
+        use serde::{Deserialize, Deserializer};
+        use std::time::Duration;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let text: Option<String> = Option::deserialize(d)?;
+            text.map(|t| super::parse(&t).map_err(serde::de::Error::custom)).transpose()
+        }
+    }
+}
+
+pub mod logging {
+    //! Logs go to stderr, as text (colour on a terminal) or JSON; the level comes from `WATT_LOG`.
+    use std::io::IsTerminal;
+
+    use tracing_subscriber::EnvFilter;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum LogFormat {
+        Text,
+        Json,
+    }
+
+    pub fn init(format: LogFormat) {
+        let filter = EnvFilter::try_from_env("WATT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        match format {
+            LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+            LogFormat::Json => builder.json().init(),
+        }
+    }
+}
+
+pub mod signal {
+    //! The one shutdown signal of a daemon.
+
+    /// Resolves on SIGTERM or SIGINT (Ctrl-C).
+    pub async fn shutdown() {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The controller's configuration: flags, `WATT_*` variables and a TOML file, merged in that order
+//! of precedence and validated in one place, as in the agent.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use watt_common::duration::{parse as parse_duration, show};
+pub use watt_common::logging::LogFormat;
+
+use crate::reconcile::Settings;
+
+/// Watt's controller: agent sessions, the durable job store, the gang scheduler.
+#[derive(Debug, Parser)]
+#[command(name = "watt-controller", version, about, long_about = None)]
+pub struct Args {
+    /// TOML config file. Flags and WATT_* variables override its values; unknown keys are errors.
+    #[arg(long, env = "WATT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// gRPC address for agents and clients [default: 0.0.0.0:7070].
+    #[arg(long, env = "WATT_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Where jobs are stored: file:PATH (embedded, one controller) or
+    /// etcd://HOST:PORT[,HOST:PORT...] [default: file:watt-controller.redb].
+    #[arg(long, env = "WATT_STORE", value_name = "ADDRESS")]
+    pub store: Option<String>,
+
+    /// Address of the Prometheus endpoint [default: 0.0.0.0:9401].
+    #[arg(long, env = "WATT_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// A node not heard from for this long is lost and its jobs are rescheduled [default: 15s].
+    #[arg(long, env = "WATT_NODE_LEASE", value_name = "DURATION", value_parser = parse_duration)]
+    pub node_lease: Option<Duration>,
+
+    /// How often the reconcile loop runs when nothing wakes it [default: 1s].
+    #[arg(long, env = "WATT_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub reconcile_interval: Option<Duration>,
+
+    /// Log format [default: text].
+    #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub store: Option<String>,
+    pub metrics_addr: Option<SocketAddr>,
+    #[serde(default, with = "watt_common::duration::option")]
+    pub node_lease: Option<Duration>,
+    #[serde(default, with = "watt_common::duration::option")]
+    pub reconcile_interval: Option<Duration>,
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub store: String,
+    pub metrics_addr: SocketAddr,
+    pub node_lease: Duration,
+    pub reconcile_interval: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid --{flag} (config key {key}): {message}")]
+    Invalid { flag: &'static str, key: &'static str, message: String },
+}
+
+impl Args {
+    pub fn resolve(&self) -> Result<ControllerConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => load(path)?,
+            None => FileConfig::default(),
+        };
+        let config = ControllerConfig {
+            listen: self.listen.or(file.listen).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7070))),
+            store: self.store.clone().or(file.store).unwrap_or_else(|| "file:watt-controller.redb".into()),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9401))),
+            node_lease: self.node_lease.or(file.node_lease).unwrap_or(Duration::from_secs(15)),
+            reconcile_interval: self.reconcile_interval.or(file.reconcile_interval).unwrap_or(Duration::from_secs(1)),
+            log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+    })
+}
+
+impl ControllerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let store_ok = self.store.strip_prefix("file:").is_some_and(|p| !p.is_empty())
+            || self.store.strip_prefix("etcd://").is_some_and(|h| !h.is_empty() && !h.contains('/'));
+        if !store_ok {
+            return Err(ConfigError::Invalid {
+                flag: "store",
+                key: "store",
+                message: format!("use file:PATH or etcd://HOST:PORT[,HOST:PORT...]; got {:?}", self.store),
+            });
+        }
+        if self.node_lease < Duration::from_secs(1) || self.node_lease > Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid {
+                flag: "node-lease",
+                key: "node_lease",
+                message: format!("must be between 1s and 1h; got {}", show(self.node_lease)),
+            });
+        }
+        if self.reconcile_interval < Duration::from_millis(10) || self.reconcile_interval > Duration::from_secs(60) {
+            return Err(ConfigError::Invalid {
+                flag: "reconcile-interval",
+                key: "reconcile_interval",
+                message: format!("must be between 10ms and 1m; got {}", show(self.reconcile_interval)),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            node_lease: self.node_lease,
+            reconcile_interval: self.reconcile_interval,
+            // Several telemetry messages per lease, at most one a second.
+            telemetry_interval: (self.node_lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(1)),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Jobs as the controller stores them: the validated spec plus what the controller decided
+//! (state, placement, epoch), kept in the store under `jobs/<name>` as JSON.
+//!
+//! [`JobTable`] is the controller's in-memory copy with each record's store version, so every
+//! change is written back with compare-and-swap against the version it was read at.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use watt_proto::v1 as pb;
+
+use crate::scheduler::{JobRequest, ShardAssignment};
+use crate::spec::JobSpec;
+use crate::store::{Expect, Store, StoreError, Version, Write};
+
+pub const JOBS_PREFIX: &str = "jobs/";
+/// The last job sequence number handed out; bumped in the same commit as each new job.
+pub const SEQUENCE_KEY: &str = "meta/job-sequence";
+
+pub fn job_key(name: &str) -> String {
+    format!("{JOBS_PREFIX}{name}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Pending,
+    Starting,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Placed on GPUs (shards ordered to run).
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Starting | JobState::Running)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Starting => "starting",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub const ALL: [JobState; 6] = [
+        JobState::Pending,
+        JobState::Starting,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    fn to_proto(self) -> pb::JobState {
+        match self {
+            JobState::Pending => pb::JobState::Pending,
+            JobState::Starting => pb::JobState::Starting,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        }
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub sequence: u64,
+    pub submitted_unix_ms: i64,
+    /// Placement generation: bumped each time the job is placed.
+    pub epoch: u64,
+    /// Where each shard runs, by shard number; empty unless active.
+    pub shards: Vec<ShardAssignment>,
+    /// Rank 0's rendezvous port on `shards[0].node`.
+    pub master_port: u16,
+    pub message: String,
+    pub preemptions: u32,
+}
+
+impl JobRecord {
+    pub fn request(&self) -> JobRequest {
+        JobRequest {
+            name: self.spec.name.clone(),
+            priority: self.spec.priority,
+            sequence: self.sequence,
+            shards: self.spec.shards,
+            gpus_per_shard: self.spec.gpus_per_shard,
+        }
+    }
+
+    /// Back to waiting, off its GPUs.
+    pub fn unplace(&mut self, message: String) {
+        self.state = JobState::Pending;
+        self.shards.clear();
+        self.master_port = 0;
+        self.message = message;
+    }
+
+    pub fn to_proto(&self, shard_states: impl Fn(usize) -> pb::ShardState) -> pb::Job {
+        pb::Job {
+            spec: Some(self.spec.to_proto()),
+            state: self.state.to_proto() as i32,
+            sequence: self.sequence,
+            submitted_unix_ms: self.submitted_unix_ms,
+            epoch: self.epoch,
+            shards: self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| pb::ShardPlacement {
+                    shard: i as u32,
+                    node: s.node.clone(),
+                    gpu_indices: s.gpus.clone(),
+                    state: shard_states(i) as i32,
+                })
+                .collect(),
+            message: self.message.clone(),
+            preemptions: self.preemptions,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        // Serializing plain data to JSON cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The controller's copy of every job, with the store version each was read at.
+#[derive(Debug)]
+pub struct JobTable {
+    store: Arc<dyn Store>,
+    jobs: BTreeMap<String, (JobRecord, Version)>,
+}
+
+impl JobTable {
+    /// Load every job from the store.
+    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let mut jobs = BTreeMap::new();
+        for entry in store.list(JOBS_PREFIX).await? {
+            let record: JobRecord =
+                serde_json::from_slice(&entry.value).map_err(|e| StoreError::Corrupt(format!("{}: {e}", entry.key)))?;
+            jobs.insert(record.spec.name.clone(), (record, entry.version));
+        }
+        Ok(JobTable { store, jobs })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&JobRecord> {
+        self.jobs.get(name).map(|(r, _)| r)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &JobRecord> {
+        self.jobs.values().map(|(r, _)| r)
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Store a new job, durably, with the next sequence number. Fails with `Conflict` on
+    /// `jobs/<name>` if a job of that name exists.
+    pub async fn create(&mut self, spec: JobSpec, now_unix_ms: i64) -> Result<JobRecord, StoreError> {
+        loop {
+            let counter = self.store.get(SEQUENCE_KEY).await?;
+            let (last, expect) = match &counter {
+                Some(e) => (
+                    std::str::from_utf8(&e.value).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+                    Expect::Version(e.version),
+                ),
+                None => (0, Expect::Absent),
+            };
+            let record = JobRecord {
+                spec: spec.clone(),
+                state: JobState::Pending,
+                sequence: last + 1,
+                submitted_unix_ms: now_unix_ms,
+                epoch: 0,
+                shards: Vec::new(),
+                master_port: 0,
+                message: "waiting to be scheduled".into(),
+                preemptions: 0,
+            };
+            let key = job_key(&spec.name);
+            let writes = vec![
+                Write::put(SEQUENCE_KEY, expect, (last + 1).to_string().into_bytes()),
+                Write::put(&key, Expect::Absent, record.encode()),
+            ];
+            match self.store.commit(writes).await {
+                Ok(version) => {
+                    self.jobs.insert(spec.name.clone(), (record.clone(), version));
+                    return Ok(record);
+                }
+                // Another submit took the sequence number first: take the next one.
+                Err(StoreError::Conflict { key: k }) if k == SEQUENCE_KEY => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Write a changed record back, compare-and-swap against the version it was read at. On a
+    /// conflict the cached record is reloaded from the store and the change is dropped.
+    pub async fn update(&mut self, record: JobRecord) -> Result<(), StoreError> {
+        let name = record.spec.name.clone();
+        let expect = self.jobs.get(&name).map(|(_, v)| Expect::Version(*v)).unwrap_or(Expect::Absent);
+        match self.store.commit(vec![Write::put(job_key(&name), expect, record.encode())]).await {
+            Ok(version) => {
+                self.jobs.insert(name, (record, version));
+                Ok(())
+            }
+            Err(e @ StoreError::Conflict { .. }) => {
+                self.reload(&name).await?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reload(&mut self, name: &str) -> Result<(), StoreError> {
+        match self.store.get(&job_key(name)).await? {
+            Some(entry) => {
+                let record: JobRecord = serde_json::from_slice(&entry.value)
+                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", entry.key)))?;
+                self.jobs.insert(name.to_string(), (record, entry.version));
+            }
+            None => {
+                self.jobs.remove(name);
+            }
+        }
+        Ok(())
+    }
+}

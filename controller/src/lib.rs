@@ -1,0 +1,21 @@
+//! `watt-controller`: the cluster's one point of decision.
+//!
+//! Agents hold a session with it ([`session`]); users submit jobs through the client API
+//! ([`api`]); jobs live in a durable [`store`]; the [`scheduler`] (a pure function) decides where
+//! they run; the [`reconcile`] loop applies its decisions as shard orders to agents. Power comes
+//! next, through the same loop.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod metrics;
+pub mod reconcile;
+pub mod registry;
+pub mod scheduler;
+pub mod session;
+pub mod spec;
+pub mod store;
+
+pub use error::ControllerError;

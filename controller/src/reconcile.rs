@@ -1,0 +1,501 @@
+//! The controller's core and its reconcile loop.
+//!
+//! One pass: mark nodes whose lease ran out as lost and put their jobs back to waiting; advance
+//! job states from what agents reported; run the [`scheduler`]; persist every decision (store
+//! first, compare-and-swap); then send each agent the difference between what it should run and
+//! what it said it runs. Passes run on every event that can change a decision (a submit, a
+//! cancel, a registration, a shard status) and once a `reconcile_interval` regardless.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{broadcast, Mutex, Notify};
+use tokio::time::Instant;
+use watt_proto::v1 as pb;
+
+use crate::jobs::{JobRecord, JobState, JobTable};
+use crate::metrics::Metrics;
+use crate::registry::{NodeState, Registry, ShardKey};
+use crate::scheduler::{self, RunningJob};
+use crate::spec::{FieldError, JobSpec};
+use crate::store::{Store, StoreError};
+
+/// Rendezvous ports handed to jobs' rank 0, as torchrun's default 29500 and up.
+const MASTER_PORTS: std::ops::Range<u16> = 29_500..30_500;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// A node not heard from for this long is lost and its jobs are rescheduled.
+    pub node_lease: Duration,
+    pub reconcile_interval: Duration,
+    pub telemetry_interval: Duration,
+}
+
+/// Why a client request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("no job named {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug)]
+pub struct Controller {
+    pub store: Arc<dyn Store>,
+    pub jobs: Mutex<JobTable>,
+    pub registry: Registry,
+    pub events: broadcast::Sender<pb::Event>,
+    pub metrics: Metrics,
+    pub settings: Settings,
+    /// The most recent events, for `ListEvents`.
+    history: std::sync::Mutex<std::collections::VecDeque<pb::Event>>,
+    wake: Notify,
+}
+
+/// How many recent events `ListEvents` can return.
+pub const EVENT_HISTORY: usize = 1_000;
+
+pub fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Controller {
+    /// Load every job from `store`.
+    pub async fn new(store: Arc<dyn Store>, settings: Settings, metrics: Metrics) -> Result<Arc<Self>, StoreError> {
+        let jobs = JobTable::load(store.clone()).await?;
+        tracing::info!(jobs = jobs.len(), "Loaded jobs from the store.");
+        let (events, _) = broadcast::channel(4096);
+        Ok(Arc::new(Controller {
+            store,
+            jobs: Mutex::new(jobs),
+            registry: Registry::default(),
+            events,
+            metrics,
+            settings,
+            history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(EVENT_HISTORY)),
+            wake: Notify::new(),
+        }))
+    }
+
+    /// Ask for a reconcile pass soon.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn emit(&self, kind: &str, name: &str, reason: &str, message: String) {
+        tracing::info!(kind, name, reason, "{message}");
+        let event =
+            pb::Event { unix_ms: unix_ms(), kind: kind.into(), name: name.into(), reason: reason.into(), message };
+        {
+            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            if history.len() == EVENT_HISTORY {
+                history.pop_front();
+            }
+            history.push_back(event.clone());
+        }
+        let _ = self.events.send(event);
+    }
+
+    /// Recent events, oldest first.
+    pub fn recent_events(&self) -> Vec<pb::Event> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+
+    pub async fn submit(&self, spec: JobSpec) -> Result<pb::Job, RequestError> {
+        let largest = self.registry.largest_node_gpus();
+        if largest > 0 && spec.gpus_per_shard as usize > largest {
+            return Err(FieldError::new(
+                "gpus_per_shard",
+                format!(
+                    "is {} but the largest node has {largest} GPUs; a shard's GPUs must sit on one node",
+                    spec.gpus_per_shard
+                ),
+            )
+            .into());
+        }
+        let mut jobs = self.jobs.lock().await;
+        if let Some(existing) = jobs.get(&spec.name) {
+            return Err(FieldError::new(
+                "name",
+                format!("{:?} is taken by an existing job ({})", spec.name, existing.state.as_str()),
+            )
+            .into());
+        }
+        let record = match jobs.create(spec, unix_ms()).await {
+            Ok(record) => record,
+            Err(StoreError::Conflict { key }) if key.starts_with(crate::jobs::JOBS_PREFIX) => {
+                return Err(FieldError::new("name", "is taken by an existing job").into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        drop(jobs);
+        self.emit(
+            "job",
+            &record.spec.name,
+            "submitted",
+            format!("priority {}, sequence {}", record.spec.priority, record.sequence),
+        );
+        self.wake();
+        Ok(self.job_proto(&record))
+    }
+
+    pub async fn cancel(&self, name: &str) -> Result<pb::Job, RequestError> {
+        let mut jobs = self.jobs.lock().await;
+        let mut record = jobs.get(name).cloned().ok_or_else(|| RequestError::NotFound(name.into()))?;
+        if !record.state.is_terminal() {
+            record.unplace("cancelled".into());
+            record.state = JobState::Cancelled;
+            jobs.update(record.clone()).await?;
+            self.emit("job", name, "cancelled", "cancelled by request".into());
+            self.wake();
+        }
+        Ok(self.job_proto(&record))
+    }
+
+    pub async fn job(&self, name: &str) -> Result<pb::Job, RequestError> {
+        let jobs = self.jobs.lock().await;
+        jobs.get(name).map(|r| self.job_proto(r)).ok_or_else(|| RequestError::NotFound(name.into()))
+    }
+
+    pub async fn list_jobs(&self) -> Vec<pb::Job> {
+        let jobs = self.jobs.lock().await;
+        let mut out: Vec<pb::Job> = jobs.iter().map(|r| self.job_proto(r)).collect();
+        out.sort_by_key(|j| j.sequence);
+        out
+    }
+
+    pub async fn list_nodes(&self) -> Vec<pb::Node> {
+        let allocated = {
+            let jobs = self.jobs.lock().await;
+            let mut allocated: HashMap<String, Vec<u32>> = HashMap::new();
+            for job in jobs.iter().filter(|j| j.state.is_active()) {
+                for shard in &job.shards {
+                    allocated.entry(shard.node.clone()).or_default().extend(&shard.gpus);
+                }
+            }
+            allocated
+        };
+        let now = Instant::now();
+        let nodes = self.registry.lock();
+        let mut out: Vec<pb::Node> = nodes
+            .values()
+            .map(|e| {
+                let mut gpus = allocated.get(&e.name).cloned().unwrap_or_default();
+                gpus.sort_unstable();
+                pb::Node {
+                    name: e.name.clone(),
+                    state: match e.state(now, self.settings.node_lease) {
+                        NodeState::Ready => pb::NodeState::Ready,
+                        NodeState::Disconnected => pb::NodeState::Disconnected,
+                        NodeState::Lost => pb::NodeState::Lost,
+                    } as i32,
+                    gpus: e.gpus.clone(),
+                    allocated_gpus: gpus,
+                    last_seen_unix_ms: e.last_seen_unix_ms,
+                    agent_version: e.agent_version.clone(),
+                    telemetry: e.telemetry.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The job with each shard's last reported state at the job's current epoch.
+    fn job_proto(&self, record: &JobRecord) -> pb::Job {
+        let nodes = self.registry.lock();
+        record.to_proto(|i| {
+            let shard = &record.shards[i];
+            nodes
+                .get(&shard.node)
+                .and_then(|n| n.shards.get(&(record.spec.name.clone(), i as u32)))
+                .filter(|(epoch, _)| *epoch == record.epoch)
+                .map(|(_, state)| *state)
+                .unwrap_or(pb::ShardState::Unspecified)
+        })
+    }
+
+    /// Reconcile until `shutdown` resolves.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(self.settings.reconcile_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.wake.notified() => {}
+                () = &mut shutdown => return,
+            }
+            self.reconcile_once().await;
+        }
+    }
+
+    /// One pass. Errors are logged and retried on the next pass: nothing half-applied is lost,
+    /// because every decision is stored before it is sent.
+    pub async fn reconcile_once(&self) {
+        let started = Instant::now();
+        let mut jobs = self.jobs.lock().await;
+        let now = Instant::now();
+        let lease = self.settings.node_lease;
+
+        // 1. Nodes whose lease ran out.
+        let (lost, newly_lost) = {
+            let mut nodes = self.registry.lock();
+            let mut lost = HashSet::new();
+            let mut newly = Vec::new();
+            for entry in nodes.values_mut() {
+                if entry.state(now, lease) == NodeState::Lost {
+                    if !entry.lost {
+                        entry.lost = true;
+                        entry.session = None;
+                        newly.push(entry.name.clone());
+                    }
+                    lost.insert(entry.name.clone());
+                }
+            }
+            (lost, newly)
+        };
+        for node in &newly_lost {
+            self.emit("node", node, "lost", format!("not heard from for {}", humantime::format_duration(lease)));
+        }
+
+        // 2. Jobs with a shard on a lost node go back to waiting (all shards: gang).
+        let mut changed: Vec<JobRecord> = Vec::new();
+        for job in jobs.iter().filter(|j| j.state.is_active()) {
+            if let Some(shard) = job.shards.iter().find(|s| lost.contains(&s.node)) {
+                let mut record = job.clone();
+                record.unplace(format!("node {} was lost; waiting to be rescheduled", shard.node));
+                changed.push(record);
+            }
+        }
+        // 3. Shard reports move active jobs along.
+        for job in jobs.iter().filter(|j| j.state.is_active()) {
+            if changed.iter().any(|c| c.spec.name == job.spec.name) {
+                continue;
+            }
+            if let Some(next) = self.advance(job) {
+                changed.push(next);
+            }
+        }
+        for record in changed {
+            let (name, state, message) = (record.spec.name.clone(), record.state, record.message.clone());
+            if self.persist(&mut jobs, record).await {
+                self.emit("job", &name, state.as_str(), message);
+            }
+        }
+
+        // 4. Schedule.
+        let nodes = self.registry.schedulable(now, lease);
+        let running: Vec<RunningJob> = jobs
+            .iter()
+            .filter(|j| j.state.is_active())
+            .map(|j| RunningJob { request: j.request(), shards: j.shards.clone() })
+            .collect();
+        let pending: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Pending).map(JobRecord::request).collect();
+        let scheduled_at = Instant::now();
+        let plan = scheduler::schedule(&nodes, &running, &pending);
+        self.metrics.scheduling_duration.observe(scheduled_at.elapsed().as_secs_f64());
+
+        // 5. Apply: preemptions first, then starts, then waiting messages.
+        for p in &plan.preemptions {
+            let Some(mut record) = jobs.get(&p.job).cloned() else { continue };
+            record.unplace(format!("preempted by higher-priority job {}", p.by));
+            record.preemptions += 1;
+            if self.persist(&mut jobs, record).await {
+                self.metrics.preemptions.inc();
+                self.emit("job", &p.job, "preempted", format!("by {}", p.by));
+            }
+        }
+        for start in plan.starts {
+            let Some(mut record) = jobs.get(&start.job).cloned() else { continue };
+            record.state = JobState::Starting;
+            record.epoch += 1;
+            record.master_port = free_master_port(&jobs, &start.shards[0].node);
+            let summary = placement_summary(&start.shards);
+            record.shards = start.shards;
+            record.message = format!("placed: {summary}");
+            if self.persist(&mut jobs, record).await {
+                self.metrics.placements.inc_by(plan_shards(&jobs, &start.job));
+                self.emit("job", &start.job, "placed", summary);
+            }
+        }
+        for waiting in plan.waiting {
+            let Some(record) = jobs.get(&waiting.job) else { continue };
+            if record.message != waiting.reason
+                && !record.message.starts_with("preempted")
+                && !record.message.starts_with("node ")
+            {
+                let mut record = record.clone();
+                record.message = waiting.reason;
+                self.persist(&mut jobs, record).await;
+            }
+        }
+
+        // 6. Orders to agents.
+        self.send_orders(&jobs);
+        self.metrics.observe(&jobs, &self.registry, now, lease);
+        drop(jobs);
+        self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Store a changed record; false if it could not be (logged; retried next pass).
+    async fn persist(&self, jobs: &mut JobTable, record: JobRecord) -> bool {
+        let name = record.spec.name.clone();
+        match jobs.update(record).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(job = %name, error = %e, "Cannot store a job change; will retry.");
+                false
+            }
+        }
+    }
+
+    /// The next state of an active job from its shards' reports, if it changes.
+    fn advance(&self, job: &JobRecord) -> Option<JobRecord> {
+        let nodes = self.registry.lock();
+        let states: Vec<Option<pb::ShardState>> = job
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                nodes
+                    .get(&s.node)
+                    .and_then(|n| n.shards.get(&(job.spec.name.clone(), i as u32)))
+                    .filter(|(epoch, _)| *epoch == job.epoch)
+                    .map(|(_, state)| *state)
+            })
+            .collect();
+        drop(nodes);
+        let all = |want: pb::ShardState| states.iter().all(|s| *s == Some(want));
+        let mut next = job.clone();
+        if let Some(i) = states.iter().position(|s| *s == Some(pb::ShardState::Failed)) {
+            next.unplace(format!("shard {i} failed"));
+            next.state = JobState::Failed;
+        } else if all(pb::ShardState::Succeeded) {
+            next.unplace("every shard finished".into());
+            next.state = JobState::Succeeded;
+        } else if job.state == JobState::Starting && all(pb::ShardState::Running) {
+            next.state = JobState::Running;
+            next.message = format!("running {} shard(s)", job.shards.len());
+        } else {
+            return None;
+        }
+        Some(next)
+    }
+
+    /// Send every connected agent what it lacks: starts for shards it should run, stops for
+    /// shards it runs that it should not.
+    fn send_orders(&self, jobs: &JobTable) {
+        let mut desired: HashMap<&str, HashMap<ShardKey, pb::ShardOrder>> = HashMap::new();
+        let addresses: HashMap<String, String> = {
+            let nodes = self.registry.lock();
+            nodes
+                .values()
+                .map(|e| (e.name.clone(), e.address.map(|a| a.to_string()).unwrap_or_else(|| e.name.clone())))
+                .collect()
+        };
+        for job in jobs.iter().filter(|j| j.state.is_active()) {
+            let master = addresses.get(&job.shards[0].node).cloned().unwrap_or_default();
+            for (i, shard) in job.shards.iter().enumerate() {
+                let order = pb::ShardOrder {
+                    epoch: job.epoch,
+                    job: job.spec.name.clone(),
+                    shard: i as u32,
+                    action: pb::ShardAction::Start as i32,
+                    rank: i as u32,
+                    world_size: job.shards.len() as u32,
+                    gpu_indices: shard.gpus.clone(),
+                    master_addr: master.clone(),
+                    master_port: u32::from(job.master_port),
+                    command: job.spec.command.clone(),
+                    env: job.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    workdir: job.spec.workdir.clone().unwrap_or_default(),
+                    checkpoint_dir: job.spec.checkpoint_dir.clone().unwrap_or_default(),
+                    max_restarts: job.spec.max_restarts,
+                };
+                desired.entry(shard.node.as_str()).or_default().insert((job.spec.name.clone(), i as u32), order);
+            }
+        }
+        let empty = HashMap::new();
+        let mut nodes = self.registry.lock();
+        for entry in nodes.values_mut() {
+            let Some(session) = &entry.session else { continue };
+            let want = desired.get(entry.name.as_str()).unwrap_or(&empty);
+            let mut outbox = Vec::new();
+            for (key, order) in want {
+                let reported = entry.shards.get(key).copied();
+                let running_now = matches!(reported, Some((e, pb::ShardState::Running | pb::ShardState::Starting)) if e == order.epoch);
+                let already = entry.sent.get(key) == Some(&(order.epoch, pb::ShardAction::Start));
+                if !running_now && !already {
+                    outbox.push((key.clone(), order.clone()));
+                }
+            }
+            // Stop what runs but should not (another epoch, or no longer placed here).
+            let mut stale: Vec<(ShardKey, u64)> = entry
+                .shards
+                .iter()
+                .filter(|(_, (_, s))| matches!(s, pb::ShardState::Running | pb::ShardState::Starting))
+                .map(|(k, (e, _))| (k.clone(), *e))
+                .collect();
+            stale.extend(
+                entry.sent.iter().filter(|(_, (_, a))| *a == pb::ShardAction::Start).map(|(k, (e, _))| (k.clone(), *e)),
+            );
+            for (key, epoch) in stale {
+                let wanted = want.get(&key).is_some_and(|o| o.epoch == epoch);
+                if wanted || entry.sent.get(&key) == Some(&(epoch, pb::ShardAction::Stop)) {
+                    continue;
+                }
+                let stop = pb::ShardOrder {
+                    epoch,
+                    job: key.0.clone(),
+                    shard: key.1,
+                    action: pb::ShardAction::Stop as i32,
+                    ..Default::default()
+                };
+                outbox.push((key, stop));
+            }
+            for (key, order) in outbox {
+                let action = pb::ShardAction::try_from(order.action).unwrap_or_default();
+                let epoch = order.epoch;
+                let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(order)) };
+                // A full queue is retried next pass: it is not marked sent.
+                if session.tx.try_send(Ok(message)).is_ok() {
+                    entry.sent.insert(key, (epoch, action));
+                }
+            }
+        }
+    }
+}
+
+/// The lowest rendezvous port no other active job uses on `node`.
+fn free_master_port(jobs: &JobTable, node: &str) -> u16 {
+    let used: HashSet<u16> = jobs
+        .iter()
+        .filter(|j| j.state.is_active() && j.shards.first().is_some_and(|s| s.node == node))
+        .map(|j| j.master_port)
+        .collect();
+    MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start)
+}
+
+fn plan_shards(jobs: &JobTable, job: &str) -> u64 {
+    jobs.get(job).map(|j| j.shards.len() as u64).unwrap_or(0)
+}
+
+/// "4 shards on gpu-a [0,1], gpu-b [0,1], ..." — short enough for an event line.
+fn placement_summary(shards: &[crate::scheduler::ShardAssignment]) -> String {
+    let mut per_node: Vec<(String, usize)> = Vec::new();
+    for s in shards {
+        match per_node.iter_mut().find(|(n, _)| *n == s.node) {
+            Some((_, count)) => *count += 1,
+            None => per_node.push((s.node.clone(), 1)),
+        }
+    }
+    let nodes: Vec<String> = per_node.iter().take(8).map(|(n, c)| format!("{n}×{c}")).collect();
+    let more = if per_node.len() > 8 { format!(" and {} more nodes", per_node.len() - 8) } else { String::new() };
+    format!("{} shard(s) on {}{more}", shards.len(), nodes.join(", "))
+}

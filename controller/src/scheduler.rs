@@ -1,0 +1,491 @@
+//! The gang scheduler: a pure function from (nodes, running jobs, pending jobs) to a plan of
+//! starts and preemptions. No clock, no I/O; the reconcile loop applies its plan.
+//!
+//! Policy:
+//! - **Order.** Pending jobs are considered by priority (highest first), then submission order.
+//! - **Gang.** A job starts with every shard placed or not at all; each shard's GPUs sit on one
+//!   node. An elastic job starts at the largest shard count in `[min, max]` that fits.
+//! - **Packing.** A job goes onto the fewest nodes: one node if any can hold every shard (the
+//!   fullest such node: best fit), else the emptiest nodes first and the remainder best-fit. This
+//!   keeps whole nodes free for large jobs. Within a node, the lowest-numbered free GPUs.
+//! - **Preemption.** A job that does not fit may preempt running jobs of strictly lower priority
+//!   (lowest priority first, newest first among equals) — only if that makes it fit, and only as
+//!   many as it needs. Preempted jobs go back to waiting and resume from their checkpoint.
+//! - **Backfill** (Kueue's "BestEffortFIFO"): when a job cannot start, later jobs that fit still
+//!   start. Lower-priority backfill never delays a higher-priority job, which preempts it when it
+//!   can start; within one priority a stream of small jobs can delay a large one, the price of
+//!   not leaving GPUs idle without run-time estimates.
+//!
+//! Capacity is indexed by free-GPU count per node, so one placement costs O(GPUs per node), not
+//! O(nodes): the scheduler places thousands of shards a second at 25,000 nodes.
+
+use std::collections::HashMap;
+
+use crate::spec::ShardRange;
+
+/// A schedulable node: its name and the GPU indices jobs may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub gpus: Vec<u32>,
+}
+
+/// What the scheduler needs to know of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRequest {
+    pub name: String,
+    pub priority: i64,
+    /// Submission order: FIFO within a priority.
+    pub sequence: u64,
+    pub shards: ShardRange,
+    pub gpus_per_shard: u32,
+}
+
+/// One shard's place: a node and GPUs on it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardAssignment {
+    pub node: String,
+    pub gpus: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningJob {
+    pub request: JobRequest,
+    pub shards: Vec<ShardAssignment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    pub job: String,
+    pub shards: Vec<ShardAssignment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preemption {
+    pub job: String,
+    pub by: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub job: String,
+    pub reason: String,
+}
+
+/// What to do: apply preemptions first (their GPUs are what some starts stand on), then starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub preemptions: Vec<Preemption>,
+    pub starts: Vec<Start>,
+    pub waiting: Vec<Waiting>,
+}
+
+/// Free GPUs per node, indexed by how many each node has free.
+struct Capacity<'a> {
+    nodes: &'a [Node],
+    /// Free GPU indices per node, ascending.
+    free: Vec<Vec<u32>>,
+    /// buckets[f] = nodes with exactly f free GPUs.
+    buckets: Vec<Vec<usize>>,
+    /// Where each node sits in its bucket.
+    slot: Vec<usize>,
+}
+
+impl<'a> Capacity<'a> {
+    fn new(nodes: &'a [Node]) -> Self {
+        let most = nodes.iter().map(|n| n.gpus.len()).max().unwrap_or(0);
+        let mut capacity = Capacity {
+            nodes,
+            free: nodes.iter().map(|n| sorted(n.gpus.clone())).collect(),
+            buckets: vec![Vec::new(); most + 1],
+            slot: vec![0; nodes.len()],
+        };
+        for i in 0..nodes.len() {
+            let f = capacity.free[i].len();
+            capacity.slot[i] = capacity.buckets[f].len();
+            capacity.buckets[f].push(i);
+        }
+        capacity
+    }
+
+    fn unlink(&mut self, node: usize) {
+        let bucket = &mut self.buckets[self.free[node].len()];
+        let at = self.slot[node];
+        bucket.swap_remove(at);
+        if let Some(&moved) = bucket.get(at) {
+            self.slot[moved] = at;
+        }
+    }
+
+    fn link(&mut self, node: usize) {
+        let f = self.free[node].len();
+        self.slot[node] = self.buckets[f].len();
+        self.buckets[f].push(node);
+    }
+
+    /// Mark `gpus` on `node` used. Returns false (and changes nothing) if any is not free.
+    fn take(&mut self, node: usize, gpus: &[u32]) -> bool {
+        if !gpus.iter().all(|g| self.free[node].binary_search(g).is_ok()) {
+            return false;
+        }
+        self.unlink(node);
+        self.free[node].retain(|g| !gpus.contains(g));
+        self.link(node);
+        true
+    }
+
+    fn give_back(&mut self, node: usize, gpus: &[u32]) {
+        self.unlink(node);
+        self.free[node].extend_from_slice(gpus);
+        self.free[node].sort_unstable();
+        self.free[node].dedup();
+        self.link(node);
+    }
+
+    /// How many shards of `g` GPUs fit right now, counted up to `cap`.
+    fn shards_that_fit(&self, g: usize, cap: usize) -> usize {
+        let mut total = 0;
+        for f in (g..self.buckets.len()).rev() {
+            total += self.buckets[f].len() * (f / g);
+            if total >= cap {
+                return cap;
+            }
+        }
+        total
+    }
+
+    /// Place `k` shards of `g` GPUs, fewest nodes first. Caller checked that they fit.
+    fn place(&mut self, k: usize, g: usize) -> Vec<ShardAssignment> {
+        let mut shards = Vec::with_capacity(k);
+        let mut remaining = k;
+        while remaining > 0 {
+            // One node that holds the rest: the fullest such (best fit).
+            let best_fit = (remaining * g..self.buckets.len()).find(|&f| !self.buckets[f].is_empty());
+            let (node, count) = match best_fit {
+                Some(f) => (self.buckets[f][self.buckets[f].len() - 1], remaining),
+                None => {
+                    // Otherwise the emptiest node, filled completely.
+                    let f = (g..self.buckets.len()).rev().find(|&f| !self.buckets[f].is_empty()).unwrap_or(0);
+                    if f < g {
+                        break; // Unreachable when the caller checked capacity.
+                    }
+                    (self.buckets[f][self.buckets[f].len() - 1], f / g)
+                }
+            };
+            let gpus: Vec<u32> = self.free[node][..count * g].to_vec();
+            self.take(node, &gpus);
+            for chunk in gpus.chunks(g) {
+                shards.push(ShardAssignment { node: self.nodes[node].name.clone(), gpus: chunk.to_vec() });
+            }
+            remaining -= count;
+        }
+        shards
+    }
+}
+
+fn sorted(mut v: Vec<u32>) -> Vec<u32> {
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Decide which pending jobs start where, and which running jobs are preempted for them.
+///
+/// Running jobs whose shards name unknown nodes or GPUs are taken as they are (their GPUs are
+/// not free); the caller moves jobs off lost nodes before calling.
+pub fn schedule(nodes: &[Node], running: &[RunningJob], pending: &[JobRequest]) -> Plan {
+    let mut capacity = Capacity::new(nodes);
+    let index: HashMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
+    for job in running {
+        for shard in &job.shards {
+            if let Some(&node) = index.get(shard.node.as_str()) {
+                capacity.take(node, &shard.gpus);
+            }
+        }
+    }
+    // Preemption candidates: lowest priority first, newest first among equals.
+    let mut victims: Vec<&RunningJob> = running.iter().collect();
+    victims
+        .sort_by(|a, b| a.request.priority.cmp(&b.request.priority).then(b.request.sequence.cmp(&a.request.sequence)));
+    let mut preempted = vec![false; victims.len()];
+
+    let mut order: Vec<&JobRequest> = pending.iter().collect();
+    order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.sequence.cmp(&b.sequence)));
+
+    let mut plan = Plan::default();
+    for job in order {
+        let g = job.gpus_per_shard as usize;
+        let (min, max) = (job.shards.min as usize, job.shards.max as usize);
+        if g == 0 || min == 0 || min > max {
+            plan.waiting.push(Waiting { job: job.name.clone(), reason: "invalid request".into() });
+            continue;
+        }
+        if capacity.shards_that_fit(g, min) < min {
+            let freed = preempt_for(job, &mut capacity, &index, &victims, &mut preempted);
+            if freed.is_empty() {
+                let free_shards = capacity.shards_that_fit(g, usize::MAX);
+                plan.waiting.push(Waiting {
+                    job: job.name.clone(),
+                    reason: format!(
+                        "waiting for room: needs {min} shard(s) of {g} GPU(s) on one node each; {free_shards} fit now"
+                    ),
+                });
+                continue;
+            }
+            for victim in freed {
+                plan.preemptions.push(Preemption { job: victim, by: job.name.clone() });
+            }
+        }
+        let k = capacity.shards_that_fit(g, max);
+        plan.starts.push(Start { job: job.name.clone(), shards: capacity.place(k, g) });
+    }
+    plan
+}
+
+/// Preempt the fewest lower-priority jobs that make `job` fit at its minimum. Returns their
+/// names (empty: preempting cannot make it fit, and nothing was changed).
+fn preempt_for(
+    job: &JobRequest,
+    capacity: &mut Capacity<'_>,
+    index: &HashMap<&str, usize>,
+    victims: &[&RunningJob],
+    preempted: &mut [bool],
+) -> Vec<String> {
+    let (g, min) = (job.gpus_per_shard as usize, job.shards.min as usize);
+    let release = |capacity: &mut Capacity<'_>, victim: &RunningJob| {
+        for shard in &victim.shards {
+            if let Some(&node) = index.get(shard.node.as_str()) {
+                capacity.give_back(node, &shard.gpus);
+            }
+        }
+    };
+    let retake = |capacity: &mut Capacity<'_>, victim: &RunningJob| {
+        for shard in &victim.shards {
+            if let Some(&node) = index.get(shard.node.as_str()) {
+                capacity.take(node, &shard.gpus);
+            }
+        }
+    };
+    let mut chosen = Vec::new();
+    for (i, victim) in victims.iter().enumerate() {
+        if victim.request.priority >= job.priority {
+            break;
+        }
+        if preempted[i] {
+            continue;
+        }
+        release(capacity, victim);
+        chosen.push(i);
+        if capacity.shards_that_fit(g, min) >= min {
+            break;
+        }
+    }
+    if capacity.shards_that_fit(g, min) < min {
+        for &i in &chosen {
+            retake(capacity, victims[i]);
+        }
+        return Vec::new();
+    }
+    // Spare every victim the job turns out not to need (the last one released is needed).
+    let mut needed = Vec::new();
+    for &i in chosen.iter().rev() {
+        retake(capacity, victims[i]);
+        if capacity.shards_that_fit(g, min) >= min {
+            continue; // Fits without preempting this one: it keeps running.
+        }
+        release(capacity, victims[i]);
+        needed.push(i);
+    }
+    needed.sort_unstable();
+    needed
+        .into_iter()
+        .map(|i| {
+            preempted[i] = true;
+            victims[i].request.name.clone()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn nodes(n: usize, gpus: u32) -> Vec<Node> {
+        (0..n).map(|i| Node { name: format!("n{i}"), gpus: (0..gpus).collect() }).collect()
+    }
+
+    fn job(name: &str, priority: i64, sequence: u64, min: u32, max: u32, g: u32) -> JobRequest {
+        JobRequest { name: name.into(), priority, sequence, shards: ShardRange { min, max }, gpus_per_shard: g }
+    }
+
+    fn run(plan: &Plan, pending: &[JobRequest]) -> Vec<RunningJob> {
+        plan.starts
+            .iter()
+            .map(|s| RunningJob {
+                request: pending.iter().find(|j| j.name == s.job).unwrap().clone(),
+                shards: s.shards.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_job_goes_onto_the_fewest_nodes_and_leaves_whole_nodes_free() {
+        let mut cluster = nodes(3, 8);
+        cluster[1].gpus = vec![0, 1, 2, 3, 4, 5]; // n1 has 6 GPUs
+        let plan = schedule(&cluster, &[], &[job("a", 0, 0, 1, 1, 4)]);
+        assert_eq!(plan.starts[0].shards, vec![ShardAssignment { node: "n1".into(), gpus: vec![0, 1, 2, 3] }]);
+        let plan = schedule(&cluster, &[], &[job("b", 0, 0, 3, 3, 4)]);
+        let used: HashSet<_> = plan.starts[0].shards.iter().map(|s| s.node.clone()).collect();
+        assert_eq!(used.len(), 2, "3 shards of 4 GPUs fit on two 8-GPU nodes: {plan:?}");
+    }
+
+    #[test]
+    fn elastic_jobs_start_as_large_as_fits() {
+        let plan = schedule(&nodes(2, 8), &[], &[job("e", 0, 0, 1, 10, 4)]);
+        assert_eq!(plan.starts[0].shards.len(), 4);
+        let plan = schedule(&nodes(1, 8), &[], &[job("e", 0, 0, 3, 10, 4)]);
+        assert!(plan.starts.is_empty() && plan.waiting[0].job == "e", "min 3 shards of 4 cannot fit 8 GPUs");
+    }
+
+    #[test]
+    fn a_higher_priority_job_preempts_the_lowest_newest_only_as_needed() {
+        let cluster = nodes(2, 8);
+        let running = vec![
+            RunningJob {
+                request: job("old-low", 1, 1, 1, 1, 8),
+                shards: vec![ShardAssignment { node: "n0".into(), gpus: (0..8).collect() }],
+            },
+            RunningJob {
+                request: job("new-low", 1, 2, 1, 1, 8),
+                shards: vec![ShardAssignment { node: "n1".into(), gpus: (0..8).collect() }],
+            },
+        ];
+        let plan = schedule(&cluster, &running, &[job("urgent", 5, 3, 1, 1, 8)]);
+        assert_eq!(plan.preemptions, vec![Preemption { job: "new-low".into(), by: "urgent".into() }]);
+        assert_eq!(plan.starts[0].shards[0].node, "n1");
+        // Equal priority never preempts.
+        let plan = schedule(&cluster, &running, &[job("peer", 1, 3, 1, 1, 8)]);
+        assert!(plan.preemptions.is_empty() && plan.starts.is_empty());
+        // Preemption that cannot make room preempts nothing.
+        let plan = schedule(&cluster, &running, &[job("huge", 9, 3, 3, 3, 8)]);
+        assert!(plan.preemptions.is_empty() && plan.starts.is_empty() && plan.waiting.len() == 1);
+    }
+
+    #[test]
+    fn fifo_within_a_priority_and_backfill_behind_a_blocked_job() {
+        let pending = vec![job("big", 0, 1, 3, 3, 8), job("small", 0, 2, 1, 1, 4), job("first", 0, 0, 1, 1, 4)];
+        let plan = schedule(&nodes(2, 8), &[], &pending);
+        let started: Vec<_> = plan.starts.iter().map(|s| s.job.as_str()).collect();
+        assert_eq!(started, vec!["first", "small"], "first by order; big is blocked; small backfills");
+        assert_eq!(plan.waiting[0].job, "big");
+    }
+
+    fn cluster_strategy() -> impl Strategy<Value = (Vec<Node>, Vec<JobRequest>, Vec<JobRequest>)> {
+        let nodes = prop::collection::vec(prop::sample::select(vec![2u32, 4, 8]), 1..8).prop_map(|sizes| {
+            sizes
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| Node { name: format!("n{i}"), gpus: (0..n).collect() })
+                .collect::<Vec<_>>()
+        });
+        let one = (0i64..4, 1u32..4, 0u32..3, prop::sample::select(vec![1u32, 2, 4, 8]));
+        let jobs = prop::collection::vec(one, 0..12);
+        (nodes, jobs.clone(), jobs).prop_map(|(nodes, first, second)| {
+            let mk = |offset: u64, v: Vec<(i64, u32, u32, u32)>| {
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (p, min, extra, g))| {
+                        job(&format!("j{}", offset + i as u64), p, offset + i as u64, min, min + extra, g)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            (nodes, mk(0, first), mk(100, second))
+        })
+    }
+
+    /// Place the first wave on an empty cluster, then schedule the second wave against it.
+    fn two_waves(nodes: &[Node], first: &[JobRequest], second: &[JobRequest]) -> (Vec<RunningJob>, Plan) {
+        let initial = schedule(nodes, &[], first);
+        let running = run(&initial, first);
+        let plan = schedule(nodes, &running, second);
+        (running, plan)
+    }
+
+    /// Can `job` fit in free GPUs plus those of running jobs with lower priority?
+    fn fits_with_all_lower_removed(nodes: &[Node], running: &[RunningJob], job: &JobRequest) -> bool {
+        let keep: Vec<RunningJob> = running.iter().filter(|r| r.request.priority >= job.priority).cloned().collect();
+        let mut probe = job.clone();
+        probe.shards.max = probe.shards.min;
+        !schedule(nodes, &keep, &[probe]).starts.is_empty()
+    }
+
+    proptest! {
+        #[test]
+        fn no_gpu_is_ever_double_booked((nodes, first, second) in cluster_strategy()) {
+            let (running, plan) = two_waves(&nodes, &first, &second);
+            let preempted: HashSet<_> = plan.preemptions.iter().map(|p| p.job.clone()).collect();
+            let mut used = HashSet::new();
+            let still_running = running.iter().filter(|r| !preempted.contains(&r.request.name)).flat_map(|r| r.shards.iter());
+            for shard in still_running.chain(plan.starts.iter().flat_map(|s| s.shards.iter())) {
+                let node = nodes.iter().find(|n| n.name == shard.node).expect("known node");
+                for gpu in &shard.gpus {
+                    prop_assert!(node.gpus.contains(gpu), "GPU {gpu} not on {}", node.name);
+                    prop_assert!(used.insert((shard.node.clone(), *gpu)), "GPU {gpu} on {} booked twice", shard.node);
+                }
+            }
+        }
+
+        #[test]
+        fn gangs_are_all_or_none_and_within_their_range((nodes, first, second) in cluster_strategy()) {
+            let (_, plan) = two_waves(&nodes, &first, &second);
+            for start in &plan.starts {
+                let spec = second.iter().find(|j| j.name == start.job).unwrap();
+                let n = start.shards.len() as u32;
+                prop_assert!(spec.shards.min <= n && n <= spec.shards.max, "{} started {n} shards of {:?}", spec.name, spec.shards);
+                for shard in &start.shards {
+                    prop_assert_eq!(shard.gpus.len() as u32, spec.gpus_per_shard, "a shard's GPUs are on one node");
+                }
+            }
+            let started: HashSet<_> = plan.starts.iter().map(|s| s.job.clone()).collect();
+            let waiting: HashSet<_> = plan.waiting.iter().map(|w| w.job.clone()).collect();
+            prop_assert!(started.is_disjoint(&waiting));
+            prop_assert_eq!(started.len() + waiting.len(), second.len(), "every pending job is started or waiting");
+        }
+
+        #[test]
+        fn a_lower_priority_job_never_runs_while_a_higher_one_that_would_fit_waits((nodes, first, second) in cluster_strategy()) {
+            let (running, plan) = two_waves(&nodes, &first, &second);
+            let preempted: HashSet<_> = plan.preemptions.iter().map(|p| p.job.clone()).collect();
+            let mut after: Vec<RunningJob> = running.into_iter().filter(|r| !preempted.contains(&r.request.name)).collect();
+            after.extend(run(&plan, &second));
+            for waiting in &plan.waiting {
+                let w = second.iter().find(|j| j.name == waiting.job).unwrap();
+                if after.iter().any(|r| r.request.priority < w.priority) {
+                    prop_assert!(!fits_with_all_lower_removed(&nodes, &after, w), "{} waits but would fit", w.name);
+                }
+            }
+        }
+
+        #[test]
+        fn preemption_happens_only_when_it_makes_the_job_fit((nodes, first, second) in cluster_strategy()) {
+            let (running, plan) = two_waves(&nodes, &first, &second);
+            let started: HashSet<_> = plan.starts.iter().map(|s| s.job.clone()).collect();
+            let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for p in &plan.preemptions {
+                by.entry(p.by.clone()).or_default().push(p.job.clone());
+            }
+            for (preemptor, victims) in by {
+                prop_assert!(started.contains(&preemptor), "{preemptor} preempted {victims:?} but did not start");
+                let prio = second.iter().find(|j| j.name == preemptor).unwrap().priority;
+                for v in &victims {
+                    let victim = running.iter().find(|r| &r.request.name == v).unwrap();
+                    prop_assert!(victim.request.priority < prio, "{v} is not lower priority than {preemptor}");
+                }
+            }
+        }
+    }
+}

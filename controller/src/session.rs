@@ -1,0 +1,182 @@
+//! `AgentService.Session`: one bidirectional stream per agent. The first message registers the
+//! node; after it come telemetry, shard statuses and (later) cap acknowledgements. The controller
+//! answers `Registered`, then sends shard orders from the reconcile loop through the session's
+//! queue. A malformed message ends the session with `InvalidArgument` naming the field.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use watt_proto::v1 as pb;
+use watt_proto::v1::agent_message::Body;
+
+use crate::reconcile::{unix_ms, Controller};
+
+/// How many orders may wait for one agent before the reconcile loop holds back.
+const SESSION_QUEUE: usize = 256;
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct AgentSessions {
+    controller: Arc<Controller>,
+}
+
+impl AgentSessions {
+    pub fn new(controller: Arc<Controller>) -> Self {
+        AgentSessions { controller }
+    }
+}
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field} {message}"))
+}
+
+/// Check a registration before anything of it is used.
+pub fn validate_register(r: &pb::Register) -> Result<(), Status> {
+    let name_ok = !r.node_name.is_empty()
+        && r.node_name.len() <= 253
+        && r.node_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !name_ok {
+        return Err(invalid(
+            "register.node_name",
+            format!("must be 1 to 253 of [A-Za-z0-9-._] (got {:?})", r.node_name),
+        ));
+    }
+    if r.gpus.len() > 1024 {
+        return Err(invalid("register.gpus", format!("lists {} GPUs; the limit is 1024", r.gpus.len())));
+    }
+    let mut seen = HashSet::new();
+    for (i, gpu) in r.gpus.iter().enumerate() {
+        if !seen.insert(gpu.index) {
+            return Err(invalid(&format!("register.gpus[{i}].index"), format!("{} appears twice", gpu.index)));
+        }
+        let Some(limit) = &gpu.power_limit else {
+            return Err(invalid(&format!("register.gpus[{i}].power_limit"), "is required"));
+        };
+        if !(limit.min_watts > 0.0 && limit.min_watts <= limit.max_watts && limit.max_watts.is_finite()) {
+            return Err(invalid(
+                &format!("register.gpus[{i}].power_limit"),
+                format!("must have 0 < min_watts ≤ max_watts (got {} and {})", limit.min_watts, limit.max_watts),
+            ));
+        }
+    }
+    if !(r.non_gpu_power_watts >= 0.0 && r.non_gpu_power_watts.is_finite()) {
+        return Err(invalid("register.non_gpu_power_watts", format!("must be ≥ 0 (got {})", r.non_gpu_power_watts)));
+    }
+    Ok(())
+}
+
+fn validate_shard_status(s: &pb::ShardStatus) -> Result<pb::ShardState, Status> {
+    crate::spec::validate_name(&s.job).map_err(|e| invalid("shard_status.job", e.message))?;
+    match pb::ShardState::try_from(s.state) {
+        Ok(pb::ShardState::Unspecified) | Err(_) => {
+            Err(invalid("shard_status.state", format!("is not a shard state (got {})", s.state)))
+        }
+        Ok(state) => Ok(state),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentSessions {
+    type SessionStream = BoxStream<'static, Result<pb::ControllerMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let address = request.remote_addr().map(|a| a.ip());
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no register message within 10 s"))??
+            .ok_or_else(|| Status::cancelled("stream closed before register"))?;
+        let Some(Body::Register(register)) = first.body else {
+            return Err(invalid("body", "of the first message of a session must be register"));
+        };
+        validate_register(&register)?;
+        for (i, s) in register.shards.iter().enumerate() {
+            validate_shard_status(s).map_err(|e| invalid(&format!("register.shards[{i}]"), e.message()))?;
+        }
+
+        let c = &self.controller;
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let registered = pb::Registered {
+            heartbeat_interval_ms: c.settings.node_lease.as_millis() as u32 / 3,
+            telemetry_interval_ms: c.settings.telemetry_interval.as_millis() as u32,
+        };
+        tx.try_send(Ok(pb::ControllerMessage { body: Some(pb::controller_message::Body::Registered(registered)) }))
+            .map_err(|_| Status::internal("session queue"))?;
+        let node = register.node_name.clone();
+        let session = c.registry.register(&register, address, tx.clone(), Instant::now(), unix_ms());
+        c.emit(
+            "node",
+            &node,
+            "registered",
+            format!("{} GPU(s), agent {}", register.gpus.len(), register.agent_version),
+        );
+        c.wake();
+
+        let controller = self.controller.clone();
+        tokio::spawn(async move {
+            let end = serve_inbound(&controller, &node, session, &mut inbound).await;
+            controller.registry.disconnect(&node, session);
+            match end {
+                Ok(()) => controller.emit("node", &node, "disconnected", "session closed".into()),
+                Err(status) => {
+                    controller.emit("node", &node, "disconnected", status.message().to_string());
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+            controller.wake();
+        });
+        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+    }
+}
+
+/// Handle an agent's messages until its stream ends (Ok) or it sends something malformed.
+async fn serve_inbound(
+    c: &Controller,
+    node: &str,
+    session: u64,
+    inbound: &mut Streaming<pb::AgentMessage>,
+) -> Result<(), Status> {
+    loop {
+        let message = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(status) => {
+                tracing::debug!(node, %status, "Agent stream ended with an error.");
+                return Ok(());
+            }
+        };
+        if !c.registry.touch(node, session, Instant::now(), unix_ms()) {
+            return Ok(()); // Replaced by a newer session of the same node.
+        }
+        match message.body {
+            Some(Body::Telemetry(t)) => {
+                c.registry.with_session(node, session, |e| e.telemetry = Some(t));
+            }
+            Some(Body::ShardStatus(s)) => {
+                let state = validate_shard_status(&s)?;
+                let changed = c
+                    .registry
+                    .with_session(node, session, |e| {
+                        e.shards.insert((s.job.clone(), s.shard), (s.epoch, state)) != Some((s.epoch, state))
+                    })
+                    .unwrap_or(false);
+                if changed {
+                    c.wake();
+                }
+            }
+            Some(Body::CapAck(_)) => {} // Power enforcement comes with the power engine.
+            Some(Body::Register(_)) => return Err(invalid("body", "register may only be the first message")),
+            None => return Err(invalid("body", "is required")),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! `etcd://HOST:PORT[,HOST:PORT...]`: the store on an etcd cluster, for controllers that must
+//! survive the loss of a machine. Keys live under `/watt/v1/`; every commit is one etcd
+//! transaction whose compares carry the writes' expectations; watches resume from the last
+//! revision they delivered after etcd (or the connection to it) restarts.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{Entry, Expect, Store, StoreError, Version, WatchEvent, WatchStream, Write};
+
+/// Every key Watt writes lives under this prefix.
+pub const KEY_PREFIX: &str = "/watt/v1/";
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EtcdStore {
+    /// Connect to `endpoints` (`http://host:port`) and check that etcd answers.
+    pub async fn connect(endpoints: Vec<String>, prefix: &str) -> Result<Self, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let mut client = Client::connect(&endpoints, Some(options)).await.map_err(unavailable)?;
+        client.status().await.map_err(unavailable)?;
+        Ok(EtcdStore { client, prefix: prefix.to_string() })
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn entry(&self, kv: &etcd_client::KeyValue) -> Result<Entry, StoreError> {
+        let key = kv.key_str().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(Entry {
+            key: key.strip_prefix(&self.prefix).unwrap_or(key).to_string(),
+            value: kv.value().to_vec(),
+            version: kv.mod_revision() as Version,
+        })
+    }
+
+    async fn current_revision(&self) -> Result<i64, StoreError> {
+        let mut client = self.client.clone();
+        let response =
+            client.get(self.full(""), Some(GetOptions::new().with_count_only())).await.map_err(unavailable)?;
+        Ok(response.header().map(|h| h.revision()).unwrap_or(0))
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let mut client = self.client.clone();
+        let response = client.get(self.full(key), None).await.map_err(unavailable)?;
+        response.kvs().first().map(|kv| self.entry(kv)).transpose()
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        let mut client = self.client.clone();
+        let response =
+            client.get(self.full(prefix), Some(GetOptions::new().with_prefix())).await.map_err(unavailable)?;
+        response.kvs().iter().map(|kv| self.entry(kv)).collect()
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<Version, StoreError> {
+        let mut compares = Vec::new();
+        let mut ops = Vec::with_capacity(writes.len());
+        for w in &writes {
+            let key = self.full(&w.key);
+            match w.expect {
+                Expect::Any => {}
+                // etcd's per-key "version" counts writes since creation: 0 means absent.
+                Expect::Absent => compares.push(Compare::version(key.clone(), CompareOp::Equal, 0)),
+                Expect::Version(v) => compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, v as i64)),
+            }
+            ops.push(match &w.value {
+                Some(value) => TxnOp::put(key, value.clone(), None),
+                None => TxnOp::delete(key, None),
+            });
+        }
+        let mut client = self.client.clone();
+        let response = client.txn(Txn::new().when(compares).and_then(ops)).await.map_err(unavailable)?;
+        if response.succeeded() {
+            return Ok(response.header().map(|h| h.revision()).unwrap_or(0) as Version);
+        }
+        // Name the first key whose expectation failed.
+        for w in &writes {
+            let version = self.get(&w.key).await?.map(|e| e.version).unwrap_or(0);
+            let holds = match w.expect {
+                Expect::Any => true,
+                Expect::Absent => version == 0,
+                Expect::Version(v) => version == v,
+            };
+            if !holds {
+                return Err(StoreError::Conflict { key: w.key.clone() });
+            }
+        }
+        Err(StoreError::Conflict { key: writes.first().map(|w| w.key.clone()).unwrap_or_default() })
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
+        let start = self.current_revision().await? + 1;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(pump_watch(self.clone(), self.full(prefix), start, tx));
+        Ok(ReceiverStream::new(rx).boxed())
+    }
+}
+
+/// Forward etcd watch events to `tx`, reconnecting from the next undelivered revision whenever
+/// the stream breaks (etcd restarted, connection lost), until the receiver goes away.
+async fn pump_watch(store: EtcdStore, key: String, mut next: i64, tx: mpsc::Sender<Result<WatchEvent, StoreError>>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut client = store.client.clone();
+        let options = WatchOptions::new().with_prefix().with_start_revision(next);
+        match client.watch(key.clone(), Some(options)).await {
+            Ok(mut stream) => loop {
+                let message = tokio::select! {
+                    m = stream.message() => m,
+                    () = tx.closed() => return,
+                };
+                match message {
+                    Ok(Some(response)) => {
+                        backoff = Duration::from_millis(100);
+                        if response.canceled() {
+                            if response.compact_revision() > 0 {
+                                let lost = format!("etcd compacted past revision {next}");
+                                let _ = tx.send(Err(StoreError::WatchLost(lost))).await;
+                                return;
+                            }
+                            break;
+                        }
+                        for event in response.events() {
+                            let Some(kv) = event.kv() else { continue };
+                            let Ok(entry) = store.entry(kv) else { continue };
+                            next = kv.mod_revision() + 1;
+                            let item = match event.event_type() {
+                                EventType::Put => WatchEvent::Put(entry),
+                                EventType::Delete => WatchEvent::Delete { key: entry.key, version: entry.version },
+                            };
+                            if tx.send(Ok(item)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "etcd watch broke; resuming.");
+                        break;
+                    }
+                }
+            },
+            Err(e) => tracing::debug!(error = %e, "etcd watch could not start; retrying."),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = tx.closed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
