@@ -18,6 +18,9 @@ pub const JOBS_PREFIX: &str = "jobs/";
 /// The last job sequence number handed out; bumped in the same commit as each new job.
 pub const SEQUENCE_KEY: &str = "meta/job-sequence";
 
+/// etcd refuses transactions of more than 128 operations by default.
+const MAX_WRITES_PER_COMMIT: usize = 100;
+
 pub fn job_key(name: &str) -> String {
     format!("{JOBS_PREFIX}{name}")
 }
@@ -230,6 +233,41 @@ impl JobTable {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Write changed records back in as few commits as the store allows (compare-and-swap each,
+    /// all-or-nothing per commit), in order, stopping at the first commit that fails: a later
+    /// change may depend on an earlier one (a start on the GPUs a preemption freed). Returns how
+    /// many records, from the front, were stored; the rest are reloaded from the store.
+    pub async fn update_all(&mut self, records: Vec<JobRecord>) -> (usize, Option<StoreError>) {
+        let mut stored = 0;
+        for chunk in records.chunks(MAX_WRITES_PER_COMMIT) {
+            let writes = chunk
+                .iter()
+                .map(|r| {
+                    let expect =
+                        self.jobs.get(&r.spec.name).map(|(_, v)| Expect::Version(*v)).unwrap_or(Expect::Absent);
+                    Write::put(job_key(&r.spec.name), expect, r.encode())
+                })
+                .collect();
+            match self.store.commit(writes).await {
+                Ok(version) => {
+                    for r in chunk {
+                        self.jobs.insert(r.spec.name.clone(), (r.clone(), version));
+                    }
+                    stored += chunk.len();
+                }
+                Err(e) => {
+                    for r in &records[stored..] {
+                        if let Err(reload) = self.reload(&r.spec.name).await {
+                            return (stored, Some(reload));
+                        }
+                    }
+                    return (stored, Some(e));
+                }
+            }
+        }
+        (stored, None)
     }
 
     async fn reload(&mut self, name: &str) -> Result<(), StoreError> {

@@ -25,6 +25,14 @@ use crate::store::{Store, StoreError};
 /// Rendezvous ports handed to jobs' rank 0, as torchrun's default 29500 and up.
 const MASTER_PORTS: std::ops::Range<u16> = 29_500..30_500;
 
+/// A decided change to one job, and the event that announces it once stored ("" for none).
+#[derive(Debug)]
+struct Change {
+    record: JobRecord,
+    reason: &'static str,
+    message: String,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     /// A node not heard from for this long is lost and its jobs are rescheduled.
@@ -264,30 +272,21 @@ impl Controller {
             self.emit("node", node, "lost", format!("not heard from for {}", humantime::format_duration(lease)));
         }
 
-        // 2. Jobs with a shard on a lost node go back to waiting (all shards: gang).
-        let mut changed: Vec<JobRecord> = Vec::new();
+        // 2. Jobs with a shard on a lost node go back to waiting (all shards: gang), and
+        // 3. shard reports move active jobs along.
+        let mut changes: Vec<Change> = Vec::new();
         for job in jobs.iter().filter(|j| j.state.is_active()) {
             if let Some(shard) = job.shards.iter().find(|s| lost.contains(&s.node)) {
                 let mut record = job.clone();
                 record.unplace(format!("node {} was lost; waiting to be rescheduled", shard.node));
-                changed.push(record);
+                let message = record.message.clone();
+                changes.push(Change { record, reason: "rescheduling", message });
+            } else if let Some(record) = self.advance(job) {
+                let message = record.message.clone();
+                changes.push(Change { reason: record.state.as_str(), record, message });
             }
         }
-        // 3. Shard reports move active jobs along.
-        for job in jobs.iter().filter(|j| j.state.is_active()) {
-            if changed.iter().any(|c| c.spec.name == job.spec.name) {
-                continue;
-            }
-            if let Some(next) = self.advance(job) {
-                changed.push(next);
-            }
-        }
-        for record in changed {
-            let (name, state, message) = (record.spec.name.clone(), record.state, record.message.clone());
-            if self.persist(&mut jobs, record).await {
-                self.emit("job", &name, state.as_str(), message);
-            }
-        }
+        self.apply(&mut jobs, changes).await;
 
         // 4. Schedule.
         let nodes = self.registry.schedulable(now, lease);
@@ -301,40 +300,43 @@ impl Controller {
         let plan = scheduler::schedule(&nodes, &running, &pending);
         self.metrics.scheduling_duration.observe(scheduled_at.elapsed().as_secs_f64());
 
-        // 5. Apply: preemptions first, then starts, then waiting messages.
+        // 5. Apply in one ordered batch: preemptions first (their GPUs are what starts stand
+        // on), then starts, then changed waiting reasons.
+        let mut changes: Vec<Change> = Vec::new();
         for p in &plan.preemptions {
             let Some(mut record) = jobs.get(&p.job).cloned() else { continue };
             record.unplace(format!("preempted by higher-priority job {}", p.by));
             record.preemptions += 1;
-            if self.persist(&mut jobs, record).await {
-                self.metrics.preemptions.inc();
-                self.emit("job", &p.job, "preempted", format!("by {}", p.by));
+            changes.push(Change { record, reason: "preempted", message: format!("by {}", p.by) });
+        }
+        let mut ports: HashMap<String, HashSet<u16>> = HashMap::new();
+        for job in jobs.iter().filter(|j| j.state.is_active()) {
+            if let Some(first) = job.shards.first() {
+                ports.entry(first.node.clone()).or_default().insert(job.master_port);
             }
         }
         for start in plan.starts {
             let Some(mut record) = jobs.get(&start.job).cloned() else { continue };
+            let used = ports.entry(start.shards[0].node.clone()).or_default();
+            record.master_port = MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start);
+            used.insert(record.master_port);
             record.state = JobState::Starting;
             record.epoch += 1;
-            record.master_port = free_master_port(&jobs, &start.shards[0].node);
             let summary = placement_summary(&start.shards);
             record.shards = start.shards;
             record.message = format!("placed: {summary}");
-            if self.persist(&mut jobs, record).await {
-                self.metrics.placements.inc_by(plan_shards(&jobs, &start.job));
-                self.emit("job", &start.job, "placed", summary);
-            }
+            changes.push(Change { record, reason: "placed", message: summary });
         }
         for waiting in plan.waiting {
             let Some(record) = jobs.get(&waiting.job) else { continue };
-            if record.message != waiting.reason
-                && !record.message.starts_with("preempted")
-                && !record.message.starts_with("node ")
-            {
+            let explained = record.message.starts_with("preempted") || record.message.starts_with("node ");
+            if record.message != waiting.reason && !explained {
                 let mut record = record.clone();
                 record.message = waiting.reason;
-                self.persist(&mut jobs, record).await;
+                changes.push(Change { record, reason: "", message: String::new() });
             }
         }
+        self.apply(&mut jobs, changes).await;
 
         // 6. Orders to agents.
         self.send_orders(&jobs);
@@ -343,14 +345,29 @@ impl Controller {
         self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     }
 
-    /// Store a changed record; false if it could not be (logged; retried next pass).
-    async fn persist(&self, jobs: &mut JobTable, record: JobRecord) -> bool {
-        let name = record.spec.name.clone();
-        match jobs.update(record).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(job = %name, error = %e, "Cannot store a job change; will retry.");
-                false
+    /// Store `changes` in order (see [`JobTable::update_all`]) and announce the ones stored.
+    /// What could not be stored is logged and decided again on the next pass.
+    async fn apply(&self, jobs: &mut JobTable, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let records = changes.iter().map(|c| c.record.clone()).collect();
+        let (stored, error) = jobs.update_all(records).await;
+        if let Some(e) = error {
+            tracing::warn!(error = %e, stored, unstored = changes.len() - stored, "Cannot store job changes; will retry.");
+        }
+        for change in changes.into_iter().take(stored) {
+            match change.reason {
+                "" => {}
+                "preempted" => {
+                    self.metrics.preemptions.inc();
+                    self.emit("job", &change.record.spec.name, "preempted", change.message);
+                }
+                "placed" => {
+                    self.metrics.placements.inc_by(change.record.shards.len() as u64);
+                    self.emit("job", &change.record.spec.name, "placed", change.message);
+                }
+                reason => self.emit("job", &change.record.spec.name, reason, change.message),
             }
         }
     }
@@ -470,20 +487,6 @@ impl Controller {
             }
         }
     }
-}
-
-/// The lowest rendezvous port no other active job uses on `node`.
-fn free_master_port(jobs: &JobTable, node: &str) -> u16 {
-    let used: HashSet<u16> = jobs
-        .iter()
-        .filter(|j| j.state.is_active() && j.shards.first().is_some_and(|s| s.node == node))
-        .map(|j| j.master_port)
-        .collect();
-    MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start)
-}
-
-fn plan_shards(jobs: &JobTable, job: &str) -> u64 {
-    jobs.get(job).map(|j| j.shards.len() as u64).unwrap_or(0)
 }
 
 /// "4 shards on gpu-a [0,1], gpu-b [0,1], ..." — short enough for an event line.

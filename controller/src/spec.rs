@@ -107,7 +107,10 @@ impl JobSpec {
                 format!("is {} bytes; the limit is {} bytes (1 MiB)", text.len(), MAX_MANIFEST_BYTES),
             ));
         }
-        let document = serde_yaml::Deserializer::from_str(text);
+        // Syntax first, so a broken document is reported as such rather than by the first key
+        // the streaming parser happened to read before the break.
+        let document: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| FieldError::new("manifest", format!("is invalid: not YAML or JSON: {e}")))?;
         let manifest: Manifest = serde_path_to_error::deserialize(document).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();

@@ -1,0 +1,221 @@
+//! Helpers for tests that run Watt's real binaries and a real etcd on loopback.
+// Real processes run on the real clock, so these helpers use std's Instant.
+#![allow(dead_code, clippy::unwrap_used, clippy::disallowed_types)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant as StdInstant};
+
+/// A workspace binary. `cargo test --workspace` builds every one before running tests.
+pub fn bin(name: &str) -> PathBuf {
+    if name == "watt-controller" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_watt-controller"));
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap().to_path_buf();
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is not built: run `cargo build --workspace` (scripts/test does)", path.display());
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Poll `check` until it returns Some, or panic after `timeout` with `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = StdInstant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(StdInstant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped, with its stderr lines on a channel.
+pub struct Proc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).env("WATT_LOG", "info");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{tag}] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines, name: name.into() }
+    }
+
+    /// Wait for a log line containing `needle`; returns it.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        loop {
+            match self.lines.recv_timeout(timeout) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("{} did not log {needle:?} within {timeout:?}", self.name),
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A real etcd on free loopback ports with its own data directory.
+pub struct Etcd {
+    pub proc: Option<Proc>,
+    pub dir: tempfile::TempDir,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let etcd = which("etcd").unwrap_or_else(|| {
+            panic!("`etcd` is not installed: run `apt-get install -y etcd-server` (scripts/test does this)")
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Etcd { proc: None, dir, client_port: free_port(), peer_port: free_port() };
+        e.proc = Some(e.launch(&etcd));
+        e
+    }
+
+    fn launch(&self, etcd: &PathBuf) -> Proc {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(etcd);
+        cmd.arg("--name=watt-test")
+            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=watt-test={peer}"))
+            .arg("--log-level=warn");
+        let proc = Proc::spawn("etcd", cmd);
+        wait_for(Duration::from_secs(30), "etcd to answer", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.client_port)).ok().map(|_| ())
+        });
+        proc
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Start again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let etcd = which("etcd").unwrap();
+        self.proc = Some(self.launch(&etcd));
+    }
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(tool))
+        .find(|path| path.is_file())
+}
+
+/// A running controller and its gRPC URL.
+pub struct ControllerProc {
+    pub proc: Proc,
+    pub url: String,
+    pub port: u16,
+}
+
+impl ControllerProc {
+    /// Start on `port` (0: a free one) with `store` (`file:...` or `etcd://...`).
+    pub fn start(store: &str, port: u16, extra: &[&str]) -> ControllerProc {
+        let port = if port == 0 { free_port() } else { port };
+        let mut cmd = Command::new(bin("watt-controller"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", "127.0.0.1:0", "--store", store])
+            .args(extra);
+        let proc = Proc::spawn("controller", cmd);
+        proc.wait_line("Serving gRPC.", Duration::from_secs(30));
+        ControllerProc { proc, url: format!("http://127.0.0.1:{port}"), port }
+    }
+}
+
+/// An agent with simulated GPUs in a session with `controller`.
+pub fn agent(controller: &str, node: &str, gpus: u32) -> Proc {
+    let mut cmd = Command::new(bin("watt-agent"));
+    cmd.args(["--backend", "sim", "--sim-gpus", &gpus.to_string(), "--node-name", node]).args([
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--sample-interval",
+        "200ms",
+        "--controller",
+        controller,
+    ]);
+    Proc::spawn(node, cmd)
+}
+
+/// Run wattctl against `controller`.
+pub fn wattctl(controller: &str, args: &[&str]) -> Output {
+    Command::new(bin("wattctl")).arg("--controller").arg(controller).args(args).output().unwrap()
+}
+
+/// `wattctl -o json ARGS`, parsed.
+pub fn wattctl_json(controller: &str, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["-o", "json"];
+    full.extend_from_slice(args);
+    let out = wattctl(controller, &full);
+    assert!(out.status.success(), "wattctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Submit a job manifest through wattctl; returns the output.
+pub fn submit(controller: &str, manifest: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    wattctl(controller, &["submit", "-f", path.to_str().unwrap()])
+}
+
+pub fn job_manifest(name: &str, priority: i64, min: u32, max: u32, gpus: u32) -> String {
+    format!(
+        "name: {name}\npriority: {priority}\nshards: {{min: {min}, max: {max}}}\ngpus_per_shard: {gpus}\ncommand: [python, train.py]\n"
+    )
+}
+
+/// Jobs by name, from `wattctl -o json jobs`.
+pub fn jobs(controller: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let list = wattctl_json(controller, &["jobs"]);
+    list.as_array().unwrap().iter().map(|j| (j["name"].as_str().unwrap().to_string(), j.clone())).collect()
+}
