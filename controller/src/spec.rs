@@ -369,6 +369,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_examples_are_valid() {
+        for text in [
+            include_str!("../../examples/jobs/llama-pretrain.yaml"),
+            include_str!("../../examples/jobs/sweep-elastic.yaml"),
+        ] {
+            JobSpec::from_manifest(text).unwrap();
+        }
+    }
+
+    #[test]
     fn a_huge_manifest_is_refused_before_parsing() {
         let text = format!("{GOOD}# {}\n", "x".repeat(10 << 20));
         let e = JobSpec::from_manifest(&text).unwrap_err();

@@ -56,6 +56,19 @@ fn jobs_fill_overfill_preempt_and_move_off_a_killed_agent() {
     assert_eq!(nodes_of(&placed["elastic"]).len(), 2, "elastic starts at the largest size that fits: {placed:?}");
     assert_no_double_booking(&placed);
 
+    // The controller's metrics say the same, and pass promtool.
+    let metrics = controller.metrics();
+    for line in [
+        "watt_controller_nodes{state=\"ready\"} 4",
+        "watt_controller_sessions 4",
+        "watt_jobs{state=\"running\"} 2",
+        "watt_controller_gpus{state=\"allocated\"} 32",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in controller metrics:\n{metrics}");
+    }
+    assert!(metrics.contains("watt_scheduling_duration_seconds_bucket"));
+    promtool_check(&metrics);
+
     // Overfill: no room, same priority: waits, preempts nothing.
     assert!(submit(&url, &job_manifest("late", 1, 1, 1, 8)).status.success());
     std::thread::park_timeout(Duration::from_millis(800));
@@ -109,6 +122,8 @@ fn survives_a_controller_kill(store: &str) {
     let port = free_port();
     let mut controller = ControllerProc::start(store, port, &[]);
     let url = controller.url.clone();
+    let _agent = agent(&url, "steady", 8);
+    wait_for(Duration::from_secs(20), "the agent to register", || (ready_nodes(&url) == 1).then_some(()));
     for (i, name) in ["alpha", "beta", "gamma"].iter().enumerate() {
         let out = submit(&url, &job_manifest(name, i as i64, 1, 2, 4));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -117,6 +132,8 @@ fn survives_a_controller_kill(store: &str) {
     controller.proc.kill9();
 
     let controller = ControllerProc::start(store, port, &[]);
+    // The agent finds the new controller by itself (reconnect with backoff).
+    wait_for(Duration::from_secs(30), "the agent to reconnect", || (ready_nodes(&controller.url) == 1).then_some(()));
     let after = jobs(&controller.url);
     assert_eq!(after.keys().collect::<Vec<_>>(), vec!["alpha", "beta", "gamma"]);
     for name in ["alpha", "beta", "gamma"] {
@@ -141,4 +158,21 @@ fn jobs_survive_a_controller_sigkill_with_the_file_store() {
 fn jobs_survive_a_controller_sigkill_with_the_etcd_store() {
     let etcd = Etcd::start();
     survives_a_controller_kill(&format!("etcd://{}", etcd.endpoint()));
+}
+
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let promtool = which("promtool")
+        .expect("`promtool` is not installed: run `apt-get install -y prometheus` (scripts/test does this)");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics: {report}");
 }

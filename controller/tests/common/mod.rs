@@ -157,18 +157,31 @@ pub struct ControllerProc {
     pub proc: Proc,
     pub url: String,
     pub port: u16,
+    pub metrics_port: u16,
 }
 
 impl ControllerProc {
     /// Start on `port` (0: a free one) with `store` (`file:...` or `etcd://...`).
     pub fn start(store: &str, port: u16, extra: &[&str]) -> ControllerProc {
         let port = if port == 0 { free_port() } else { port };
+        let metrics_port = free_port();
         let mut cmd = Command::new(bin("watt-controller"));
-        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", "127.0.0.1:0", "--store", store])
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--store", store])
             .args(extra);
         let proc = Proc::spawn("controller", cmd);
         proc.wait_line("Serving gRPC.", Duration::from_secs(30));
-        ControllerProc { proc, url: format!("http://127.0.0.1:{port}"), port }
+        ControllerProc { proc, url: format!("http://127.0.0.1:{port}"), port, metrics_port }
+    }
+
+    /// The controller's /metrics body.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
     }
 }
 

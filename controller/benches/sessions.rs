@@ -1,0 +1,184 @@
+//! How many agent sessions one controller holds: a load generator opens N simulated agents
+//! (8 GPUs each), multiplexed over a few HTTP/2 connections, each registering and then sending
+//! one telemetry message a second, and measures the controller process's CPU and memory.
+//!
+//!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30]
+//!
+//! The controller runs as its own release process (the real binary); the generator shares the
+//! machine with it, so the controller's figures are read from /proc for its PID alone.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::disallowed_types)]
+
+use std::io::{Read, Write as _};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use watt_proto::v1 as pb;
+use watt_proto::v1::agent_service_client::AgentServiceClient;
+
+/// hyper's HTTP/2 server allows 200 concurrent streams per connection by default.
+const STREAMS_PER_CONNECTION: usize = 190;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+}
+
+fn sessions_gauge(metrics_port: u16) -> u64 {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) else { return 0 };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .find(|l| l.starts_with("watt_controller_sessions "))
+        .and_then(|l| l.split(' ').nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn register(i: usize) -> pb::AgentMessage {
+    let gpus = (0..8)
+        .map(|g| pb::GpuInventory {
+            index: g,
+            uuid: format!("GPU-load-{i:06}-{g}"),
+            model: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 85_520_809_984,
+            pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + g),
+            power_limit: Some(pb::PowerLimitRange { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 }),
+        })
+        .collect();
+    let register =
+        pb::Register { node_name: format!("load-{i:06}"), gpus, agent_version: "load".into(), ..Default::default() };
+    pb::AgentMessage { body: Some(pb::agent_message::Body::Register(register)) }
+}
+
+fn telemetry(i: usize) -> pb::AgentMessage {
+    let gpus = (0..8)
+        .map(|g| pb::GpuTelemetry {
+            index: g,
+            up: true,
+            power_watts: 650.0 + (i % 50) as f64,
+            energy_joules_total: 1.0e6,
+            power_limit_watts: 700.0,
+            enforced_power_limit_watts: 700.0,
+            utilization_ratio: 0.97,
+            temperature_celsius: 64.0,
+            memory_used_bytes: 70 << 30,
+            throttle_reasons: 4,
+        })
+        .collect();
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Telemetry(pb::Telemetry { unix_ms: 0, gpus, ..Default::default() })),
+    }
+}
+
+async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(register(i)).await.unwrap();
+    let mut inbound = match AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            eprintln!("agent {i}: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+    // Spread the agents' telemetry evenly over each second.
+    tokio::time::sleep(Duration::from_millis((i % 1000) as u64)).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if tx.send(telemetry(i)).await.is_err() {
+            return;
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn main() {
+    let agents = arg("--agents", 25_000) as usize;
+    let seconds = arg("--seconds", 30);
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut controller = Command::new(env!("CARGO_BIN_EXE_watt-controller"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--store", &format!("file:{}", dir.path().join("w.redb").display()), "--node-lease", "120s"])
+        .env("WATT_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = controller.id();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let connections = agents.div_ceil(STREAMS_PER_CONNECTION);
+    let ramp = Instant::now();
+    runtime.block_on(async {
+        let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        let mut channels = Vec::new();
+        for _ in 0..connections {
+            for attempt in 0.. {
+                match endpoint.connect().await {
+                    Ok(c) => {
+                        channels.push(c);
+                        break;
+                    }
+                    Err(_) if attempt < 100 => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => panic!("controller did not start: {e}"),
+                }
+            }
+        }
+        for i in 0..agents {
+            tokio::spawn(agent(channels[i % connections].clone(), i, sent.clone()));
+            if i % 1000 == 999 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let held = loop {
+        let n = sessions_gauge(metrics_port);
+        if n as usize >= agents || ramp.elapsed() > Duration::from_secs(300) {
+            break n;
+        }
+        std::thread::park_timeout(Duration::from_millis(500));
+    };
+    let ramp_seconds = ramp.elapsed().as_secs_f64();
+    // Settle, then measure.
+    std::thread::park_timeout(Duration::from_secs(3));
+    let (cpu0, sent0, t0) = (cpu_seconds(pid), sent.load(Ordering::Relaxed), Instant::now());
+    std::thread::park_timeout(Duration::from_secs(seconds));
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(pid) - cpu0) / elapsed;
+    let rate = (sent.load(Ordering::Relaxed) - sent0) as f64 / elapsed;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    println!("| agents (8 GPUs each) | connections | sessions held | ramp (s) | telemetry msgs/s | controller CPU (of one core) | of the machine ({cores} cores) | controller RSS (MiB) | peak RSS (MiB) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {agents} | {connections} | {held} | {ramp_seconds:.1} | {rate:.0} | {:.1}% | {:.1}% | {:.0} | {:.0} |",
+        cpu * 100.0,
+        cpu * 100.0 / cores,
+        status_kib(pid, "VmRSS:") as f64 / 1024.0,
+        status_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+    let _ = controller.kill();
+    let _ = controller.wait();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}

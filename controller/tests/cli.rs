@@ -1,0 +1,44 @@
+//! Bad flags and config files for the controller binary: one line naming the problem, exit 2.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+
+fn controller(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_watt-controller")).args(args).env_remove("WATT_CONFIG").output().unwrap()
+}
+
+fn usage_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr should name {n:?}: {stderr}");
+    }
+}
+
+#[test]
+fn bad_flags_and_files_are_refused_by_name() {
+    usage_error(&controller(&["--store", "redis://db:6379"]), &["--store", "redis://db:6379"]);
+    usage_error(&controller(&["--node-lease", "0s"]), &["--node-lease"]);
+    usage_error(&controller(&["--reconcile-interval", "soon"]), &["--reconcile-interval"]);
+    usage_error(&controller(&["--listen", "nowhere"]), &["--listen"]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("controller.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:7070\"\nstorage = \"file:x\"\n").unwrap();
+    usage_error(&controller(&["--config", path.to_str().unwrap()]), &["storage", "unknown field"]);
+}
+
+#[test]
+fn check_config_validates_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("controller.toml");
+    std::fs::write(&path, "store = \"etcd://10.0.0.1:2379,10.0.0.2:2379\"\nnode_lease = \"20s\"\n").unwrap();
+    let out = controller(&["--config", path.to_str().unwrap(), "--check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("configuration OK")
+            && stdout.contains("etcd://10.0.0.1:2379,10.0.0.2:2379")
+            && stdout.contains("20s"),
+        "{stdout}"
+    );
+}
