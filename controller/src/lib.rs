@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
+pub mod power;
 pub mod reconcile;
 pub mod registry;
 pub mod scheduler;

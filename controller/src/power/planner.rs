@@ -1,0 +1,415 @@
+//! The transition planner and budget accounting: how the cluster moves from the caps in force to
+//! the allocator's targets without drawing more than it may on the way.
+//!
+//! Accounting (invariant 1): a GPU counts at the highest cap it may be drawing under — the cap
+//! it last acknowledged, or a higher one ordered and not yet acknowledged. A lower cap counts
+//! only once acknowledged. A node that cannot be reached keeps counting at those caps until its
+//! failsafe deadline has passed; after it, the agent has set its failsafe caps by itself (it
+//! heard nothing for `failsafe_after`), and it counts at those. A GPU with no work counts at no
+//! more than `idle_gpu_watts`.
+//!
+//! Planning (invariant 2): every decrease is sent at once; increases wait until no decrease is
+//! outstanding anywhere, then go out only as far as the headroom under the limit allows, and at
+//! most `max_increase_nodes` nodes per pass, so that a thousand nodes never step up in the same
+//! instant. Pure: state and time in, orders out.
+
+use std::collections::BTreeMap;
+
+/// An order sent and not yet acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InFlight {
+    /// The cap ordered.
+    pub target: f64,
+    /// The highest cap the GPU may be at until this order is acknowledged: the target, or a
+    /// higher cap of an earlier order that was never acknowledged.
+    pub upper: f64,
+    pub epoch: u64,
+    pub sent_unix_ms: i64,
+}
+
+/// An order not acknowledged this long is sent again (same cap, new epoch): acknowledgements
+/// ride a reliable stream, but a session can drop between the order and its answer.
+pub const RESEND_AFTER_MS: i64 = 2_000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuCap {
+    pub index: u32,
+    pub min_watts: f64,
+    pub max_watts: f64,
+    /// What the agent set when it lost the controller (by default the minimum).
+    pub failsafe_watts: f64,
+    /// The cap the agent last acknowledged as in force.
+    pub acked_watts: f64,
+    pub in_flight: Option<InFlight>,
+    /// Work runs on it; otherwise it counts at no more than the idle allowance.
+    pub busy: bool,
+}
+
+impl GpuCap {
+    /// The highest cap this GPU may be drawing under.
+    pub fn upper(&self) -> f64 {
+        self.acked_watts.max(self.in_flight.map_or(0.0, |f| f.upper))
+    }
+
+    /// Whether `target` still has to be ordered: not already acknowledged, and not ordered
+    /// recently enough to wait for.
+    fn needs(&self, target: f64, now_unix_ms: i64) -> bool {
+        match self.in_flight {
+            Some(f) if f.target == target && now_unix_ms - f.sent_unix_ms < RESEND_AFTER_MS => false,
+            Some(_) => true,
+            None => target != self.acked_watts,
+        }
+    }
+
+    fn counted(&self, failsafe: bool, idle_allowance: f64) -> f64 {
+        let cap = if failsafe { self.failsafe_watts } else { self.upper() };
+        if self.busy {
+            cap
+        } else {
+            cap.min(idle_allowance)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeCaps {
+    pub name: String,
+    pub gpus: Vec<GpuCap>,
+    /// Everything on the node that is not a GPU.
+    pub overhead_watts: f64,
+    pub reachable: bool,
+    /// When an unreachable node's agent has gone to its failsafe caps by itself.
+    pub failsafe_at_unix_ms: i64,
+}
+
+impl NodeCaps {
+    /// Unreachable for longer than its failsafe deadline: at failsafe caps by now.
+    pub fn failsafed(&self, now_unix_ms: i64) -> bool {
+        !self.reachable && now_unix_ms >= self.failsafe_at_unix_ms
+    }
+
+    pub fn counted_watts(&self, now_unix_ms: i64, idle_allowance: f64) -> f64 {
+        let failsafe = self.failsafed(now_unix_ms);
+        self.overhead_watts + self.gpus.iter().map(|g| g.counted(failsafe, idle_allowance)).sum::<f64>()
+    }
+
+    /// A decrease that is sent and not acknowledged, on a node that may still be drawing above it.
+    pub fn decrease_outstanding(&self, now_unix_ms: i64) -> bool {
+        !self.failsafed(now_unix_ms) && self.gpus.iter().any(|g| g.in_flight.is_some_and(|f| f.target < g.upper()))
+    }
+}
+
+/// Σ counted watts of every node.
+pub fn counted_watts(nodes: &[NodeCaps], now_unix_ms: i64, idle_allowance: f64) -> f64 {
+    nodes.iter().map(|n| n.counted_watts(now_unix_ms, idle_allowance)).sum()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Decrease,
+    Increase,
+}
+
+/// Caps to order on one node: (GPU index, watts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Order {
+    pub node: String,
+    pub phase: Phase,
+    pub caps: Vec<(u32, f64)>,
+}
+
+/// The orders to send now. `targets[node][i]` is the target cap of `nodes[node].gpus[i]`;
+/// `limit_watts` is what counted draw must stay under (available × (1 − reserve) / PUE).
+pub fn plan(
+    nodes: &[NodeCaps],
+    targets: &BTreeMap<String, Vec<f64>>,
+    limit_watts: f64,
+    now_unix_ms: i64,
+    idle_allowance: f64,
+    max_increase_nodes: usize,
+) -> Vec<Order> {
+    let mut orders = Vec::new();
+    let target_of = |node: &NodeCaps, i: usize| targets.get(&node.name).and_then(|t| t.get(i)).copied();
+
+    // Phase 1: every decrease, at once.
+    for node in nodes.iter().filter(|n| n.reachable) {
+        let caps: Vec<(u32, f64)> = node
+            .gpus
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| {
+                target_of(node, i).filter(|&t| t < g.upper() && g.needs(t, now_unix_ms)).map(|t| (g.index, t))
+            })
+            .collect();
+        if !caps.is_empty() {
+            orders.push(Order { node: node.name.clone(), phase: Phase::Decrease, caps });
+        }
+    }
+    if !orders.is_empty() || nodes.iter().any(|n| n.decrease_outstanding(now_unix_ms)) {
+        return orders;
+    }
+
+    // Phase 2: increases, once no decrease is outstanding, within the headroom, staggered.
+    let mut headroom = limit_watts - counted_watts(nodes, now_unix_ms, idle_allowance);
+    for node in nodes.iter().filter(|n| n.reachable) {
+        if orders.len() >= max_increase_nodes || headroom <= 0.0 {
+            break;
+        }
+        let mut raised = node.clone();
+        let mut caps = Vec::new();
+        for (i, g) in raised.gpus.iter_mut().enumerate() {
+            if let Some(t) = target_of(node, i).filter(|&t| t >= g.upper() && g.needs(t, now_unix_ms)) {
+                g.in_flight = Some(InFlight { target: t, upper: t, epoch: 0, sent_unix_ms: now_unix_ms });
+                caps.push((g.index, t));
+            }
+        }
+        if caps.is_empty() {
+            continue;
+        }
+        let cost = raised.counted_watts(now_unix_ms, idle_allowance) - node.counted_watts(now_unix_ms, idle_allowance);
+        if cost <= headroom {
+            headroom -= cost;
+            orders.push(Order { node: node.name.clone(), phase: Phase::Increase, caps });
+        }
+    }
+    orders
+}
+
+/// Record that `order` was sent with `epoch` at `now`.
+pub fn mark_sent(node: &mut NodeCaps, order: &Order, epoch: u64, now_unix_ms: i64) {
+    for &(index, watts) in &order.caps {
+        if let Some(g) = node.gpus.iter_mut().find(|g| g.index == index) {
+            // Until acknowledged, the GPU may still be at an earlier, higher, unacknowledged cap.
+            let upper = watts.max(g.in_flight.map_or(0.0, |f| f.upper));
+            g.in_flight = Some(InFlight { target: watts, upper, epoch, sent_unix_ms: now_unix_ms });
+        }
+    }
+}
+
+/// Record an acknowledgement: `applied` are the caps in force after the order of `epoch`.
+pub fn apply_ack(node: &mut NodeCaps, epoch: u64, applied: &[(u32, f64)]) {
+    for &(index, watts) in applied {
+        if let Some(g) = node.gpus.iter_mut().find(|g| g.index == index) {
+            g.acked_watts = watts;
+            if g.in_flight.is_some_and(|f| f.epoch <= epoch) {
+                g.in_flight = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::power::allocator::{allocate, JobLoad};
+    use crate::power::curve::Curve;
+
+    const IDLE: f64 = 100.0;
+
+    fn node(name: &str, gpus: u32, cap: f64) -> NodeCaps {
+        NodeCaps {
+            name: name.into(),
+            gpus: (0..gpus)
+                .map(|index| GpuCap {
+                    index,
+                    min_watts: 200.0,
+                    max_watts: 700.0,
+                    failsafe_watts: 200.0,
+                    acked_watts: cap,
+                    in_flight: None,
+                    busy: true,
+                })
+                .collect(),
+            overhead_watts: 0.0,
+            reachable: true,
+            failsafe_at_unix_ms: i64::MAX,
+        }
+    }
+
+    #[test]
+    fn decreases_go_first_and_increases_wait_for_their_acknowledgement() {
+        let mut nodes = vec![node("a", 2, 700.0), node("b", 2, 300.0)];
+        let targets = BTreeMap::from([("a".to_string(), vec![400.0, 400.0]), ("b".to_string(), vec![600.0, 600.0])]);
+        let orders = plan(&nodes, &targets, 10_000.0, 0, IDLE, 100);
+        assert_eq!(
+            orders,
+            vec![Order { node: "a".into(), phase: Phase::Decrease, caps: vec![(0, 400.0), (1, 400.0)] }]
+        );
+        mark_sent(&mut nodes[0], &orders[0], 1, 0);
+        assert_eq!(counted_watts(&nodes, 0, IDLE), 2_000.0, "a counts at 700 W until it acknowledges");
+        assert!(plan(&nodes, &targets, 10_000.0, 0, IDLE, 100).is_empty(), "no increase while a decrease is out");
+        apply_ack(&mut nodes[0], 1, &[(0, 400.0), (1, 400.0)]);
+        let orders = plan(&nodes, &targets, 10_000.0, 0, IDLE, 100);
+        assert_eq!(orders[0].phase, Phase::Increase);
+        mark_sent(&mut nodes[1], &orders[0], 2, 0);
+        assert_eq!(counted_watts(&nodes, 0, IDLE), 2_000.0, "an increase counts from the moment it is sent");
+    }
+
+    #[test]
+    fn an_unreachable_node_counts_at_its_old_cap_until_its_failsafe_deadline() {
+        let mut nodes = vec![node("a", 1, 700.0), node("b", 1, 200.0)];
+        nodes[0].reachable = false;
+        nodes[0].gpus[0].in_flight = Some(InFlight { target: 300.0, upper: 300.0, epoch: 1, sent_unix_ms: 9_000 });
+        nodes[0].failsafe_at_unix_ms = 10_000;
+        let targets = BTreeMap::from([("a".to_string(), vec![300.0]), ("b".to_string(), vec![600.0])]);
+        assert_eq!(counted_watts(&nodes, 9_999, IDLE), 900.0);
+        assert!(plan(&nodes, &targets, 1_000.0, 9_999, IDLE, 100).is_empty(), "its decrease is still outstanding");
+        assert_eq!(counted_watts(&nodes, 10_000, IDLE), 400.0, "past the deadline: at its failsafe cap");
+        let orders = plan(&nodes, &targets, 1_000.0, 10_000, IDLE, 100);
+        assert_eq!(orders, vec![Order { node: "b".into(), phase: Phase::Increase, caps: vec![(0, 600.0)] }]);
+    }
+
+    #[test]
+    fn increases_are_staggered_and_held_to_the_headroom() {
+        let nodes: Vec<NodeCaps> = (0..10).map(|i| node(&format!("n{i}"), 1, 200.0)).collect();
+        let targets: BTreeMap<String, Vec<f64>> = (0..10).map(|i| (format!("n{i}"), vec![700.0])).collect();
+        assert_eq!(plan(&nodes, &targets, 1e9, 0, IDLE, 3).len(), 3, "at most 3 nodes per pass");
+        // Headroom for two increases of 500 W only.
+        assert_eq!(plan(&nodes, &targets, 2_000.0 + 1_000.0, 0, IDLE, 100).len(), 2);
+    }
+
+    /// An order an agent applied: (epoch, caps), its acknowledgement on the way.
+    type Sent = (u64, Vec<(u32, f64)>);
+
+    /// A random run: budget changes, acks delayed or lost, nodes unreachable and back, time.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Budget(f64),
+        Deliver { node: usize, lose: bool },
+        Cut(usize),
+        Heal(usize),
+        Wait(i64),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0.2f64..1.0).prop_map(Step::Budget),
+            (0usize..6, prop::bool::weighted(0.2)).prop_map(|(node, lose)| Step::Deliver { node, lose }),
+            (0usize..6).prop_map(Step::Cut),
+            (0usize..6).prop_map(Step::Heal),
+            (100i64..6_000).prop_map(Step::Wait),
+        ]
+    }
+
+    /// Node i holds shard i % 2 of job i / 2: targets from the allocation, and which GPUs work.
+    fn targets_for(nodes: &mut [NodeCaps], alloc: &crate::power::allocator::Allocation) -> BTreeMap<String, Vec<f64>> {
+        let mut targets = BTreeMap::new();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            let j = &alloc.jobs[i / 2];
+            let working = !j.paused && (i % 2 == 0 || j.shards == 2);
+            for g in &mut n.gpus {
+                g.busy = working;
+            }
+            targets.insert(n.name.clone(), vec![if working { j.cap_watts } else { 200.0 }; 4]);
+        }
+        targets
+    }
+
+    proptest! {
+        #[test]
+        fn budget_safety_and_decrease_before_increase_hold_at_every_step(steps in prop::collection::vec(step(), 1..60)) {
+            const FAILSAFE_MS: i64 = 10_000;
+            let mut nodes: Vec<NodeCaps> = (0..6).map(|i| node(&format!("n{i}"), 4, 200.0)).collect();
+            // Three 2-node jobs of 1×4 GPUs... each node holds one 4-GPU shard of some job.
+            let jobs: Vec<JobLoad> = (0..3).map(|j| JobLoad {
+                name: format!("j{j}"), priority: j, sequence: j as u64, flex: 0.1 * j as f64, gpus_per_shard: 4,
+                shards: 2, min_shards: 1, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(),
+            }).collect();
+            let full = 24.0 * 700.0;
+            let mut limit = full;
+            let mut now = 0i64;
+            let mut epoch = 0u64;
+            // Orders delivered to (and applied by) agents, waiting for their ack to come back.
+            let mut unacked: Vec<Vec<Sent>> = vec![Vec::new(); 6];
+            // The caps each agent has in force.
+            let mut in_force: Vec<Vec<f64>> = vec![vec![200.0; 4]; 6];
+            let mut last_heard = [0i64; 6];
+            for s in steps {
+                match s {
+                    Step::Budget(share) => limit = full * share,
+                    Step::Deliver { node, lose } => {
+                        if nodes[node].reachable && !unacked[node].is_empty() {
+                            let (e, caps) = unacked[node].remove(0);
+                            if !lose { apply_ack(&mut nodes[node], e, &caps); last_heard[node] = now; }
+                        }
+                    }
+                    Step::Cut(n) => { nodes[n].reachable = false; nodes[n].failsafe_at_unix_ms = last_heard[n] + FAILSAFE_MS; }
+                    Step::Heal(n) => {
+                        if !nodes[n].reachable {
+                            // Reconnects and registers with the caps in force: its failsafe caps
+                            // if its deadline passed, else the last ones it applied.
+                            let at_failsafe = nodes[n].failsafed(now);
+                            for (k, g) in nodes[n].gpus.iter_mut().enumerate() {
+                                if at_failsafe { in_force[n][k] = g.failsafe_watts; }
+                                g.acked_watts = in_force[n][k];
+                                g.in_flight = None;
+                            }
+                            unacked[n].clear();
+                            nodes[n].reachable = true;
+                            last_heard[n] = now;
+                        }
+                    }
+                    Step::Wait(ms) => {
+                        now += ms;
+                        for (i, n) in nodes.iter().enumerate() { if n.reachable { last_heard[i] = now; } }
+                    }
+                }
+                // The controller's pass: allocate, plan, send.
+                let targets = targets_for(&mut nodes, &allocate(limit, &jobs, 24, IDLE));
+                let before = counted_watts(&nodes, now, IDLE);
+                let outstanding = nodes.iter().any(|n| n.decrease_outstanding(now));
+                let orders = plan(&nodes, &targets, limit, now, IDLE, 2);
+                for order in &orders {
+                    let i = nodes.iter().position(|n| n.name == order.node).unwrap();
+                    for &(gpu, w) in &order.caps {
+                        let g = nodes[i].gpus.iter().find(|g| g.index == gpu).unwrap();
+                        prop_assert!(w >= g.min_watts && w <= g.max_watts, "cap {w} outside [{}, {}]", g.min_watts, g.max_watts);
+                    }
+                    if order.phase == Phase::Increase {
+                        prop_assert!(!outstanding, "an increase was planned while a decrease was outstanding");
+                        prop_assert!(orders.iter().all(|o| o.phase == Phase::Increase), "increases and decreases in one pass");
+                    }
+                    epoch += 1;
+                    mark_sent(&mut nodes[i], order, epoch, now);
+                    for &(gpu, w) in &order.caps { in_force[i][gpu as usize] = w; }
+                    unacked[i].push((epoch, order.caps.clone()));
+                }
+                let after = counted_watts(&nodes, now, IDLE);
+                // Increases never create or deepen an overrun: over the limit, counted draw only falls.
+                if orders.iter().any(|o| o.phase == Phase::Increase) {
+                    prop_assert!(after <= limit + 1e-6, "an increase took counted draw to {after} W over the limit {limit} W");
+                }
+                prop_assert!(after <= before + 1e-6 || after <= limit + 1e-6, "counted draw rose from {before} to {after} W over the limit {limit} W");
+            }
+            // Deliver everything and heal: the cluster settles under the limit.
+            for i in 0..6 {
+                if !nodes[i].reachable {
+                    let at_failsafe = nodes[i].failsafed(now);
+                    nodes[i].reachable = true;
+                    for (k, g) in nodes[i].gpus.iter_mut().enumerate() {
+                        if at_failsafe { in_force[i][k] = g.failsafe_watts; }
+                        g.in_flight = None;
+                        g.acked_watts = in_force[i][k];
+                    }
+                    unacked[i].clear();
+                }
+            }
+            for _ in 0..20 {
+                now += RESEND_AFTER_MS;
+                for i in 0..6 { for (e, caps) in unacked[i].drain(..) { apply_ack(&mut nodes[i], e, &caps); } }
+                let targets = targets_for(&mut nodes, &allocate(limit, &jobs, 24, IDLE));
+                for order in plan(&nodes, &targets, limit, now, IDLE, 6) {
+                    let i = nodes.iter().position(|n| n.name == order.node).unwrap();
+                    epoch += 1;
+                    mark_sent(&mut nodes[i], &order, epoch, now);
+                    for &(gpu, w) in &order.caps { in_force[i][gpu as usize] = w; }
+                    unacked[i].push((epoch, order.caps.clone()));
+                }
+            }
+            let settled = counted_watts(&nodes, now, IDLE);
+            prop_assert!(settled <= limit + 1e-6, "settled at {settled} W over the limit {limit} W: {nodes:?}");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Stored power sources and site settings.
