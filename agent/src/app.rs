@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{AgentConfig, BackendKind};
+use crate::enforcer::{watch_failsafe, Enforcer};
 use crate::error::AgentError;
 use crate::exporter::{self, AgentMetrics, Renderer};
 use crate::gpu::nvml::NvmlBackend;
@@ -56,8 +57,24 @@ pub async fn run(
     let xids = Arc::new(XidLog::new(backend.gpus().len()));
     // Host CPU usage is a difference of two readings: read it about once a second.
     let host_every = (Duration::from_secs(1).as_nanos() / config.sample_interval.as_nanos()).max(1) as u64;
+    let limits_changed = Arc::new(AtomicBool::new(false));
+    let enforcer = Arc::new(Enforcer::new(
+        backend.clone(),
+        config.enforce,
+        config.failsafe_after,
+        config.failsafe_cap,
+        limits_changed.clone(),
+        tokio::time::Instant::now(),
+    )?);
+    // Invariant 3: an agent that will take orders from a controller runs at its failsafe caps
+    // until it learns the budget. A telemetry-only agent (no --controller) changes no limit.
+    if config.controller.is_some() {
+        let e = enforcer.clone();
+        let _ = tokio::task::spawn_blocking(move || e.engage_failsafe("Starting")).await;
+    }
     let sampler = Sampler::new(backend.clone(), config.full_sample_every(), host_every, xids.clone())
-        .with_duration_histogram(agent_metrics.sample_duration.clone());
+        .with_duration_histogram(agent_metrics.sample_duration.clone())
+        .with_limits_changed(limits_changed);
     let inventory = sampler.inventory();
     // Three missed rounds, and at least 5 s, before readings are withheld as stale.
     let stale_after = (config.sample_interval * 3).max(Duration::from_secs(5));
@@ -90,6 +107,7 @@ pub async fn run(
         gpus = backend.gpus().len(),
         interval = %humantime::format_duration(config.sample_interval),
         dcgm_compat = config.dcgm_compat,
+        enforce = config.enforce.as_str(),
         "Serving metrics."
     );
     let session = config.controller.clone().map(|controller| {
@@ -99,9 +117,12 @@ pub async fn run(
             inventory.clone(),
             rx.clone(),
             Arc::new(ShardTable::default()),
+            enforcer.clone(),
             stop_rx.clone(),
         ))
     });
+    // Without a controller there is nobody to hear from: the failsafe caps set at start stay.
+    let failsafe = config.controller.is_some().then(|| tokio::spawn(watch_failsafe(enforcer.clone(), stop_rx.clone())));
     let server = tokio::spawn(exporter::serve(listener, exporter::router(renderer, rx), wait_stop()));
 
     shutdown.await;
@@ -111,6 +132,9 @@ pub async fn run(
     let _ = sampling.await;
     if let Some(session) = session {
         let _ = session.await;
+    }
+    if let Some(failsafe) = failsafe {
+        let _ = failsafe.await;
     }
     stop_events.store(true, Ordering::Relaxed);
     // The event thread wakes at least every 250 ms; don't hold the exit for it beyond that.

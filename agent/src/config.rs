@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
+use crate::enforcer::EnforceMode;
 use crate::gpu::nvml::DEFAULT_LIBRARY;
 use crate::gpu::sim::{SimModel, TICK};
 use watt_common::duration::{parse as parse_duration, show};
@@ -114,6 +115,20 @@ pub struct Args {
     /// only exports metrics.
     #[arg(long, env = "WATT_CONTROLLER", value_name = "URL")]
     pub controller: Option<String>,
+
+    /// Power-cap enforcement: on, dry-run (log and export, change no GPU setting), or off
+    /// [default: on].
+    #[arg(long, env = "WATT_ENFORCE", value_enum)]
+    pub enforce: Option<EnforceMode>,
+
+    /// With no word from the controller for this long, every GPU goes to its failsafe cap
+    /// [default: 10s].
+    #[arg(long, env = "WATT_FAILSAFE_AFTER", value_name = "DURATION", value_parser = parse_duration)]
+    pub failsafe_after: Option<Duration>,
+
+    /// The failsafe cap in watts, for every GPU [default: each GPU's minimum].
+    #[arg(long, env = "WATT_FAILSAFE_CAP", value_name = "WATTS")]
+    pub failsafe_cap: Option<f64>,
 }
 
 /// The config file: the same settings as the flags, in snake_case.
@@ -134,6 +149,10 @@ pub struct FileConfig {
     pub dcgm_compat: Option<bool>,
     pub log_format: Option<LogFormat>,
     pub controller: Option<String>,
+    pub enforce: Option<EnforceMode>,
+    #[serde(default, with = "watt_common::duration::option")]
+    pub failsafe_after: Option<Duration>,
+    pub failsafe_cap: Option<f64>,
 }
 
 /// The configuration the agent runs with: every value present and valid.
@@ -151,6 +170,9 @@ pub struct AgentConfig {
     pub dcgm_compat: bool,
     pub log_format: LogFormat,
     pub controller: Option<String>,
+    pub enforce: EnforceMode,
+    pub failsafe_after: Duration,
+    pub failsafe_cap: Option<f64>,
 }
 
 /// A configuration problem. `Display` is the one line the operator sees.
@@ -173,6 +195,8 @@ impl ConfigError {
             "sim_gpus" => "sim-gpus",
             "node_name" => "node-name",
             "nvml_library" => "nvml-library",
+            "failsafe_after" => "failsafe-after",
+            "failsafe_cap" => "failsafe-cap",
             other => other,
         };
         ConfigError::Invalid { flag, key, message }
@@ -203,6 +227,9 @@ impl Args {
             dcgm_compat: self.dcgm_compat || file.dcgm_compat.unwrap_or(false),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             controller: self.controller.clone().or(file.controller),
+            enforce: self.enforce.or(file.enforce).unwrap_or(EnforceMode::On),
+            failsafe_after: self.failsafe_after.or(file.failsafe_after).unwrap_or(Duration::from_secs(10)),
+            failsafe_cap: self.failsafe_cap.or(file.failsafe_cap),
         };
         config.validate()?;
         Ok(config)
@@ -262,6 +289,20 @@ impl AgentConfig {
                 return Err(ConfigError::invalid(
                     "controller",
                     format!("must be an http:// or https:// URL; got {url:?}"),
+                ));
+            }
+        }
+        if self.failsafe_after < Duration::from_secs(1) || self.failsafe_after > MAX_SAMPLE_INTERVAL {
+            return Err(ConfigError::invalid(
+                "failsafe_after",
+                format!("must be between 1s and {}; got {}", show(MAX_SAMPLE_INTERVAL), show(self.failsafe_after)),
+            ));
+        }
+        if let Some(cap) = self.failsafe_cap {
+            if !(cap.is_finite() && cap > 0.0) {
+                return Err(ConfigError::invalid(
+                    "failsafe_cap",
+                    format!("must be a positive number of watts; got {cap}"),
                 ));
             }
         }

@@ -15,6 +15,8 @@ pub enum AgentError {
     Io { context: &'static str, source: std::io::Error },
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Failsafe(#[from] crate::enforcer::FailsafeCapError),
 }
 
 impl AgentError {
@@ -22,7 +24,7 @@ impl AgentError {
     /// flag or file, no NVIDIA driver for `--backend nvml`), 1 for anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Config(_) => 2,
+            AgentError::Config(_) | AgentError::Failsafe(_) => 2,
             AgentError::Gpu(GpuError::LibraryMissing { .. }) => 2,
             AgentError::Gpu(_) | AgentError::Listen { .. } | AgentError::Io { .. } | AgentError::Metrics(_) => 1,
         }

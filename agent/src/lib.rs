@@ -11,6 +11,7 @@
 
 pub mod app;
 pub mod config;
+pub mod enforcer;
 pub mod error;
 pub mod exporter;
 pub mod gpu;

@@ -147,6 +147,8 @@ pub struct Sampler {
     last_host: Option<HostReading>,
     xids: Arc<XidLog>,
     duration: Option<Histogram>,
+    /// Set by the enforcer after it changes limits: read everything in full next round.
+    limits_changed: Arc<AtomicBool>,
 }
 
 impl Sampler {
@@ -165,7 +167,14 @@ impl Sampler {
             last_host: None,
             xids,
             duration: None,
+            limits_changed: Arc::default(),
         }
+    }
+
+    /// Read in full on the round after `flag` is set (the enforcer sets it on every change).
+    pub fn with_limits_changed(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.limits_changed = flag;
+        self
     }
 
     /// Observe each round's duration into `histogram`.
@@ -181,7 +190,7 @@ impl Sampler {
     /// One round: every GPU, and the host when due. Blocking.
     pub fn sample_once(&mut self) -> NodeSnapshot {
         let started = Instant::now();
-        let scheduled_full = self.round % self.full_every == 0;
+        let scheduled_full = self.round % self.full_every == 0 || self.limits_changed.swap(false, Ordering::Relaxed);
         let mut gpus = Vec::with_capacity(self.inventory.len());
         for (info, track) in self.inventory.iter().zip(self.tracks.iter_mut()) {
             let detail = if scheduled_full || track.needs_full { Detail::Full } else { Detail::Fast };

@@ -13,6 +13,9 @@ use tonic::transport::Endpoint;
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_client::AgentServiceClient;
 
+use tokio::time::Instant;
+
+use crate::enforcer::Enforcer;
 use crate::gpu::GpuInfo;
 use crate::sampler::NodeSnapshot;
 use crate::shards::ShardTable;
@@ -34,12 +37,13 @@ pub async fn run(
     inventory: Arc<[GpuInfo]>,
     snapshots: watch::Receiver<Arc<NodeSnapshot>>,
     shards: Arc<ShardTable>,
+    enforcer: Arc<Enforcer>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_START;
     loop {
         let outcome = tokio::select! {
-            r = session_once(&config, &inventory, snapshots.clone(), &shards) => r,
+            r = session_once(&config, &inventory, snapshots.clone(), &shards, &enforcer) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         match outcome {
@@ -61,9 +65,12 @@ pub async fn run(
     }
 }
 
-fn inventory_proto(gpus: &[GpuInfo]) -> Vec<pb::GpuInventory> {
+fn inventory_proto(gpus: &[GpuInfo], in_force: &[f64], failsafe: &[f64]) -> Vec<pb::GpuInventory> {
     gpus.iter()
-        .map(|g| pb::GpuInventory {
+        .enumerate()
+        .map(|(i, g)| pb::GpuInventory {
+            current_limit_watts: in_force.get(i).copied().unwrap_or(g.power_limit.max_watts),
+            failsafe_watts: failsafe.get(i).copied().unwrap_or(g.power_limit.min_watts),
             index: g.index,
             uuid: g.uuid.clone(),
             model: g.model.clone(),
@@ -117,6 +124,7 @@ async fn session_once(
     inventory: &[GpuInfo],
     snapshots: watch::Receiver<Arc<NodeSnapshot>>,
     shards: &ShardTable,
+    enforcer: &Arc<Enforcer>,
 ) -> Result<(), tonic::Status> {
     let channel = Endpoint::from_shared(config.controller.clone())
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
@@ -127,11 +135,15 @@ async fn session_once(
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let (tx, rx) = mpsc::channel(256);
+    let in_force = {
+        let e = enforcer.clone();
+        tokio::task::spawn_blocking(move || e.in_force()).await.unwrap_or_default()
+    };
     let register = pb::Register {
         node_name: config.node_name.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         boot_id: config.boot_id.clone(),
-        gpus: inventory_proto(inventory),
+        gpus: inventory_proto(inventory, &in_force, enforcer.failsafe_caps()),
         non_gpu_power_watts: 0.0,
         shards: shards.statuses(),
     };
@@ -147,6 +159,7 @@ async fn session_once(
         tokio::select! {
             incoming = inbound.message() => {
                 let Some(m) = incoming? else { return Ok(()) };
+                enforcer.heard(Instant::now());
                 match m.body {
                     Some(pb::controller_message::Body::Registered(r)) => {
                         let wanted = Duration::from_millis(u64::from(r.telemetry_interval_ms).max(100));
@@ -161,7 +174,16 @@ async fn session_once(
                             return Ok(());
                         }
                     }
-                    Some(pb::controller_message::Body::CapOrder(_)) | None => {}
+                    Some(pb::controller_message::Body::CapOrder(order)) => {
+                        let e = enforcer.clone();
+                        let ack = tokio::task::spawn_blocking(move || e.apply(&order, Instant::now()))
+                            .await
+                            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                        if tx.send(message(pb::agent_message::Body::CapAck(ack))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(pb::controller_message::Body::Heartbeat(_)) | None => {}
                 }
             }
             _ = tick.tick() => {

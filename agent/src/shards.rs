@@ -67,6 +67,7 @@ impl ShardTable {
             epoch: record.map(|r| r.epoch).unwrap_or(order.epoch),
             state: record.map(|r| r.state).unwrap_or(pb::ShardState::Stopped) as i32,
             message: if stale { "stale order ignored".into() } else { String::new() },
+            gpu_indices: record.map(|r| r.order.gpu_indices.clone()).unwrap_or_default(),
         }
     }
 
@@ -81,6 +82,7 @@ impl ShardTable {
                 epoch: r.epoch,
                 state: r.state as i32,
                 message: String::new(),
+                gpu_indices: r.order.gpu_indices.clone(),
             })
             .collect()
     }

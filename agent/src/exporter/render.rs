@@ -4,6 +4,7 @@
 //! never shows a value the last round did not read: a GPU that failed, or a sampler that
 //! stalled, shows `watt_gpu_up 0` and no readings.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::proto::MetricFamily;
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 
 use super::dcgm;
 use super::families::{labels, Family, Kind, Labels};
+use crate::enforcer::Enforcer;
 use crate::gpu::{GpuInfo, GpuSample, ThrottleReasons};
 use crate::sampler::{GpuReading, NodeSnapshot};
 
@@ -112,6 +114,7 @@ pub struct Renderer {
     info_labels: Vec<Labels>,
     dcgm_labels: Vec<Labels>,
     agent: AgentMetrics,
+    enforcer: Option<Arc<Enforcer>>,
 }
 
 impl Renderer {
@@ -149,7 +152,14 @@ impl Renderer {
             info_labels,
             dcgm_labels,
             agent,
+            enforcer: None,
         }
+    }
+
+    /// Also export what the enforcer ordered and whether it is in failsafe.
+    pub fn with_enforcer(mut self, enforcer: Arc<Enforcer>) -> Self {
+        self.enforcer = Some(enforcer);
+        self
     }
 
     /// Whether the sampler has published recently enough to be believed.
@@ -257,6 +267,28 @@ impl Renderer {
         let mut rounds = Family::new("watt_agent_sample_rounds_total", "Sampling rounds completed.", Kind::Counter);
         rounds.push(&self.node_labels, &[], snapshot.round as f64);
         push(rounds);
+
+        if let Some(enforcer) = &self.enforcer {
+            let mut ordered = Family::new(
+                "watt_gpu_power_limit_ordered_watts",
+                "The cap last ordered by the controller, or the failsafe cap.",
+                Kind::Gauge,
+            );
+            for (i, cap) in enforcer.ordered().iter().enumerate() {
+                if let Some(labels) = self.gpu_labels.get(i) {
+                    ordered.push(labels, &[], *cap);
+                }
+            }
+            push(ordered);
+            let mut failsafe =
+                Family::new("watt_agent_failsafe", "1 while every GPU is held at its failsafe cap.", Kind::Gauge);
+            failsafe.push(&self.node_labels, &[], if enforcer.in_failsafe() { 1.0 } else { 0.0 });
+            push(failsafe);
+            let mut mode =
+                Family::new("watt_agent_enforce_mode", "Always 1; the enforcement mode in a label.", Kind::Gauge);
+            mode.push(&self.node_labels, &[("mode", enforcer.mode().as_str())], 1.0);
+            push(mode);
+        }
 
         if self.dcgm_compat {
             out.extend(dcgm::families(up(), &self.dcgm_labels));

@@ -202,6 +202,9 @@ pub trait GpuBackend: Send + Sync + fmt::Debug {
     /// Read the range the GPU accepts for its power limit now.
     fn power_limit_constraints(&self, index: u32) -> Result<PowerLimitConstraints, GpuError>;
 
+    /// The power limit in force now (a cheap read: ~150 µs on NVML).
+    fn power_limit(&self, index: u32) -> Result<f64, GpuError>;
+
     /// Set the power limit. A value outside [`Self::power_limit_constraints`] is rejected with
     /// [`GpuError::LimitOutOfRange`], never clamped.
     fn set_power_limit(&self, index: u32, watts: f64) -> Result<(), GpuError>;

@@ -225,6 +225,13 @@ impl GpuBackend for NvmlBackend {
         })
     }
 
+    fn power_limit(&self, index: u32) -> Result<f64, GpuError> {
+        let d = self.device(index)?;
+        d.power_management_limit()
+            .map(milliwatts)
+            .map_err(|e| call_error(index, "nvmlDeviceGetPowerManagementLimit", e))
+    }
+
     fn set_power_limit(&self, index: u32, watts: f64) -> Result<(), GpuError> {
         self.power_limit_constraints(index)?.check(index, watts)?;
         // The setter takes `&mut Device`; a fresh handle costs one cheap lookup and keeps the

@@ -455,6 +455,10 @@ impl GpuBackend for SimBackend {
         Ok(self.gpu(index)?.model().power_limit)
     }
 
+    fn power_limit(&self, index: u32) -> Result<f64, GpuError> {
+        Ok(self.gpu(index)?.power_limit_watts())
+    }
+
     fn set_power_limit(&self, index: u32, watts: f64) -> Result<(), GpuError> {
         self.calls.set_power_limit.fetch_add(1, Ordering::Relaxed);
         let mut gpu = self.gpu(index)?;
