@@ -51,8 +51,8 @@ struct State {
     in_failsafe: bool,
     /// Newest order epoch applied.
     epoch: u64,
-    /// The cap last ordered (or set by the failsafe) per GPU.
-    ordered: Vec<f64>,
+    /// The cap last ordered (or set by the failsafe) per GPU; `None` before the first.
+    ordered: Vec<Option<f64>>,
 }
 
 #[derive(Debug)]
@@ -94,13 +94,13 @@ impl Enforcer {
             }
             failsafe.push(cap);
         }
-        let ordered = failsafe.clone();
+        let ordered = vec![None; failsafe.len()];
         Ok(Enforcer {
             backend,
             mode,
             failsafe_after,
             failsafe,
-            state: Mutex::new(State { last_heard: now, in_failsafe: true, epoch: 0, ordered }),
+            state: Mutex::new(State { last_heard: now, in_failsafe: false, epoch: 0, ordered }),
             limits_changed,
         })
     }
@@ -113,6 +113,10 @@ impl Enforcer {
         self.mode
     }
 
+    pub fn failsafe_after(&self) -> Duration {
+        self.failsafe_after
+    }
+
     pub fn failsafe_caps(&self) -> &[f64] {
         &self.failsafe
     }
@@ -122,8 +126,8 @@ impl Enforcer {
         self.lock().in_failsafe
     }
 
-    /// The cap last ordered per GPU.
-    pub fn ordered(&self) -> Vec<f64> {
+    /// The cap last ordered per GPU (`None` before the first order or failsafe).
+    pub fn ordered(&self) -> Vec<Option<f64>> {
         self.lock().ordered.clone()
     }
 
@@ -142,7 +146,7 @@ impl Enforcer {
         }
         let mut state = self.lock();
         state.in_failsafe = true;
-        state.ordered = self.failsafe.clone();
+        state.ordered = self.failsafe.iter().map(|&c| Some(c)).collect();
     }
 
     /// The controller was heard from at `now`.
@@ -206,7 +210,7 @@ impl Enforcer {
             state.in_failsafe = false;
             for &(index, watts) in &caps {
                 if let Some(slot) = state.ordered.get_mut(index as usize) {
-                    *slot = watts;
+                    *slot = Some(watts);
                 }
             }
         }
@@ -329,7 +333,7 @@ mod tests {
         assert!(ack.not_enforced);
         assert_eq!(ack.applied[0].watts, 700.0, "the GPU keeps its limit");
         assert_eq!(backend.calls().set_power_limit.load(Ordering::Relaxed), 0, "no set call at all");
-        assert_eq!(e.ordered()[0], 300.0, "what it would set is still exported");
+        assert_eq!(e.ordered()[0], Some(300.0), "what it would set is still exported");
     }
 
     #[test]

@@ -146,6 +146,7 @@ async fn session_once(
         gpus: inventory_proto(inventory, &in_force, enforcer.failsafe_caps()),
         non_gpu_power_watts: 0.0,
         shards: shards.statuses(),
+        failsafe_after_ms: enforcer.failsafe_after().as_millis() as u32,
     };
     tx.send(message(pb::agent_message::Body::Register(register)))
         .await

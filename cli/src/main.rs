@@ -4,6 +4,7 @@
 //! `views` module's shapes, not raw protobuf). A server error is one readable line and exit
 //! code 1; a usage error (bad flags, an unreadable file) is exit code 2.
 
+mod power;
 mod views;
 
 use std::io::Read;
@@ -14,6 +15,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tonic::transport::{Channel, Endpoint};
 use watt_proto::v1 as pb;
 use watt_proto::v1::control_service_client::ControlServiceClient;
+use watt_proto::v1::power_service_client::PowerServiceClient;
 
 use views::{EventView, GpuRow, JobView, NodeView};
 
@@ -64,8 +66,41 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Power: sources, reserve, status.
+    Power {
+        #[command(subcommand)]
+        what: Power,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+enum Power {
+    /// Available, reserve, budget, allocated, counted and measured power; per source and per job.
+    Status,
+    /// Create or update a power source.
+    SetSource {
+        name: String,
+        /// grid, generator, battery or manual.
+        #[arg(long, value_parser = power::parse_kind)]
+        kind: pb::SourceKind,
+        /// What it can supply, e.g. 40MW.
+        #[arg(long, value_parser = power::parse_watts)]
+        available: f64,
+        /// How fast it takes up load, e.g. 2MW/s; leave out for at once.
+        #[arg(long, value_parser = power::parse_ramp)]
+        ramp: Option<f64>,
+    },
+    /// Remove a power source.
+    RemoveSource { name: String },
+    /// Set the reserve margin: the share of available power never allocated, e.g. 10%.
+    SetReserve {
+        #[arg(value_parser = power::parse_ratio)]
+        reserve: f64,
+    },
+    /// Print the power status on every change.
+    Watch,
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +226,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let gpus: Vec<GpuRow> = nodes.iter().flat_map(GpuRow::for_node).collect();
             emit(output, &gpus, || GpuRow::table(&gpus))
         }
+        Command::Power { what } => run_power(&cli.controller, output, what).await,
         Command::Events { follow } => {
             let mut client = connect(&cli.controller).await?;
             // Subscribe first so nothing falls between the history and the live stream.
@@ -221,6 +257,50 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+async fn run_power(url: &str, output: Output, what: Power) -> Result<(), Failure> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| Failure::Usage(format!("--controller {url:?} is not a URL: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Server(format!("cannot reach the controller at {url}: {}", source_chain(&e))))?;
+    let mut client = PowerServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let status = match what {
+        Power::Status => client.get_power_status(pb::GetPowerStatusRequest {}).await?,
+        Power::SetSource { name, kind, available, ramp } => {
+            let source = pb::PowerSource {
+                name,
+                kind: kind as i32,
+                available_watts: available,
+                ramp_watts_per_second: ramp,
+                effective_watts: 0.0,
+            };
+            client.set_source(pb::SetSourceRequest { source: Some(source) }).await?
+        }
+        Power::RemoveSource { name } => client.remove_source(pb::RemoveSourceRequest { name }).await?,
+        Power::SetReserve { reserve } => {
+            client.set_site(pb::SetSiteRequest { reserve_ratio: Some(reserve), ..Default::default() }).await?
+        }
+        Power::Watch => {
+            let mut stream = client.watch_power(pb::WatchPowerRequest {}).await?.into_inner();
+            while let Some(status) = stream.message().await? {
+                let view = power::PowerView::from(status);
+                match output {
+                    Output::Json => write_stdout(&format!("{}\n", serde_json::to_string(&view).unwrap_or_default()))?,
+                    Output::Yaml => {
+                        write_stdout(&format!("---\n{}", serde_yaml::to_string(&view).unwrap_or_default()))?
+                    }
+                    Output::Table => write_stdout(&view.line())?,
+                }
+            }
+            return Ok(());
+        }
+    };
+    let view = power::PowerView::from(status.into_inner());
+    emit(output, &view, || view.human())
 }
 
 fn read_manifest(file: &str) -> Result<String, Failure> {

@@ -1,8 +1,11 @@
-//! How many agent sessions one controller holds: a load generator opens N simulated agents
-//! (8 GPUs each), multiplexed over a few HTTP/2 connections, each registering and then sending
-//! one telemetry message a second, and measures the controller process's CPU and memory.
+//! How many agent sessions one controller holds, and how fast a power event reaches every cap:
+//! a load generator opens N simulated agents (8 GPUs each), multiplexed over a few HTTP/2
+//! connections; each registers, sends one telemetry message a second, and acknowledges cap
+//! orders as a real agent does. The bench measures the controller process's CPU and memory, then
+//! fills the cluster with jobs and cuts the power source by 25% (and restores it) `--events`
+//! times, reading the controller's own power-event-to-acknowledged histogram.
 //!
-//!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30]
+//!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30] [--events 5]
 //!
 //! The controller runs as its own release process (the real binary); the generator shares the
 //! machine with it, so the controller's figures are read from /proc for its PID alone.
@@ -43,15 +46,17 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
 }
 
-fn sessions_gauge(metrics_port: u16) -> u64 {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) else { return 0 };
+fn metric(metrics_port: u16, name: &str) -> f64 {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) else { return 0.0 };
     let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.lines()
-        .find(|l| l.starts_with("watt_controller_sessions "))
-        .and_then(|l| l.split(' ').nth(1)?.parse().ok())
-        .unwrap_or(0)
+    let prefix = format!("{name} ");
+    body.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.split(' ').nth(1)?.parse().ok()).unwrap_or(0.0)
+}
+
+fn sessions_gauge(metrics_port: u16) -> u64 {
+    metric(metrics_port, "watt_controller_sessions") as u64
 }
 
 fn register(i: usize) -> pb::AgentMessage {
@@ -63,6 +68,8 @@ fn register(i: usize) -> pb::AgentMessage {
             memory_total_bytes: 85_520_809_984,
             pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + g),
             power_limit: Some(pb::PowerLimitRange { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 }),
+            current_limit_watts: 700.0,
+            failsafe_watts: 200.0,
         })
         .collect();
     let register =
@@ -100,7 +107,19 @@ async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
             return;
         }
     };
-    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+    // Answer cap orders as an agent does: apply, then acknowledge what is in force.
+    let acks = tx.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            if let Some(pb::controller_message::Body::CapOrder(order)) = m.body {
+                let ack =
+                    pb::CapAck { epoch: order.epoch, applied: order.caps, error: String::new(), not_enforced: false };
+                if acks.send(pb::AgentMessage { body: Some(pb::agent_message::Body::CapAck(ack)) }).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
     // Spread the agents' telemetry evenly over each second.
     tokio::time::sleep(Duration::from_millis((i % 1000) as u64)).await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -178,7 +197,99 @@ fn main() {
         status_kib(pid, "VmRSS:") as f64 / 1024.0,
         status_kib(pid, "VmHWM:") as f64 / 1024.0
     );
+    let events = arg("--events", 5);
+    if events > 0 {
+        power_events(&runtime, port, metrics_port, agents, events);
+    }
     let _ = controller.kill();
     let _ = controller.wait();
     runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// Fill the cluster with jobs, then cut the grid by 25% and restore it `events` times; print the
+/// controller's event-to-every-cap-acknowledged latency for each.
+fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16, agents: usize, events: u64) {
+    use watt_proto::v1::control_service_client::ControlServiceClient;
+    use watt_proto::v1::power_service_client::PowerServiceClient;
+    let url = format!("http://127.0.0.1:{port}");
+    let full = agents as f64 * 8.0 * 700.0 * 1.2;
+    let (mut control, mut power) = runtime.block_on(async {
+        (
+            ControlServiceClient::connect(url.clone()).await.unwrap(),
+            PowerServiceClient::connect(url.clone()).await.unwrap(),
+        )
+    });
+    let set = |power: &mut PowerServiceClient<Channel>, watts: f64| {
+        let source = pb::PowerSource {
+            name: "grid".into(),
+            kind: pb::SourceKind::Grid as i32,
+            available_watts: watts,
+            ..Default::default()
+        };
+        runtime.block_on(power.set_source(pb::SetSourceRequest { source: Some(source) })).unwrap();
+    };
+    set(&mut power, full);
+    // Jobs of 25 shards × 8 GPUs fill every node.
+    let jobs = agents / 25;
+    for i in 0..jobs {
+        let spec = pb::JobSpec {
+            name: format!("fill-{i:05}"),
+            priority: (i % 3) as i64,
+            shards: Some(pb::ShardRange { min: 25, max: 25 }),
+            gpus_per_shard: 8,
+            command: vec!["train".into()],
+            flex: 0.1 * (i % 4) as f64,
+            ..Default::default()
+        };
+        runtime
+            .block_on(
+                control.submit_job(pb::SubmitJobRequest { source: Some(pb::submit_job_request::Source::Spec(spec)) }),
+            )
+            .unwrap();
+    }
+    let settle = |what: &str| {
+        let start = Instant::now();
+        loop {
+            std::thread::park_timeout(Duration::from_millis(200));
+            let unacked = metric(metrics_port, "watt_power_unacknowledged_nodes");
+            if unacked == 0.0 && start.elapsed() > Duration::from_secs(1) {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(300), "{what} never settled");
+        }
+    };
+    settle("placement");
+    let mut cuts = Vec::new();
+    let mut restores = Vec::new();
+    for _ in 0..events {
+        for (share, out) in [(0.75, &mut cuts), (1.0, &mut restores)] {
+            let (sum0, count0) = (
+                metric(metrics_port, "watt_power_event_to_ack_seconds_sum"),
+                metric(metrics_port, "watt_power_event_to_ack_seconds_count"),
+            );
+            set(&mut power, full * share);
+            let start = Instant::now();
+            while metric(metrics_port, "watt_power_event_to_ack_seconds_count") <= count0 {
+                std::thread::park_timeout(Duration::from_millis(50));
+                assert!(start.elapsed() < Duration::from_secs(300), "event never acknowledged");
+            }
+            out.push(metric(metrics_port, "watt_power_event_to_ack_seconds_sum") - sum0);
+            settle("event");
+        }
+    }
+    let show = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        format!("median {:.3} s, max {:.3} s", v[v.len() / 2], v[v.len() - 1])
+    };
+    println!();
+    println!("| agents | GPUs | jobs | events | 25% cut → every cap acknowledged | restore → every cap acknowledged | budget violations |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {agents} | {} | {jobs} | {events} | {} | {} | {} |",
+        agents * 8,
+        show(&cuts),
+        show(&restores),
+        metric(metrics_port, "watt_budget_violations_total")
+    );
 }

@@ -11,6 +11,8 @@ use tonic::{Request, Response, Status};
 use watt_proto::v1 as pb;
 use watt_proto::v1::submit_job_request::Source;
 
+use crate::power::table::{PowerError, SiteUpdate, SourceUpdate};
+use crate::power::SourceKind;
 use crate::reconcile::{Controller, RequestError};
 use crate::spec::{self, JobSpec};
 use crate::store::StoreError;
@@ -104,4 +106,132 @@ impl pb::control_service_server::ControlService for ControlApi {
         });
         Ok(Response::new(stream.boxed()))
     }
+}
+
+/// `PowerService`: sources, site settings and the power status.
+#[derive(Debug, Clone)]
+pub struct PowerApi {
+    controller: Arc<Controller>,
+}
+
+impl PowerApi {
+    pub fn new(controller: Arc<Controller>) -> Self {
+        PowerApi { controller }
+    }
+
+    /// Run a reconcile pass now, so the answer reflects the change (and its notes, such as a
+    /// budget below the minimum caps).
+    async fn status_after_change(&self) -> pb::PowerStatus {
+        self.controller.reconcile_once().await;
+        self.controller.power_status.borrow().clone()
+    }
+}
+
+impl From<PowerError> for Status {
+    fn from(e: PowerError) -> Status {
+        match e {
+            PowerError::Invalid(field) => Status::invalid_argument(field.to_string()),
+            PowerError::UnknownSource(_) => Status::not_found(e.to_string()),
+            PowerError::Store(s) => RequestError::Store(s).into(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::power_service_server::PowerService for PowerApi {
+    async fn set_source(&self, request: Request<pb::SetSourceRequest>) -> Result<Response<pb::PowerStatus>, Status> {
+        let source = request.into_inner().source.ok_or_else(|| Status::invalid_argument("source is required"))?;
+        let kind = match pb::SourceKind::try_from(source.kind) {
+            Ok(pb::SourceKind::Grid) => SourceKind::Grid,
+            Ok(pb::SourceKind::Generator) => SourceKind::Generator,
+            Ok(pb::SourceKind::Battery) => SourceKind::Battery,
+            Ok(pb::SourceKind::Manual) => SourceKind::Manual,
+            _ => return Err(Status::invalid_argument("source.kind must be grid, generator, battery or manual")),
+        };
+        let update = SourceUpdate {
+            name: source.name,
+            kind,
+            available_watts: source.available_watts,
+            ramp_watts_per_second: source.ramp_watts_per_second,
+        };
+        {
+            let mut power = self.controller.power.lock().await;
+            let stored = power.table.set_source(update, crate::reconcile::unix_ms()).await?;
+            power.power_event();
+            self.controller.emit(
+                "power",
+                &stored.name,
+                "source-set",
+                format!(
+                    "{} {:.0} W available{}",
+                    stored.kind.as_str(),
+                    stored.available_watts,
+                    ramp_text(stored.ramp_watts_per_second)
+                ),
+            );
+        }
+        Ok(Response::new(self.status_after_change().await))
+    }
+
+    async fn remove_source(
+        &self,
+        request: Request<pb::RemoveSourceRequest>,
+    ) -> Result<Response<pb::PowerStatus>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        {
+            let mut power = self.controller.power.lock().await;
+            power.table.remove_source(&name).await?;
+            power.power_event();
+        }
+        self.controller.emit("power", &name, "source-removed", "source removed".into());
+        Ok(Response::new(self.status_after_change().await))
+    }
+
+    async fn set_site(&self, request: Request<pb::SetSiteRequest>) -> Result<Response<pb::PowerStatus>, Status> {
+        let r = request.into_inner();
+        let update = SiteUpdate {
+            reserve_ratio: r.reserve_ratio,
+            pue: r.pue,
+            node_overhead_watts: r.node_overhead_watts,
+            idle_gpu_watts: r.idle_gpu_watts,
+        };
+        {
+            let mut power = self.controller.power.lock().await;
+            let site = power.table.set_site(update).await?;
+            power.power_event();
+            self.controller.emit(
+                "power",
+                "site",
+                "site-set",
+                format!(
+                    "reserve {:.1}%, PUE {}, node overhead {:.0} W",
+                    site.reserve_ratio * 100.0,
+                    site.pue,
+                    site.node_overhead_watts
+                ),
+            );
+        }
+        Ok(Response::new(self.status_after_change().await))
+    }
+
+    async fn get_power_status(
+        &self,
+        _: Request<pb::GetPowerStatusRequest>,
+    ) -> Result<Response<pb::PowerStatus>, Status> {
+        Ok(Response::new(self.controller.power_status.borrow().clone()))
+    }
+
+    type WatchPowerStream = BoxStream<'static, Result<pb::PowerStatus, Status>>;
+
+    async fn watch_power(&self, _: Request<pb::WatchPowerRequest>) -> Result<Response<Self::WatchPowerStream>, Status> {
+        let stream = tokio_stream::wrappers::WatchStream::new(self.controller.power_status.subscribe()).map(Ok);
+        Ok(Response::new(stream.boxed()))
+    }
+}
+
+fn ramp_text(ramp: Option<f64>) -> String {
+    ramp.map(|r| format!(", ramp {r:.0} W/s")).unwrap_or_default()
 }

@@ -15,8 +15,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_server::AgentServiceServer;
 use watt_proto::v1::control_service_server::ControlServiceServer;
+use watt_proto::v1::power_service_server::PowerServiceServer;
 
-use crate::api::{ControlApi, MAX_REQUEST_BYTES};
+use crate::api::{ControlApi, PowerApi, MAX_REQUEST_BYTES};
 use crate::config::ControllerConfig;
 use crate::error::ControllerError;
 use crate::metrics::Metrics;
@@ -45,6 +46,7 @@ pub async fn run(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AgentServiceServer<AgentSessions>>().await;
     health_reporter.set_serving::<ControlServiceServer<ControlApi>>().await;
+    health_reporter.set_serving::<PowerServiceServer<PowerApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -79,6 +81,7 @@ pub async fn run(
         .add_service(health)
         .add_service(reflection)
         .add_service(AgentServiceServer::new(AgentSessions::new(controller.clone())))
+        .add_service(PowerServiceServer::new(PowerApi::new(controller.clone())))
         .add_service(
             ControlServiceServer::new(ControlApi::new(controller.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
         )

@@ -2,8 +2,8 @@
 //!
 //! Agents hold a session with it ([`session`]); users submit jobs through the client API
 //! ([`api`]); jobs live in a durable [`store`]; the [`scheduler`] (a pure function) decides where
-//! they run; the [`reconcile`] loop applies its decisions as shard orders to agents. Power comes
-//! next, through the same loop.
+//! they run; the [`reconcile`] loop applies its decisions as shard orders to agents, and, through
+//! [`power_control`], keeps the cluster inside its [`power`] budget with cap orders.
 
 pub mod api;
 pub mod app;
@@ -12,6 +12,7 @@ pub mod error;
 pub mod jobs;
 pub mod metrics;
 pub mod power;
+pub mod power_control;
 pub mod reconcile;
 pub mod registry;
 pub mod scheduler;

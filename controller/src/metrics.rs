@@ -1,7 +1,7 @@
 //! The controller's Prometheus metrics: nodes, GPUs and jobs by state, sessions, and how long
 //! scheduling and reconciling take.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::time::Instant;
 
 use crate::jobs::{JobState, JobTable};
@@ -18,6 +18,12 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub placements: IntCounter,
     pub preemptions: IntCounter,
+    pub budget_violations: IntCounter,
+    pub power_event_ack: Histogram,
+    pub power: GaugeVec,
+    pub source_watts: GaugeVec,
+    pub failsafe_nodes: IntGauge,
+    pub unacknowledged_nodes: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -42,6 +48,30 @@ impl Metrics {
         )?;
         let placements = IntCounter::new("watt_shard_placements_total", "Shards placed by the scheduler.")?;
         let preemptions = IntCounter::new("watt_job_preemptions_total", "Jobs preempted for higher-priority ones.")?;
+        let budget_violations = IntCounter::new(
+            "watt_budget_violations_total",
+            "Times counted power stayed above the limit with every decrease acknowledged. Must stay 0.",
+        )?;
+        let power_event_ack = Histogram::with_opts(
+            HistogramOpts::new(
+                "watt_power_event_to_ack_seconds",
+                "From a power source or site change to every cap it moved acknowledged.",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        )?;
+        let power = GaugeVec::new(
+            Opts::new(
+                "watt_power_watts",
+                "Cluster power by what: available, limit (after reserve and PUE), budget (for GPUs), allocated, counted, drawn, non_gpu.",
+            ),
+            &["what"],
+        )?;
+        let source_watts =
+            GaugeVec::new(Opts::new("watt_power_source_watts", "What each source supplies now."), &["source", "kind"])?;
+        let failsafe_nodes =
+            IntGauge::new("watt_power_failsafe_nodes", "Unreachable nodes counted at their failsafe caps.")?;
+        let unacknowledged_nodes =
+            IntGauge::new("watt_power_unacknowledged_nodes", "Nodes with a cap order sent and not yet acknowledged.")?;
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(gpus.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
@@ -50,6 +80,12 @@ impl Metrics {
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(placements.clone()))?;
         registry.register(Box::new(preemptions.clone()))?;
+        registry.register(Box::new(budget_violations.clone()))?;
+        registry.register(Box::new(power_event_ack.clone()))?;
+        registry.register(Box::new(power.clone()))?;
+        registry.register(Box::new(source_watts.clone()))?;
+        registry.register(Box::new(failsafe_nodes.clone()))?;
+        registry.register(Box::new(unacknowledged_nodes.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
@@ -62,7 +98,37 @@ impl Metrics {
             reconcile_duration,
             placements,
             preemptions,
+            budget_violations,
+            power_event_ack,
+            power,
+            source_watts,
+            failsafe_nodes,
+            unacknowledged_nodes,
         })
+    }
+
+    /// Refresh the power gauges from a status.
+    pub fn observe_power(&self, s: &watt_proto::v1::PowerStatus) {
+        for (what, value) in [
+            ("available", s.available_watts),
+            ("limit", s.limit_watts),
+            ("budget", s.budget_watts),
+            ("allocated", s.allocated_watts),
+            ("counted", s.counted_watts),
+            ("drawn", s.drawn_watts),
+            ("non_gpu", s.non_gpu_watts),
+        ] {
+            self.power.with_label_values(&[what]).set(value);
+        }
+        self.source_watts.reset();
+        for source in &s.sources {
+            let kind =
+                watt_proto::v1::SourceKind::try_from(source.kind).unwrap_or_default().as_str_name().to_lowercase();
+            let kind = kind.trim_start_matches("source_kind_").to_string();
+            self.source_watts.with_label_values(&[source.name.as_str(), kind.as_str()]).set(source.effective_watts);
+        }
+        self.failsafe_nodes.set(i64::from(s.failsafe_nodes));
+        self.unacknowledged_nodes.set(i64::from(s.unacknowledged_nodes));
     }
 
     /// Refresh the gauges from the controller's state.

@@ -17,10 +17,17 @@ use watt_proto::v1 as pb;
 
 use crate::jobs::{JobRecord, JobState, JobTable};
 use crate::metrics::Metrics;
+use crate::power::table::PowerTable;
+use crate::power_control::PowerState;
 use crate::registry::{NodeState, Registry, ShardKey};
-use crate::scheduler::{self, RunningJob};
+use crate::scheduler::{self, RunningJob, ShardAssignment};
 use crate::spec::{FieldError, JobSpec};
 use crate::store::{Store, StoreError};
+
+/// Why a job is off its GPUs for lack of power (it resumes when power returns).
+const POWER_PAUSED: &str = "paused: the power budget cannot hold it at its minimum cap";
+/// Why a job waits although GPUs are free.
+const POWER_WAITING: &str = "waiting for power: the budget cannot hold it at its minimum cap";
 
 /// Rendezvous ports handed to jobs' rank 0, as torchrun's default 29500 and up.
 const MASTER_PORTS: std::ops::Range<u16> = 29_500..30_500;
@@ -62,6 +69,10 @@ pub struct Controller {
     pub settings: Settings,
     /// The most recent events, for `ListEvents`.
     history: std::sync::Mutex<std::collections::VecDeque<pb::Event>>,
+    /// Sources, site, and the bookkeeping of cap orders. Locked after `jobs`.
+    pub power: Mutex<PowerState>,
+    /// The latest power status, for `GetPowerStatus` and `WatchPower`.
+    pub power_status: tokio::sync::watch::Sender<pb::PowerStatus>,
     wake: Notify,
 }
 
@@ -76,7 +87,13 @@ impl Controller {
     /// Load every job from `store`.
     pub async fn new(store: Arc<dyn Store>, settings: Settings, metrics: Metrics) -> Result<Arc<Self>, StoreError> {
         let jobs = JobTable::load(store.clone()).await?;
-        tracing::info!(jobs = jobs.len(), "Loaded jobs from the store.");
+        let power = PowerTable::load(store.clone()).await?;
+        tracing::info!(
+            jobs = jobs.len(),
+            sources = power.sources().count(),
+            "Loaded jobs and power sources from the store."
+        );
+        let (power_status, _) = tokio::sync::watch::channel(pb::PowerStatus::default());
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Controller {
             store,
@@ -86,6 +103,8 @@ impl Controller {
             metrics,
             settings,
             history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(EVENT_HISTORY)),
+            power: Mutex::new(PowerState::new(power)),
+            power_status,
             wake: Notify::new(),
         }))
     }
@@ -300,8 +319,21 @@ impl Controller {
         let plan = scheduler::schedule(&nodes, &running, &pending);
         self.metrics.scheduling_duration.observe(scheduled_at.elapsed().as_secs_f64());
 
-        // 5. Apply in one ordered batch: preemptions first (their GPUs are what starts stand
-        // on), then starts, then changed waiting reasons.
+        // 5. Power admission over what would run: new starts the budget cannot hold wait, running
+        // jobs it cannot hold shrink or pause.
+        let mut power = self.power.lock().await;
+        let preempted: HashSet<String> = plan.preemptions.iter().map(|p| p.job.clone()).collect();
+        let starting: Vec<(String, Vec<ShardAssignment>)> =
+            plan.starts.iter().map(|s| (s.job.clone(), s.shards.clone())).collect();
+        let admission = self.admit(&power, &jobs, &preempted, &starting);
+        let verdict: HashMap<String, (bool, u32)> = admission
+            .allocation
+            .as_ref()
+            .map(|a| a.jobs.iter().map(|j| (j.name.clone(), (j.paused, j.shards))).collect())
+            .unwrap_or_default();
+
+        // 6. Apply in one ordered batch: preemptions first (their GPUs are what starts stand
+        // on), then power pauses and shrinks, then starts, then changed waiting reasons.
         let mut changes: Vec<Change> = Vec::new();
         for p in &plan.preemptions {
             let Some(mut record) = jobs.get(&p.job).cloned() else { continue };
@@ -309,14 +341,48 @@ impl Controller {
             record.preemptions += 1;
             changes.push(Change { record, reason: "preempted", message: format!("by {}", p.by) });
         }
+        for job in jobs.iter().filter(|j| j.state.is_active() && !preempted.contains(&j.spec.name)) {
+            match verdict.get(&job.spec.name) {
+                Some(&(true, _)) => {
+                    let mut record = job.clone();
+                    record.unplace(POWER_PAUSED.into());
+                    changes.push(Change {
+                        record,
+                        reason: "paused",
+                        message: "the power budget cannot hold it".into(),
+                    });
+                }
+                Some(&(false, keep)) if (keep as usize) < job.shards.len() => {
+                    let mut record = job.clone();
+                    record.shards.truncate(keep as usize);
+                    record.epoch += 1;
+                    record.state = JobState::Starting;
+                    record.message = format!("shrunk to {keep} shard(s): the power budget cannot hold more");
+                    let message = record.message.clone();
+                    changes.push(Change { record, reason: "shrunk", message });
+                }
+                _ => {}
+            }
+        }
         let mut ports: HashMap<String, HashSet<u16>> = HashMap::new();
         for job in jobs.iter().filter(|j| j.state.is_active()) {
             if let Some(first) = job.shards.first() {
                 ports.entry(first.node.clone()).or_default().insert(job.master_port);
             }
         }
-        for start in plan.starts {
+        for mut start in plan.starts {
             let Some(mut record) = jobs.get(&start.job).cloned() else { continue };
+            match verdict.get(&start.job) {
+                Some(&(true, _)) => {
+                    if record.message != POWER_WAITING {
+                        record.message = POWER_WAITING.into();
+                        changes.push(Change { record, reason: "", message: String::new() });
+                    }
+                    continue;
+                }
+                Some(&(false, keep)) => start.shards.truncate(keep as usize),
+                None => {}
+            }
             let used = ports.entry(start.shards[0].node.clone()).or_default();
             record.master_port = MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start);
             used.insert(record.master_port);
@@ -329,7 +395,10 @@ impl Controller {
         }
         for waiting in plan.waiting {
             let Some(record) = jobs.get(&waiting.job) else { continue };
-            let explained = record.message.starts_with("preempted") || record.message.starts_with("node ");
+            let explained = record.message.starts_with("preempted")
+                || record.message.starts_with("node ")
+                || record.message == POWER_PAUSED
+                || record.message == POWER_WAITING;
             if record.message != waiting.reason && !explained {
                 let mut record = record.clone();
                 record.message = waiting.reason;
@@ -338,7 +407,11 @@ impl Controller {
         }
         self.apply(&mut jobs, changes).await;
 
-        // 6. Orders to agents.
+        // 7. Caps toward the allocation, through the planner.
+        self.enforce(&mut power, &jobs, admission);
+        drop(power);
+
+        // 8. Shard orders to agents.
         self.send_orders(&jobs);
         self.metrics.observe(&jobs, &self.registry, now, lease);
         drop(jobs);

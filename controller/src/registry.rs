@@ -5,7 +5,7 @@
 //! whether its TCP connection dropped or silently hung. Behind one `std::sync::Mutex`, held only
 //! for map updates, never across an await: telemetry from 25,000 agents a second goes through it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use watt_proto::v1 as pb;
 
+use crate::power::planner::{GpuCap, NodeCaps};
 use crate::scheduler;
 
 /// (job, shard)
@@ -61,9 +62,30 @@ pub struct NodeEntry {
     /// Orders already sent in this session: (epoch, action). A new session starts empty, so
     /// everything is sent again after a reconnect; orders are idempotent by epoch.
     pub sent: HashMap<ShardKey, (u64, pb::ShardAction)>,
+    /// The GPUs' caps as budget safety counts them: acknowledged, in flight, failsafe.
+    pub power: NodeCaps,
+    /// After this long without the controller, the agent sets its failsafe caps.
+    pub failsafe_after_ms: i64,
+    /// The agent does not enforce caps (--enforce dry-run or off): its acks say what is in force.
+    pub not_enforced: bool,
+    /// The GPUs of each shard the agent reported.
+    pub shard_gpus: HashMap<ShardKey, Vec<u32>>,
+    /// The node's own draw besides GPUs, as it reports it (0: not reported).
+    pub non_gpu_watts: f64,
 }
 
 impl NodeEntry {
+    /// GPUs of shards the agent reports running or starting: busy until it says they stopped.
+    pub fn reported_busy(&self) -> HashSet<u32> {
+        self.shards
+            .iter()
+            .filter(|(_, (_, state))| matches!(state, pb::ShardState::Running | pb::ShardState::Starting))
+            .filter_map(|(key, _)| self.shard_gpus.get(key))
+            .flatten()
+            .copied()
+            .collect()
+    }
+
     pub fn state(&self, now: Instant, lease: Duration) -> NodeState {
         if self.lost || now.saturating_duration_since(self.last_seen) > lease {
             NodeState::Lost
@@ -101,6 +123,32 @@ impl Registry {
             .iter()
             .map(|s| ((s.job.clone(), s.shard), (s.epoch, pb::ShardState::try_from(s.state).unwrap_or_default())))
             .collect();
+        let power = NodeCaps {
+            name: register.node_name.clone(),
+            gpus: register
+                .gpus
+                .iter()
+                .map(|g| {
+                    let range = g.power_limit.unwrap_or_default();
+                    // An agent that does not say what is in force counts at its maximum.
+                    let in_force = if g.current_limit_watts > 0.0 { g.current_limit_watts } else { range.max_watts };
+                    GpuCap {
+                        index: g.index,
+                        min_watts: range.min_watts,
+                        max_watts: range.max_watts,
+                        failsafe_watts: if g.failsafe_watts > 0.0 { g.failsafe_watts } else { range.min_watts },
+                        acked_watts: in_force,
+                        in_flight: None,
+                        busy: false,
+                    }
+                })
+                .collect(),
+            overhead_watts: register.non_gpu_power_watts,
+            reachable: true,
+            failsafe_at_unix_ms: i64::MAX,
+        };
+        let failsafe_after_ms =
+            if register.failsafe_after_ms > 0 { i64::from(register.failsafe_after_ms) } else { 10_000 };
         let entry = NodeEntry {
             name: register.node_name.clone(),
             gpus: register.gpus.clone(),
@@ -112,8 +160,13 @@ impl Registry {
             session: Some(Session { id, tx }),
             lost: false,
             telemetry: None,
+            shard_gpus: register.shards.iter().map(|s| ((s.job.clone(), s.shard), s.gpu_indices.clone())).collect(),
             shards,
             sent: HashMap::new(),
+            power,
+            failsafe_after_ms,
+            not_enforced: false,
+            non_gpu_watts: register.non_gpu_power_watts,
         };
         self.lock().insert(register.node_name.clone(), entry);
         id

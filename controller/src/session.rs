@@ -122,6 +122,27 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         );
         c.wake();
 
+        // Heartbeats, so the agent can tell a quiet controller from a lost one: several per the
+        // agent's failsafe deadline, for as long as this is the node's current session.
+        let beat = tx.clone();
+        let failsafe_ms = if register.failsafe_after_ms > 0 { u64::from(register.failsafe_after_ms) } else { 10_000 };
+        let every = Duration::from_millis(failsafe_ms / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let (beat_controller, beat_node) = (self.controller.clone(), node.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if beat_controller.registry.with_session(&beat_node, session, |_| ()).is_none() {
+                    return;
+                }
+                let heartbeat = pb::Heartbeat { unix_ms: unix_ms() };
+                let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::Heartbeat(heartbeat)) };
+                if beat.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+        });
+
         let controller = self.controller.clone();
         tokio::spawn(async move {
             let end = serve_inbound(&controller, &node, session, &mut inbound).await;
@@ -174,7 +195,18 @@ async fn serve_inbound(
                     c.wake();
                 }
             }
-            Some(Body::CapAck(_)) => {} // Power enforcement comes with the power engine.
+            Some(Body::CapAck(ack)) => {
+                let applied: Vec<(u32, f64)> =
+                    ack.applied.iter().filter(|c| c.watts.is_finite()).map(|c| (c.index, c.watts)).collect();
+                c.registry.with_session(node, session, |e| {
+                    crate::power::planner::apply_ack(&mut e.power, ack.epoch, &applied);
+                    e.not_enforced = ack.not_enforced;
+                });
+                if !ack.error.is_empty() {
+                    c.emit("node", node, "cap-error", ack.error.clone());
+                }
+                c.wake();
+            }
             Some(Body::Register(_)) => return Err(invalid("body", "register may only be the first message")),
             None => return Err(invalid("body", "is required")),
         }

@@ -18,9 +18,12 @@ fn register_round_trips() {
                 memory_total_bytes: 85_520_809_984,
                 pci_bus_id: "00000000:19:00.0".into(),
                 power_limit: Some(PowerLimitRange { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 }),
+                current_limit_watts: 200.0,
+                failsafe_watts: 200.0,
             }],
             non_gpu_power_watts: 1_800.0,
             shards: vec![],
+            failsafe_after_ms: 10_000,
         })),
     };
     let bytes = sent.encode_to_vec();

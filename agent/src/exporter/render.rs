@@ -275,7 +275,7 @@ impl Renderer {
                 Kind::Gauge,
             );
             for (i, cap) in enforcer.ordered().iter().enumerate() {
-                if let Some(labels) = self.gpu_labels.get(i) {
+                if let (Some(labels), Some(cap)) = (self.gpu_labels.get(i), cap) {
                     ordered.push(labels, &[], *cap);
                 }
             }

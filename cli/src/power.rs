@@ -1,0 +1,243 @@
+//! `wattctl power …`: sources, reserve, status, watch. Power is written with units (W, kW, MW,
+//! GW; ramps per second: `2MW/s`) and shown with them.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use watt_proto::v1 as pb;
+
+use crate::views::table;
+
+/// Parse "40MW", "500 kW", "1200W", "1.5GW" (a bare number is watts).
+pub fn parse_watts(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = (t[..split].trim(), t[split..].trim());
+    let scale = match unit {
+        "" | "W" | "w" => 1.0,
+        "kW" | "kw" | "KW" => 1e3,
+        "MW" | "mw" => 1e6,
+        "GW" | "gw" => 1e9,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use W, kW, MW or GW")),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a power: write e.g. 40MW, 500kW or 1200W"))?;
+    Ok(value * scale)
+}
+
+/// Parse "2MW/s" (the "/s" may be left out).
+pub fn parse_ramp(text: &str) -> Result<f64, String> {
+    parse_watts(text.trim().trim_end_matches("/s"))
+}
+
+/// Parse "10%" or "0.1".
+pub fn parse_ratio(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| format!("{text:?} is not a ratio: write e.g. 10% or 0.1"))
+}
+
+pub fn parse_kind(text: &str) -> Result<pb::SourceKind, String> {
+    match text {
+        "grid" => Ok(pb::SourceKind::Grid),
+        "generator" => Ok(pb::SourceKind::Generator),
+        "battery" => Ok(pb::SourceKind::Battery),
+        "manual" => Ok(pb::SourceKind::Manual),
+        other => Err(format!("{other:?} is not a source kind: grid, generator, battery or manual")),
+    }
+}
+
+/// "40.0 MW", "512 kW", "700 W".
+pub fn show_watts(w: f64) -> String {
+    let a = w.abs();
+    if a >= 1e9 {
+        format!("{:.2} GW", w / 1e9)
+    } else if a >= 1e6 {
+        format!("{:.2} MW", w / 1e6)
+    } else if a >= 1e3 {
+        format!("{:.1} kW", w / 1e3)
+    } else {
+        format!("{w:.0} W")
+    }
+}
+
+fn kind_name(kind: i32) -> String {
+    pb::SourceKind::try_from(kind).unwrap_or_default().as_str_name().trim_start_matches("SOURCE_KIND_").to_lowercase()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceView {
+    pub name: String,
+    pub kind: String,
+    pub available_watts: f64,
+    pub effective_watts: f64,
+    pub ramp_watts_per_second: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobPowerView {
+    pub name: String,
+    pub cap_watts: f64,
+    pub shards: u32,
+    pub gpus: u32,
+    pub paused: bool,
+}
+
+/// `wattctl power status -o json`: stable field names.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PowerView {
+    pub available_watts: f64,
+    pub reserve_ratio: f64,
+    pub pue: f64,
+    pub limit_watts: f64,
+    pub budget_watts: f64,
+    pub allocated_watts: f64,
+    pub counted_watts: f64,
+    pub drawn_watts: f64,
+    pub non_gpu_watts: f64,
+    pub failsafe_nodes: u32,
+    pub unacknowledged_nodes: u32,
+    pub budget_violations: u64,
+    pub sources: Vec<SourceView>,
+    pub jobs: Vec<JobPowerView>,
+    pub notes: Vec<String>,
+    pub unix_ms: i64,
+}
+
+impl From<pb::PowerStatus> for PowerView {
+    fn from(s: pb::PowerStatus) -> Self {
+        let site = s.site.unwrap_or_default();
+        PowerView {
+            available_watts: s.available_watts,
+            reserve_ratio: site.reserve_ratio,
+            pue: site.pue,
+            limit_watts: s.limit_watts,
+            budget_watts: s.budget_watts,
+            allocated_watts: s.allocated_watts,
+            counted_watts: s.counted_watts,
+            drawn_watts: s.drawn_watts,
+            non_gpu_watts: s.non_gpu_watts,
+            failsafe_nodes: s.failsafe_nodes,
+            unacknowledged_nodes: s.unacknowledged_nodes,
+            budget_violations: s.budget_violations,
+            sources: s
+                .sources
+                .into_iter()
+                .map(|x| SourceView {
+                    kind: kind_name(x.kind),
+                    name: x.name,
+                    available_watts: x.available_watts,
+                    effective_watts: x.effective_watts,
+                    ramp_watts_per_second: x.ramp_watts_per_second,
+                })
+                .collect(),
+            jobs: s
+                .jobs
+                .into_iter()
+                .map(|j| JobPowerView {
+                    name: j.name,
+                    cap_watts: j.cap_watts,
+                    shards: j.shards,
+                    gpus: j.gpus,
+                    paused: j.paused,
+                })
+                .collect(),
+            notes: s.notes,
+            unix_ms: s.unix_ms,
+        }
+    }
+}
+
+impl PowerView {
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "Available:   {}", show_watts(self.available_watts));
+        let _ = writeln!(out, "Reserve:     {:.1}%   PUE: {}", self.reserve_ratio * 100.0, self.pue);
+        let _ = writeln!(out, "Limit:       {}", show_watts(self.limit_watts));
+        let _ = writeln!(out, "Non-GPU:     {}", show_watts(self.non_gpu_watts));
+        let _ = writeln!(out, "GPU budget:  {}", show_watts(self.budget_watts));
+        let _ = writeln!(out, "Allocated:   {}", show_watts(self.allocated_watts));
+        let _ = writeln!(
+            out,
+            "Counted:     {}  (acknowledged caps, or higher ones in flight)",
+            show_watts(self.counted_watts)
+        );
+        let _ = writeln!(out, "Drawn:       {}  (measured, GPUs)", show_watts(self.drawn_watts));
+        let _ = writeln!(
+            out,
+            "Nodes:       {} awaiting acknowledgement, {} at failsafe; budget violations: {}",
+            self.unacknowledged_nodes, self.failsafe_nodes, self.budget_violations
+        );
+        if !self.sources.is_empty() {
+            out.push_str("\nSources:\n");
+            let rows: Vec<Vec<String>> = self
+                .sources
+                .iter()
+                .map(|s| {
+                    vec![
+                        format!("  {}", s.name),
+                        s.kind.clone(),
+                        show_watts(s.effective_watts),
+                        show_watts(s.available_watts),
+                        s.ramp_watts_per_second.map(|r| format!("{}/s", show_watts(r))).unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["  NAME", "KIND", "NOW", "AVAILABLE", "RAMP"], &rows));
+        }
+        if !self.jobs.is_empty() {
+            out.push_str("\nJobs:\n");
+            let rows: Vec<Vec<String>> = self
+                .jobs
+                .iter()
+                .map(|j| {
+                    vec![
+                        format!("  {}", j.name),
+                        if j.paused { "paused".into() } else { show_watts(j.cap_watts) },
+                        j.shards.to_string(),
+                        j.gpus.to_string(),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["  JOB", "CAP/GPU", "SHARDS", "GPUS"], &rows));
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "note: {note}");
+        }
+        out
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "available {}  limit {}  budget {}  allocated {}  counted {}  drawn {}  unacked {}  failsafe {}\n",
+            show_watts(self.available_watts),
+            show_watts(self.limit_watts),
+            show_watts(self.budget_watts),
+            show_watts(self.allocated_watts),
+            show_watts(self.counted_watts),
+            show_watts(self.drawn_watts),
+            self.unacknowledged_nodes,
+            self.failsafe_nodes
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_parse_and_show() {
+        assert_eq!(parse_watts("40MW"), Ok(40e6));
+        assert_eq!(parse_watts("500 kW"), Ok(500e3));
+        assert_eq!(parse_watts("1200"), Ok(1200.0));
+        assert_eq!(parse_ramp("2MW/s"), Ok(2e6));
+        assert_eq!(parse_ratio("10%"), Ok(0.1));
+        assert!(parse_watts("40 horsepower").unwrap_err().contains("unknown unit"));
+        assert!(parse_watts("lots").is_err());
+        assert_eq!(show_watts(40e6), "40.00 MW");
+        assert_eq!(show_watts(700.0), "700 W");
+    }
+}
