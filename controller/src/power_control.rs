@@ -70,7 +70,9 @@ impl Controller {
     ) -> Admission {
         let now_ms = unix_ms();
         let site = power.table.site();
-        let available = power.table.available_watts(now_ms);
+        // No source configured: power is not managed, and nothing limits the budget.
+        let unmanaged = power.table.sources().next().is_none();
+        let available = if unmanaged { f64::INFINITY } else { power.table.available_watts(now_ms) };
         let limit = safe_limit_watts(available, &site);
         let (ranges, non_gpu, total_gpus) = {
             let nodes = self.registry.lock();
@@ -257,9 +259,10 @@ impl Controller {
                 })
                 .collect(),
             site: Some(site_proto(&site)),
-            available_watts: admission.available_watts,
-            limit_watts: admission.limit_watts,
-            budget_watts: admission.budget_watts,
+            // Unlimited shows as 0 on the wire (protobuf has no infinity in JSON).
+            available_watts: finite(admission.available_watts),
+            limit_watts: finite(admission.limit_watts),
+            budget_watts: finite(admission.budget_watts),
             allocated_watts: allocation.total_watts,
             counted_watts: counted,
             drawn_watts: drawn,
@@ -267,13 +270,25 @@ impl Controller {
             jobs: job_power,
             failsafe_nodes,
             unacknowledged_nodes: unacknowledged as u32,
-            notes: allocation.notes.clone(),
+            notes: if admission.available_watts.is_infinite() {
+                vec!["no power source is configured: power is not limited (wattctl power set-source)".into()]
+            } else {
+                allocation.notes.clone()
+            },
             budget_violations: self.metrics.budget_violations.get(),
             unix_ms: now_ms,
         };
         self.metrics.observe_power(&status);
         power.last = Some(allocation);
         self.power_status.send_replace(status);
+    }
+}
+
+fn finite(w: f64) -> f64 {
+    if w.is_finite() {
+        w
+    } else {
+        0.0
     }
 }
 
