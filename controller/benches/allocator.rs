@@ -1,0 +1,47 @@
+//! Allocation time at 200,000 GPUs / 10,000 jobs (target < 50 ms on one core).
+//! Run with `cargo bench -p watt-controller --bench allocator`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use watt_controller::power::allocator::{allocate, JobLoad};
+use watt_controller::power::curve::Curve;
+
+/// 10,000 jobs of 1–4 shards × 8 GPUs: 200,000 GPUs; five priorities; flex 0–0.4; a quarter
+/// elastic.
+fn jobs() -> Vec<JobLoad> {
+    (0..10_000u32)
+        .map(|i| {
+            let shards = 1 + i % 4;
+            JobLoad {
+                name: format!("job-{i:05}"),
+                priority: i64::from(i % 5),
+                sequence: u64::from(i),
+                flex: f64::from(i % 5) * 0.1,
+                gpus_per_shard: 8,
+                shards,
+                min_shards: if i % 4 == 3 { 1 } else { shards },
+                cap_min: 200.0,
+                cap_max: 700.0,
+                curve: Curve::default(),
+            }
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let jobs = jobs();
+    let gpus: u64 = jobs.iter().map(|j| u64::from(j.shards * j.gpus_per_shard)).sum();
+    assert_eq!(gpus, 200_000);
+    let full = gpus as f64 * 700.0;
+    let mut group = c.benchmark_group("allocate_200k_gpus_10k_jobs");
+    group.sample_size(20).measurement_time(Duration::from_secs(5));
+    for (name, share) in [("full_power", 1.05), ("cut_25_percent", 0.75), ("cut_to_minimum_caps", 0.30), ("deep_cut_pauses", 0.20)] {
+        group.bench_function(name, |b| b.iter(|| black_box(allocate(full * share, &jobs, gpus, 100.0))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
