@@ -277,6 +277,9 @@ fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16,
             settle("event");
         }
     }
+    let passes = metric(metrics_port, "watt_reconcile_duration_seconds_count");
+    let pass_seconds = metric(metrics_port, "watt_reconcile_duration_seconds_sum") / passes.max(1.0);
+    println!("reconcile passes: {passes}, mean {:.1} ms", pass_seconds * 1e3);
     let show = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(|a, b| a.total_cmp(b));

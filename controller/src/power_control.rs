@@ -6,7 +6,7 @@
 //! the registry and the job table, sends their outputs, and keeps the books: the cap epoch, when
 //! the last power event happened (for event-to-acknowledged latency), and budget violations.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 use watt_proto::v1 as pb;
@@ -74,54 +74,49 @@ impl Controller {
         let unmanaged = power.table.sources().next().is_none();
         let available = if unmanaged { f64::INFINITY } else { power.table.available_watts(now_ms) };
         let limit = safe_limit_watts(available, &site);
-        let (ranges, non_gpu, total_gpus) = {
+        // Job loads are read under the registry lock (no copies of 200,000 GPU ranges); the
+        // allocation itself runs after it is released.
+        let (loads, non_gpu, total_gpus) = {
             let nodes = self.registry.lock();
-            let mut ranges: HashMap<(String, u32), (f64, f64)> = HashMap::new();
-            let mut non_gpu = 0.0;
-            let mut total = 0u64;
-            for e in nodes.values() {
-                non_gpu += node_overhead(e.non_gpu_watts, &site);
-                total += e.power.gpus.len() as u64;
-                for g in &e.power.gpus {
-                    ranges.insert((e.name.clone(), g.index), (g.min_watts, g.max_watts));
+            let non_gpu: f64 = nodes.values().map(|e| node_overhead(e.non_gpu_watts, &site)).sum();
+            let total: u64 = nodes.values().map(|e| e.power.gpus.len() as u64).sum();
+            let load = |record: &JobRecord, shards: &[ShardAssignment]| -> Option<JobLoad> {
+                let mut cap_min: f64 = 0.0;
+                let mut cap_max = f64::INFINITY;
+                for s in shards {
+                    let node = nodes.get(&s.node)?;
+                    for index in &s.gpus {
+                        let g = node.power.gpus.iter().find(|g| g.index == *index)?;
+                        cap_min = cap_min.max(g.min_watts);
+                        cap_max = cap_max.min(g.max_watts);
+                    }
+                }
+                (cap_min <= cap_max && cap_max.is_finite()).then(|| JobLoad {
+                    name: record.spec.name.clone(),
+                    priority: record.spec.priority,
+                    sequence: record.sequence,
+                    flex: record.spec.flex,
+                    gpus_per_shard: record.spec.gpus_per_shard,
+                    shards: shards.len() as u32,
+                    min_shards: record.spec.shards.min.min(shards.len() as u32),
+                    cap_min,
+                    cap_max,
+                    curve: Curve::default(),
+                })
+            };
+            let mut loads: Vec<JobLoad> = jobs
+                .iter()
+                .filter(|j| j.state.is_active() && !preempted.contains(&j.spec.name))
+                .filter_map(|j| load(j, &j.shards))
+                .collect();
+            for (name, shards) in starting {
+                if let Some(l) = jobs.get(name).and_then(|j| load(j, shards)) {
+                    loads.push(l);
                 }
             }
-            (ranges, non_gpu, total)
+            (loads, non_gpu, total)
         };
         let budget = limit - non_gpu;
-        let load = |record: &JobRecord, shards: &[ShardAssignment]| -> Option<JobLoad> {
-            let mut cap_min: f64 = 0.0;
-            let mut cap_max = f64::INFINITY;
-            for s in shards {
-                for g in &s.gpus {
-                    let (lo, hi) = ranges.get(&(s.node.clone(), *g)).copied()?;
-                    cap_min = cap_min.max(lo);
-                    cap_max = cap_max.min(hi);
-                }
-            }
-            (cap_min <= cap_max && cap_max.is_finite()).then(|| JobLoad {
-                name: record.spec.name.clone(),
-                priority: record.spec.priority,
-                sequence: record.sequence,
-                flex: record.spec.flex,
-                gpus_per_shard: record.spec.gpus_per_shard,
-                shards: shards.len() as u32,
-                min_shards: record.spec.shards.min.min(shards.len() as u32),
-                cap_min,
-                cap_max,
-                curve: Curve::default(),
-            })
-        };
-        let mut loads: Vec<JobLoad> = jobs
-            .iter()
-            .filter(|j| j.state.is_active() && !preempted.contains(&j.spec.name))
-            .filter_map(|j| load(j, &j.shards))
-            .collect();
-        for (name, shards) in starting {
-            if let Some(l) = jobs.get(name).and_then(|j| load(j, shards)) {
-                loads.push(l);
-            }
-        }
         Admission {
             allocation: Some(allocate(budget, &loads, total_gpus, site.idle_gpu_watts)),
             limit_watts: limit,
@@ -141,22 +136,18 @@ impl Controller {
             admission.allocation.unwrap_or_else(|| allocate(admission.budget_watts, &[], 0, site.idle_gpu_watts));
         let caps: HashMap<&str, f64> =
             allocation.jobs.iter().filter(|j| !j.paused).map(|j| (j.name.as_str(), j.cap_watts)).collect();
-        // GPU -> cap of the job placed on it.
-        let mut placed: HashMap<(String, u32), f64> = HashMap::new();
+        // Node -> (GPU, cap of the job placed on it).
+        let mut placed: HashMap<&str, Vec<(u32, f64)>> = HashMap::new();
         for job in jobs.iter().filter(|j| j.state.is_active()) {
-            let cap = caps.get(job.spec.name.as_str()).copied();
+            let Some(&cap) = caps.get(job.spec.name.as_str()) else { continue };
             for s in &job.shards {
-                for g in &s.gpus {
-                    if let Some(cap) = cap {
-                        placed.insert((s.node.clone(), *g), cap);
-                    }
-                }
+                placed.entry(s.node.as_str()).or_default().extend(s.gpus.iter().map(|&g| (g, cap)));
             }
         }
 
         let mut nodes = self.registry.lock();
         let mut snapshot: Vec<NodeCaps> = Vec::with_capacity(nodes.len());
-        let mut targets: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut targets: Vec<Vec<f64>> = Vec::with_capacity(nodes.len());
         let mut failsafe_nodes = 0;
         for e in nodes.values_mut() {
             let reachable = e.state(now, self.settings.node_lease) == NodeState::Ready;
@@ -164,9 +155,10 @@ impl Controller {
             e.power.failsafe_at_unix_ms = e.last_seen_unix_ms + e.failsafe_after_ms;
             e.power.overhead_watts = node_overhead(e.non_gpu_watts, &site);
             let reported = e.reported_busy();
+            let on_node = placed.get(e.name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
             let mut node_targets = Vec::with_capacity(e.power.gpus.len());
             for g in &mut e.power.gpus {
-                let cap = placed.get(&(e.name.clone(), g.index)).copied();
+                let cap = on_node.iter().find(|(i, _)| *i == g.index).map(|&(_, c)| c);
                 g.busy = cap.is_some() || reported.contains(&g.index);
                 // Idle GPUs are parked at their minimum.
                 node_targets.push(cap.unwrap_or(g.min_watts).clamp(g.min_watts, g.max_watts));
@@ -174,7 +166,7 @@ impl Controller {
             if e.power.failsafed(now_ms) {
                 failsafe_nodes += 1;
             }
-            targets.insert(e.name.clone(), node_targets);
+            targets.push(node_targets);
             snapshot.push(e.power.clone());
         }
         let orders =

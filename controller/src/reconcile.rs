@@ -479,19 +479,29 @@ impl Controller {
     }
 
     /// Send every connected agent what it lacks: starts for shards it should run, stops for
-    /// shards it runs that it should not.
+    /// shards it runs that it should not. Cheap when nothing changed: an order is built only for
+    /// a shard that is neither reported running at its epoch nor already sent.
     fn send_orders(&self, jobs: &JobTable) {
-        let mut desired: HashMap<&str, HashMap<ShardKey, pb::ShardOrder>> = HashMap::new();
-        let addresses: HashMap<String, String> = {
-            let nodes = self.registry.lock();
-            nodes
-                .values()
-                .map(|e| (e.name.clone(), e.address.map(|a| a.to_string()).unwrap_or_else(|| e.name.clone())))
-                .collect()
-        };
+        let mut nodes = self.registry.lock();
+        let addresses: HashMap<String, String> = jobs
+            .iter()
+            .filter(|j| j.state.is_active())
+            .filter_map(|j| j.shards.first())
+            .filter_map(|s| nodes.get(&s.node).map(|e| (s.node.clone(), e.address.map(|a| a.to_string()).unwrap_or_else(|| e.name.clone()))))
+            .collect();
+        // (node, job, shard) -> epoch, for the stop pass below.
+        let mut wanted: HashMap<&str, HashMap<ShardKey, u64>> = HashMap::new();
         for job in jobs.iter().filter(|j| j.state.is_active()) {
             let master = addresses.get(&job.shards[0].node).cloned().unwrap_or_default();
             for (i, shard) in job.shards.iter().enumerate() {
+                let key = (job.spec.name.clone(), i as u32);
+                wanted.entry(shard.node.as_str()).or_default().insert(key.clone(), job.epoch);
+                let Some(entry) = nodes.get_mut(&shard.node) else { continue };
+                let Some(session) = &entry.session else { continue };
+                let running_now = matches!(entry.shards.get(&key), Some((e, pb::ShardState::Running | pb::ShardState::Starting)) if *e == job.epoch);
+                if running_now || entry.sent.get(&key) == Some(&(job.epoch, pb::ShardAction::Start)) {
+                    continue;
+                }
                 let order = pb::ShardOrder {
                     epoch: job.epoch,
                     job: job.spec.name.clone(),
@@ -508,24 +518,18 @@ impl Controller {
                     checkpoint_dir: job.spec.checkpoint_dir.clone().unwrap_or_default(),
                     max_restarts: job.spec.max_restarts,
                 };
-                desired.entry(shard.node.as_str()).or_default().insert((job.spec.name.clone(), i as u32), order);
-            }
-        }
-        let empty = HashMap::new();
-        let mut nodes = self.registry.lock();
-        for entry in nodes.values_mut() {
-            let Some(session) = &entry.session else { continue };
-            let want = desired.get(entry.name.as_str()).unwrap_or(&empty);
-            let mut outbox = Vec::new();
-            for (key, order) in want {
-                let reported = entry.shards.get(key).copied();
-                let running_now = matches!(reported, Some((e, pb::ShardState::Running | pb::ShardState::Starting)) if e == order.epoch);
-                let already = entry.sent.get(key) == Some(&(order.epoch, pb::ShardAction::Start));
-                if !running_now && !already {
-                    outbox.push((key.clone(), order.clone()));
+                let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(order)) };
+                // A full queue is retried next pass: it is not marked sent.
+                if session.tx.try_send(Ok(message)).is_ok() {
+                    entry.sent.insert(key, (job.epoch, pb::ShardAction::Start));
                 }
             }
-            // Stop what runs but should not (another epoch, or no longer placed here).
+        }
+        // Stop what runs (or was ordered to) but should not: another epoch, or not placed here.
+        let empty = HashMap::new();
+        for entry in nodes.values_mut() {
+            let Some(session) = &entry.session else { continue };
+            let want = wanted.get(entry.name.as_str()).unwrap_or(&empty);
             let mut stale: Vec<(ShardKey, u64)> = entry
                 .shards
                 .iter()
@@ -536,8 +540,7 @@ impl Controller {
                 entry.sent.iter().filter(|(_, (_, a))| *a == pb::ShardAction::Start).map(|(k, (e, _))| (k.clone(), *e)),
             );
             for (key, epoch) in stale {
-                let wanted = want.get(&key).is_some_and(|o| o.epoch == epoch);
-                if wanted || entry.sent.get(&key) == Some(&(epoch, pb::ShardAction::Stop)) {
+                if want.get(&key) == Some(&epoch) || entry.sent.get(&key) == Some(&(epoch, pb::ShardAction::Stop)) {
                     continue;
                 }
                 let stop = pb::ShardOrder {
@@ -547,15 +550,9 @@ impl Controller {
                     action: pb::ShardAction::Stop as i32,
                     ..Default::default()
                 };
-                outbox.push((key, stop));
-            }
-            for (key, order) in outbox {
-                let action = pb::ShardAction::try_from(order.action).unwrap_or_default();
-                let epoch = order.epoch;
-                let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(order)) };
-                // A full queue is retried next pass: it is not marked sent.
+                let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(stop)) };
                 if session.tx.try_send(Ok(message)).is_ok() {
-                    entry.sent.insert(key, (epoch, action));
+                    entry.sent.insert(key, (epoch, pb::ShardAction::Stop));
                 }
             }
         }

@@ -13,8 +13,6 @@
 //! most `max_increase_nodes` nodes per pass, so that a thousand nodes never step up in the same
 //! instant. Pure: state and time in, orders out.
 
-use std::collections::BTreeMap;
-
 /// An order sent and not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct InFlight {
@@ -118,27 +116,27 @@ pub struct Order {
     pub caps: Vec<(u32, f64)>,
 }
 
-/// The orders to send now. `targets[node][i]` is the target cap of `nodes[node].gpus[i]`;
+/// The orders to send now. `targets[n][i]` is the target cap of `nodes[n].gpus[i]`;
 /// `limit_watts` is what counted draw must stay under (available × (1 − reserve) / PUE).
 pub fn plan(
     nodes: &[NodeCaps],
-    targets: &BTreeMap<String, Vec<f64>>,
+    targets: &[Vec<f64>],
     limit_watts: f64,
     now_unix_ms: i64,
     idle_allowance: f64,
     max_increase_nodes: usize,
 ) -> Vec<Order> {
     let mut orders = Vec::new();
-    let target_of = |node: &NodeCaps, i: usize| targets.get(&node.name).and_then(|t| t.get(i)).copied();
+    let target_of = |n: usize, i: usize| targets.get(n).and_then(|t| t.get(i)).copied();
 
     // Phase 1: every decrease, at once.
-    for node in nodes.iter().filter(|n| n.reachable) {
+    for (n, node) in nodes.iter().enumerate().filter(|(_, node)| node.reachable) {
         let caps: Vec<(u32, f64)> = node
             .gpus
             .iter()
             .enumerate()
             .filter_map(|(i, g)| {
-                target_of(node, i).filter(|&t| t < g.upper() && g.needs(t, now_unix_ms)).map(|t| (g.index, t))
+                target_of(n, i).filter(|&t| t < g.upper() && g.needs(t, now_unix_ms)).map(|t| (g.index, t))
             })
             .collect();
         if !caps.is_empty() {
@@ -151,14 +149,14 @@ pub fn plan(
 
     // Phase 2: increases, once no decrease is outstanding, within the headroom, staggered.
     let mut headroom = limit_watts - counted_watts(nodes, now_unix_ms, idle_allowance);
-    for node in nodes.iter().filter(|n| n.reachable) {
+    for (n, node) in nodes.iter().enumerate().filter(|(_, node)| node.reachable) {
         if orders.len() >= max_increase_nodes || headroom <= 0.0 {
             break;
         }
         let mut raised = node.clone();
         let mut caps = Vec::new();
         for (i, g) in raised.gpus.iter_mut().enumerate() {
-            if let Some(t) = target_of(node, i).filter(|&t| t >= g.upper() && g.needs(t, now_unix_ms)) {
+            if let Some(t) = target_of(n, i).filter(|&t| t >= g.upper() && g.needs(t, now_unix_ms)) {
                 g.in_flight = Some(InFlight { target: t, upper: t, epoch: 0, sent_unix_ms: now_unix_ms });
                 caps.push((g.index, t));
             }
@@ -231,7 +229,7 @@ mod tests {
     #[test]
     fn decreases_go_first_and_increases_wait_for_their_acknowledgement() {
         let mut nodes = vec![node("a", 2, 700.0), node("b", 2, 300.0)];
-        let targets = BTreeMap::from([("a".to_string(), vec![400.0, 400.0]), ("b".to_string(), vec![600.0, 600.0])]);
+        let targets = vec![vec![400.0, 400.0], vec![600.0, 600.0]];
         let orders = plan(&nodes, &targets, 10_000.0, 0, IDLE, 100);
         assert_eq!(
             orders,
@@ -253,7 +251,7 @@ mod tests {
         nodes[0].reachable = false;
         nodes[0].gpus[0].in_flight = Some(InFlight { target: 300.0, upper: 300.0, epoch: 1, sent_unix_ms: 9_000 });
         nodes[0].failsafe_at_unix_ms = 10_000;
-        let targets = BTreeMap::from([("a".to_string(), vec![300.0]), ("b".to_string(), vec![600.0])]);
+        let targets = vec![vec![300.0], vec![600.0]];
         assert_eq!(counted_watts(&nodes, 9_999, IDLE), 900.0);
         assert!(plan(&nodes, &targets, 1_000.0, 9_999, IDLE, 100).is_empty(), "its decrease is still outstanding");
         assert_eq!(counted_watts(&nodes, 10_000, IDLE), 400.0, "past the deadline: at its failsafe cap");
@@ -264,7 +262,7 @@ mod tests {
     #[test]
     fn increases_are_staggered_and_held_to_the_headroom() {
         let nodes: Vec<NodeCaps> = (0..10).map(|i| node(&format!("n{i}"), 1, 200.0)).collect();
-        let targets: BTreeMap<String, Vec<f64>> = (0..10).map(|i| (format!("n{i}"), vec![700.0])).collect();
+        let targets: Vec<Vec<f64>> = (0..10).map(|_| vec![700.0]).collect();
         assert_eq!(plan(&nodes, &targets, 1e9, 0, IDLE, 3).len(), 3, "at most 3 nodes per pass");
         // Headroom for two increases of 500 W only.
         assert_eq!(plan(&nodes, &targets, 2_000.0 + 1_000.0, 0, IDLE, 100).len(), 2);
@@ -294,15 +292,15 @@ mod tests {
     }
 
     /// Node i holds shard i % 2 of job i / 2: targets from the allocation, and which GPUs work.
-    fn targets_for(nodes: &mut [NodeCaps], alloc: &crate::power::allocator::Allocation) -> BTreeMap<String, Vec<f64>> {
-        let mut targets = BTreeMap::new();
+    fn targets_for(nodes: &mut [NodeCaps], alloc: &crate::power::allocator::Allocation) -> Vec<Vec<f64>> {
+        let mut targets = Vec::new();
         for (i, n) in nodes.iter_mut().enumerate() {
             let j = &alloc.jobs[i / 2];
             let working = !j.paused && (i % 2 == 0 || j.shards == 2);
             for g in &mut n.gpus {
                 g.busy = working;
             }
-            targets.insert(n.name.clone(), vec![if working { j.cap_watts } else { 200.0 }; 4]);
+            targets.push(vec![if working { j.cap_watts } else { 200.0 }; 4]);
         }
         targets
     }
