@@ -37,7 +37,9 @@ fn bench(c: &mut Criterion) {
     let full = gpus as f64 * 700.0;
     let mut group = c.benchmark_group("allocate_200k_gpus_10k_jobs");
     group.sample_size(20).measurement_time(Duration::from_secs(5));
-    for (name, share) in [("full_power", 1.05), ("cut_25_percent", 0.75), ("cut_to_minimum_caps", 0.30), ("deep_cut_pauses", 0.20)] {
+    for (name, share) in
+        [("full_power", 1.05), ("cut_25_percent", 0.75), ("cut_to_minimum_caps", 0.30), ("deep_cut_pauses", 0.20)]
+    {
         group.bench_function(name, |b| b.iter(|| black_box(allocate(full * share, &jobs, gpus, 100.0))));
     }
     group.finish();

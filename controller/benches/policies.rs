@@ -74,7 +74,8 @@ fn step(jobs: &[JobLoad], w: &[f64], budget: f64, idle: f64) -> [(f64, f64); 3] 
         paused[i] = true;
         draw -= f64::from(jobs[i].shards * jobs[i].gpus_per_shard) * (700.0 - idle);
     }
-    let preempt: f64 = jobs.iter().zip(w).zip(&paused).filter(|(_, p)| !**p).map(|((j, w), _)| w * f64::from(j.shards)).sum();
+    let preempt: f64 =
+        jobs.iter().zip(w).zip(&paused).filter(|(_, p)| !**p).map(|((j, w), _)| w * f64::from(j.shards)).sum();
     let preempt_kept = paused.iter().filter(|p| !**p).count() as f64 / n;
     // Watt.
     let a = allocate(budget, jobs, gpus as u64, idle);
@@ -88,7 +89,9 @@ fn step(jobs: &[JobLoad], w: &[f64], budget: f64, idle: f64) -> [(f64, f64); 3] 
         .map(|((x, j), w)| w * f64::from(x.shards) * curve.speed(x.cap_watts, j.cap_max))
         .sum();
     let watt_kept =
-        a.jobs.iter().zip(jobs).filter(|(x, j)| !x.paused && within(curve.speed(x.cap_watts, j.cap_max), j)).count() as f64 / n;
+        a.jobs.iter().zip(jobs).filter(|(x, j)| !x.paused && within(curve.speed(x.cap_watts, j.cap_max), j)).count()
+            as f64
+            / n;
     [(uniform, uniform_kept), (preempt, preempt_kept), (watt, watt_kept)]
 }
 
@@ -126,7 +129,15 @@ fn run(mix: &str, flex: &[f64]) {
     println!();
     println!("| policy | weighted throughput kept during the cut | over the whole trace | jobs within their flex during the cut |");
     println!("|---|---|---|---|");
-    for (k, name) in ["uniform caps (DCGM group budget)", "preempt lowest priority at full power", "watt allocator"].iter().enumerate() {
-        println!("| {name} | {:.3} | {:.3} | {:.0}% |", kept_cut[k] / cut_minutes, kept[k] / minutes, 100.0 * promises[k] / cut_minutes);
+    for (k, name) in ["uniform caps (DCGM group budget)", "preempt lowest priority at full power", "watt allocator"]
+        .iter()
+        .enumerate()
+    {
+        println!(
+            "| {name} | {:.3} | {:.3} | {:.0}% |",
+            kept_cut[k] / cut_minutes,
+            kept[k] / minutes,
+            100.0 * promises[k] / cut_minutes
+        );
     }
 }

@@ -487,7 +487,11 @@ impl Controller {
             .iter()
             .filter(|j| j.state.is_active())
             .filter_map(|j| j.shards.first())
-            .filter_map(|s| nodes.get(&s.node).map(|e| (s.node.clone(), e.address.map(|a| a.to_string()).unwrap_or_else(|| e.name.clone()))))
+            .filter_map(|s| {
+                nodes
+                    .get(&s.node)
+                    .map(|e| (s.node.clone(), e.address.map(|a| a.to_string()).unwrap_or_else(|| e.name.clone())))
+            })
             .collect();
         // (node, job, shard) -> epoch, for the stop pass below.
         let mut wanted: HashMap<&str, HashMap<ShardKey, u64>> = HashMap::new();

@@ -36,8 +36,14 @@ fn settled(url: &str, what: &str) -> Value {
 
 fn agent_with_failsafe(url: &str, node: &str) -> Proc {
     let mut cmd = Command::new(bin("watt-agent"));
-    cmd.args(["--backend", "sim", "--sim-gpus", "8", "--node-name", node, "--metrics-addr", "127.0.0.1:0"])
-        .args(["--sample-interval", "200ms", "--controller", url, "--failsafe-after", "2s"]);
+    cmd.args(["--backend", "sim", "--sim-gpus", "8", "--node-name", node, "--metrics-addr", "127.0.0.1:0"]).args([
+        "--sample-interval",
+        "200ms",
+        "--controller",
+        url,
+        "--failsafe-after",
+        "2s",
+    ]);
     Proc::spawn(node, cmd)
 }
 
@@ -73,7 +79,8 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
     assert!(f(&after, "counted_watts") <= limit + 1e-6, "{after}");
     assert_eq!(after["budget_violations"], 0);
     // Flexible jobs gave first: the most flexible runs lowest, the rigid one highest.
-    let cap = |name: &str| f(after["jobs"].as_array().unwrap().iter().find(|j| j["name"] == name).unwrap(), "cap_watts");
+    let cap =
+        |name: &str| f(after["jobs"].as_array().unwrap().iter().find(|j| j["name"] == name).unwrap(), "cap_watts");
     assert!(cap("delta") < cap("alpha"), "{after}");
     // What the GPUs draw, measured by the agents, follows within a few telemetry rounds.
     let measured = wait_for(Duration::from_secs(10), "measured draw under the limit", || {
@@ -90,7 +97,8 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
 
     // SIGKILL an agent, then cut again: its node counts at its old caps until its failsafe
     // deadline (its last word + 2 s), then at its failsafe caps.
-    let victim_caps: f64 = gpus.as_array().unwrap().iter().filter(|g| g["node"] == "node-1").map(|g| f(g, "power_limit_watts")).sum();
+    let victim_caps: f64 =
+        gpus.as_array().unwrap().iter().filter(|g| g["node"] == "node-1").map(|g| f(g, "power_limit_watts")).sum();
     agents[0].kill9();
     let cut2 = set_grid(&url, "30kW", None);
     assert_eq!(cut2["failsafe_nodes"], 0, "just after the kill the node is not yet presumed at failsafe");
@@ -129,8 +137,11 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
 #[test]
 fn bad_power_input_is_refused_by_field_and_a_budget_below_the_minimum_says_what_it_pauses() {
     let dir = tempfile::tempdir().unwrap();
-    let controller =
-        ControllerProc::start(&format!("file:{}", dir.path().join("w.redb").display()), 0, &["--reconcile-interval", "200ms"]);
+    let controller = ControllerProc::start(
+        &format!("file:{}", dir.path().join("w.redb").display()),
+        0,
+        &["--reconcile-interval", "200ms"],
+    );
     let url = controller.url.clone();
     let _agent = agent(&url, "only", 8);
     wait_for(Duration::from_secs(20), "the node", || {
@@ -141,7 +152,10 @@ fn bad_power_input_is_refused_by_field_and_a_budget_below_the_minimum_says_what_
     for (args, want) in [
         (vec!["power", "set-source", "grid", "--kind", "grid", "--available=-5MW"], "source.available_watts"),
         (vec!["power", "set-source", "grid", "--kind", "grid", "--available", "999999GW"], "source.available_watts"),
-        (vec!["power", "set-source", "grid", "--kind", "grid", "--available", "5MW", "--ramp", "0W/s"], "source.ramp_watts_per_second"),
+        (
+            vec!["power", "set-source", "grid", "--kind", "grid", "--available", "5MW", "--ramp", "0W/s"],
+            "source.ramp_watts_per_second",
+        ),
         (vec!["power", "set-source", "Grid Main", "--kind", "grid", "--available", "5MW"], "source.name"),
         (vec!["power", "set-reserve", "90%"], "site.reserve_ratio"),
         (vec!["power", "remove-source", "nope"], "no power source named \"nope\""),
@@ -151,7 +165,10 @@ fn bad_power_input_is_refused_by_field_and_a_budget_below_the_minimum_says_what_
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(want), "{args:?}: want {want:?} in {stderr}");
     }
-    for args in [vec!["power", "set-source", "g", "--kind", "nuclear", "--available", "1MW"], vec!["power", "set-source", "g", "--kind", "grid", "--available", "5 horsepower"]] {
+    for args in [
+        vec!["power", "set-source", "g", "--kind", "nuclear", "--available", "1MW"],
+        vec!["power", "set-source", "g", "--kind", "grid", "--available", "5 horsepower"],
+    ] {
         assert_eq!(wattctl(&url, &args).status.code(), Some(2), "{args:?} is a usage error");
     }
     let after = power(&url);

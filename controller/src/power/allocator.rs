@@ -234,7 +234,7 @@ fn water_fill(
         |work: &[Work], lambda: f64| running.iter().map(|&i| work[i].gpus() * cap_at(&work[i], lambda)).sum::<f64>();
     // Larger λ, lower caps.
     let (mut lo, mut hi) = (-40.0f64, 40.0f64); // ln λ
-    // 64 halvings of an 80-wide log range: far below a milliwatt.
+                                                // 64 halvings of an 80-wide log range: far below a milliwatt.
     for _ in 0..64 {
         let mid = 0.5 * (lo + hi);
         if total(work, mid.exp()) > power {
