@@ -1,6 +1,7 @@
 //! The power engine end to end with real processes: a controller, eight agents with simulated
 //! GPUs enforcing caps, jobs running; `wattctl power` cuts and restores the grid.
-#![allow(clippy::unwrap_used)]
+// Real processes on the real clock: std's Instant.
+#![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
 mod common;
 
