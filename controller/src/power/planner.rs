@@ -275,10 +275,15 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Step {
         Budget(f64),
-        Deliver { node: usize, lose: bool },
+        Deliver {
+            node: usize,
+            lose: bool,
+        },
         Cut(usize),
         Heal(usize),
         Wait(i64),
+        /// A job arrives, or finishes.
+        Toggle(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -288,14 +293,23 @@ mod tests {
             (0usize..6).prop_map(Step::Cut),
             (0usize..6).prop_map(Step::Heal),
             (100i64..6_000).prop_map(Step::Wait),
+            (0usize..3).prop_map(Step::Toggle),
         ]
     }
 
-    /// Node i holds shard i % 2 of job i / 2: targets from the allocation, and which GPUs work.
+    /// Node i holds shard i % 2 of job i / 2 (when that job is there): targets from the
+    /// allocation, and which GPUs work.
     fn targets_for(nodes: &mut [NodeCaps], alloc: &crate::power::allocator::Allocation) -> Vec<Vec<f64>> {
         let mut targets = Vec::new();
         for (i, n) in nodes.iter_mut().enumerate() {
-            let j = &alloc.jobs[i / 2];
+            let name = format!("j{}", i / 2);
+            let Some(j) = alloc.jobs.iter().find(|j| j.name == name) else {
+                for g in &mut n.gpus {
+                    g.busy = false;
+                }
+                targets.push(vec![200.0; 4]);
+                continue;
+            };
             let working = !j.paused && (i % 2 == 0 || j.shards == 2);
             for g in &mut n.gpus {
                 g.busy = working;
@@ -306,8 +320,9 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
-        fn budget_safety_and_decrease_before_increase_hold_at_every_step(steps in prop::collection::vec(step(), 1..60)) {
+        fn budget_safety_and_decrease_before_increase_hold_at_every_step_through_cuts_arrivals_lost_acks_and_cut_links(steps in prop::collection::vec(step(), 1..60)) {
             const FAILSAFE_MS: i64 = 10_000;
             let mut nodes: Vec<NodeCaps> = (0..6).map(|i| node(&format!("n{i}"), 4, 200.0)).collect();
             // Three 2-node jobs of 1×4 GPUs... each node holds one 4-GPU shard of some job.
@@ -315,6 +330,7 @@ mod tests {
                 name: format!("j{j}"), priority: j, sequence: j as u64, flex: 0.1 * j as f64, gpus_per_shard: 4,
                 shards: 2, min_shards: 1, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(),
             }).collect();
+            let mut present = [true; 3];
             let full = 24.0 * 700.0;
             let mut limit = full;
             let mut now = 0i64;
@@ -349,13 +365,15 @@ mod tests {
                             last_heard[n] = now;
                         }
                     }
+                    Step::Toggle(j) => present[j] = !present[j],
                     Step::Wait(ms) => {
                         now += ms;
                         for (i, n) in nodes.iter().enumerate() { if n.reachable { last_heard[i] = now; } }
                     }
                 }
                 // The controller's pass: allocate, plan, send.
-                let targets = targets_for(&mut nodes, &allocate(limit, &jobs, 24, IDLE));
+                let running: Vec<JobLoad> = jobs.iter().zip(present).filter(|(_, p)| *p).map(|(j, _)| j.clone()).collect();
+                let targets = targets_for(&mut nodes, &allocate(limit, &running, 24, IDLE));
                 let before = counted_watts(&nodes, now, IDLE);
                 let outstanding = nodes.iter().any(|n| n.decrease_outstanding(now));
                 let orders = plan(&nodes, &targets, limit, now, IDLE, 2);
@@ -397,7 +415,8 @@ mod tests {
             for _ in 0..20 {
                 now += RESEND_AFTER_MS;
                 for i in 0..6 { for (e, caps) in unacked[i].drain(..) { apply_ack(&mut nodes[i], e, &caps); } }
-                let targets = targets_for(&mut nodes, &allocate(limit, &jobs, 24, IDLE));
+                let running: Vec<JobLoad> = jobs.iter().zip(present).filter(|(_, p)| *p).map(|(j, _)| j.clone()).collect();
+                let targets = targets_for(&mut nodes, &allocate(limit, &running, 24, IDLE));
                 for order in plan(&nodes, &targets, limit, now, IDLE, 6) {
                     let i = nodes.iter().position(|n| n.name == order.node).unwrap();
                     epoch += 1;
