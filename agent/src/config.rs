@@ -178,10 +178,8 @@ pub struct AgentConfig {
 /// A configuration problem. `Display` is the one line the operator sees.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] watt_common::config_file::FileError),
     #[error("invalid --{flag} (config key {key}): {message}")]
     Invalid { flag: &'static str, key: &'static str, message: String },
 }
@@ -238,12 +236,7 @@ impl Args {
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            // toml's message spans several lines with a source excerpt; keep it on one.
-            message: e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
-        })
+        Ok(watt_common::config_file::load(path)?)
     }
 }
 

@@ -150,16 +150,21 @@ fn report(failure: Failure) -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn connect(url: &str) -> Result<ControlServiceClient<Channel>, Failure> {
+async fn channel(url: &str) -> Result<Channel, Failure> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Failure::Usage(format!("--controller {url:?} is not a URL: {e}")))?
         .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint
+    endpoint
         .connect()
         .await
-        .map_err(|e| Failure::Server(format!("cannot reach the controller at {url}: {}", source_chain(&e))))?;
+        .map_err(|e| Failure::Server(format!("cannot reach the controller at {url}: {}", source_chain(&e))))
+}
+
+async fn connect(url: &str) -> Result<ControlServiceClient<Channel>, Failure> {
     // Allow large answers (thousands of jobs or nodes) and large manifests on the way up.
-    Ok(ControlServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    Ok(ControlServiceClient::new(channel(url).await?)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
@@ -260,14 +265,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn run_power(url: &str, output: Output, what: Power) -> Result<(), Failure> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| Failure::Usage(format!("--controller {url:?} is not a URL: {e}")))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::Server(format!("cannot reach the controller at {url}: {}", source_chain(&e))))?;
-    let mut client = PowerServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = PowerServiceClient::new(channel(url).await?).max_decoding_message_size(64 << 20);
     let status = match what {
         Power::Status => client.get_power_status(pb::GetPowerStatusRequest {}).await?,
         Power::SetSource { name, kind, available, ramp } => {

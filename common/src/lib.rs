@@ -1,6 +1,6 @@
 //! `watt-common`: the little every Watt binary needs the same way — durations written as
-//! `250ms`/`10s` on the command line and in config files, logging set up once, and one
-//! shutdown signal.
+//! `250ms`/`10s` on the command line and in config files, TOML config files, logging set up
+//! once, and one shutdown signal.
 
 pub mod duration {
     //! Durations as people write them: `100ms`, `1s`, `2m`.
@@ -25,6 +25,29 @@ pub mod duration {
             let text: Option<String> = Option::deserialize(d)?;
             text.map(|t| super::parse(&t).map_err(serde::de::Error::custom)).transpose()
         }
+    }
+}
+
+pub mod config_file {
+    //! TOML config files: read, parse, and say what is wrong on one line with the file's path.
+    use std::path::{Path, PathBuf};
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum FileError {
+        #[error("cannot read config file {path}: {source}")]
+        Read { path: PathBuf, source: std::io::Error },
+        #[error("config file {path}: {message}")]
+        Parse { path: PathBuf, message: String },
+    }
+
+    /// Read and parse `path`; unknown keys are errors when `T` denies them.
+    pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| FileError::Parse {
+            path: path.into(),
+            // toml's message spans several lines with a source excerpt; keep it on one.
+            message: e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+        })
     }
 }
 
