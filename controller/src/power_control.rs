@@ -14,7 +14,7 @@ use watt_proto::v1 as pb;
 use crate::jobs::{JobRecord, JobTable};
 use crate::power::allocator::{allocate, Allocation, JobLoad};
 use crate::power::curve::Curve;
-use crate::power::planner::{self, counted_watts, plan, NodeCaps, Phase};
+use crate::power::planner::{self, plan, NodeCaps, Phase};
 use crate::power::table::PowerTable;
 use crate::power::{safe_limit_watts, Site, SourceKind};
 use crate::reconcile::{unix_ms, Controller};
@@ -190,7 +190,11 @@ impl Controller {
                 planner::mark_sent(&mut e.power, order, power.cap_epoch, now_ms);
             }
         }
-        let snapshot: Vec<NodeCaps> = nodes.values().map(|e| e.power.clone()).collect();
+        // The books, read in place after the orders went out.
+        let counted: f64 = nodes.values().map(|e| e.power.counted_watts(now_ms, site.idle_gpu_watts)).sum();
+        let outstanding = nodes.values().any(|e| e.power.decrease_outstanding(now_ms));
+        let all_acked =
+            nodes.values().filter(|e| e.power.reachable).all(|e| e.power.gpus.iter().all(|g| g.in_flight.is_none()));
         let drawn: f64 = nodes
             .values()
             .filter_map(|e| e.telemetry.as_ref())
@@ -199,8 +203,6 @@ impl Controller {
         let unacknowledged = nodes.values().filter(|e| e.power.gpus.iter().any(|g| g.in_flight.is_some())).count();
         drop(nodes);
 
-        let counted = counted_watts(&snapshot, now_ms, site.idle_gpu_watts);
-        let outstanding = snapshot.iter().any(|n| n.decrease_outstanding(now_ms));
         // A violation: settled (no decrease outstanding) above the limit although the allocation
         // fits. Counted once per episode.
         let violating = !outstanding && allocation.fits && counted > admission.limit_watts * (1.0 + 1e-9) + 1e-6;
@@ -214,8 +216,7 @@ impl Controller {
         }
         power.violating = violating;
         if let Some(at) = power.event_at {
-            let settled = orders.is_empty()
-                && snapshot.iter().filter(|n| n.reachable).all(|n| n.gpus.iter().all(|g| g.in_flight.is_none()));
+            let settled = orders.is_empty() && all_acked;
             if settled {
                 self.metrics.power_event_ack.observe(now.saturating_duration_since(at).as_secs_f64());
                 power.event_at = None;

@@ -534,6 +534,16 @@ impl Controller {
         for entry in nodes.values_mut() {
             let Some(session) = &entry.session else { continue };
             let want = wanted.get(entry.name.as_str()).unwrap_or(&empty);
+            let is_stale = |key: &ShardKey, epoch: u64| {
+                want.get(key) != Some(&epoch) && entry.sent.get(key) != Some(&(epoch, pb::ShardAction::Stop))
+            };
+            let any_stale =
+                entry.shards.iter().any(|(k, (e, s))| {
+                    matches!(s, pb::ShardState::Running | pb::ShardState::Starting) && is_stale(k, *e)
+                }) || entry.sent.iter().any(|(k, (e, a))| *a == pb::ShardAction::Start && is_stale(k, *e));
+            if !any_stale {
+                continue;
+            }
             let mut stale: Vec<(ShardKey, u64)> = entry
                 .shards
                 .iter()

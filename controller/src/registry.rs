@@ -7,8 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -42,6 +42,14 @@ impl NodeState {
 pub struct Session {
     pub id: u64,
     pub tx: mpsc::Sender<Result<pb::ControllerMessage, tonic::Status>>,
+    /// Cleared when the session ends or is replaced; read without the registry lock.
+    pub alive: Arc<AtomicBool>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -114,6 +122,7 @@ impl Registry {
         register: &pb::Register,
         address: Option<IpAddr>,
         tx: mpsc::Sender<Result<pb::ControllerMessage, tonic::Status>>,
+        alive: Arc<AtomicBool>,
         now: Instant,
         now_unix_ms: i64,
     ) -> u64 {
@@ -157,7 +166,7 @@ impl Registry {
             address,
             last_seen: now,
             last_seen_unix_ms: now_unix_ms,
-            session: Some(Session { id, tx }),
+            session: Some(Session { id, tx, alive }),
             lost: false,
             telemetry: None,
             shard_gpus: register.shards.iter().map(|s| ((s.job.clone(), s.shard), s.gpu_indices.clone())).collect(),

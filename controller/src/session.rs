@@ -113,7 +113,8 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         tx.try_send(Ok(pb::ControllerMessage { body: Some(pb::controller_message::Body::Registered(registered)) }))
             .map_err(|_| Status::internal("session queue"))?;
         let node = register.node_name.clone();
-        let session = c.registry.register(&register, address, tx.clone(), Instant::now(), unix_ms());
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let session = c.registry.register(&register, address, tx.clone(), alive.clone(), Instant::now(), unix_ms());
         c.emit(
             "node",
             &node,
@@ -127,12 +128,11 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         let beat = tx.clone();
         let failsafe_ms = if register.failsafe_after_ms > 0 { u64::from(register.failsafe_after_ms) } else { 10_000 };
         let every = Duration::from_millis(failsafe_ms / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
-        let (beat_controller, beat_node) = (self.controller.clone(), node.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                if beat_controller.registry.with_session(&beat_node, session, |_| ()).is_none() {
+                if !alive.load(std::sync::atomic::Ordering::Relaxed) {
                     return;
                 }
                 let heartbeat = pb::Heartbeat { unix_ms: unix_ms() };
