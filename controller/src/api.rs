@@ -123,7 +123,7 @@ impl PowerApi {
     /// budget below the minimum caps).
     async fn status_after_change(&self) -> pb::PowerStatus {
         self.controller.reconcile_once().await;
-        self.controller.power_status.borrow().clone()
+        self.controller.power_status_now()
     }
 }
 
@@ -221,7 +221,7 @@ impl pb::power_service_server::PowerService for PowerApi {
         &self,
         _: Request<pb::GetPowerStatusRequest>,
     ) -> Result<Response<pb::PowerStatus>, Status> {
-        Ok(Response::new(self.controller.power_status.borrow().clone()))
+        Ok(Response::new(self.controller.power_status_now()))
     }
 
     type WatchPowerStream = BoxStream<'static, Result<pb::PowerStatus, Status>>;

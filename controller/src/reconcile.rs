@@ -128,6 +128,18 @@ impl Controller {
         let _ = self.events.send(event);
     }
 
+    /// The latest power status with the measured draw as of now (telemetry moves between passes).
+    pub fn power_status_now(&self) -> pb::PowerStatus {
+        let mut status = self.power_status.borrow().clone();
+        let nodes = self.registry.lock();
+        status.drawn_watts = nodes
+            .values()
+            .filter_map(|e| e.telemetry.as_ref())
+            .flat_map(|t| t.gpus.iter().filter(|g| g.up).map(|g| g.power_watts))
+            .sum();
+        status
+    }
+
     /// Recent events, oldest first.
     pub fn recent_events(&self) -> Vec<pb::Event> {
         self.history.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
@@ -252,14 +264,47 @@ impl Controller {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(self.settings.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every event that can change a decision wakes the loop. The periodic tick runs a pass
+        // only when time itself changes something: a lease or a failsafe deadline runs out, a
+        // source ramps, an order is due to be resent. At 25,000 nodes an idle pass is not free.
+        let mut since_full = 0u32;
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = self.wake.notified() => {}
+            let woken = tokio::select! {
+                _ = tick.tick() => false,
+                () = self.wake.notified() => true,
                 () = &mut shutdown => return,
+            };
+            since_full += 1;
+            // A full pass at least every 30 ticks regardless, as a backstop.
+            if woken || since_full >= 30 || self.time_changes_something().await {
+                since_full = 0;
+                self.reconcile_once().await;
             }
-            self.reconcile_once().await;
         }
+    }
+
+    /// Whether a pass now could decide something the last one did not, with no event since.
+    async fn time_changes_something(&self) -> bool {
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        {
+            let power = self.power.lock().await;
+            if power.table.sources().any(|s| s.effective_watts(now_ms) < s.available_watts) {
+                return true; // Ramping.
+            }
+        }
+        let lease = self.settings.node_lease;
+        let nodes = self.registry.lock();
+        nodes.values().any(|e| {
+            let lease_ran_out = !e.lost && e.state(now, lease) == NodeState::Lost;
+            let failsafe_passed =
+                !e.power.reachable && e.power.failsafed(now_ms) && e.power.gpus.iter().any(|g| g.in_flight.is_some());
+            let resend_due = e.power.reachable
+                && e.power.gpus.iter().any(|g| {
+                    g.in_flight.is_some_and(|f| now_ms - f.sent_unix_ms >= crate::power::planner::RESEND_AFTER_MS)
+                });
+            lease_ran_out || failsafe_passed || resend_due
+        })
     }
 
     /// One pass. Errors are logged and retried on the next pass: nothing half-applied is lost,
