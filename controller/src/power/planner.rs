@@ -185,11 +185,16 @@ pub fn mark_sent(node: &mut NodeCaps, order: &Order, epoch: u64, now_unix_ms: i6
 }
 
 /// Record an acknowledgement: `applied` are the caps in force after the order of `epoch`.
+///
+/// An acknowledgement of an older order that already shows the cap in flight clears it too:
+/// agents apply orders in epoch order and ignore older ones, so once the target is in force no
+/// earlier, higher cap can come back. Without this a loaded cluster whose acknowledgements take
+/// longer than [`RESEND_AFTER_MS`] would chase its own resends.
 pub fn apply_ack(node: &mut NodeCaps, epoch: u64, applied: &[(u32, f64)]) {
     for &(index, watts) in applied {
         if let Some(g) = node.gpus.iter_mut().find(|g| g.index == index) {
             g.acked_watts = watts;
-            if g.in_flight.is_some_and(|f| f.epoch <= epoch) {
+            if g.in_flight.is_some_and(|f| f.epoch <= epoch || f.target == watts) {
                 g.in_flight = None;
             }
         }
@@ -257,6 +262,22 @@ mod tests {
         assert_eq!(counted_watts(&nodes, 10_000, IDLE), 400.0, "past the deadline: at its failsafe cap");
         let orders = plan(&nodes, &targets, 1_000.0, 10_000, IDLE, 100);
         assert_eq!(orders, vec![Order { node: "b".into(), phase: Phase::Increase, caps: vec![(0, 600.0)] }]);
+    }
+
+    #[test]
+    fn a_late_acknowledgement_of_the_same_cap_settles_a_resent_order() {
+        let mut nodes = vec![node("a", 1, 700.0)];
+        let targets = vec![vec![400.0]];
+        let first = plan(&nodes, &targets, 1e9, 0, IDLE, 10);
+        mark_sent(&mut nodes[0], &first[0], 1, 0);
+        // No answer within the resend time: the same cap goes out again, at a new epoch.
+        let again = plan(&nodes, &targets, 1e9, RESEND_AFTER_MS, IDLE, 10);
+        assert_eq!(again, first);
+        mark_sent(&mut nodes[0], &again[0], 2, RESEND_AFTER_MS);
+        // The first order's acknowledgement arrives: the cap in force is the target.
+        apply_ack(&mut nodes[0], 1, &[(0, 400.0)]);
+        assert_eq!(nodes[0].gpus[0].in_flight, None);
+        assert!(plan(&nodes, &targets, 1e9, RESEND_AFTER_MS + 1, IDLE, 10).is_empty());
     }
 
     #[test]
