@@ -220,18 +220,9 @@ impl JobTable {
     /// Write a changed record back, compare-and-swap against the version it was read at. On a
     /// conflict the cached record is reloaded from the store and the change is dropped.
     pub async fn update(&mut self, record: JobRecord) -> Result<(), StoreError> {
-        let name = record.spec.name.clone();
-        let expect = self.jobs.get(&name).map(|(_, v)| Expect::Version(*v)).unwrap_or(Expect::Absent);
-        match self.store.commit(vec![Write::put(job_key(&name), expect, record.encode())]).await {
-            Ok(version) => {
-                self.jobs.insert(name, (record, version));
-                Ok(())
-            }
-            Err(e @ StoreError::Conflict { .. }) => {
-                self.reload(&name).await?;
-                Err(e)
-            }
-            Err(e) => Err(e),
+        match self.update_all(vec![record]).await {
+            (_, Some(e)) => Err(e),
+            (_, None) => Ok(()),
         }
     }
 

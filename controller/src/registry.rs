@@ -217,10 +217,6 @@ impl Registry {
         out
     }
 
-    pub fn session_count(&self) -> usize {
-        self.lock().values().filter(|e| e.session.is_some()).count()
-    }
-
     /// The most GPUs any registered node has (0 with no nodes).
     pub fn largest_node_gpus(&self) -> usize {
         self.lock().values().filter(|e| !e.lost).map(|e| e.gpus.len()).max().unwrap_or(0)
