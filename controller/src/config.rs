@@ -45,6 +45,11 @@ pub struct Args {
     #[arg(long, env = "WATT_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
     pub reconcile_interval: Option<Duration>,
 
+    /// An elastic job is resized at most once this often: growing back costs it a checkpoint and
+    /// a restart [default: 30s].
+    #[arg(long, env = "WATT_REGROW_AFTER", value_name = "DURATION", value_parser = parse_duration)]
+    pub regrow_after: Option<Duration>,
+
     /// Log format [default: text].
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -60,6 +65,8 @@ pub struct FileConfig {
     pub node_lease: Option<Duration>,
     #[serde(default, with = "watt_common::duration::option")]
     pub reconcile_interval: Option<Duration>,
+    #[serde(default, with = "watt_common::duration::option")]
+    pub regrow_after: Option<Duration>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -70,6 +77,7 @@ pub struct ControllerConfig {
     pub metrics_addr: SocketAddr,
     pub node_lease: Duration,
     pub reconcile_interval: Duration,
+    pub regrow_after: Duration,
     pub log_format: LogFormat,
 }
 
@@ -93,6 +101,7 @@ impl Args {
             metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9401))),
             node_lease: self.node_lease.or(file.node_lease).unwrap_or(Duration::from_secs(15)),
             reconcile_interval: self.reconcile_interval.or(file.reconcile_interval).unwrap_or(Duration::from_secs(1)),
+            regrow_after: self.regrow_after.or(file.regrow_after).unwrap_or(Duration::from_secs(30)),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         };
         config.validate()?;
@@ -129,6 +138,13 @@ impl ControllerConfig {
                 message: format!("must be between 10ms and 1m; got {}", show(self.reconcile_interval)),
             });
         }
+        if self.regrow_after > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::Invalid {
+                flag: "regrow-after",
+                key: "regrow_after",
+                message: format!("must be at most 24h; got {}", show(self.regrow_after)),
+            });
+        }
         Ok(())
     }
 
@@ -136,6 +152,7 @@ impl ControllerConfig {
         Settings {
             node_lease: self.node_lease,
             reconcile_interval: self.reconcile_interval,
+            regrow_after: self.regrow_after,
             // Several telemetry messages per lease, at most one a second.
             telemetry_interval: (self.node_lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(1)),
         }

@@ -92,6 +92,9 @@ pub struct JobRecord {
     pub master_port: u16,
     pub message: String,
     pub preemptions: u32,
+    /// When its shard count last changed (placed, shrunk, grown): resizes are spaced out.
+    #[serde(default)]
+    pub resized_unix_ms: i64,
 }
 
 impl JobRecord {
@@ -199,6 +202,7 @@ impl JobTable {
                 master_port: 0,
                 message: "waiting to be scheduled".into(),
                 preemptions: 0,
+                resized_unix_ms: 0,
             };
             let key = job_key(&spec.name);
             let writes = vec![

@@ -15,6 +15,7 @@ pub mod power;
 pub mod power_control;
 pub mod reconcile;
 pub mod registry;
+pub mod regrow;
 pub mod scheduler;
 pub mod session;
 pub mod spec;

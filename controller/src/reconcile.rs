@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -46,6 +47,8 @@ pub struct Settings {
     pub node_lease: Duration,
     pub reconcile_interval: Duration,
     pub telemetry_interval: Duration,
+    /// An elastic job is resized at most once this often (see [`crate::regrow`]).
+    pub regrow_after: Duration,
 }
 
 /// Why a client request failed.
@@ -74,6 +77,10 @@ pub struct Controller {
     /// The latest power status, for `GetPowerStatus` and `WatchPower`.
     pub power_status: tokio::sync::watch::Sender<pb::PowerStatus>,
     wake: Notify,
+    /// When a job cooling down after a resize may next grow (0: none is): see [`crate::regrow`].
+    pub(crate) regrow_due_unix_ms: AtomicI64,
+    /// No growth attempt before this, after one that found no room.
+    pub(crate) regrow_next_attempt_ms: AtomicI64,
 }
 
 /// How many recent events `ListEvents` can return.
@@ -106,6 +113,8 @@ impl Controller {
             power: Mutex::new(PowerState::new(power)),
             power_status,
             wake: Notify::new(),
+            regrow_due_unix_ms: AtomicI64::new(0),
+            regrow_next_attempt_ms: AtomicI64::new(0),
         }))
     }
 
@@ -287,6 +296,10 @@ impl Controller {
     async fn time_changes_something(&self) -> bool {
         let now = Instant::now();
         let now_ms = unix_ms();
+        let regrow_due = self.regrow_due_unix_ms.load(Ordering::Relaxed);
+        if regrow_due != 0 && now_ms >= regrow_due {
+            return true; // A job's resize cool-down ran out.
+        }
         {
             let power = self.power.lock().await;
             if power.table.sources().any(|s| s.effective_watts(now_ms) < s.available_watts) {
@@ -371,6 +384,7 @@ impl Controller {
         let starting: Vec<(String, Vec<ShardAssignment>)> =
             plan.starts.iter().map(|s| (s.job.clone(), s.shards.clone())).collect();
         let admission = self.admit(&power, &jobs, &preempted, &starting);
+        let mut admission = admission;
         let verdict: HashMap<String, (bool, u32)> = admission
             .allocation
             .as_ref()
@@ -401,6 +415,7 @@ impl Controller {
                     let mut record = job.clone();
                     record.shards.truncate(keep as usize);
                     record.epoch += 1;
+                    record.resized_unix_ms = unix_ms();
                     record.state = JobState::Starting;
                     record.message = format!("shrunk to {keep} shard(s): the power budget cannot hold more");
                     let message = record.message.clone();
@@ -409,6 +424,8 @@ impl Controller {
                 _ => {}
             }
         }
+        // Nothing started, stopped, paused or shrunk: a shrunk job may grow back.
+        let quiet = changes.is_empty() && plan.starts.is_empty();
         let mut ports: HashMap<String, HashSet<u16>> = HashMap::new();
         for job in jobs.iter().filter(|j| j.state.is_active()) {
             if let Some(first) = job.shards.first() {
@@ -433,6 +450,7 @@ impl Controller {
             used.insert(record.master_port);
             record.state = JobState::Starting;
             record.epoch += 1;
+            record.resized_unix_ms = unix_ms();
             let summary = placement_summary(&start.shards);
             record.shards = start.shards;
             record.message = format!("placed: {summary}");
@@ -452,15 +470,36 @@ impl Controller {
         }
         self.apply(&mut jobs, changes).await;
 
-        // 7. Caps toward the allocation, through the planner.
+        // 7. Growth of a job below its size, when everything else is settled.
+        if quiet {
+            if let Some(record) = self.regrow(&power, &jobs, &nodes, &admission, unix_ms()) {
+                let message = record.message.clone();
+                self.apply(&mut jobs, vec![Change { record, reason: "grown", message }]).await;
+                admission = self.admit(&power, &jobs, &HashSet::new(), &[]);
+            }
+        }
+
+        // 8. Caps toward the allocation, through the planner.
         self.enforce(&mut power, &jobs, admission);
         drop(power);
 
-        // 8. Shard orders to agents.
+        // 9. Shard orders to agents.
         self.send_orders(&jobs);
         self.metrics.observe(&jobs, &self.registry, now, lease);
         drop(jobs);
         self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// A rendezvous port on `node` that no other active job's rank 0 there uses.
+    pub(crate) fn free_master_port(&self, jobs: &JobTable, node: &str, except: &str) -> u16 {
+        let used: HashSet<u16> = jobs
+            .iter()
+            .filter(|j| {
+                j.state.is_active() && j.spec.name != except && j.shards.first().is_some_and(|s| s.node == node)
+            })
+            .map(|j| j.master_port)
+            .collect();
+        MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start)
     }
 
     /// Store `changes` in order (see [`JobTable::update_all`]) and announce the ones stored.

@@ -191,3 +191,51 @@ fn bad_power_input_is_refused_by_field_and_a_budget_below_the_minimum_says_what_
     set_grid(&url, "10kW", None);
     wait_for(Duration::from_secs(20), "the job resumed", || (jobs(&url)["lone"]["state"] == "running").then_some(()));
 }
+
+#[test]
+fn an_elastic_job_shrunk_for_power_grows_back_when_power_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = ControllerProc::start(
+        &format!("file:{}", dir.path().join("w.redb").display()),
+        0,
+        &["--reconcile-interval", "200ms", "--regrow-after", "1s"],
+    );
+    let url = controller.url.clone();
+    let _agents: Vec<Proc> = (1..=2).map(|i| agent(&url, &format!("node-{i}"), 8)).collect();
+    wait_for(Duration::from_secs(20), "2 nodes", || {
+        (wattctl_json(&url, &["nodes"]).as_array().unwrap().len() == 2).then_some(())
+    });
+    set_grid(&url, "20kW", None);
+    let manifest = "name: elastic\nshards: {min: 1, max: 4}\ngpus_per_shard: 4\ncommand: [x]\nflex: 0.2\n";
+    assert!(submit(&url, manifest).status.success());
+    let shards = |url: &str| jobs(url)["elastic"]["placement"].as_array().map_or(0, Vec::len);
+    wait_for(Duration::from_secs(20), "4 shards running", || {
+        (jobs(&url)["elastic"]["state"] == "running" && shards(&url) == 4).then_some(())
+    });
+
+    // 16 GPUs at their 200 W minimum and none idle: 3.2 kW. A 2.28 kW limit holds one shard
+    // (4 × 200 W + 12 idle GPUs × 100 W = 2 kW), not two (2.4 kW).
+    set_grid(&url, "2.4kW", None);
+    let shrunk = wait_for(Duration::from_secs(20), "the job shrunk to 1 shard", || {
+        let j = jobs(&url)["elastic"].clone();
+        (j["state"] == "running" && j["placement"].as_array().map_or(0, Vec::len) == 1).then_some(j)
+    });
+    assert!(shrunk["message"].as_str().unwrap().contains("shard"), "{shrunk}");
+    let p = settled(&url, "the cut acknowledged");
+    assert!(f(&p, "counted_watts") <= f(&p, "limit_watts") + 1e-6, "{p}");
+
+    // Power back: it grows back to its full size in one resize, and every cap stays in budget.
+    set_grid(&url, "20kW", None);
+    let grown = wait_for(Duration::from_secs(30), "the job grown back to 4 shards", || {
+        let j = jobs(&url)["elastic"].clone();
+        (j["state"] == "running" && j["placement"].as_array().map_or(0, Vec::len) == 4).then_some(j)
+    });
+    assert!(grown["message"].as_str().unwrap().contains("running 4"), "{grown}");
+    let events = wattctl(&url, &["events"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    let grew: Vec<&str> = events.lines().filter(|l| l.contains("grown")).collect();
+    assert_eq!(grew.len(), 1, "one resize straight to the full size: {events}");
+    assert!(grew[0].contains("from 1 to 4"), "{events}");
+    let p = settled(&url, "the regrowth acknowledged");
+    assert_eq!(p["budget_violations"], 0, "{p}");
+}

@@ -51,6 +51,8 @@ pub struct JobAllocation {
     /// Shards to keep (≤ the shards placed; ≥ `min_shards` unless paused).
     pub shards: u32,
     pub paused: bool,
+    /// Whether the cap keeps the job within its flex (false when paused).
+    pub within_flex: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -207,7 +209,13 @@ pub fn allocate(budget_watts: f64, jobs: &[JobLoad], total_gpus: u64, idle_gpu_w
     Allocation {
         jobs: work
             .into_iter()
-            .map(|w| JobAllocation { name: w.load.name, cap_watts: w.cap, shards: w.shards, paused: w.paused })
+            .map(|w| JobAllocation {
+                within_flex: !w.paused && w.cap >= w.flex_floor() - 1e-6,
+                name: w.load.name,
+                cap_watts: w.cap,
+                shards: w.shards,
+                paused: w.paused,
+            })
             .collect(),
         total_watts,
         fits,
@@ -291,6 +299,7 @@ mod tests {
         assert!((flexible - 350.0).abs() < 1.0, "the flexible job absorbs all of it: {flexible}");
         let speed = Curve::default().speed(flexible, 700.0);
         assert!(speed >= 0.7 - 1e-9, "and stays within its flex: speed {speed}");
+        assert!(a.jobs.iter().all(|j| j.within_flex), "{a:?}");
         assert!((a.total_watts - full * 0.75).abs() < 1.0);
     }
 
@@ -300,6 +309,7 @@ mod tests {
         let a = allocate(64.0 * 400.0, &jobs, 64, 100.0);
         let (x, y) = (get(&a, "a").cap_watts, get(&a, "b").cap_watts);
         assert!((x - y).abs() < 1e-6 && (x - 400.0).abs() < 1.0, "{x} {y}");
+        assert!(a.jobs.iter().all(|j| !j.within_flex), "400 W is below a 10% flex: {a:?}");
     }
 
     #[test]
