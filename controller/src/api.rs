@@ -157,7 +157,7 @@ impl pb::power_service_server::PowerService for PowerApi {
         {
             let mut power = self.controller.power.lock().await;
             let stored = power.table.set_source(update, crate::reconcile::unix_ms()).await?;
-            power.power_event();
+            self.controller.acks.power_event();
             self.controller.emit(
                 "power",
                 &stored.name,
@@ -184,7 +184,7 @@ impl pb::power_service_server::PowerService for PowerApi {
         {
             let mut power = self.controller.power.lock().await;
             power.table.remove_source(&name).await?;
-            power.power_event();
+            self.controller.acks.power_event();
         }
         self.controller.emit("power", &name, "source-removed", "source removed".into());
         Ok(Response::new(self.status_after_change().await))
@@ -201,7 +201,7 @@ impl pb::power_service_server::PowerService for PowerApi {
         {
             let mut power = self.controller.power.lock().await;
             let site = power.table.set_site(update).await?;
-            power.power_event();
+            self.controller.acks.power_event();
             self.controller.emit(
                 "power",
                 "site",

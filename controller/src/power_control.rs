@@ -29,8 +29,6 @@ pub struct PowerState {
     pub table: PowerTable,
     /// Cap orders carry this, strictly increasing, also across controller restarts.
     cap_epoch: u64,
-    /// When the last source or site change happened, until every cap it moved is acknowledged.
-    event_at: Option<Instant>,
     violating: bool,
     pub last: Option<Allocation>,
 }
@@ -39,12 +37,7 @@ impl PowerState {
     pub fn new(table: PowerTable) -> Self {
         // Start above any epoch an earlier run of the controller can have used.
         let cap_epoch = (unix_ms().max(0) as u64) * 1_000;
-        PowerState { table, cap_epoch, event_at: None, violating: false, last: None }
-    }
-
-    /// A source or the site changed: start the clock for event-to-acknowledged latency.
-    pub fn power_event(&mut self) {
-        self.event_at.get_or_insert_with(Instant::now);
+        PowerState { table, cap_epoch, violating: false, last: None }
     }
 }
 
@@ -193,14 +186,23 @@ impl Controller {
         // The books, read in place after the orders went out.
         let counted: f64 = nodes.values().map(|e| e.power.counted_watts(now_ms, site.idle_gpu_watts)).sum();
         let outstanding = nodes.values().any(|e| e.power.decrease_outstanding(now_ms));
-        let all_acked =
-            nodes.values().filter(|e| e.power.reachable).all(|e| e.power.gpus.iter().all(|g| g.in_flight.is_none()));
         let drawn: f64 = nodes
             .values()
             .filter_map(|e| e.telemetry.as_ref())
             .flat_map(|t| t.gpus.iter().filter(|g| g.up).map(|g| g.power_watts))
             .sum();
         let unacknowledged = nodes.values().filter(|e| e.power.gpus.iter().any(|g| g.in_flight.is_some())).count();
+        let owing =
+            nodes.values().filter(|e| e.power.reachable && e.power.gpus.iter().any(|g| g.in_flight.is_some())).count();
+        // Targets not yet ordered: increases that wait for headroom or their turn.
+        let more_to_order = nodes.values().zip(&targets).any(|(e, t)| {
+            e.power.reachable
+                && e.power.gpus.iter().zip(t).any(|(g, &t)| match g.in_flight {
+                    Some(f) => f.target != t,
+                    None => g.acked_watts != t,
+                })
+        });
+        self.acks.after_pass(owing, more_to_order, &self.metrics);
         drop(nodes);
 
         // A violation: settled (no decrease outstanding) above the limit although the allocation
@@ -215,13 +217,6 @@ impl Controller {
             );
         }
         power.violating = violating;
-        if let Some(at) = power.event_at {
-            let settled = orders.is_empty() && all_acked;
-            if settled {
-                self.metrics.power_event_ack.observe(now.saturating_duration_since(at).as_secs_f64());
-                power.event_at = None;
-            }
-        }
 
         let mut job_power: Vec<pb::JobPower> = allocation
             .jobs

@@ -18,6 +18,7 @@ use watt_proto::v1 as pb;
 
 use crate::jobs::{JobRecord, JobState, JobTable};
 use crate::metrics::Metrics;
+use crate::power::acks::AckTracker;
 use crate::power::table::PowerTable;
 use crate::power_control::PowerState;
 use crate::registry::{NodeState, Registry, ShardKey};
@@ -77,6 +78,8 @@ pub struct Controller {
     /// The latest power status, for `GetPowerStatus` and `WatchPower`.
     pub power_status: tokio::sync::watch::Sender<pb::PowerStatus>,
     wake: Notify,
+    /// Acknowledgements owed since the last pass: see [`crate::power::acks`].
+    pub acks: AckTracker,
     /// When a job cooling down after a resize may next grow (0: none is): see [`crate::regrow`].
     pub(crate) regrow_due_unix_ms: AtomicI64,
     /// No growth attempt before this, after one that found no room.
@@ -113,6 +116,7 @@ impl Controller {
             power: Mutex::new(PowerState::new(power)),
             power_status,
             wake: Notify::new(),
+            acks: AckTracker::default(),
             regrow_due_unix_ms: AtomicI64::new(0),
             regrow_next_attempt_ms: AtomicI64::new(0),
         }))

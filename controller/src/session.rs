@@ -198,14 +198,24 @@ async fn serve_inbound(
             Some(Body::CapAck(ack)) => {
                 let applied: Vec<(u32, f64)> =
                     ack.applied.iter().filter(|c| c.watts.is_finite()).map(|c| (c.index, c.watts)).collect();
-                c.registry.with_session(node, session, |e| {
-                    crate::power::planner::apply_ack(&mut e.power, ack.epoch, &applied);
-                    e.not_enforced = ack.not_enforced;
-                });
+                let owed = |e: &crate::registry::NodeEntry| e.power.gpus.iter().any(|g| g.in_flight.is_some());
+                let last = c
+                    .registry
+                    .with_session(node, session, |e| {
+                        let owed_before = owed(e);
+                        crate::power::planner::apply_ack(&mut e.power, ack.epoch, &applied);
+                        e.not_enforced = ack.not_enforced;
+                        // Counted here, under the registry lock, as the pass counts.
+                        owed_before && !owed(e) && e.power.reachable && c.acks.node_settled(&c.metrics)
+                    })
+                    .unwrap_or(false);
                 if !ack.error.is_empty() {
                     c.emit("node", node, "cap-error", ack.error.clone());
                 }
-                c.wake();
+                // Only the last acknowledgement owed runs a pass: it may free increases.
+                if last || !ack.error.is_empty() {
+                    c.wake();
+                }
             }
             Some(Body::Register(_)) => return Err(invalid("body", "register may only be the first message")),
             None => return Err(invalid("body", "is required")),

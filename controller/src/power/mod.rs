@@ -5,6 +5,7 @@
 //! Everything here is plain data and pure functions of it; times are passed in as Unix
 //! milliseconds, never read from a clock.
 
+pub mod acks;
 pub mod allocator;
 pub mod curve;
 pub mod planner;
