@@ -77,12 +77,8 @@ impl Rendezvous {
             }
             // Not our left neighbour (a straggler of an earlier run): ignore it.
         };
-        for s in [&left_stream, &right_stream] {
-            let _ = s.set_nodelay(true);
-            let _ = s.set_read_timeout(Some(self.collective_timeout));
-            let _ = s.set_write_timeout(Some(self.collective_timeout));
-        }
-        Ok(Ring::new(self.rank, self.world, left_stream, right_stream))
+        Ring::new(self.rank, self.world, left_stream, right_stream, self.collective_timeout)
+            .map_err(|e| RendezvousError::Protocol { peer: "the ring's links".into(), message: e.to_string() })
     }
 
     /// Rank 0: wait for every other rank, then tell each its right neighbour. Returns rank 0's.

@@ -7,14 +7,17 @@
 //! passes the summed segments around the ring the same way, copying instead of adding. Each link
 //! carries `2 (world − 1) / world` of the vector, whatever the world size.
 //!
-//! Within a step, sending and receiving run at once (a scoped sender thread; the receiver adds
-//! as chunks land), so both directions of every link are busy and the additions overlap the
-//! transfers. Values travel as little-endian `f64`: every rank of a job runs the same binary on
+//! Within a step, sending and receiving run at once on one thread over non-blocking sockets (the
+//! receiver adds as bytes land), so both directions of every link are busy and the additions
+//! overlap the transfers. Values travel as little-endian `f64`: every rank of a job runs the same binary on
 //! the same architecture.
 //!
 //! A peer that dies shows as an end of stream or a reset on the next read or write: the error
 //! names the neighbour, and the rank fails at once instead of hanging. A peer that hangs is cut
 //! off by the collective timeout.
+//!
+//! Waiting spins briefly and then yields the CPU rather than sleeping in the kernel: between
+//! the chunks of one all-reduce the next bytes are microseconds away.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -40,6 +43,8 @@ pub struct Ring {
     /// Sends to rank + 1.
     right: Option<TcpStream>,
     scratch: Vec<f64>,
+    /// A step with no progress for this long fails.
+    timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,12 +56,23 @@ enum Combine {
 impl Ring {
     /// A world of one: every reduction is the identity.
     pub fn alone() -> Self {
-        Ring { rank: 0, world: 1, left: None, right: None, scratch: Vec::new() }
+        Ring { rank: 0, world: 1, left: None, right: None, scratch: Vec::new(), timeout: std::time::Duration::MAX }
     }
 
-    /// A ring from established links: `left` from rank − 1, `right` to rank + 1.
-    pub fn new(rank: usize, world: usize, left: TcpStream, right: TcpStream) -> Self {
-        Ring { rank, world, left: Some(left), right: Some(right), scratch: vec![0.0; CHUNK_BYTES / 8] }
+    /// A ring from established links: `left` from rank − 1, `right` to rank + 1. A step that
+    /// makes no progress for `timeout` fails.
+    pub fn new(
+        rank: usize,
+        world: usize,
+        left: TcpStream,
+        right: TcpStream,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<Self> {
+        for s in [&left, &right] {
+            s.set_nodelay(true)?;
+            s.set_nonblocking(true)?;
+        }
+        Ok(Ring { rank, world, left: Some(left), right: Some(right), scratch: vec![0.0; CHUNK_BYTES / 8], timeout })
     }
 
     pub fn rank(&self) -> usize {
@@ -88,7 +104,9 @@ impl Ring {
         Ok(())
     }
 
-    /// Send `data[send]` to the right while receiving into `data[recv]` from the left.
+    /// Send `data[send]` to the right while receiving into `data[recv]` from the left, on one
+    /// thread: both sockets are non-blocking and the loop moves whichever can move, so both
+    /// directions stay busy without a thread per step (what MPI's progress engine does too).
     fn exchange(
         &mut self,
         data: &mut [f64],
@@ -98,35 +116,108 @@ impl Ring {
         during: &'static str,
     ) -> Result<(), RingError> {
         let (outgoing, incoming) = disjoint(data, send, recv);
-        let (Some(left), Some(right)) = (&self.left, &self.right) else { return Ok(()) };
         let (w, r) = (self.world, self.rank);
-        let scratch = &mut self.scratch;
-        std::thread::scope(|scope| {
-            let sender = scope.spawn(move || -> std::io::Result<()> {
-                let mut right = right;
-                for chunk in bytemuck::cast_slice::<f64, u8>(outgoing).chunks(CHUNK_BYTES) {
-                    right.write_all(chunk)?;
+        let (Some(mut left), Some(mut right)) = (self.left.as_ref(), self.right.as_ref()) else { return Ok(()) };
+        let left_error = |source| RingError::Peer { peer: (r + w - 1) % w, side: "left", during, source };
+        let right_error = |source| RingError::Peer { peer: (r + 1) % w, side: "right", during, source };
+        let closed = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
+
+        let out: &[u8] = bytemuck::cast_slice(outgoing);
+        let mut sent = 0;
+        // Received bytes: a copy lands in place; a sum lands in scratch and is added from there,
+        // carrying a partial f64 over to the next read.
+        let mut done = 0; // elements of `incoming` complete
+        let mut pending = 0; // bytes in scratch (Add) or past `done` (Copy)
+        let mut idle = Idle::new(self.timeout);
+        while sent < out.len() || done < incoming.len() {
+            let mut moved = false;
+            if sent < out.len() {
+                let end = (sent + CHUNK_BYTES).min(out.len());
+                match right.write(&out[sent..end]) {
+                    Ok(0) => return Err(right_error(closed())),
+                    Ok(n) => (sent, moved) = (sent + n, true),
+                    Err(e) if retry(&e) => {}
+                    Err(e) => return Err(right_error(e)),
                 }
-                Ok(())
-            });
-            let received = (|| -> std::io::Result<()> {
-                let mut left = left;
-                for part in incoming.chunks_mut(scratch.len()) {
-                    let buffer = &mut scratch[..part.len()];
-                    left.read_exact(bytemuck::cast_slice_mut::<f64, u8>(buffer))?;
-                    match combine {
-                        Combine::Add => part.iter_mut().zip(buffer.iter()).for_each(|(d, s)| *d += s),
-                        Combine::Copy => part.copy_from_slice(buffer),
+            }
+            if done < incoming.len() {
+                let read = match combine {
+                    Combine::Copy => {
+                        let bytes = bytemuck::cast_slice_mut::<f64, u8>(&mut incoming[done..]);
+                        let end = (pending + CHUNK_BYTES).min(bytes.len());
+                        left.read(&mut bytes[pending..end])
                     }
+                    Combine::Add => {
+                        let bytes = bytemuck::cast_slice_mut::<f64, u8>(&mut self.scratch);
+                        // Never past this step's bytes: the next step's may already be queued.
+                        let end = ((incoming.len() - done) * 8).min(bytes.len());
+                        left.read(&mut bytes[pending..end])
+                    }
+                };
+                match read {
+                    Ok(0) => return Err(left_error(closed())),
+                    Ok(n) => {
+                        pending += n;
+                        moved = true;
+                        let whole = pending / 8;
+                        if let Combine::Add = combine {
+                            incoming[done..done + whole]
+                                .iter_mut()
+                                .zip(&self.scratch[..whole])
+                                .for_each(|(d, s)| *d += s);
+                            bytemuck::cast_slice_mut::<f64, u8>(&mut self.scratch).copy_within(whole * 8..pending, 0);
+                        }
+                        done += whole;
+                        pending -= whole * 8;
+                    }
+                    Err(e) if retry(&e) => {}
+                    Err(e) => return Err(left_error(e)),
                 }
-                Ok(())
-            })();
-            let sent = sender.join().unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
-            // The receive error first: a dead left neighbour is the cause, a broken pipe to the
-            // right often its echo.
-            received.map_err(|source| RingError::Peer { peer: (r + w - 1) % w, side: "left", during, source })?;
-            sent.map_err(|source| RingError::Peer { peer: (r + 1) % w, side: "right", during, source })
-        })
+            }
+            if moved {
+                idle.reset();
+            } else if idle.wait() {
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no progress within the collective timeout");
+                return Err(if sent < out.len() { right_error(e) } else { left_error(e) });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn retry(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted)
+}
+
+/// Waiting on both sockets: spin briefly (data is usually microseconds away), then yield the
+/// CPU, and give up after the collective timeout without progress.
+#[derive(Debug)]
+struct Idle {
+    spins: u32,
+    since: Option<crate::clock::Deadline>,
+    timeout: std::time::Duration,
+}
+
+impl Idle {
+    fn new(timeout: std::time::Duration) -> Self {
+        Idle { spins: 0, since: None, timeout }
+    }
+
+    fn reset(&mut self) {
+        self.spins = 0;
+        self.since = None;
+    }
+
+    /// Wait a little; true once the timeout has passed with no progress.
+    fn wait(&mut self) -> bool {
+        self.spins += 1;
+        if self.spins < 16 {
+            std::hint::spin_loop();
+            return false;
+        }
+        std::thread::yield_now();
+        let timeout = self.timeout;
+        self.since.get_or_insert_with(|| crate::clock::Deadline::after(timeout)).passed()
     }
 }
 
@@ -158,6 +249,41 @@ fn disjoint<'a>(data: &'a mut [f64], a: &Range<usize>, b: &Range<usize>) -> (&'a
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (a, listener.accept().unwrap().0)
+    }
+
+    /// Rank 0 of a two-rank ring, the test playing rank 1 and dribbling its bytes 5 at a time:
+    /// reads end mid-value, and one read could reach into the next half's bytes. It must not.
+    #[test]
+    fn reads_that_split_values_never_take_the_next_steps_bytes() {
+        let (mut to_zero, left) = pair();
+        let (right, mut from_zero) = pair();
+        let mut ring = Ring::new(0, 2, left, right, Duration::from_secs(10)).unwrap();
+        // Segments of 5 values: [0..3] and [3..5]. Rank 1 sends its segment 1 for rank 0 to add,
+        // then the summed segment 0.
+        let mut stream = Vec::new();
+        for v in [40.0f64, 50.0, 11.0, 22.0, 33.0] {
+            stream.extend_from_slice(&v.to_le_bytes());
+        }
+        let peer = std::thread::spawn(move || {
+            for piece in stream.chunks(5) {
+                to_zero.write_all(piece).unwrap();
+                std::thread::park_timeout(Duration::from_millis(2));
+            }
+            let mut sink = vec![0u8; 5 * 8];
+            from_zero.read_exact(&mut sink).unwrap();
+        });
+        let mut data = vec![1.0, 2.0, 3.0, 4.0, 5.0];
+        ring.all_reduce_sum(&mut data).unwrap();
+        peer.join().unwrap();
+        assert_eq!(data, vec![11.0, 22.0, 33.0, 44.0, 55.0]);
+    }
 
     #[test]
     fn segments_cover_the_vector_in_order_and_differ_by_at_most_one() {
