@@ -18,6 +18,7 @@ use crate::gpu::GpuBackend;
 use crate::sampler::{self, NodeSnapshot, Sampler, XidLog};
 use crate::session::{self, SessionConfig};
 use crate::shards::ShardTable;
+use crate::supervisor::Supervisor;
 
 /// Open the backend the configuration asks for. Blocking (NVML init enumerates the GPUs).
 pub fn open_backend(config: &AgentConfig) -> Result<Arc<dyn GpuBackend>, AgentError> {
@@ -110,13 +111,23 @@ pub async fn run(
         enforce = config.enforce.as_str(),
         "Serving metrics."
     );
+    let supervisor = Arc::new(Supervisor::new(config.state_dir.clone()));
+    if config.controller.is_some() {
+        // Shards an earlier run of this agent left behind are stopped; the controller orders
+        // them again and they resume from their checkpoints.
+        let stopped = supervisor.stop_leftovers(config.stop_grace).await;
+        if !stopped.is_empty() {
+            tracing::warn!(shards = stopped.len(), "Stopped shards left running by an earlier run of the agent.");
+        }
+    }
+    let shards = ShardTable::new(supervisor.clone(), config.stop_grace);
     let session = config.controller.clone().map(|controller| {
         let session_config = SessionConfig { controller, node_name: config.node_name.clone(), boot_id: boot_id() };
         tokio::spawn(session::run(
             session_config,
             inventory.clone(),
             rx.clone(),
-            Arc::new(ShardTable::default()),
+            shards.clone(),
             enforcer.clone(),
             stop_rx.clone(),
         ))
@@ -133,6 +144,8 @@ pub async fn run(
     if let Some(session) = session {
         let _ = session.await;
     }
+    // Workers get SIGTERM (they checkpoint) and their grace period; none outlives the agent.
+    supervisor.stop_all().await;
     if let Some(failsafe) = failsafe {
         let _ = failsafe.await;
     }

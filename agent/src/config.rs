@@ -129,6 +129,15 @@ pub struct Args {
     /// The failsafe cap in watts, for every GPU [default: each GPU's minimum].
     #[arg(long, env = "WATT_FAILSAFE_CAP", value_name = "WATTS")]
     pub failsafe_cap: Option<f64>,
+
+    /// Where shards' logs, pid files and default checkpoints live [default: /var/lib/watt-agent].
+    #[arg(long, env = "WATT_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Between SIGTERM and SIGKILL when stopping a shard whose job sets no `stop_grace`
+    /// [default: 30s].
+    #[arg(long, env = "WATT_STOP_GRACE", value_name = "DURATION", value_parser = parse_duration)]
+    pub stop_grace: Option<Duration>,
 }
 
 /// The config file: the same settings as the flags, in snake_case.
@@ -153,6 +162,9 @@ pub struct FileConfig {
     #[serde(default, with = "watt_common::duration::option")]
     pub failsafe_after: Option<Duration>,
     pub failsafe_cap: Option<f64>,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default, with = "watt_common::duration::option")]
+    pub stop_grace: Option<Duration>,
 }
 
 /// The configuration the agent runs with: every value present and valid.
@@ -173,6 +185,8 @@ pub struct AgentConfig {
     pub enforce: EnforceMode,
     pub failsafe_after: Duration,
     pub failsafe_cap: Option<f64>,
+    pub state_dir: PathBuf,
+    pub stop_grace: Duration,
 }
 
 /// A configuration problem. `Display` is the one line the operator sees.
@@ -195,6 +209,8 @@ impl ConfigError {
             "nvml_library" => "nvml-library",
             "failsafe_after" => "failsafe-after",
             "failsafe_cap" => "failsafe-cap",
+            "state_dir" => "state-dir",
+            "stop_grace" => "stop-grace",
             other => other,
         };
         ConfigError::Invalid { flag, key, message }
@@ -228,6 +244,12 @@ impl Args {
             enforce: self.enforce.or(file.enforce).unwrap_or(EnforceMode::On),
             failsafe_after: self.failsafe_after.or(file.failsafe_after).unwrap_or(Duration::from_secs(10)),
             failsafe_cap: self.failsafe_cap.or(file.failsafe_cap),
+            state_dir: self
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/watt-agent")),
+            stop_grace: self.stop_grace.or(file.stop_grace).unwrap_or(Duration::from_secs(30)),
         };
         config.validate()?;
         Ok(config)
@@ -298,6 +320,15 @@ impl AgentConfig {
                     format!("must be a positive number of watts; got {cap}"),
                 ));
             }
+        }
+        if self.stop_grace > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(
+                "stop_grace",
+                format!("must be at most 1h; got {}", show(self.stop_grace)),
+            ));
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("state_dir", "must not be empty".into()));
         }
         if self.nvml_library.is_empty() {
             return Err(ConfigError::invalid("nvml_library", "must not be empty".into()));

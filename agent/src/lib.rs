@@ -19,5 +19,6 @@ pub mod host;
 pub mod sampler;
 pub mod session;
 pub mod shards;
+pub mod supervisor;
 
 pub use error::AgentError;

@@ -123,7 +123,7 @@ async fn session_once(
     config: &SessionConfig,
     inventory: &[GpuInfo],
     snapshots: watch::Receiver<Arc<NodeSnapshot>>,
-    shards: &ShardTable,
+    shards: &Arc<ShardTable>,
     enforcer: &Arc<Enforcer>,
 ) -> Result<(), tonic::Status> {
     let channel = Endpoint::from_shared(config.controller.clone())
@@ -156,8 +156,15 @@ async fn session_once(
 
     let mut interval = Duration::from_secs(1);
     let mut tick = tokio::time::interval(interval);
+    // Shard state changes from the supervisor, for as long as this session lasts.
+    let mut updates = shards.pending.lock().await;
     loop {
         tokio::select! {
+            Some(status) = updates.recv() => {
+                if tx.send(message(pb::agent_message::Body::ShardStatus(status))).await.is_err() {
+                    return Ok(());
+                }
+            }
             incoming = inbound.message() => {
                 let Some(m) = incoming? else { return Ok(()) };
                 enforcer.heard(Instant::now());

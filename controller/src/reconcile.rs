@@ -609,6 +609,7 @@ impl Controller {
                     workdir: job.spec.workdir.clone().unwrap_or_default(),
                     checkpoint_dir: job.spec.checkpoint_dir.clone().unwrap_or_default(),
                     max_restarts: job.spec.max_restarts,
+                    grace_period_ms: job.spec.stop_grace_ms,
                 };
                 let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(order)) };
                 // A full queue is retried next pass: it is not marked sent.

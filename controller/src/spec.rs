@@ -34,9 +34,15 @@ pub const RESERVED_ENV: &[&str] = &[
     "TORCHELASTIC_RESTART_COUNT",
     "TORCHELASTIC_MAX_RESTARTS",
     "TORCHELASTIC_RUN_ID",
+    "ROLE_WORLD_SIZE",
     "CUDA_VISIBLE_DEVICES",
     "WATT_CHECKPOINT_DIR",
+    "WATT_JOB",
+    "WATT_SHARD",
+    "WATT_EPOCH",
 ];
+pub const DEFAULT_STOP_GRACE_MS: u64 = 30_000;
+pub const MAX_STOP_GRACE_MS: u64 = 3_600_000;
 
 /// A bad field: `Display` is `"<path> <what is wrong>"`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -65,6 +71,13 @@ pub struct JobSpec {
     pub checkpoint_dir: Option<String>,
     pub flex: f64,
     pub max_restarts: u32,
+    /// Between SIGTERM and SIGKILL when a shard is stopped.
+    #[serde(default = "default_stop_grace_ms")]
+    pub stop_grace_ms: u64,
+}
+
+fn default_stop_grace_ms() -> u64 {
+    DEFAULT_STOP_GRACE_MS
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +102,8 @@ struct Manifest {
     checkpoint_dir: Option<String>,
     flex: Option<f64>,
     max_restarts: Option<i64>,
+    /// A duration ("30s", "2m"), or milliseconds from the proto's `stop_grace_ms`.
+    stop_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +168,7 @@ impl JobSpec {
             checkpoint_dir: non_empty(&spec.checkpoint_dir),
             flex: Some(spec.flex),
             max_restarts: spec.max_restarts,
+            stop_grace: spec.stop_grace_ms.map(|ms| format!("{ms}ms")),
         })
     }
 
@@ -234,6 +250,16 @@ impl JobSpec {
         if !(0..=1_000).contains(&max_restarts) {
             return Err(FieldError::new("max_restarts", format!("must be between 0 and 1000 (got {max_restarts})")));
         }
+        let stop_grace_ms = match &m.stop_grace {
+            None => DEFAULT_STOP_GRACE_MS,
+            Some(text) => watt_common::duration::parse(text)
+                .ok()
+                .map(|d| d.as_millis() as u64)
+                .filter(|ms| *ms <= MAX_STOP_GRACE_MS)
+                .ok_or_else(|| {
+                    FieldError::new("stop_grace", format!("must be a duration up to 1h, like 30s (got {text:?})"))
+                })?,
+        };
         Ok(JobSpec {
             name,
             priority,
@@ -245,6 +271,7 @@ impl JobSpec {
             checkpoint_dir: m.checkpoint_dir,
             flex,
             max_restarts: max_restarts as u32,
+            stop_grace_ms,
         })
     }
 
@@ -260,6 +287,7 @@ impl JobSpec {
             checkpoint_dir: self.checkpoint_dir.clone().unwrap_or_default(),
             flex: self.flex,
             max_restarts: Some(i64::from(self.max_restarts)),
+            stop_grace_ms: Some(self.stop_grace_ms as i64),
         }
     }
 }

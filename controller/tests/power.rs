@@ -45,6 +45,7 @@ fn agent_with_failsafe(url: &str, node: &str) -> Proc {
         "--failsafe-after",
         "2s",
     ]);
+    cmd.arg("--state-dir").arg(state_dir(node));
     Proc::spawn(node, cmd)
 }
 
@@ -63,7 +64,7 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
     // 64 H100s at most draw 44.8 kW; 50 kW less a 5% reserve holds them all at full power.
     set_grid(&url, "50kW", None);
     for (name, prio, flex) in [("alpha", 4, 0.0), ("beta", 3, 0.1), ("gamma", 2, 0.2), ("delta", 1, 0.3)] {
-        let m = format!("name: {name}\npriority: {prio}\nshards: {{min: 2, max: 2}}\ngpus_per_shard: 8\ncommand: [x]\nflex: {flex}\n");
+        let m = format!("name: {name}\npriority: {prio}\nshards: {{min: 2, max: 2}}\ngpus_per_shard: 8\ncommand: {IDLE_COMMAND}\nflex: {flex}\n");
         assert!(submit(&url, &m).status.success());
     }
     wait_for(Duration::from_secs(30), "4 jobs running", || {
@@ -206,8 +207,9 @@ fn an_elastic_job_shrunk_for_power_grows_back_when_power_returns() {
         (wattctl_json(&url, &["nodes"]).as_array().unwrap().len() == 2).then_some(())
     });
     set_grid(&url, "20kW", None);
-    let manifest = "name: elastic\nshards: {min: 1, max: 4}\ngpus_per_shard: 4\ncommand: [x]\nflex: 0.2\n";
-    assert!(submit(&url, manifest).status.success());
+    let manifest =
+        format!("name: elastic\nshards: {{min: 1, max: 4}}\ngpus_per_shard: 4\ncommand: {IDLE_COMMAND}\nflex: 0.2\n");
+    assert!(submit(&url, &manifest).status.success());
     let shards = |url: &str| jobs(url)["elastic"]["placement"].as_array().map_or(0, Vec::len);
     wait_for(Duration::from_secs(20), "4 shards running", || {
         (jobs(&url)["elastic"]["state"] == "running" && shards(&url) == 4).then_some(())

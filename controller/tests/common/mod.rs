@@ -83,7 +83,15 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so an agent stops its shards' processes; SIGKILL if it takes over 10 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            let deadline = StdInstant::now() + Duration::from_secs(10);
+            while StdInstant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::park_timeout(Duration::from_millis(20));
+            }
+        }
         self.kill9();
     }
 }
@@ -196,8 +204,17 @@ pub fn agent(controller: &str, node: &str, gpus: u32) -> Proc {
         "--controller",
         controller,
     ]);
+    cmd.arg("--state-dir").arg(state_dir(node));
     Proc::spawn(node, cmd)
 }
+
+/// Where a test agent keeps shard logs and pid files: per test process and node.
+pub fn state_dir(node: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("watt-test-agent-{}-{node}", std::process::id()))
+}
+
+/// A job's command that runs until it is stopped, for tests about placement and power.
+pub const IDLE_COMMAND: &str = "[sleep, '3600']";
 
 /// Run wattctl against `controller`.
 pub fn wattctl(controller: &str, args: &[&str]) -> Output {
@@ -223,7 +240,7 @@ pub fn submit(controller: &str, manifest: &str) -> Output {
 
 pub fn job_manifest(name: &str, priority: i64, min: u32, max: u32, gpus: u32) -> String {
     format!(
-        "name: {name}\npriority: {priority}\nshards: {{min: {min}, max: {max}}}\ngpus_per_shard: {gpus}\ncommand: [python, train.py]\n"
+        "name: {name}\npriority: {priority}\nshards: {{min: {min}, max: {max}}}\ngpus_per_shard: {gpus}\ncommand: {IDLE_COMMAND}\n"
     )
 }
 

@@ -1,0 +1,576 @@
+//! The supervisor: runs each shard's `command` as a process group with the environment a
+//! `torchrun` worker expects, captures its output, restarts it by exit code, and stops it —
+//! SIGTERM to the whole group, a grace period, then SIGKILL — leaving no process behind.
+//!
+//! - **Start**: argv without a shell, its own process group (so a signal reaches the workers'
+//!   own children: data loaders, compilers), stdout and stderr appended to
+//!   `<state>/logs/<job>/shard-<n>.log`. A pid file in `<state>/run/` names the group, so an
+//!   agent that restarts finds the shards it left running.
+//! - **Exit**: 0 is done; 1–127 is the job failing, restarted with backoff up to its
+//!   `max_restarts`, then failed; 128 and up (killed by a signal: OOM killer, a node drain) is not
+//!   the job's fault and is restarted without counting. After the main process exits, whatever
+//!   is left of its group is killed.
+//! - **Stop**: SIGTERM to the group (a worker checkpoints on it), then SIGKILL to the group after
+//!   the grace period; the shard is reported stopped only once its main process is reaped.
+//! - **Logs** rotate by copy-and-truncate once over `LOG_MAX_BYTES`, keeping `LOG_KEEP` old
+//!   files: the process keeps appending to the same descriptor, and an agent restart does not
+//!   cut a worker's output off.
+//! - **Leftovers**: on start the agent stops every group its pid files name that still exists
+//!   and still carries the shard's identity in its environment; the controller then orders them
+//!   again and they resume from their checkpoints.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use watt_proto::v1 as pb;
+
+/// Rotate a shard's log past this size.
+pub const LOG_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Rotated logs kept per shard (`.1` newest).
+pub const LOG_KEEP: usize = 3;
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Everything needed to run one shard at one epoch.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub order: pb::ShardOrder,
+    /// The default when the order names none.
+    pub grace: Duration,
+    pub node_cpus: usize,
+}
+
+/// What the supervisor tells the shard table.
+pub trait Report: Send + Sync + 'static {
+    fn report(&self, job: &str, shard: u32, epoch: u64, state: pb::ShardState, message: String);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Exit {
+    Done,
+    Failed(i32),
+    Signalled(i32),
+}
+
+fn classify(status: ExitStatus) -> Exit {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => Exit::Done,
+        (Some(c), _) if c >= 128 => Exit::Signalled(c - 128),
+        (Some(c), _) => Exit::Failed(c),
+        (None, Some(s)) => Exit::Signalled(s),
+        (None, None) => Exit::Failed(-1),
+    }
+}
+
+/// A shard under supervision: its epoch, the switch that stops it, and its task.
+type Running = HashMap<(String, u32), (u64, watch::Sender<bool>, tokio::task::JoinHandle<()>)>;
+
+#[derive(Debug)]
+pub struct Supervisor {
+    state_dir: PathBuf,
+    running: Mutex<Running>,
+}
+
+impl Supervisor {
+    pub fn new(state_dir: PathBuf) -> Self {
+        Supervisor { state_dir, running: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn log_path(&self, job: &str, shard: u32) -> PathBuf {
+        self.state_dir.join("logs").join(job).join(format!("shard-{shard}.log"))
+    }
+
+    fn pid_path(&self, job: &str, shard: u32) -> PathBuf {
+        self.state_dir.join("run").join(format!("{job}.{shard}.pid"))
+    }
+
+    pub fn checkpoint_dir(&self, order: &pb::ShardOrder) -> PathBuf {
+        if order.checkpoint_dir.is_empty() {
+            self.state_dir.join("checkpoints").join(&order.job)
+        } else {
+            PathBuf::from(&order.checkpoint_dir)
+        }
+    }
+
+    /// Start supervising `launch`; an earlier epoch of the same shard is stopped first (its
+    /// process group gone before the new one starts: same GPUs, same port).
+    pub fn start(self: &Arc<Self>, launch: Launch, report: Arc<dyn Report>) {
+        let key = (launch.order.job.clone(), launch.order.shard);
+        let previous = self.lock().remove(&key);
+        let (tx, rx) = watch::channel(false);
+        let epoch = launch.order.epoch;
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            if let Some((_, stop, task)) = previous {
+                let _ = stop.send(true);
+                let _ = task.await;
+            }
+            me.supervise(launch, report, rx).await;
+        });
+        self.lock().insert(key, (epoch, tx, task));
+    }
+
+    /// Ask the shard's epoch `epoch` to stop; true if it was running.
+    pub fn stop(&self, job: &str, shard: u32, epoch: u64) -> bool {
+        let running = self.lock();
+        match running.get(&(job.to_owned(), shard)) {
+            Some((e, stop, _)) if *e == epoch => stop.send(true).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Stop every shard and wait for each group to be gone (agent shutdown).
+    pub async fn stop_all(&self) {
+        let tasks: Vec<_> = self.lock().drain().map(|(_, (_, stop, task))| (stop, task)).collect();
+        for (stop, _) in &tasks {
+            let _ = stop.send(true);
+        }
+        for (_, task) in tasks {
+            let _ = task.await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn supervise(&self, launch: Launch, report: Arc<dyn Report>, mut stop: watch::Receiver<bool>) {
+        let o = &launch.order;
+        let (job, shard, epoch) = (o.job.as_str(), o.shard, o.epoch);
+        let say = |state: pb::ShardState, message: String| report.report(job, shard, epoch, state, message);
+        let grace = if o.grace_period_ms > 0 { Duration::from_millis(o.grace_period_ms) } else { launch.grace };
+        let mut restarts = 0u32;
+        let mut backoff = BACKOFF_START;
+        loop {
+            let mut child = match self.spawn(&launch, restarts) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(job, shard, epoch, error = %e, "Cannot start shard.");
+                    say(pb::ShardState::Failed, e);
+                    return;
+                }
+            };
+            let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+            tracing::info!(job, shard, epoch, pid = ?child.id(), restarts, "Shard process started.");
+            say(pb::ShardState::Running, format!("pid {}", child.id().unwrap_or(0)));
+            let rotation = tokio::spawn(rotate_while_running(self.log_path(job, shard)));
+            let exited = tokio::select! {
+                status = child.wait() => Some(status),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let status = match exited {
+                Some(status) => status,
+                None => {
+                    say(
+                        pb::ShardState::Stopping,
+                        format!("SIGTERM, then SIGKILL after {}", humantime::format_duration(grace)),
+                    );
+                    let status = terminate(&mut child, pgid, grace).await;
+                    rotation.abort();
+                    let _ = fs::remove_file(self.pid_path(job, shard));
+                    tracing::info!(job, shard, epoch, ?status, "Shard stopped.");
+                    say(pb::ShardState::Stopped, "stopped".into());
+                    return;
+                }
+            };
+            rotation.abort();
+            // The main process is gone; nothing of its group outlives it.
+            if let Some(pgid) = pgid {
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+            let _ = fs::remove_file(self.pid_path(job, shard));
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => {
+                    say(pb::ShardState::Failed, format!("cannot wait for the process: {e}"));
+                    return;
+                }
+            };
+            let why = match classify(status) {
+                Exit::Done => {
+                    tracing::info!(job, shard, epoch, "Shard finished.");
+                    say(pb::ShardState::Succeeded, "exited with code 0".into());
+                    return;
+                }
+                Exit::Failed(code) => {
+                    restarts += 1;
+                    if restarts > o.max_restarts {
+                        let message = format!("exited with code {code}; {} restart(s) used", o.max_restarts);
+                        tracing::warn!(job, shard, epoch, code, "Shard failed.");
+                        say(pb::ShardState::Failed, message);
+                        return;
+                    }
+                    format!("exited with code {code}; restart {restarts} of {}", o.max_restarts)
+                }
+                Exit::Signalled(signal) => format!("killed by signal {signal}; restarting (not counted)"),
+            };
+            tracing::warn!(job, shard, epoch, why = %why, "Shard process exited; restarting.");
+            say(pb::ShardState::Starting, format!("{why}, in {}", humantime::format_duration(backoff)));
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => {
+                    say(pb::ShardState::Stopped, "stopped".into());
+                    return;
+                }
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn spawn(&self, launch: &Launch, restarts: u32) -> Result<tokio::process::Child, String> {
+        let o = &launch.order;
+        let Some((program, args)) = o.command.split_first() else {
+            return Err("the job has no command".into());
+        };
+        let log = self.log_path(&o.job, o.shard);
+        let checkpoints = self.checkpoint_dir(o);
+        let run = self.state_dir.join("run");
+        for dir in [log.parent().unwrap_or(&self.state_dir), &checkpoints, &run] {
+            fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(worker_env(o, restarts, &checkpoints, launch.node_cpus))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .kill_on_drop(false);
+        if !o.workdir.is_empty() {
+            cmd.current_dir(&o.workdir);
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start {program:?}: {e}"))?;
+        let pid = child.id().unwrap_or(0);
+        let _ = fs::write(self.pid_path(&o.job, o.shard), format!("{pid} {}\n", o.epoch));
+        Ok(child)
+    }
+
+    /// Stop every shard an earlier run of the agent left running (see the module header).
+    /// Returns the (job, shard) of each one stopped.
+    pub async fn stop_leftovers(&self, grace: Duration) -> Vec<(String, u32)> {
+        let Ok(entries) = fs::read_dir(self.state_dir.join("run")) else { return Vec::new() };
+        let mut stopped = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let Some((job, shard)) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pid"))
+                .and_then(|n| n.rsplit_once('.'))
+                .and_then(|(j, s)| Some((j.to_owned(), s.parse::<u32>().ok()?)))
+            else {
+                continue;
+            };
+            let pid = fs::read_to_string(&path).ok().and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok());
+            let _ = fs::remove_file(&path);
+            let Some(pid) = pid else { continue };
+            // Ours only if the process still carries this shard's identity.
+            let identity = format!("WATT_SHARD={job}/{shard}");
+            let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if !environ.split(|b| *b == 0).any(|v| v == identity.as_bytes()) {
+                continue;
+            }
+            tracing::warn!(job, shard, pid, "Stopping a shard left running by an earlier run of the agent.");
+            let pgid = Pid::from_raw(pid);
+            let _ = killpg(pgid, Signal::SIGTERM);
+            let deadline = tokio::time::Instant::now() + grace;
+            while killpg(pgid, None).is_ok() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = killpg(pgid, Signal::SIGKILL);
+            stopped.push((job, shard));
+        }
+        stopped
+    }
+}
+
+/// The torchrun contract, plus Watt's own variables, over the job's environment.
+pub fn worker_env(o: &pb::ShardOrder, restarts: u32, checkpoints: &Path, node_cpus: usize) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = o.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let gpus: Vec<String> = o.gpu_indices.iter().map(u32::to_string).collect();
+    let shards_here = 1; // one process per shard
+    env.extend(
+        [
+            ("RANK", o.rank.to_string()),
+            ("LOCAL_RANK", "0".into()),
+            ("WORLD_SIZE", o.world_size.to_string()),
+            ("LOCAL_WORLD_SIZE", shards_here.to_string()),
+            ("GROUP_RANK", o.rank.to_string()),
+            ("ROLE_RANK", o.rank.to_string()),
+            ("ROLE_WORLD_SIZE", o.world_size.to_string()),
+            ("MASTER_ADDR", o.master_addr.clone()),
+            ("MASTER_PORT", o.master_port.to_string()),
+            ("TORCHELASTIC_RESTART_COUNT", restarts.to_string()),
+            ("TORCHELASTIC_MAX_RESTARTS", o.max_restarts.to_string()),
+            // A new placement is a new run: ranks of the old one are refused at rendezvous.
+            ("TORCHELASTIC_RUN_ID", format!("{}-{}", o.job, o.epoch)),
+            ("CUDA_VISIBLE_DEVICES", gpus.join(",")),
+            ("OMP_NUM_THREADS", (node_cpus / gpus.len().max(1)).max(1).to_string()),
+            ("WATT_CHECKPOINT_DIR", checkpoints.display().to_string()),
+            ("WATT_JOB", o.job.clone()),
+            ("WATT_SHARD", format!("{}/{}", o.job, o.shard)),
+            ("WATT_EPOCH", o.epoch.to_string()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    env
+}
+
+/// SIGTERM to the group, SIGKILL after `grace`, then reap the main process.
+async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>, grace: Duration) -> Option<ExitStatus> {
+    let Some(pgid) = pgid else { return child.wait().await.ok() };
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status.ok(),
+        Err(_) => {
+            tracing::warn!(pgid = pgid.as_raw(), "Grace period over; killing the process group.");
+            let _ = killpg(pgid, Signal::SIGKILL);
+            child.wait().await.ok()
+        }
+    };
+    // Children that outlived the main process, or ignored SIGTERM.
+    let _ = killpg(pgid, Signal::SIGKILL);
+    status
+}
+
+/// Copy-and-truncate `path` whenever it grows past [`LOG_MAX_BYTES`], until aborted.
+async fn rotate_while_running(path: PathBuf) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let p = path.clone();
+        let _ = tokio::task::spawn_blocking(move || rotate_if_large(&p, LOG_MAX_BYTES)).await;
+    }
+}
+
+/// Rotate `path` to `.1` (shifting older ones, keeping [`LOG_KEEP`]) if larger than `max`.
+pub fn rotate_if_large(path: &Path, max: u64) -> std::io::Result<bool> {
+    if fs::metadata(path)?.len() <= max {
+        return Ok(false);
+    }
+    let numbered = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
+    let _ = fs::remove_file(numbered(LOG_KEEP));
+    for n in (1..LOG_KEEP).rev() {
+        let _ = fs::rename(numbered(n), numbered(n + 1));
+    }
+    fs::copy(path, numbered(1))?;
+    // The writer appends (O_APPEND): after the truncation it writes at the new end, 0.
+    fs::OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Collects what the supervisor reports.
+    #[derive(Debug, Default)]
+    struct Log {
+        seen: Mutex<Vec<(pb::ShardState, String)>>,
+        changed: tokio::sync::Notify,
+    }
+
+    impl Report for Log {
+        fn report(&self, _: &str, _: u32, _: u64, state: pb::ShardState, message: String) {
+            self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((state, message));
+            self.changed.notify_waiters();
+        }
+    }
+
+    impl Log {
+        fn all(&self) -> Vec<(pb::ShardState, String)> {
+            self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        }
+
+        /// Wait (real time) until a report in `state` arrives; its message.
+        async fn until(&self, state: pb::ShardState) -> String {
+            let wait = async {
+                loop {
+                    let notified = self.changed.notified();
+                    if let Some((_, m)) = self.all().into_iter().rev().find(|(s, _)| *s == state) {
+                        return m;
+                    }
+                    notified.await;
+                }
+            };
+            match tokio::time::timeout(Duration::from_secs(20), wait).await {
+                Ok(m) => m,
+                Err(_) => panic!("no {state:?} report; saw {:?}", self.all()),
+            }
+        }
+    }
+
+    fn order(command: &[&str], max_restarts: u32) -> pb::ShardOrder {
+        pb::ShardOrder {
+            epoch: 7,
+            job: "train".into(),
+            shard: 1,
+            action: pb::ShardAction::Start as i32,
+            rank: 1,
+            world_size: 4,
+            gpu_indices: vec![2, 3],
+            master_addr: "node-a".into(),
+            master_port: 29_501,
+            command: command.iter().map(|s| s.to_string()).collect(),
+            env: [("MY_VAR".to_string(), "mine".to_string())].into(),
+            max_restarts,
+            ..Default::default()
+        }
+    }
+
+    fn start(state: &Path, order: pb::ShardOrder, grace: Duration) -> (Arc<Supervisor>, Arc<Log>) {
+        let supervisor = Arc::new(Supervisor::new(state.to_owned()));
+        let log = Arc::new(Log::default());
+        supervisor.start(Launch { order, grace, node_cpus: 8 }, log.clone());
+        (supervisor, log)
+    }
+
+    /// Killed processes are reaped by init, a moment later: wait for the group to be gone.
+    async fn gone(pgid: Pid) -> bool {
+        for _ in 0..100 {
+            if killpg(pgid, None).is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    fn pid_of(running_message: &str) -> Pid {
+        Pid::from_raw(running_message.trim_start_matches("pid ").parse().unwrap_or(0))
+    }
+
+    #[tokio::test]
+    async fn a_stop_leaves_no_process_of_the_group_behind_grandchildren_included() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let script = "sleep 300 & sleep 300 & echo started; wait";
+        let (supervisor, log) = start(dir.path(), order(&["sh", "-c", script], 0), Duration::from_secs(5));
+        let pgid = pid_of(&log.until(pb::ShardState::Running).await);
+        assert!(killpg(pgid, None).is_ok(), "the group runs");
+        assert!(supervisor.stop("train", 1, 7));
+        log.until(pb::ShardState::Stopped).await;
+        assert!(gone(pgid).await, "no process of the group is left");
+        assert!(!supervisor.pid_path("train", 1).exists());
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_ignores_sigterm_is_killed_after_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let script = "trap '' TERM; echo ready; while true; do sleep 0.05; done";
+        let (supervisor, log) = start(dir.path(), order(&["sh", "-c", script], 0), Duration::from_millis(700));
+        let pgid = pid_of(&log.until(pb::ShardState::Running).await);
+        // Only once the trap is set does the worker ignore SIGTERM.
+        while !fs::read_to_string(supervisor.log_path("train", 1)).unwrap_or_default().contains("ready") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let asked = tokio::time::Instant::now();
+        supervisor.stop("train", 1, 7);
+        log.until(pb::ShardState::Stopped).await;
+        let took = asked.elapsed();
+        assert!(took >= Duration::from_millis(650), "SIGKILL only after the grace period: {took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(gone(pgid).await);
+    }
+
+    #[tokio::test]
+    async fn output_is_captured_and_the_torchrun_environment_is_set() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (supervisor, log) =
+            start(dir.path(), order(&["sh", "-c", "env; echo to-stderr >&2"], 0), Duration::from_secs(1));
+        assert_eq!(log.until(pb::ShardState::Succeeded).await, "exited with code 0");
+        let text = fs::read_to_string(supervisor.log_path("train", 1)).unwrap_or_default();
+        for want in [
+            "RANK=1\n",
+            "LOCAL_RANK=0\n",
+            "WORLD_SIZE=4\n",
+            "LOCAL_WORLD_SIZE=1\n",
+            "GROUP_RANK=1\n",
+            "ROLE_RANK=1\n",
+            "MASTER_ADDR=node-a\n",
+            "MASTER_PORT=29501\n",
+            "TORCHELASTIC_RESTART_COUNT=0\n",
+            "TORCHELASTIC_MAX_RESTARTS=0\n",
+            "TORCHELASTIC_RUN_ID=train-7\n",
+            "CUDA_VISIBLE_DEVICES=2,3\n",
+            "OMP_NUM_THREADS=4\n",
+            "WATT_SHARD=train/1\n",
+            "MY_VAR=mine\n",
+            "to-stderr\n",
+        ] {
+            assert!(text.contains(want), "{want:?} in {text}");
+        }
+        let checkpoints = format!("WATT_CHECKPOINT_DIR={}\n", dir.path().join("checkpoints/train").display());
+        assert!(text.contains(&checkpoints), "{text}");
+    }
+
+    #[tokio::test]
+    async fn failures_restart_up_to_max_restarts_and_signals_do_not_count() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (_s, log) = start(dir.path(), order(&["sh", "-c", "echo try; exit 3"], 1), Duration::from_secs(1));
+        let failed = log.until(pb::ShardState::Failed).await;
+        assert_eq!(failed, "exited with code 3; 1 restart(s) used");
+        let starts = log.all().iter().filter(|(s, _)| *s == pb::ShardState::Running).count();
+        assert_eq!(starts, 2, "the first run and one restart: {:?}", log.all());
+        assert!(log.all().iter().any(|(s, m)| *s == pb::ShardState::Starting && m.contains("restart 1 of 1")));
+
+        // Killed by a signal: not the job's fault, restarted even with no restarts allowed.
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (supervisor, log) = start(dir.path(), order(&["sh", "-c", "kill -9 $$"], 0), Duration::from_secs(1));
+        let restarting = log.until(pb::ShardState::Starting).await;
+        assert!(restarting.contains("killed by signal 9"), "{restarting}");
+        supervisor.stop_all().await;
+        assert!(log.all().iter().all(|(s, _)| *s != pb::ShardState::Failed), "{:?}", log.all());
+    }
+
+    #[tokio::test]
+    async fn a_command_that_does_not_exist_fails_with_its_name() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (_s, log) = start(dir.path(), order(&["/no/such/trainer", "--x"], 3), Duration::from_secs(1));
+        let failed = log.until(pb::ShardState::Failed).await;
+        assert!(failed.contains("cannot start \"/no/such/trainer\""), "{failed}");
+    }
+
+    #[tokio::test]
+    async fn shards_left_running_by_an_earlier_agent_are_found_and_stopped() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (first, log) = start(dir.path(), order(&["sh", "-c", "sleep 300 & wait"], 0), Duration::from_secs(1));
+        let pgid = pid_of(&log.until(pb::ShardState::Running).await);
+        // The agent "crashes": its supervision is gone, the group is not.
+        for (_, (_, _, task)) in first.lock().drain() {
+            task.abort();
+        }
+        let again = Supervisor::new(dir.path().to_owned());
+        assert_eq!(again.stop_leftovers(Duration::from_secs(2)).await, vec![("train".to_string(), 1)]);
+        assert!(gone(pgid).await, "the leftover group is gone");
+        assert!(again.stop_leftovers(Duration::from_secs(2)).await.is_empty());
+    }
+
+    #[test]
+    fn logs_rotate_past_the_cap_keeping_the_newest_few() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("shard-0.log");
+        for round in 0..5 {
+            fs::write(&path, format!("round {round} {}", "x".repeat(100))).unwrap_or_default();
+            assert!(rotate_if_large(&path, 50).unwrap_or(false));
+            assert_eq!(fs::metadata(&path).map(|m| m.len()).unwrap_or(1), 0);
+        }
+        assert!(!rotate_if_large(&path, 50).unwrap_or(true), "an empty log is not rotated");
+        let newest = fs::read_to_string(dir.path().join("shard-0.log.1")).unwrap_or_default();
+        assert!(newest.starts_with("round 4"), "{newest}");
+        assert!(dir.path().join(format!("shard-0.log.{LOG_KEEP}")).exists());
+        assert!(!dir.path().join(format!("shard-0.log.{}", LOG_KEEP + 1)).exists());
+    }
+}
