@@ -120,7 +120,7 @@ pub async fn run(
             tracing::warn!(shards = stopped.len(), "Stopped shards left running by an earlier run of the agent.");
         }
     }
-    let shards = ShardTable::new(supervisor.clone(), config.stop_grace);
+    let shards = ShardTable::new(supervisor.clone(), config.stop_grace, backend.kind() == "sim");
     let session = config.controller.clone().map(|controller| {
         let session_config = SessionConfig { controller, node_name: config.node_name.clone(), boot_id: boot_id() };
         tokio::spawn(session::run(

@@ -199,6 +199,12 @@ async fn session_once(
                 if snapshot.round > 0 && tx.send(message(pb::agent_message::Body::Telemetry(telemetry(&snapshot)))).await.is_err() {
                     return Ok(());
                 }
+                shards.publish_speeds(&snapshot);
+                for progress in shards.take_progress(&snapshot) {
+                    if tx.send(message(pb::agent_message::Body::ShardProgress(progress))).await.is_err() {
+                        return Ok(());
+                    }
+                }
             }
         }
     }

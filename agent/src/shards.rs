@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use watt_proto::v1 as pb;
 
+use crate::progress::{ProgressSink, WorkerProgress};
+use crate::sampler::NodeSnapshot;
 use crate::supervisor::{Launch, Report, Supervisor};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +23,25 @@ pub struct ShardRecord {
     pub state: pb::ShardState,
     pub message: String,
     pub order: pb::ShardOrder,
+    /// The worker's latest report, and whether the controller has had it.
+    pub progress: Option<WorkerProgress>,
+    pub progress_sent: bool,
+    /// The speed last written to the shard's speed file (simulated GPUs).
+    pub speed: Option<f64>,
+}
+
+impl ShardRecord {
+    fn new(order: &pb::ShardOrder, state: pb::ShardState, message: &str) -> Self {
+        ShardRecord {
+            epoch: order.epoch,
+            state,
+            message: message.into(),
+            order: order.clone(),
+            progress: None,
+            progress_sent: true,
+            speed: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -29,6 +50,7 @@ pub struct ShardTable {
     supervisor: Arc<Supervisor>,
     grace: Duration,
     node_cpus: usize,
+    simulated: bool,
     updates: mpsc::UnboundedSender<pb::ShardStatus>,
     /// Status changes not yet sent; the session holds it while connected.
     pub pending: tokio::sync::Mutex<mpsc::UnboundedReceiver<pb::ShardStatus>>,
@@ -39,7 +61,7 @@ fn active(state: pb::ShardState) -> bool {
 }
 
 impl ShardTable {
-    pub fn new(supervisor: Arc<Supervisor>, grace: Duration) -> Arc<Self> {
+    pub fn new(supervisor: Arc<Supervisor>, grace: Duration, simulated: bool) -> Arc<Self> {
         let (updates, pending) = mpsc::unbounded_channel();
         let node_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Arc::new(ShardTable {
@@ -47,6 +69,7 @@ impl ShardTable {
             supervisor,
             grace,
             node_cpus,
+            simulated,
             updates,
             pending: tokio::sync::Mutex::new(pending),
         })
@@ -79,17 +102,13 @@ impl ShardTable {
                         if !same {
                             tracing::info!(job = %order.job, shard = order.shard, epoch = order.epoch, rank = order.rank,
                                 world = order.world_size, gpus = ?order.gpu_indices, "Shard ordered to start.");
-                            shards.insert(
-                                key.clone(),
-                                ShardRecord {
-                                    epoch: order.epoch,
-                                    state: pb::ShardState::Starting,
-                                    message: "starting".into(),
-                                    order: order.clone(),
-                                },
-                            );
-                            launch =
-                                Some(Launch { order: order.clone(), grace: self.grace, node_cpus: self.node_cpus });
+                            shards.insert(key.clone(), ShardRecord::new(order, pb::ShardState::Starting, "starting"));
+                            launch = Some(Launch {
+                                order: order.clone(),
+                                grace: self.grace,
+                                node_cpus: self.node_cpus,
+                                simulated: self.simulated,
+                            });
                         }
                     }
                     pb::ShardAction::Stop => match shards.get_mut(&key) {
@@ -103,15 +122,7 @@ impl ShardTable {
                         }
                         Some(record) if record.epoch == order.epoch => {}
                         _ => {
-                            shards.insert(
-                                key.clone(),
-                                ShardRecord {
-                                    epoch: order.epoch,
-                                    state: pb::ShardState::Stopped,
-                                    message: "not running".into(),
-                                    order: order.clone(),
-                                },
-                            );
+                            shards.insert(key.clone(), ShardRecord::new(order, pb::ShardState::Stopped, "not running"));
                         }
                     },
                     pb::ShardAction::Unspecified => {}
@@ -155,6 +166,79 @@ impl ShardTable {
                 gpu_indices: r.order.gpu_indices.clone(),
             })
             .collect()
+    }
+}
+
+impl ShardTable {
+    /// Progress the controller has not had yet, with the energy its GPUs have drawn so far.
+    pub fn take_progress(&self, snapshot: &NodeSnapshot) -> Vec<pb::ShardProgress> {
+        let energy_of = |gpus: &[u32]| -> f64 {
+            snapshot
+                .inventory
+                .iter()
+                .zip(&snapshot.gpus)
+                .filter(|(info, _)| gpus.contains(&info.index))
+                .filter_map(|(_, reading)| reading.energy_joules_total)
+                .sum()
+        };
+        let mut shards = self.lock();
+        shards
+            .iter_mut()
+            .filter(|(_, r)| !r.progress_sent)
+            .filter_map(|((job, shard), r)| {
+                r.progress_sent = true;
+                let p = r.progress.as_ref()?;
+                Some(pb::ShardProgress {
+                    job: job.clone(),
+                    shard: *shard,
+                    epoch: r.epoch,
+                    step: p.step,
+                    samples: p.samples,
+                    loss: p.loss,
+                    extra: p.extra.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                    energy_joules: energy_of(&r.order.gpu_indices),
+                    unix_ms: p.unix_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Simulated GPUs: write each running shard's speed at its GPUs' caps (the slowest GPU sets
+    /// the pace of a synchronous step) where it changed, for `watt-worker --step-time`.
+    pub fn publish_speeds(&self, snapshot: &NodeSnapshot) {
+        if !self.simulated {
+            return;
+        }
+        let curve = watt_common::curve::Curve::default();
+        let mut shards = self.lock();
+        for ((job, shard), r) in shards.iter_mut().filter(|(_, r)| active(r.state)) {
+            let speed = snapshot
+                .inventory
+                .iter()
+                .zip(&snapshot.gpus)
+                .filter(|(info, _)| r.order.gpu_indices.contains(&info.index))
+                .filter_map(|(info, reading)| {
+                    let cap = reading.sample.as_ref()?.power_limit_watts?;
+                    Some(curve.speed(cap, info.power_limit.max_watts))
+                })
+                .fold(1.0f64, f64::min);
+            if r.speed.is_none_or(|s| (s - speed).abs() > 1e-4) {
+                let path = self.supervisor.speed_path(job, *shard);
+                if std::fs::write(&path, format!("{speed:.6}\n")).is_ok() {
+                    r.speed = Some(speed);
+                }
+            }
+        }
+    }
+}
+
+impl ProgressSink for ShardTable {
+    fn progress(&self, job: &str, shard: u32, epoch: u64, progress: WorkerProgress) {
+        let mut shards = self.lock();
+        if let Some(r) = shards.get_mut(&(job.to_owned(), shard)).filter(|r| r.epoch == epoch) {
+            r.progress = Some(progress);
+            r.progress_sent = false;
+        }
     }
 }
 

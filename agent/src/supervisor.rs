@@ -45,10 +45,12 @@ pub struct Launch {
     /// The default when the order names none.
     pub grace: Duration,
     pub node_cpus: usize,
+    /// Simulated GPUs: tell the worker their speed at the cap through a file it reads each step.
+    pub simulated: bool,
 }
 
-/// What the supervisor tells the shard table.
-pub trait Report: Send + Sync + 'static {
+/// What the supervisor tells the shard table: states, and the workers' progress reports.
+pub trait Report: crate::progress::ProgressSink {
     fn report(&self, job: &str, shard: u32, epoch: u64, state: pb::ShardState, message: String);
 }
 
@@ -90,6 +92,16 @@ impl Supervisor {
 
     fn pid_path(&self, job: &str, shard: u32) -> PathBuf {
         self.state_dir.join("run").join(format!("{job}.{shard}.pid"))
+    }
+
+    /// The Unix socket a shard's worker sends progress reports to.
+    pub fn progress_path(&self, job: &str, shard: u32) -> PathBuf {
+        self.state_dir.join("run").join(format!("{job}.{shard}.sock"))
+    }
+
+    /// On simulated GPUs: the file holding the shard's relative speed at its cap.
+    pub fn speed_path(&self, job: &str, shard: u32) -> PathBuf {
+        self.state_dir.join("run").join(format!("{job}.{shard}.speed"))
     }
 
     pub fn checkpoint_dir(&self, order: &pb::ShardOrder) -> PathBuf {
@@ -149,6 +161,21 @@ impl Supervisor {
         let grace = if o.grace_period_ms > 0 { Duration::from_millis(o.grace_period_ms) } else { launch.grace };
         let mut restarts = 0u32;
         let mut backoff = BACKOFF_START;
+        let _ = fs::create_dir_all(self.state_dir.join("run"));
+        let progress_path = self.progress_path(job, shard);
+        let listener = {
+            let (path, job, sink) = (progress_path.clone(), job.to_owned(), report.clone());
+            tokio::spawn(async move { crate::progress::listen(&path, job, shard, epoch, sink).await })
+        };
+        // Stop listening, whichever way this run ends.
+        struct Cleanup(tokio::task::JoinHandle<()>, PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                self.0.abort();
+                let _ = fs::remove_file(&self.1);
+            }
+        }
+        let _cleanup = Cleanup(listener, progress_path);
         loop {
             let mut child = match self.spawn(&launch, restarts) {
                 Ok(c) => c,
@@ -176,6 +203,7 @@ impl Supervisor {
                     let status = terminate(&mut child, pgid, grace).await;
                     rotation.abort();
                     let _ = fs::remove_file(self.pid_path(job, shard));
+                    let _ = fs::remove_file(self.speed_path(job, shard));
                     tracing::info!(job, shard, epoch, ?status, "Shard stopped.");
                     say(pb::ShardState::Stopped, "stopped".into());
                     return;
@@ -245,6 +273,7 @@ impl Supervisor {
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
             .envs(worker_env(o, restarts, &checkpoints, launch.node_cpus))
+            .env("WATT_PROGRESS_SOCKET", self.progress_path(&o.job, o.shard))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -252,6 +281,13 @@ impl Supervisor {
             .kill_on_drop(false);
         if !o.workdir.is_empty() {
             cmd.current_dir(&o.workdir);
+        }
+        if launch.simulated {
+            let speed = self.speed_path(&o.job, o.shard);
+            if !speed.exists() {
+                let _ = fs::write(&speed, "1\n");
+            }
+            cmd.env("WATT_SIM_SPEED_FILE", speed);
         }
         let child = cmd.spawn().map_err(|e| format!("cannot start {program:?}: {e}"))?;
         let pid = child.id().unwrap_or(0);
@@ -383,6 +419,10 @@ mod tests {
         changed: tokio::sync::Notify,
     }
 
+    impl crate::progress::ProgressSink for Log {
+        fn progress(&self, _: &str, _: u32, _: u64, _: crate::progress::WorkerProgress) {}
+    }
+
     impl Report for Log {
         fn report(&self, _: &str, _: u32, _: u64, state: pb::ShardState, message: String) {
             self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((state, message));
@@ -434,7 +474,7 @@ mod tests {
     fn start(state: &Path, order: pb::ShardOrder, grace: Duration) -> (Arc<Supervisor>, Arc<Log>) {
         let supervisor = Arc::new(Supervisor::new(state.to_owned()));
         let log = Arc::new(Log::default());
-        supervisor.start(Launch { order, grace, node_cpus: 8 }, log.clone());
+        supervisor.start(Launch { order, grace, node_cpus: 8, simulated: false }, log.clone());
         (supervisor, log)
     }
 
@@ -507,6 +547,7 @@ mod tests {
             "CUDA_VISIBLE_DEVICES=2,3\n",
             "OMP_NUM_THREADS=4\n",
             "WATT_SHARD=train/1\n",
+            "WATT_PROGRESS_SOCKET=",
             "MY_VAR=mine\n",
             "to-stderr\n",
         ] {

@@ -91,6 +91,32 @@ pub struct JobView {
     pub placement: Vec<ShardView>,
     pub message: String,
     pub preemptions: u32,
+    pub progress: Option<ProgressView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProgressView {
+    pub step: u64,
+    pub samples: u64,
+    pub loss: Option<f64>,
+    pub steps_per_second: f64,
+    pub samples_per_second: f64,
+    pub energy_per_step_joules: f64,
+    pub updated_unix_ms: i64,
+}
+
+impl From<pb::JobProgress> for ProgressView {
+    fn from(p: pb::JobProgress) -> Self {
+        ProgressView {
+            step: p.step,
+            samples: p.samples,
+            loss: p.loss,
+            steps_per_second: p.steps_per_second,
+            samples_per_second: p.samples_per_second,
+            energy_per_step_joules: p.energy_per_step_joules,
+            updated_unix_ms: p.updated_unix_ms,
+        }
+    }
 }
 
 impl From<pb::Job> for JobView {
@@ -117,6 +143,7 @@ impl From<pb::Job> for JobView {
                 .collect(),
             message: job.message,
             preemptions: job.preemptions,
+            progress: job.progress.map(ProgressView::from),
         }
     }
 }
@@ -162,6 +189,16 @@ impl JobView {
         let _ = writeln!(out, "Sequence:       {}", self.sequence);
         let _ = writeln!(out, "Epoch:          {}", self.epoch);
         let _ = writeln!(out, "Preemptions:    {}", self.preemptions);
+        if let Some(p) = &self.progress {
+            let loss = p.loss.map_or_else(|| "-".to_string(), |l| format!("{l:.6}"));
+            let _ = writeln!(out, "Progress:       step {}, {} samples, loss {loss}", p.step, p.samples);
+            let _ = writeln!(
+                out,
+                "Throughput:     {:.2} steps/s, {:.0} samples/s (last 30 s)",
+                p.steps_per_second, p.samples_per_second
+            );
+            let _ = writeln!(out, "Energy:         {:.1} J/step (the job's GPUs, last 30 s)", p.energy_per_step_joules);
+        }
         if !self.placement.is_empty() {
             out.push_str("Placement:\n");
             let rows: Vec<Vec<String>> = self

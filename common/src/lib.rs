@@ -2,6 +2,8 @@
 //! `250ms`/`10s` on the command line and in config files, TOML config files, logging set up
 //! once, and one shutdown signal.
 
+pub mod curve;
+
 pub mod duration {
     //! Durations as people write them: `100ms`, `1s`, `2m`.
     use std::time::Duration;

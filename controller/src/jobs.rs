@@ -136,6 +136,7 @@ impl JobRecord {
                 .collect(),
             message: self.message.clone(),
             preemptions: self.preemptions,
+            progress: None,
         }
     }
 

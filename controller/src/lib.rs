@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod power;
 pub mod power_control;
+pub mod progress;
 pub mod reconcile;
 pub mod registry;
 pub mod regrow;

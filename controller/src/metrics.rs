@@ -24,7 +24,17 @@ pub struct Metrics {
     pub source_watts: GaugeVec,
     pub failsafe_nodes: IntGauge,
     pub unacknowledged_nodes: IntGauge,
+    /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
+    pub job_progress: [GaugeVec; 4],
 }
+
+/// The per-job progress metrics, in the order of [`Metrics::job_progress`].
+const JOB_PROGRESS: [(&str, &str); 4] = [
+    ("watt_job_step", "Steps a running job has completed, as its rank 0 reports."),
+    ("watt_job_steps_per_second", "A running job's steps per second over the last 30 s."),
+    ("watt_job_samples_per_second", "A running job's samples per second over the last 30 s."),
+    ("watt_job_energy_per_step_joules", "Energy drawn by a running job's GPUs per step, over the last 30 s."),
+];
 
 const LATENCY_BUCKETS: &[f64] = &[1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
@@ -72,6 +82,12 @@ impl Metrics {
             IntGauge::new("watt_power_failsafe_nodes", "Unreachable nodes counted at their failsafe caps.")?;
         let unacknowledged_nodes =
             IntGauge::new("watt_power_unacknowledged_nodes", "Nodes with a cap order sent and not yet acknowledged.")?;
+        let gauge = |(name, help): (&str, &str)| GaugeVec::new(Opts::new(name, help), &["job"]);
+        let job_progress =
+            [gauge(JOB_PROGRESS[0])?, gauge(JOB_PROGRESS[1])?, gauge(JOB_PROGRESS[2])?, gauge(JOB_PROGRESS[3])?];
+        for g in &job_progress {
+            registry.register(Box::new(g.clone()))?;
+        }
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(gpus.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
@@ -104,6 +120,7 @@ impl Metrics {
             source_watts,
             failsafe_nodes,
             unacknowledged_nodes,
+            job_progress,
         })
     }
 
@@ -132,6 +149,27 @@ impl Metrics {
     }
 
     /// Refresh the gauges from the controller's state.
+    /// Running jobs' progress; jobs that stopped running leave the metrics (bounded labels).
+    pub fn observe_progress(&self, jobs: &JobTable, book: &crate::progress::ProgressBook) {
+        for g in &self.job_progress {
+            g.reset();
+        }
+        for job in jobs.iter().filter(|j| j.state.is_active()) {
+            if let Some(p) = book.job(&job.spec.name) {
+                self.set_progress(&job.spec.name, &p);
+            }
+        }
+        book.retain(|name| jobs.get(name).is_some());
+    }
+
+    /// One job's progress metrics, as its rank 0 reports (between passes too).
+    pub fn set_progress(&self, job: &str, p: &watt_proto::v1::JobProgress) {
+        let values = [p.step as f64, p.steps_per_second, p.samples_per_second, p.energy_per_step_joules];
+        for (g, v) in self.job_progress.iter().zip(values) {
+            g.with_label_values(&[job]).set(v);
+        }
+    }
+
     pub fn observe(&self, jobs: &JobTable, registry: &NodeRegistry, now: Instant, lease: std::time::Duration) {
         for state in JobState::ALL {
             self.jobs.with_label_values(&[state.as_str()]).set(jobs.iter().filter(|j| j.state == state).count() as i64);

@@ -80,6 +80,8 @@ pub struct Controller {
     wake: Notify,
     /// Acknowledgements owed since the last pass: see [`crate::power::acks`].
     pub acks: AckTracker,
+    /// Workers' progress by job.
+    pub progress: crate::progress::ProgressBook,
     /// When a job cooling down after a resize may next grow (0: none is): see [`crate::regrow`].
     pub(crate) regrow_due_unix_ms: AtomicI64,
     /// No growth attempt before this, after one that found no room.
@@ -117,6 +119,7 @@ impl Controller {
             power_status,
             wake: Notify::new(),
             acks: AckTracker::default(),
+            progress: crate::progress::ProgressBook::default(),
             regrow_due_unix_ms: AtomicI64::new(0),
             regrow_next_attempt_ms: AtomicI64::new(0),
         }))
@@ -260,8 +263,9 @@ impl Controller {
 
     /// The job with each shard's last reported state at the job's current epoch.
     fn job_proto(&self, record: &JobRecord) -> pb::Job {
+        let progress = self.progress.job(&record.spec.name);
         let nodes = self.registry.lock();
-        record.to_proto(|i| {
+        let mut job = record.to_proto(|i| {
             let shard = &record.shards[i];
             nodes
                 .get(&shard.node)
@@ -269,7 +273,9 @@ impl Controller {
                 .filter(|(epoch, _)| *epoch == record.epoch)
                 .map(|(_, state)| *state)
                 .unwrap_or(pb::ShardState::Unspecified)
-        })
+        });
+        job.progress = progress;
+        job
     }
 
     /// Reconcile until `shutdown` resolves.
@@ -490,6 +496,7 @@ impl Controller {
         // 9. Shard orders to agents.
         self.send_orders(&jobs);
         self.metrics.observe(&jobs, &self.registry, now, lease);
+        self.metrics.observe_progress(&jobs, &self.progress);
         drop(jobs);
         self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     }

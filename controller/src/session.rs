@@ -82,6 +82,23 @@ fn validate_shard_status(s: &pb::ShardStatus) -> Result<pb::ShardState, Status> 
     }
 }
 
+fn validate_progress(p: &pb::ShardProgress) -> Result<(), Status> {
+    crate::spec::validate_name(&p.job).map_err(|e| invalid("shard_progress.job", e.message))?;
+    if !(p.energy_joules.is_finite() && p.energy_joules >= 0.0) {
+        return Err(invalid(
+            "shard_progress.energy_joules",
+            format!("must be a finite number ≥ 0 (got {})", p.energy_joules),
+        ));
+    }
+    if p.loss.is_some_and(|l| !l.is_finite()) {
+        return Err(invalid("shard_progress.loss", "must be finite"));
+    }
+    if p.extra.len() > 16 {
+        return Err(invalid("shard_progress.extra", format!("has {} keys; at most 16", p.extra.len())));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentSessions {
     type SessionStream = BoxStream<'static, Result<pb::ControllerMessage, Status>>;
@@ -215,6 +232,14 @@ async fn serve_inbound(
                 // Only the last acknowledgement owed runs a pass: it may free increases.
                 if last || !ack.error.is_empty() {
                     c.wake();
+                }
+            }
+            Some(Body::ShardProgress(p)) => {
+                validate_progress(&p)?;
+                let rank0 = (p.shard == 0).then(|| p.job.clone());
+                c.progress.record(p);
+                if let Some(progress) = rank0.and_then(|job| c.progress.job(&job).map(|p| (job, p))) {
+                    c.metrics.set_progress(&progress.0, &progress.1);
                 }
             }
             Some(Body::Register(_)) => return Err(invalid("body", "register may only be the first message")),

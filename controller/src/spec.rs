@@ -40,6 +40,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "WATT_JOB",
     "WATT_SHARD",
     "WATT_EPOCH",
+    "WATT_PROGRESS_SOCKET",
+    "WATT_SIM_SPEED_FILE",
 ];
 pub const DEFAULT_STOP_GRACE_MS: u64 = 30_000;
 pub const MAX_STOP_GRACE_MS: u64 = 3_600_000;

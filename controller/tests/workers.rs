@@ -49,3 +49,114 @@ fn a_watt_worker_job_of_two_shards_trains_to_the_end_under_the_supervisors() {
     let events = String::from_utf8_lossy(&wattctl(&url, &["events"]).stdout).into_owned();
     assert!(events.contains("succeeded"), "{events}");
 }
+
+fn set_grid(url: &str, available: &str) {
+    let out = wattctl(url, &["power", "set-source", "grid", "--kind", "grid", "--available", available]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn job(url: &str) -> serde_json::Value {
+    wattctl_json(url, &["describe", "job", "elastic"])
+}
+
+fn worker_flags(steps: u64, step_time: &str) -> Vec<String> {
+    [
+        "--steps",
+        &steps.to_string(),
+        "--step-time",
+        step_time,
+        "--checkpoint-every",
+        "50",
+        "--model",
+        "mlp",
+        "--features",
+        "32",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The controller's steps/s for the job once it has run 4 s at `placement` shards (a resize
+/// starts a new rate window; the caps and the speed they allow settle within a second or two).
+fn steady_rate(url: &str, placement: usize) -> f64 {
+    let epoch = wait_for(Duration::from_secs(60), "the placement", || {
+        let j = job(url);
+        let shards = j["placement"].as_array().map_or(0, Vec::len);
+        let reporting = j["progress"]["steps_per_second"].as_f64().unwrap_or(0.0) > 0.0;
+        (j["state"] == "running" && shards == placement && reporting).then(|| j["epoch"].clone())
+    });
+    std::thread::park_timeout(Duration::from_secs(4));
+    let j = job(url);
+    assert_eq!(j["epoch"], epoch, "no resize while measuring: {j}");
+    j["progress"]["steps_per_second"].as_f64().unwrap()
+}
+
+#[test]
+fn a_power_cut_shrinks_a_training_job_and_slows_it_power_back_regrows_it_and_no_work_is_lost() {
+    const STEPS: u64 = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let controller = ControllerProc::start(
+        &format!("file:{}", dir.path().join("w.redb").display()),
+        0,
+        &["--reconcile-interval", "200ms", "--regrow-after", "1s"],
+    );
+    let url = controller.url.clone();
+    let _agents: Vec<Proc> = (1..=4).map(|i| agent(&url, &format!("node-{i}"), 2)).collect();
+    wait_for(Duration::from_secs(20), "4 nodes", || {
+        (wattctl_json(&url, &["nodes"]).as_array().unwrap().len() == 4).then_some(())
+    });
+    set_grid(&url, "20kW");
+    let checkpoints = dir.path().join("ckpt");
+    let command: Vec<String> =
+        std::iter::once(bin("watt-worker").display().to_string()).chain(worker_flags(STEPS, "20ms")).collect();
+    let manifest = serde_json::json!({
+        "name": "elastic", "shards": {"min": 2, "max": 4}, "gpus_per_shard": 2, "flex": 0.0,
+        "command": command, "checkpoint_dir": checkpoints.display().to_string(), "stop_grace": "10s",
+    });
+    assert!(submit(&url, &manifest.to_string()).status.success());
+
+    // Full power: 4 shards at full speed.
+    let full = steady_rate(&url, 4);
+    let before = job(&url);
+    assert!(before["progress"]["energy_per_step_joules"].as_f64().unwrap() > 0.0, "{before}");
+    let metrics = controller.metrics();
+    assert!(metrics.contains("watt_job_steps_per_second{job=\"elastic\"}"), "{metrics}");
+
+    // 8 GPUs at their 200 W minimum need 1.6 kW; a 1.425 kW limit holds 3 shards (6 × 200 W +
+    // 2 idle × 100 W = 1.4 kW): the job shrinks to 3 and runs at minimum caps.
+    set_grid(&url, "1.5kW");
+    let cut = steady_rate(&url, 3);
+    assert!(cut < 0.85 * full, "steps/s falls with the cut: {full:.1} → {cut:.1}");
+
+    // Power back: it regrows to 4 shards and finishes.
+    set_grid(&url, "20kW");
+    wait_for(Duration::from_secs(60), "the job regrown", || {
+        let j = job(&url);
+        (j["placement"].as_array().map_or(0, Vec::len) == 4 && j["state"] == "running").then_some(())
+    });
+    let done = wait_for(Duration::from_secs(120), "the job to finish", || {
+        let j = job(&url);
+        (j["state"] == "succeeded" || j["state"] == "failed").then_some(j)
+    });
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let events = String::from_utf8_lossy(&wattctl(&url, &["events"]).stdout).into_owned();
+    assert!(events.contains("shrunk") && events.contains("grown"), "{events}");
+
+    // The same training, uninterrupted, as one process: the same weights.
+    let reference = dir.path().join("reference");
+    let out = std::process::Command::new(bin("watt-worker"))
+        .args(worker_flags(STEPS, "0s"))
+        .env("WATT_CHECKPOINT_DIR", &reference)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let name = format!("step-{STEPS:012}.ckpt");
+    let (a, b) = (
+        watt_worker::checkpoint::load(&reference.join(&name)).unwrap(),
+        watt_worker::checkpoint::load(&checkpoints.join(&name)).unwrap(),
+    );
+    let scale = a.params.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    let diff = a.params.iter().zip(&b.params).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(diff / scale < 1e-6, "relative difference {:e}", diff / scale);
+}

@@ -7,7 +7,8 @@
 
 pub mod acks;
 pub mod allocator;
-pub mod curve;
+/// The speed-vs-cap curve lives in `watt-common`: the agent's simulated GPUs pace workers by it.
+pub use watt_common::curve;
 pub mod planner;
 pub mod table;
 

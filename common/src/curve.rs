@@ -1,4 +1,5 @@
-//! Throughput as a function of the power cap, per GPU model.
+//! Throughput as a function of the power cap, per GPU model: what the controller's allocator
+//! optimizes, and what the agent's simulated GPUs pace workers by.
 //!
 //! A training step's speed is concave in the cap: the last 30% of power buys roughly the last
 //! 10% of speed (DESIGN.md, "Power model"), the shape reported by power-capping studies of
