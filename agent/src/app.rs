@@ -122,7 +122,12 @@ pub async fn run(
     }
     let shards = ShardTable::new(supervisor.clone(), config.stop_grace, backend.kind() == "sim");
     let session = config.controller.clone().map(|controller| {
-        let session_config = SessionConfig { controller, node_name: config.node_name.clone(), boot_id: boot_id() };
+        let session_config = SessionConfig {
+            controller,
+            node_name: config.node_name.clone(),
+            boot_id: boot_id(),
+            http_port: addr.port(),
+        };
         tokio::spawn(session::run(
             session_config,
             inventory.clone(),
@@ -134,7 +139,11 @@ pub async fn run(
     });
     // Without a controller there is nobody to hear from: the failsafe caps set at start stay.
     let failsafe = config.controller.is_some().then(|| tokio::spawn(watch_failsafe(enforcer.clone(), stop_rx.clone())));
-    let server = tokio::spawn(exporter::serve(listener, exporter::router(renderer, rx), wait_stop()));
+    let server = tokio::spawn(exporter::serve(
+        listener,
+        exporter::router(renderer, rx).merge(crate::logs::router(config.state_dir.join("logs"))),
+        wait_stop(),
+    ));
 
     shutdown.await;
     tracing::info!("Shutting down.");

@@ -16,6 +16,7 @@ pub mod error;
 pub mod exporter;
 pub mod gpu;
 pub mod host;
+pub mod logs;
 pub mod progress;
 pub mod sampler;
 pub mod session;

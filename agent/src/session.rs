@@ -29,6 +29,8 @@ pub struct SessionConfig {
     pub node_name: String,
     /// Distinguishes this run of the agent from a reconnect of the same run.
     pub boot_id: String,
+    /// Where the agent serves metrics and shards' logs.
+    pub http_port: u16,
 }
 
 /// Keep a session open until `stop` turns true.
@@ -147,6 +149,7 @@ async fn session_once(
         non_gpu_power_watts: 0.0,
         shards: shards.statuses(),
         failsafe_after_ms: enforcer.failsafe_after().as_millis() as u32,
+        http_port: u32::from(config.http_port),
     };
     tx.send(message(pb::agent_message::Body::Register(register)))
         .await

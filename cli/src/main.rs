@@ -4,6 +4,7 @@
 //! `views` module's shapes, not raw protobuf). A server error is one readable line and exit
 //! code 1; a usage error (bad flags, an unreadable file) is exit code 2.
 
+mod logs;
 mod power;
 mod views;
 
@@ -61,6 +62,15 @@ enum Command {
     },
     /// Cancel a job: its shards are stopped and it will not be scheduled again.
     Cancel { name: String },
+    /// Print a shard's output, from the agent that runs it; with --follow, keep printing it
+    /// while the job runs.
+    Logs {
+        job: String,
+        #[arg(long, default_value_t = 0)]
+        shard: u32,
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Show recent events; with --follow, keep printing new ones.
     Events {
         #[arg(short, long)]
@@ -232,6 +242,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(output, &gpus, || GpuRow::table(&gpus))
         }
         Command::Power { what } => run_power(&cli.controller, output, what).await,
+        Command::Logs { job, shard, follow } => {
+            let mut client = connect(&cli.controller).await?;
+            logs::run(&mut client, &job, shard, follow).await
+        }
         Command::Events { follow } => {
             let mut client = connect(&cli.controller).await?;
             // Subscribe first so nothing falls between the history and the live stream.

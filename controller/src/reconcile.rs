@@ -254,6 +254,10 @@ impl Controller {
                     last_seen_unix_ms: e.last_seen_unix_ms,
                     agent_version: e.agent_version.clone(),
                     telemetry: e.telemetry.clone(),
+                    http_address: match (e.address, e.http_port) {
+                        (Some(ip), port) if port > 0 => std::net::SocketAddr::new(ip, port).to_string(),
+                        _ => String::new(),
+                    },
                 }
             })
             .collect();

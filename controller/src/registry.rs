@@ -59,6 +59,8 @@ pub struct NodeEntry {
     pub agent_version: String,
     pub boot_id: String,
     pub address: Option<IpAddr>,
+    /// The agent's HTTP port (metrics, logs); 0 when it did not say.
+    pub http_port: u16,
     pub last_seen: Instant,
     pub last_seen_unix_ms: i64,
     pub session: Option<Session>,
@@ -164,6 +166,7 @@ impl Registry {
             agent_version: register.agent_version.clone(),
             boot_id: register.boot_id.clone(),
             address,
+            http_port: u16::try_from(register.http_port).unwrap_or(0),
             last_seen: now,
             last_seen_unix_ms: now_unix_ms,
             session: Some(Session { id, tx, alive }),

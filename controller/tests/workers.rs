@@ -94,7 +94,7 @@ fn steady_rate(url: &str, placement: usize) -> f64 {
 
 #[test]
 fn a_power_cut_shrinks_a_training_job_and_slows_it_power_back_regrows_it_and_no_work_is_lost() {
-    const STEPS: u64 = 1_000;
+    const STEPS: u64 = 600;
     let dir = tempfile::tempdir().unwrap();
     let controller = ControllerProc::start(
         &format!("file:{}", dir.path().join("w.redb").display()),
@@ -109,7 +109,7 @@ fn a_power_cut_shrinks_a_training_job_and_slows_it_power_back_regrows_it_and_no_
     set_grid(&url, "20kW");
     let checkpoints = dir.path().join("ckpt");
     let command: Vec<String> =
-        std::iter::once(bin("watt-worker").display().to_string()).chain(worker_flags(STEPS, "20ms")).collect();
+        std::iter::once(bin("watt-worker").display().to_string()).chain(worker_flags(STEPS, "50ms")).collect();
     let manifest = serde_json::json!({
         "name": "elastic", "shards": {"min": 2, "max": 4}, "gpus_per_shard": 2, "flex": 0.0,
         "command": command, "checkpoint_dir": checkpoints.display().to_string(), "stop_grace": "10s",
@@ -122,6 +122,17 @@ fn a_power_cut_shrinks_a_training_job_and_slows_it_power_back_regrows_it_and_no_
     assert!(before["progress"]["energy_per_step_joules"].as_f64().unwrap() > 0.0, "{before}");
     let metrics = controller.metrics();
     assert!(metrics.contains("watt_job_steps_per_second{job=\"elastic\"}"), "{metrics}");
+    let described = String::from_utf8_lossy(&wattctl(&url, &["describe", "job", "elastic"]).stdout).into_owned();
+    assert!(described.contains("steps/s") && described.contains("J/step"), "{described}");
+
+    // Its output, from the agent that runs rank 0; a shard that does not exist is named.
+    let logs = wattctl(&url, &["logs", "elastic", "--shard", "0"]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.status.success() && text.contains("training mlp") && text.contains("on 4 rank(s)"), "{text}");
+    let missing = wattctl(&url, &["logs", "elastic", "--shard", "9"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("there is no shard 9"));
+    assert_eq!(wattctl(&url, &["logs", "nope"]).status.code(), Some(1));
 
     // 8 GPUs at their 200 W minimum need 1.6 kW; a 1.425 kW limit holds 3 shards (6 × 200 W +
     // 2 idle × 100 W = 1.4 kW): the job shrinks to 3 and runs at minimum caps.

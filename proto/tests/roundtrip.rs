@@ -24,6 +24,7 @@ fn register_round_trips() {
             non_gpu_power_watts: 1_800.0,
             shards: vec![],
             failsafe_after_ms: 10_000,
+            http_port: 9400,
         })),
     };
     let bytes = sent.encode_to_vec();

@@ -1,0 +1,102 @@
+//! `wattctl logs JOB [--shard N] [--follow]`: a shard's output, read from the agent that runs it.
+//!
+//! The controller says where the shard runs and at which HTTP address that node's agent serves
+//! its logs; the log itself comes straight from the agent (`GET /logs/<job>/<shard>`), so
+//! training output never flows through the controller. `--follow` asks for what follows the
+//! last byte seen, once a second, starting over when the agent rotated the log, until the job
+//! stops running.
+
+use std::io::Write;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use watt_proto::v1 as pb;
+use watt_proto::v1::control_service_client::ControlServiceClient;
+
+use crate::Failure;
+
+/// Where shard `shard` of `job` runs: the agent's HTTP address.
+async fn locate(
+    client: &mut ControlServiceClient<Channel>,
+    job: &str,
+    shard: u32,
+) -> Result<(String, pb::Job), Failure> {
+    let record = client.get_job(pb::GetJobRequest { name: job.to_string() }).await?.into_inner();
+    let Some(placement) = record.shards.iter().find(|s| s.shard == shard) else {
+        let running = record.shards.len();
+        return Err(Failure::Server(if running == 0 {
+            format!("job {job} has no shard placed now (its logs stay on the nodes that ran it)")
+        } else {
+            format!("job {job} runs shards 0..{}; there is no shard {shard}", running - 1)
+        }));
+    };
+    let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+    let address = nodes
+        .iter()
+        .find(|n| n.name == placement.node)
+        .map(|n| n.http_address.clone())
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| Failure::Server(format!("node {} has not said where it serves logs", placement.node)))?;
+    Ok((address, record))
+}
+
+/// One read: the bytes, the log's size, whether it was rotated since `offset`.
+fn fetch(address: &str, job: &str, shard: u32, offset: Option<u64>) -> Result<(Vec<u8>, u64, bool), Failure> {
+    let mut url = format!("http://{address}/logs/{job}/{shard}");
+    if let Some(o) = offset {
+        url.push_str(&format!("?offset={o}"));
+    }
+    let mut response = ureq::get(&url).call().map_err(|e| match e {
+        ureq::Error::StatusCode(404) => {
+            Failure::Server(format!("the agent at {address} has no log for shard {shard} of {job}"))
+        }
+        e => Failure::Server(format!("cannot read the log from the agent at {address}: {e}")),
+    })?;
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let size = header("x-watt-log-size").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let rotated = header("x-watt-log-rotated").is_some();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(2 * 1024 * 1024)
+        .read_to_vec()
+        .map_err(|e| Failure::Server(format!("cannot read the log from the agent at {address}: {e}")))?;
+    Ok((body, size, rotated))
+}
+
+pub async fn run(
+    client: &mut ControlServiceClient<Channel>,
+    job: &str,
+    shard: u32,
+    follow: bool,
+) -> Result<(), Failure> {
+    let (address, _) = locate(client, job, shard).await?;
+    let (a, j) = (address.clone(), job.to_string());
+    let (body, size, _) = tokio::task::spawn_blocking(move || fetch(&a, &j, shard, None))
+        .await
+        .map_err(|e| Failure::Server(e.to_string()))??;
+    let mut out = std::io::stdout();
+    let write = |out: &mut std::io::Stdout, bytes: &[u8]| {
+        out.write_all(bytes).and_then(|()| out.flush()).map_err(|e| Failure::Server(format!("cannot write: {e}")))
+    };
+    write(&mut out, &body)?;
+    if !follow {
+        return Ok(());
+    }
+    // The tail ended at the size the first answer reported.
+    let mut offset = size;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (a, j) = (address.clone(), job.to_string());
+        let (body, _, rotated) = tokio::task::spawn_blocking(move || fetch(&a, &j, shard, Some(offset)))
+            .await
+            .map_err(|e| Failure::Server(e.to_string()))??;
+        write(&mut out, &body)?;
+        offset = if rotated { body.len() as u64 } else { offset + body.len() as u64 };
+        let state = client.get_job(pb::GetJobRequest { name: job.to_string() }).await?.into_inner().state;
+        let active = matches!(pb::JobState::try_from(state), Ok(pb::JobState::Starting | pb::JobState::Running));
+        if !active {
+            return Ok(());
+        }
+    }
+}
