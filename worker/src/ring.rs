@@ -16,8 +16,9 @@
 //! names the neighbour, and the rank fails at once instead of hanging. A peer that hangs is cut
 //! off by the collective timeout.
 //!
-//! Waiting spins briefly and then yields the CPU rather than sleeping in the kernel: between
-//! the chunks of one all-reduce the next bytes are microseconds away.
+//! Waiting spins briefly, then yields the CPU, then naps up to a millisecond: between the chunks
+//! of one all-reduce the next bytes are microseconds away, but a peer still computing its step
+//! may be many milliseconds away, and a waiting rank must not burn a core.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -189,8 +190,10 @@ fn retry(e: &std::io::Error) -> bool {
     matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted)
 }
 
-/// Waiting on both sockets: spin briefly (data is usually microseconds away), then yield the
-/// CPU, and give up after the collective timeout without progress.
+/// Waiting on both sockets: spin briefly (mid-transfer, data is microseconds away), then yield
+/// the CPU, then sleep in growing naps up to a millisecond (a peer still computing its step can
+/// be many milliseconds away, and a rank must not burn a core waiting for it), and give up after
+/// the collective timeout without progress.
 #[derive(Debug)]
 struct Idle {
     spins: u32,
@@ -210,12 +213,18 @@ impl Idle {
 
     /// Wait a little; true once the timeout has passed with no progress.
     fn wait(&mut self) -> bool {
-        self.spins += 1;
-        if self.spins < 16 {
-            std::hint::spin_loop();
-            return false;
+        self.spins = self.spins.saturating_add(1);
+        match self.spins {
+            0..16 => {
+                std::hint::spin_loop();
+                return false;
+            }
+            16..80 => std::thread::yield_now(),
+            n => {
+                let nap = 10u64 << (n - 80).min(7); // 10 µs doubling to 1.28 ms
+                std::thread::park_timeout(std::time::Duration::from_micros(nap.min(1_000)));
+            }
         }
-        std::thread::yield_now();
         let timeout = self.timeout;
         self.since.get_or_insert_with(|| crate::clock::Deadline::after(timeout)).passed()
     }
