@@ -148,7 +148,6 @@ impl Metrics {
         self.unacknowledged_nodes.set(i64::from(s.unacknowledged_nodes));
     }
 
-    /// Refresh the gauges from the controller's state.
     /// Running jobs' progress; jobs that stopped running leave the metrics (bounded labels).
     pub fn observe_progress(&self, jobs: &JobTable, book: &crate::progress::ProgressBook) {
         for g in &self.job_progress {
@@ -170,6 +169,7 @@ impl Metrics {
         }
     }
 
+    /// Refresh the gauges from the controller's state.
     pub fn observe(&self, jobs: &JobTable, registry: &NodeRegistry, now: Instant, lease: std::time::Duration) {
         for state in JobState::ALL {
             self.jobs.with_label_values(&[state.as_str()]).set(jobs.iter().filter(|j| j.state == state).count() as i64);

@@ -1,0 +1,101 @@
+//! The Helm chart: `helm lint`, `helm template` with the default values and two other value
+//! files, every rendered object valid against the Kubernetes schemas, the shape of what renders
+//! (privileges only when enforcing, the store), and bad values refused by `values.schema.json`.
+#![allow(clippy::unwrap_used)]
+
+use watt_deploy_tests::*;
+
+const VALUE_FILES: [&str; 3] =
+    ["", "deploy-tests/values/etcd-3-replicas.yaml", "deploy-tests/values/enforcement-off.yaml"];
+
+fn render(values: &str) -> String {
+    let args: Vec<&str> = if values.is_empty() { vec![] } else { vec!["-f", values] };
+    let (ok, out, err) = helm_template(&args);
+    assert!(ok, "helm template {values}: {err}");
+    out
+}
+
+#[test]
+fn the_chart_lints_and_renders_valid_kubernetes_objects_with_every_value_file() {
+    let dir = std::env::temp_dir().join(format!("watt-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for values in VALUE_FILES {
+        let mut lint = vec!["lint", "helm/watt", "--strict"];
+        if !values.is_empty() {
+            lint.extend(["-f", values]);
+        }
+        let out = run("helm", &lint);
+        assert!(out.status.success(), "helm lint {values}: {}", String::from_utf8_lossy(&out.stdout));
+
+        let rendered = render(values);
+        let file = dir.join(format!("{}.yaml", values.replace('/', "_")));
+        std::fs::write(&file, &rendered).unwrap();
+        let out = run("kubernetes-validate", &["-k", "1.30.0", "--strict", file.to_str().unwrap()]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && !text.contains("ERROR"), "kubernetes-validate {values}:\n{text}");
+        // Built-in kinds are all checked; only the Prometheus Operator's CRDs have no schema here.
+        for line in text.lines().filter(|l| l.contains("Couldn't find schema")) {
+            assert!(line.contains("monitoring.coreos.com"), "unexpected unchecked kind: {line}");
+        }
+        assert!(text.matches("passed for resource").count() >= 5, "{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn privileges_only_when_enforcing_and_the_store_as_configured() {
+    let docs = documents(&render(""));
+    let agent = find(&docs, "DaemonSet", "watt-agent");
+    let pod = &agent["spec"]["template"]["spec"];
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["hostPID"], false);
+    assert_eq!(pod["runtimeClassName"], "nvidia");
+    assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["capabilities"]["add"][0], "SYS_ADMIN");
+    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert!(args.contains(&"--enforce=on") && args.contains(&"--controller=http://watt-controller:7070"), "{args:?}");
+    let controller = find(&docs, "StatefulSet", "watt-controller");
+    assert_eq!(controller["spec"]["replicas"], 1);
+    assert!(controller["spec"]["volumeClaimTemplates"].is_sequence(), "the embedded store is on a volume");
+    let rule = find(&docs, "PrometheusRule", "watt");
+    let alerts: Vec<&str> =
+        rule["spec"]["groups"][0]["rules"].as_sequence().unwrap().iter().filter_map(|r| r["alert"].as_str()).collect();
+    assert_eq!(
+        alerts,
+        ["WattBudgetViolation", "WattNodeLost", "WattFailsafeEngaged", "WattPowerNearBudget", "WattScrapeFailing"]
+    );
+    let test = find(&docs, "Pod", "watt-test-controller");
+    assert_eq!(test["metadata"]["annotations"]["helm.sh/hook"], "test");
+
+    let off = documents(&render("deploy-tests/values/enforcement-off.yaml"));
+    let security =
+        &find(&off, "DaemonSet", "watt-agent")["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(security["runAsNonRoot"], true, "no privileges without enforcement: {security:?}");
+    assert!(security["capabilities"]["add"].is_null());
+    assert!(off.iter().all(|d| d["kind"] != "ServiceMonitor"));
+
+    let etcd = documents(&render("deploy-tests/values/etcd-3-replicas.yaml"));
+    let controller = find(&etcd, "StatefulSet", "watt-controller");
+    assert_eq!(controller["spec"]["replicas"], 3);
+    assert!(controller["spec"]["volumeClaimTemplates"].is_null());
+    let args = format!("{:?}", controller["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(args.contains("--store=etcd://etcd-0.etcd:2379,etcd-1.etcd:2379,etcd-2.etcd:2379"), "{args}");
+}
+
+#[test]
+fn bad_values_are_refused_at_install_naming_the_value() {
+    for (set, want) in [
+        ("controller.replicas=3", "/controller/replicas"),
+        ("agent.enforce=maybe", "/agent/enforce"),
+        ("controller.store.type=etcd", "/controller/store/etcd/endpoints"),
+        ("agent.failsafeAfter=soon", "/agent/failsafeAfter"),
+        ("agent.httpPort=70000", "/agent/httpPort"),
+        ("agent.stateDir=relative/path", "/agent/stateDir"),
+        ("agent.typo=1", "typo"),
+    ] {
+        let (ok, _, err) = helm_template(&["--set", set]);
+        assert!(!ok, "--set {set} was accepted");
+        assert!(err.contains(want), "--set {set}: want {want:?} in {err}");
+    }
+}
