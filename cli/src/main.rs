@@ -6,6 +6,7 @@
 
 mod logs;
 mod power;
+mod up;
 mod views;
 
 use std::io::Read;
@@ -81,6 +82,9 @@ enum Command {
         #[command(subcommand)]
         what: Power,
     },
+    /// Run a whole Watt cluster on this machine: a controller, agents with simulated GPUs,
+    /// demo training jobs, and optionally a timeline of power events; Ctrl-C stops it.
+    Up(up::UpArgs),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -158,6 +162,18 @@ fn report(failure: Failure) -> ExitCode {
         eprintln!("wattctl: error: {message}");
     }
     ExitCode::from(code)
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 async fn channel(url: &str) -> Result<Channel, Failure> {
@@ -242,6 +258,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(output, &gpus, || GpuRow::table(&gpus))
         }
         Command::Power { what } => run_power(&cli.controller, output, what).await,
+        Command::Up(args) => up::run(args).await,
         Command::Logs { job, shard, follow } => {
             let mut client = connect(&cli.controller).await?;
             logs::run(&mut client, &job, shard, follow).await

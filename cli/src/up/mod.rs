@@ -1,0 +1,416 @@
+//! `wattctl up`: a whole Watt cluster on this machine, no GPU and no setup needed — a controller
+//! on the embedded store, agents with simulated GPUs, `watt-worker` jobs of different priorities
+//! and flexibility, and optionally a timeline of power events (`--scenario`) and a Prometheus
+//! scraping everything (`--prometheus`). It shows a live view, and at the end (the scenario's
+//! end, Ctrl-C or SIGTERM) stops everything it started and prints a summary.
+//!
+//! The binaries are found next to `wattctl` (as `cargo build` leaves them), else on the PATH.
+
+mod scenario;
+mod view;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use watt_proto::v1 as pb;
+use watt_proto::v1::control_service_client::ControlServiceClient;
+use watt_proto::v1::power_service_client::PowerServiceClient;
+
+pub use scenario::Scenario;
+use view::{Sample, Summary};
+
+use crate::Failure;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Simulated GPU nodes.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub nodes: u32,
+    /// GPUs per node.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub gpus_per_node: u32,
+    /// Simulated GPU model: h100, h200 or a100.
+    #[arg(long, default_value = "h100")]
+    pub model: String,
+    /// A timeline of power events (examples/scenarios/generator-trip.yaml); without one, the
+    /// cluster runs on an ample grid source until Ctrl-C.
+    #[arg(long, value_name = "FILE")]
+    pub scenario: Option<PathBuf>,
+    /// Play the scenario this many times faster (its times ÷ N, its ramps × N).
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Also start a Prometheus (Debian's `prometheus`) scraping the controller and every agent.
+    #[arg(long)]
+    pub prometheus: bool,
+    /// Where that Prometheus listens.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub prometheus_addr: String,
+    /// Don't submit the demo jobs.
+    #[arg(long)]
+    pub no_jobs: bool,
+    /// Keep the working directory (store, agents' state and logs) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// A process `up` started, stopped with SIGTERM when it ends.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Proc, Failure> {
+        let file =
+            std::fs::File::create(log).map_err(|e| Failure::Server(format!("cannot create {}: {e}", log.display())))?;
+        let err = file.try_clone().map_err(|e| Failure::Server(e.to_string()))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Failure::Server(format!("cannot start {}: {e}", program.display())))?;
+        Ok(Proc { name: name.into(), child })
+    }
+
+    fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
+    async fn wait(&mut self, limit: Duration) {
+        if tokio::time::timeout(limit, self.child.wait()).await.is_err() {
+            eprintln_now(&format!("{} did not stop within {}s; killing it", self.name, limit.as_secs()));
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+fn eprintln_now(line: &str) {
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("wattctl up: {line}");
+    }
+}
+
+/// `name` next to this executable, else on the PATH.
+fn binary(name: &str) -> Result<PathBuf, Failure> {
+    let sibling = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(name))).filter(|p| p.exists());
+    let on_path =
+        || std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.exists()));
+    sibling.or_else(on_path).ok_or_else(|| {
+        Failure::Usage(format!(
+            "cannot find {name} next to wattctl or on the PATH (cargo build --release --workspace --bins)"
+        ))
+    })
+}
+
+fn free_port() -> Result<u16, Failure> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Failure::Server(format!("no free port: {e}")))
+}
+
+/// The demo jobs: three `watt-worker` jobs sized to the cluster, a priority and a flexibility each.
+fn demo_jobs(args: &UpArgs, worker: &Path, dir: &Path) -> Vec<serde_json::Value> {
+    let per_shard = (args.gpus_per_node / 2).max(1);
+    let n = args.nodes;
+    [("pretrain", 10, 0.1, (n / 2).max(1), n), ("finetune", 5, 0.3, 1, (n / 2).max(1)), ("sweep", 1, 0.5, 1, n)]
+        .into_iter()
+        .map(|(name, priority, flex, min, max)| {
+            serde_json::json!({
+                "name": name, "priority": priority, "flex": flex,
+                "shards": {"min": min, "max": max}, "gpus_per_shard": per_shard,
+                "checkpoint_dir": dir.join("checkpoints").join(name).display().to_string(),
+                "stop_grace": "10s",
+                "command": [worker.display().to_string(), "--steps", "100000000", "--step-time", "100ms",
+                            "--model", "mlp", "--checkpoint-every", "20", "--log-every", "100"],
+            })
+        })
+        .collect()
+}
+
+async fn set_source(power: &mut PowerServiceClient<Channel>, s: &scenario::Source) -> Result<(), Failure> {
+    let source = pb::PowerSource {
+        name: s.name.clone(),
+        kind: s.kind as i32,
+        available_watts: s.available_watts,
+        ramp_watts_per_second: s.ramp_watts_per_second,
+        effective_watts: 0.0,
+    };
+    power.set_source(pb::SetSourceRequest { source: Some(source) }).await?;
+    Ok(())
+}
+
+pub async fn run(args: UpArgs) -> Result<(), Failure> {
+    if !(args.speed.is_finite() && (0.1..=1000.0).contains(&args.speed)) {
+        return Err(Failure::Usage(format!("--speed must be between 0.1 and 1000 (got {})", args.speed)));
+    }
+    let scenario = match &args.scenario {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::Usage(format!("--scenario {}: {e}", path.display())))?;
+            Some(
+                Scenario::parse(&text)
+                    .map_err(|e| Failure::Usage(format!("--scenario {}: {e}", path.display())))?
+                    .faster(args.speed),
+            )
+        }
+        None => None,
+    };
+    let (controller_bin, agent_bin, worker_bin) =
+        (binary("watt-controller")?, binary("watt-agent")?, binary("watt-worker")?);
+    let dir = std::env::temp_dir().join(format!("watt-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Failure::Server(format!("cannot create {}: {e}", dir.display())))?;
+
+    let mut procs: Vec<Proc> = Vec::new();
+    let result = cluster(&args, scenario, &dir, &controller_bin, &agent_bin, &worker_bin, &mut procs).await;
+
+    // Agents first (each stops its workers, SIGTERM then the jobs' grace), then the rest.
+    for p in procs.iter().filter(|p| p.name.starts_with("agent")) {
+        p.terminate();
+    }
+    for p in procs.iter_mut().filter(|p| p.name.starts_with("agent")) {
+        p.wait(Duration::from_secs(20)).await;
+    }
+    for p in procs.iter().filter(|p| !p.name.starts_with("agent")) {
+        p.terminate();
+    }
+    for p in procs.iter_mut().filter(|p| !p.name.starts_with("agent")) {
+        p.wait(Duration::from_secs(10)).await;
+    }
+    if args.keep {
+        eprintln_now(&format!("kept {}", dir.display()));
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let summary = result?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", summary.render());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn cluster(
+    args: &UpArgs,
+    scenario: Option<Scenario>,
+    dir: &Path,
+    controller_bin: &Path,
+    agent_bin: &Path,
+    worker_bin: &Path,
+    procs: &mut Vec<Proc>,
+) -> Result<Summary, Failure> {
+    let (grpc, metrics) = (free_port()?, free_port()?);
+    let url = format!("http://127.0.0.1:{grpc}");
+    let controller_args: Vec<String> = [
+        format!("--listen=127.0.0.1:{grpc}"),
+        format!("--metrics-addr=127.0.0.1:{metrics}"),
+        format!("--store=file:{}", dir.join("controller.redb").display()),
+        "--reconcile-interval=200ms".into(),
+        "--node-lease=5s".into(),
+        "--regrow-after=5s".into(),
+    ]
+    .into();
+    procs.push(Proc::spawn("controller", controller_bin, &controller_args, &dir.join("controller.log"))?);
+    let mut control = connect_with_retry(&url).await?;
+    let mut power = PowerServiceClient::new(control_channel(&url).await?);
+
+    let mut agent_ports = Vec::new();
+    for i in 1..=args.nodes {
+        let port = free_port()?;
+        agent_ports.push(port);
+        let state = dir.join(format!("agent-{i}"));
+        let agent_args: Vec<String> = vec![
+            "--backend=sim".into(),
+            format!("--sim-gpus={}", args.gpus_per_node),
+            format!("--sim-model={}", args.model),
+            format!("--sim-seed={i}"),
+            format!("--node-name=node-{i}"),
+            format!("--metrics-addr=127.0.0.1:{port}"),
+            "--sample-interval=500ms".into(),
+            format!("--controller={url}"),
+            "--failsafe-after=5s".into(),
+            "--stop-grace=10s".into(),
+            format!("--state-dir={}", state.display()),
+        ];
+        procs.push(Proc::spawn(
+            &format!("agent node-{i}"),
+            agent_bin,
+            &agent_args,
+            &dir.join(format!("agent-{i}.log")),
+        )?);
+    }
+    if args.prometheus {
+        match start_prometheus(args, dir, metrics, &agent_ports) {
+            Ok(p) => {
+                eprintln_now(&format!("Prometheus at http://{}", args.prometheus_addr));
+                procs.push(p);
+            }
+            Err(e) => eprintln_now(&format!("no Prometheus: {e}")),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = control.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+        if nodes.iter().filter(|n| n.state == pb::NodeState::Ready as i32).count() == args.nodes as usize {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::Server(format!(
+                "the agents did not all register within 30 s (logs in {})",
+                dir.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let sources = match &scenario {
+        Some(s) => s.sources.clone(),
+        None => {
+            let ample = f64::from(args.nodes * args.gpus_per_node) * 1_000.0 * 1.5;
+            vec![scenario::Source {
+                name: "grid".into(),
+                kind: pb::SourceKind::Grid,
+                available_watts: ample,
+                ramp_watts_per_second: None,
+            }]
+        }
+    };
+    for s in &sources {
+        set_source(&mut power, s).await?;
+    }
+    if !args.no_jobs {
+        for job in demo_jobs(args, worker_bin, dir) {
+            let request =
+                pb::SubmitJobRequest { source: Some(pb::submit_job_request::Source::Manifest(job.to_string())) };
+            control.submit_job(request).await?;
+        }
+    }
+
+    // The timeline, the view, and the books for the summary.
+    let interactive = std::io::stdout().is_terminal();
+    let started = Instant::now();
+    let end = scenario.as_ref().map(|s| started + s.duration);
+    let mut events = scenario.as_ref().map(|s| s.events.clone()).unwrap_or_default().into_iter().peekable();
+    let mut log: Vec<String> = vec![format!("{} source(s) set; {} node(s) ready", sources.len(), args.nodes)];
+    let mut summary = Summary::new(scenario.as_ref().map(|s| s.name.clone()));
+    let mut waiting_ack: Option<(Instant, String)> = None;
+    let mut last_frame = started - Duration::from_secs(1);
+    let mut last_sample = started;
+    let mut shutdown = std::pin::pin!(crate::shutdown_signal());
+    loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                log.push("stopping (signal)".into());
+                break;
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let now = Instant::now();
+        if end.is_some_and(|e| now >= e) {
+            break;
+        }
+        while let Some(e) = events.next_if(|e| started + e.at <= now) {
+            let source = sources.iter().find(|s| s.name == e.source).cloned();
+            if let Some(mut s) = source {
+                s.available_watts = e.available_watts;
+                set_source(&mut power, &s).await?;
+                let line = format!(
+                    "{:>6.1}s  {} ({} → {})",
+                    now.duration_since(started).as_secs_f64(),
+                    e.note,
+                    s.name,
+                    crate::power::show_watts(e.available_watts)
+                );
+                log.push(line);
+                waiting_ack = Some((now, e.note.clone()));
+                summary.events += 1;
+            }
+        }
+        let status = power.get_power_status(pb::GetPowerStatusRequest {}).await?.into_inner();
+        if let Some((at, note)) = &waiting_ack {
+            if status.unacknowledged_nodes == 0 {
+                let took = now.duration_since(*at);
+                summary.worst_ack = summary.worst_ack.max(took);
+                log.push(format!(
+                    "         every cap acknowledged {:.0} ms after \"{note}\"",
+                    took.as_secs_f64() * 1e3
+                ));
+                waiting_ack = None;
+            }
+        }
+        let dt = now.duration_since(last_sample).as_secs_f64();
+        last_sample = now;
+        let jobs = control.list_jobs(pb::ListJobsRequest {}).await?.into_inner().jobs;
+        summary.record(&Sample { status: &status, jobs: &jobs, dt, before_first_event: summary.events == 0 });
+        if now.duration_since(last_frame) >= Duration::from_secs(1) {
+            last_frame = now;
+            let frame =
+                view::frame(now.duration_since(started), end.map(|e| e.duration_since(started)), &status, &jobs, &log);
+            #[allow(clippy::print_stdout)]
+            if interactive {
+                print!("\x1b[2J\x1b[H{frame}");
+            } else {
+                println!("{}", view::line(now.duration_since(started), &status, &jobs));
+            }
+        }
+    }
+    summary.violations = power.get_power_status(pb::GetPowerStatusRequest {}).await?.into_inner().budget_violations;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+async fn control_channel(url: &str) -> Result<Channel, Failure> {
+    crate::channel(url).await
+}
+
+async fn connect_with_retry(url: &str) -> Result<ControlServiceClient<Channel>, Failure> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match crate::connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn start_prometheus(args: &UpArgs, dir: &Path, controller_metrics: u16, agents: &[u16]) -> Result<Proc, String> {
+    let binary = binary("prometheus")
+        .map_err(|_| "prometheus is not installed (Debian: apt-get install prometheus)".to_string())?;
+    let targets: Vec<String> = agents.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
+    let config = format!(
+        "global: {{scrape_interval: 2s, evaluation_interval: 2s}}\n\
+         rule_files: ['{rules}']\n\
+         scrape_configs:\n\
+         \x20 - job_name: watt-controller\n    static_configs: [{{targets: ['127.0.0.1:{controller_metrics}']}}]\n\
+         \x20 - job_name: watt-agent\n    static_configs: [{{targets: [{}]}}]\n",
+        targets.join(", "),
+        rules = dir.join("watt-alerts.yaml").display(),
+    );
+    std::fs::write(dir.join("watt-alerts.yaml"), ALERTS).map_err(|e| e.to_string())?;
+    let path = dir.join("prometheus.yml");
+    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+    let prom_args = vec![
+        format!("--config.file={}", path.display()),
+        format!("--storage.tsdb.path={}", dir.join("prometheus").display()),
+        format!("--web.listen-address={}", args.prometheus_addr),
+    ];
+    Proc::spawn("prometheus", &binary, &prom_args, &dir.join("prometheus.log")).map_err(|e| match e {
+        Failure::Server(m) | Failure::Usage(m) => m,
+    })
+}
+
+/// The chart's alert rules, evaluated by `--prometheus` too.
+const ALERTS: &str = include_str!("../../../helm/watt/files/watt-alerts.yaml");

@@ -1,0 +1,189 @@
+//! What `wattctl up` shows: a live frame (power, sources, jobs, events) refreshed each second,
+//! one line a second when the output is not a terminal, and the summary at the end.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+use watt_proto::v1 as pb;
+
+use crate::power::show_watts;
+
+fn job_state(state: i32) -> &'static str {
+    match pb::JobState::try_from(state).unwrap_or_default() {
+        pb::JobState::Pending => "pending",
+        pb::JobState::Starting => "starting",
+        pb::JobState::Running => "running",
+        pb::JobState::Succeeded => "succeeded",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Cancelled => "cancelled",
+        pb::JobState::Unspecified => "-",
+    }
+}
+
+pub fn frame(t: Duration, end: Option<Duration>, status: &pb::PowerStatus, jobs: &[pb::Job], log: &[String]) -> String {
+    let mut out = String::new();
+    let total = end.map(|e| format!(" / {:.0}s", e.as_secs_f64())).unwrap_or_default();
+    let _ = writeln!(out, "Watt — local cluster   t = {:.0}s{total}   (Ctrl-C stops)\n", t.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "Power    available {}   limit {}   allocated {}   drawn {}   violations {}",
+        show_watts(status.available_watts),
+        show_watts(status.limit_watts),
+        show_watts(status.allocated_watts),
+        show_watts(status.drawn_watts),
+        status.budget_violations
+    );
+    let sources: Vec<String> =
+        status.sources.iter().map(|s| format!("{} {}", s.name, show_watts(s.effective_watts))).collect();
+    let _ = writeln!(out, "Sources  {}\n", sources.join(" · "));
+    let _ = writeln!(
+        out,
+        "{:<12} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "JOB", "STATE", "SHARDS", "CAP", "STEPS/S", "STEP", "J/STEP"
+    );
+    let caps: BTreeMap<&str, &pb::JobPower> = status.jobs.iter().map(|j| (j.name.as_str(), j)).collect();
+    for job in jobs {
+        let spec = job.spec.clone().unwrap_or_default();
+        let range = spec.shards.unwrap_or_default();
+        let cap =
+            caps.get(spec.name.as_str()).filter(|p| !p.paused).map_or("-".to_string(), |p| show_watts(p.cap_watts));
+        let p = job.progress.unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<12} {:<10} {:>8} {:>9} {:>9.1} {:>9} {:>9.0}",
+            spec.name,
+            job_state(job.state),
+            format!("{}/{}..{}", job.shards.len(), range.min, range.max),
+            cap,
+            p.steps_per_second,
+            p.step,
+            p.energy_per_step_joules
+        );
+    }
+    let _ = writeln!(out, "\nEvents");
+    for line in log.iter().rev().take(10).rev() {
+        let _ = writeln!(out, "  {line}");
+    }
+    out
+}
+
+/// One line per second, for output that is not a terminal.
+pub fn line(t: Duration, status: &pb::PowerStatus, jobs: &[pb::Job]) -> String {
+    let jobs: Vec<String> = jobs
+        .iter()
+        .map(|j| {
+            let name = j.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+            let rate = j.progress.as_ref().map_or(0.0, |p| p.steps_per_second);
+            format!("{name} {} {}sh {rate:.1}/s", job_state(j.state), j.shards.len())
+        })
+        .collect();
+    format!(
+        "t={:.0}s available={} limit={} drawn={} violations={} | {}",
+        t.as_secs_f64(),
+        show_watts(status.available_watts),
+        show_watts(status.limit_watts),
+        show_watts(status.drawn_watts),
+        status.budget_violations,
+        jobs.join(" | ")
+    )
+}
+
+pub struct Sample<'a> {
+    pub status: &'a pb::PowerStatus,
+    pub jobs: &'a [pb::Job],
+    /// Seconds since the previous sample.
+    pub dt: f64,
+    pub before_first_event: bool,
+}
+
+/// What the run did, for the summary.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub scenario: Option<String>,
+    pub events: u32,
+    pub worst_ack: Duration,
+    pub violations: u64,
+    pub elapsed: Duration,
+    energy_joules: f64,
+    priority: BTreeMap<String, i64>,
+    steps: BTreeMap<String, (u64, u64)>,
+    /// Steps/s at full power: the best rate seen before the first power event.
+    full_rate: BTreeMap<String, f64>,
+    /// Steps done and time spent running from the first power event on.
+    after: BTreeMap<String, (f64, f64)>,
+}
+
+impl Summary {
+    pub fn new(scenario: Option<String>) -> Self {
+        Summary { scenario, ..Summary::default() }
+    }
+
+    pub fn record(&mut self, s: &Sample) {
+        self.energy_joules += s.status.drawn_watts * s.dt;
+        for job in s.jobs {
+            let Some(spec) = &job.spec else { continue };
+            self.priority.insert(spec.name.clone(), spec.priority);
+            let Some(p) = &job.progress else { continue };
+            let entry = self.steps.entry(spec.name.clone()).or_insert((p.step, p.step));
+            entry.1 = entry.1.max(p.step);
+            let running = job.state == pb::JobState::Running as i32;
+            if s.before_first_event {
+                if running {
+                    let best = self.full_rate.entry(spec.name.clone()).or_insert(0.0);
+                    *best = best.max(p.steps_per_second);
+                }
+            } else {
+                // Paused or waiting counts as time at zero speed.
+                let (rate_time, time) = self.after.entry(spec.name.clone()).or_insert((0.0, 0.0));
+                *rate_time += if running { p.steps_per_second * s.dt } else { 0.0 };
+                *time += s.dt;
+            }
+        }
+    }
+
+    /// Priority-weighted throughput from the first event on, relative to full power.
+    fn weighted_kept(&self) -> Option<f64> {
+        let mut levels: Vec<i64> = self.priority.values().copied().collect();
+        levels.sort_unstable();
+        levels.dedup();
+        let (mut kept, mut full) = (0.0, 0.0);
+        for (name, &(rate_time, time)) in &self.after {
+            let (Some(&f), Some(p)) = (self.full_rate.get(name), self.priority.get(name)) else { continue };
+            if f <= 0.0 || time <= 0.0 {
+                continue;
+            }
+            let weight = 1.0 + levels.partition_point(|l| l < p) as f64;
+            kept += weight * rate_time / time;
+            full += weight * f;
+        }
+        (full > 0.0).then(|| kept / full)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let title = self.scenario.as_deref().map(|s| format!(" — scenario {s}")).unwrap_or_default();
+        let _ = writeln!(out, "\nSummary{title}");
+        let _ = writeln!(out, "  ran                     {:.0} s", self.elapsed.as_secs_f64());
+        let _ = writeln!(out, "  energy used             {:.3} kWh (measured draw)", self.energy_joules / 3.6e6);
+        for (name, (first, last)) in &self.steps {
+            let _ = writeln!(out, "  steps {name:<17} {}", last.saturating_sub(*first));
+        }
+        match self.weighted_kept() {
+            Some(k) if self.events > 0 => {
+                let _ = writeln!(
+                    out,
+                    "  weighted throughput kept {:.1}% of full power, from the first event on",
+                    k * 100.0
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "  weighted throughput kept n/a (no power event)");
+            }
+        }
+        let _ = writeln!(out, "  power events            {}", self.events);
+        let _ = writeln!(out, "  worst event → every cap acknowledged  {:.0} ms", self.worst_ack.as_secs_f64() * 1e3);
+        let _ = writeln!(out, "  budget violations       {}", self.violations);
+        out
+    }
+}

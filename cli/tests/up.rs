@@ -1,0 +1,114 @@
+//! `wattctl up` end to end: the shipped scenario played ten times faster runs to its end and
+//! prints the summary with no budget violation; SIGTERM or SIGINT to `wattctl` stops the cluster
+//! it started, and no process of it is left behind.
+// Real processes on the real clock.
+#![allow(clippy::unwrap_used, clippy::disallowed_types)]
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn wattctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wattctl"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Processes whose command line or environment mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let path = entry.path();
+        if !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        for file in ["cmdline", "environ"] {
+            let bytes = std::fs::read(path.join(file)).unwrap_or_default();
+            if String::from_utf8_lossy(&bytes).contains(needle) {
+                let cmd = String::from_utf8_lossy(&std::fs::read(path.join("cmdline")).unwrap_or_default())
+                    .replace('\0', " ");
+                found.push(format!("{}: {cmd}", path.display()));
+                break;
+            }
+        }
+    }
+    found
+}
+
+fn gone(needle: &str) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        if processes_mentioning(needle).is_empty() {
+            return true;
+        }
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn the_shipped_scenario_runs_to_its_end_with_no_violation_and_leaves_nothing_behind() {
+    let scenario = repo().join("examples/scenarios/generator-trip.yaml");
+    let child = wattctl()
+        .args(["up", "--scenario"])
+        .arg(&scenario)
+        .args(["--speed", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let needle = format!("watt-up-{}", child.id());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Summary — scenario generator-trip"), "{stdout}");
+    assert!(stdout.contains("power events            4"), "{stdout}");
+    assert!(stdout.contains("budget violations       0"), "{stdout}");
+    assert!(stdout.contains("weighted throughput kept"), "{stdout}");
+    for job in ["pretrain", "finetune", "sweep"] {
+        let line = stdout.lines().find(|l| l.contains(&format!("steps {job}"))).unwrap_or_else(|| panic!("{stdout}"));
+        let steps: u64 = line.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(steps > 0, "{job} trained: {line}");
+    }
+    assert!(gone(&needle), "left behind: {:?}", processes_mentioning(&needle));
+}
+
+#[test]
+fn a_signal_to_wattctl_stops_the_whole_cluster() {
+    for signal in ["-TERM", "-INT"] {
+        let child =
+            wattctl().args(["up", "--nodes", "2"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let needle = format!("watt-up-{}", child.id());
+        // Running: the workers of its jobs are up.
+        let t0 = Instant::now();
+        while processes_mentioning(&needle).iter().filter(|p| p.contains("watt-worker")).count() < 3 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no workers started: {:?}", processes_mentioning(&needle));
+            std::thread::park_timeout(Duration::from_millis(200));
+        }
+        assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{signal}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("Summary") && stdout.contains("budget violations       0"), "{stdout}");
+        assert!(gone(&needle), "{signal}: left behind: {:?}", processes_mentioning(&needle));
+    }
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "name: x\nsources: [{name: g, kind: nuclear, available: 1kW}]\nduration: 1s\n").unwrap();
+    for (args, want) in [
+        (vec!["up", "--speed", "0"], "--speed"),
+        (vec!["up", "--scenario", bad.to_str().unwrap()], "sources[0].kind"),
+        (vec!["up", "--scenario", "/no/such/file.yaml"], "--scenario"),
+    ] {
+        let out = wattctl().args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: want {want} in {stderr}");
+    }
+}
