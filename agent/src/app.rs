@@ -79,8 +79,10 @@ pub async fn run(
     let inventory = sampler.inventory();
     // Three missed rounds, and at least 5 s, before readings are withheld as stale.
     let stale_after = (config.sample_interval * 3).max(Duration::from_secs(5));
-    let renderer =
-        Arc::new(Renderer::new(&config.node_name, &inventory, config.dcgm_compat, stale_after, agent_metrics));
+    let renderer = Arc::new(
+        Renderer::new(&config.node_name, &inventory, config.dcgm_compat, stale_after, agent_metrics)
+            .with_enforcer(enforcer.clone()),
+    );
     let (tx, rx) = watch::channel(Arc::new(NodeSnapshot::empty(inventory.clone())));
 
     let stop_events = Arc::new(AtomicBool::new(false));

@@ -105,6 +105,15 @@ fn every_metric_is_exported_for_all_eight_gpus_and_passes_promtool() {
         assert!(m.named(host).next().is_some(), "{host}");
     }
     assert!(m.named("process_resident_memory_bytes").next().is_some());
+    // The enforcer's state: its mode, and whether the GPUs are held at their failsafe caps.
+    let mode: Vec<_> =
+        m.named("watt_agent_enforce_mode").filter(|s| s.value == 1.0).map(|s| s.labels["mode"].clone()).collect();
+    assert_eq!(mode, ["on"], "the enforcement mode in force");
+    assert_eq!(
+        m.named("watt_agent_failsafe").map(|s| s.value).collect::<Vec<_>>(),
+        [0.0],
+        "no controller, no failsafe"
+    );
     let (ok, report) = promtool_check(&m.text);
     assert!(ok && report.trim().is_empty(), "promtool check metrics: {report}");
 }

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub unacknowledged_nodes: IntGauge,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
+    /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
+    pub job_shards: GaugeVec,
+    pub job_cap: GaugeVec,
 }
 
 /// The per-job progress metrics, in the order of [`Metrics::job_progress`].
@@ -88,6 +91,16 @@ impl Metrics {
         for g in &job_progress {
             registry.register(Box::new(g.clone()))?;
         }
+        let job_shards = GaugeVec::new(
+            Opts::new("watt_job_shards", "Shards the power allocation keeps for each placed job (0 while paused)."),
+            &["job"],
+        )?;
+        let job_cap = GaugeVec::new(
+            Opts::new("watt_job_cap_watts", "The power cap of every GPU of each placed job (0 while paused)."),
+            &["job"],
+        )?;
+        registry.register(Box::new(job_shards.clone()))?;
+        registry.register(Box::new(job_cap.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(gpus.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
@@ -121,6 +134,8 @@ impl Metrics {
             failsafe_nodes,
             unacknowledged_nodes,
             job_progress,
+            job_shards,
+            job_cap,
         })
     }
 
@@ -143,6 +158,12 @@ impl Metrics {
                 watt_proto::v1::SourceKind::try_from(source.kind).unwrap_or_default().as_str_name().to_lowercase();
             let kind = kind.trim_start_matches("source_kind_").to_string();
             self.source_watts.with_label_values(&[source.name.as_str(), kind.as_str()]).set(source.effective_watts);
+        }
+        self.job_shards.reset();
+        self.job_cap.reset();
+        for job in &s.jobs {
+            self.job_shards.with_label_values(&[job.name.as_str()]).set(f64::from(job.shards));
+            self.job_cap.with_label_values(&[job.name.as_str()]).set(job.cap_watts);
         }
         self.failsafe_nodes.set(i64::from(s.failsafe_nodes));
         self.unacknowledged_nodes.set(i64::from(s.unacknowledged_nodes));
