@@ -30,7 +30,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn job_state(state: i32) -> String {
+pub fn job_state(state: i32) -> String {
     match pb::JobState::try_from(state).unwrap_or_default() {
         pb::JobState::Pending => "pending",
         pb::JobState::Starting => "starting",

@@ -8,18 +8,7 @@ use std::time::Duration;
 use watt_proto::v1 as pb;
 
 use crate::power::show_watts;
-
-fn job_state(state: i32) -> &'static str {
-    match pb::JobState::try_from(state).unwrap_or_default() {
-        pb::JobState::Pending => "pending",
-        pb::JobState::Starting => "starting",
-        pb::JobState::Running => "running",
-        pb::JobState::Succeeded => "succeeded",
-        pb::JobState::Failed => "failed",
-        pb::JobState::Cancelled => "cancelled",
-        pb::JobState::Unspecified => "-",
-    }
-}
+use crate::views::job_state;
 
 pub fn frame(t: Duration, end: Option<Duration>, status: &pb::PowerStatus, jobs: &[pb::Job], log: &[String]) -> String {
     let mut out = String::new();
