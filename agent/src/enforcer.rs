@@ -264,6 +264,7 @@ mod tests {
             epoch,
             phase: pb::TransitionPhase::Decrease as i32,
             caps: caps.iter().map(|&(index, watts)| pb::GpuCap { index, watts }).collect(),
+            spread_ms: 0,
         }
     }
 

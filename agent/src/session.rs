@@ -186,6 +186,20 @@ async fn session_once(
                         }
                     }
                     Some(pb::controller_message::Body::CapOrder(order)) => {
+                        let increase = order.phase == pb::TransitionPhase::Increase as i32;
+                        if increase && order.spread_ms > 0 {
+                            // Step up a random moment into the wave; a decrease that comes
+                            // meanwhile is applied at once, and this order then is stale.
+                            let delay = Duration::from_millis(rand::rng().random_range(0..u64::from(order.spread_ms)));
+                            let (e, tx) = (enforcer.clone(), tx.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                if let Ok(ack) = tokio::task::spawn_blocking(move || e.apply(&order, Instant::now())).await {
+                                    let _ = tx.send(message(pb::agent_message::Body::CapAck(ack))).await;
+                                }
+                            });
+                            continue;
+                        }
                         let e = enforcer.clone();
                         let ack = tokio::task::spawn_blocking(move || e.apply(&order, Instant::now()))
                             .await

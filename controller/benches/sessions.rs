@@ -112,11 +112,15 @@ async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
     tokio::spawn(async move {
         while let Ok(Some(m)) = inbound.message().await {
             if let Some(pb::controller_message::Body::CapOrder(order)) = m.body {
+                // An increase steps up a random moment into its wave, as the agent does.
+                let delay = if order.spread_ms > 0 { (i as u64 * 7_919) % u64::from(order.spread_ms) } else { 0 };
                 let ack =
                     pb::CapAck { epoch: order.epoch, applied: order.caps, error: String::new(), not_enforced: false };
-                if acks.send(pb::AgentMessage { body: Some(pb::agent_message::Body::CapAck(ack)) }).await.is_err() {
-                    return;
-                }
+                let acks = acks.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    let _ = acks.send(pb::AgentMessage { body: Some(pb::agent_message::Body::CapAck(ack)) }).await;
+                });
             }
         }
     });

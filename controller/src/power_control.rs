@@ -21,8 +21,11 @@ use crate::reconcile::{unix_ms, Controller};
 use crate::registry::NodeState;
 use crate::scheduler::ShardAssignment;
 
-/// At most this many nodes step up per pass: a thousand nodes never raise caps in one instant.
-pub const MAX_INCREASE_NODES_PER_PASS: usize = 256;
+/// Increases go out in waves of at most this many nodes, a wave once the one before it is
+/// acknowledged; within a wave each agent steps up after a random delay below
+/// [`INCREASE_SPREAD_MS`]. So a thousand nodes never raise their caps in the same instant.
+pub const MAX_INCREASE_NODES_PER_PASS: usize = 1_000;
+pub const INCREASE_SPREAD_MS: u32 = 100;
 
 #[derive(Debug)]
 pub struct PowerState {
@@ -176,6 +179,7 @@ impl Controller {
                         Phase::Increase => pb::TransitionPhase::Increase,
                     } as i32,
                     caps: order.caps.iter().map(|&(index, watts)| pb::GpuCap { index, watts }).collect(),
+                    spread_ms: if order.phase == Phase::Increase { INCREASE_SPREAD_MS } else { 0 },
                 })),
             };
             // A full queue is retried next pass: not marked sent.

@@ -226,11 +226,13 @@ async fn serve_inbound(
                         owed_before && !owed(e) && e.power.reachable && c.acks.node_settled(&c.metrics)
                     })
                     .unwrap_or(false);
-                if !ack.error.is_empty() {
+                // A stale order was overtaken by a newer one: nothing went wrong.
+                let error = !ack.error.is_empty() && !ack.error.starts_with("stale order");
+                if error {
                     c.emit("node", node, "cap-error", ack.error.clone());
                 }
                 // Only the last acknowledgement owed runs a pass: it may free increases.
-                if last || !ack.error.is_empty() {
+                if last || error {
                     c.wake();
                 }
             }
