@@ -89,6 +89,7 @@ impl ShardTable {
         let action = pb::ShardAction::try_from(order.action).unwrap_or_default();
         let mut launch = None;
         let mut stop = None;
+        let mut old_run = None;
         let stale;
         {
             let mut shards = self.lock();
@@ -121,7 +122,11 @@ impl ShardTable {
                             }
                         }
                         Some(record) if record.epoch == order.epoch => {}
-                        _ => {
+                        other => {
+                            // A stop newer than what runs here ends that run too.
+                            if let Some(r) = other.filter(|r| active(r.state)) {
+                                old_run = Some(r.epoch);
+                            }
                             shards.insert(key.clone(), ShardRecord::new(order, pb::ShardState::Stopped, "not running"));
                         }
                     },
@@ -131,6 +136,9 @@ impl ShardTable {
         }
         if let Some(launch) = launch {
             self.supervisor.start(launch, self.clone());
+        }
+        if let Some(epoch) = old_run {
+            self.supervisor.stop(&order.job, order.shard, epoch);
         }
         if let Some(epoch) = stop {
             if !self.supervisor.stop(&order.job, order.shard, epoch) {
@@ -260,5 +268,74 @@ impl Report for ShardTable {
             gpu_indices: record.order.gpu_indices.clone(),
         };
         let _ = self.updates.send(status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(epoch: u64, action: pb::ShardAction) -> pb::ShardOrder {
+        pb::ShardOrder {
+            epoch,
+            job: "j".into(),
+            shard: 0,
+            action: action as i32,
+            command: vec!["sleep".into(), "30".into()],
+            gpu_indices: vec![0],
+            ..Default::default()
+        }
+    }
+
+    /// The next status queued for the controller in `state`.
+    async fn next(table: &ShardTable, state: pb::ShardState) -> pb::ShardStatus {
+        let mut pending = table.pending.lock().await;
+        loop {
+            let status = tokio::time::timeout(Duration::from_secs(10), pending.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {state:?} status"))
+                .unwrap_or_else(|| panic!("channel closed"));
+            if status.state == state as i32 {
+                return status;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn orders_are_idempotent_stale_ones_ignored_and_a_newer_stop_ends_an_older_run() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let table = ShardTable::new(Arc::new(Supervisor::new(dir.path().to_owned())), Duration::from_secs(2), false);
+        let s = table.apply(&order(2, pb::ShardAction::Start));
+        assert_eq!((s.epoch, s.state), (2, pb::ShardState::Starting as i32));
+        next(&table, pb::ShardState::Running).await;
+        let again = table.apply(&order(2, pb::ShardAction::Start));
+        assert_eq!(
+            (again.epoch, again.state),
+            (2, pb::ShardState::Running as i32),
+            "same order twice: no second start"
+        );
+        let stale = table.apply(&order(1, pb::ShardAction::Stop));
+        assert_eq!(
+            (stale.epoch, stale.state),
+            (2, pb::ShardState::Running as i32),
+            "an older stop does not stop a newer start"
+        );
+        let stopping = table.apply(&order(2, pb::ShardAction::Stop));
+        assert_eq!(stopping.state, pb::ShardState::Stopping as i32);
+        next(&table, pb::ShardState::Stopped).await;
+
+        // A new run, then a stop newer than it (the agent missed the start of epoch 4): it ends.
+        table.apply(&order(3, pb::ShardAction::Start));
+        next(&table, pb::ShardState::Running).await;
+        let pid = table.supervisor.pid_path("j", 0);
+        assert!(pid.exists());
+        let s = table.apply(&order(4, pb::ShardAction::Stop));
+        assert_eq!((s.epoch, s.state), (4, pb::ShardState::Stopped as i32));
+        let t0 = tokio::time::Instant::now();
+        while pid.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the older run was not stopped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(table.statuses().len(), 1);
     }
 }

@@ -90,7 +90,7 @@ impl Supervisor {
         self.state_dir.join("logs").join(job).join(format!("shard-{shard}.log"))
     }
 
-    fn pid_path(&self, job: &str, shard: u32) -> PathBuf {
+    pub fn pid_path(&self, job: &str, shard: u32) -> PathBuf {
         self.state_dir.join("run").join(format!("{job}.{shard}.pid"))
     }
 
