@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
     pub job_shards: GaugeVec,
     pub job_cap: GaugeVec,
+    /// 1 for each job that has not ended, labelled with its state (ended jobs leave the metric).
+    pub job_state: IntGaugeVec,
 }
 
 /// The per-job progress metrics, in the order of [`Metrics::job_progress`].
@@ -99,6 +101,14 @@ impl Metrics {
             Opts::new("watt_job_cap_watts", "The power cap of every GPU of each placed job (0 while paused)."),
             &["job"],
         )?;
+        let job_state = IntGaugeVec::new(
+            Opts::new(
+                "watt_job_state",
+                "1 for each job not ended yet, labelled with its state: pending, starting, running.",
+            ),
+            &["job", "state"],
+        )?;
+        registry.register(Box::new(job_state.clone()))?;
         registry.register(Box::new(job_shards.clone()))?;
         registry.register(Box::new(job_cap.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
@@ -136,6 +146,7 @@ impl Metrics {
             job_progress,
             job_shards,
             job_cap,
+            job_state,
         })
     }
 
@@ -194,6 +205,10 @@ impl Metrics {
     pub fn observe(&self, jobs: &JobTable, registry: &NodeRegistry, now: Instant, lease: std::time::Duration) {
         for state in JobState::ALL {
             self.jobs.with_label_values(&[state.as_str()]).set(jobs.iter().filter(|j| j.state == state).count() as i64);
+        }
+        self.job_state.reset();
+        for job in jobs.iter().filter(|j| !j.state.is_terminal()) {
+            self.job_state.with_label_values(&[job.spec.name.as_str(), job.state.as_str()]).set(1);
         }
         let allocated: usize =
             jobs.iter().filter(|j| j.state.is_active()).flat_map(|j| j.shards.iter()).map(|s| s.gpus.len()).sum();
