@@ -15,14 +15,6 @@ fn power(url: &str) -> Value {
     wattctl_json(url, &["power", "status"])
 }
 
-fn set_grid(url: &str, available: &str, ramp: Option<&str>) -> Value {
-    let mut args = vec!["power", "set-source", "grid", "--kind", "grid", "--available", available];
-    if let Some(r) = ramp {
-        args.extend(["--ramp", r]);
-    }
-    wattctl_json(url, &args)
-}
-
 fn f(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"))
 }
@@ -196,16 +188,9 @@ fn bad_power_input_is_refused_by_field_and_a_budget_below_the_minimum_says_what_
 #[test]
 fn an_elastic_job_shrunk_for_power_grows_back_when_power_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let controller = ControllerProc::start(
-        &format!("file:{}", dir.path().join("w.redb").display()),
-        0,
-        &["--reconcile-interval", "200ms", "--regrow-after", "1s"],
-    );
+    let (controller, _agents) =
+        local_cluster(dir.path(), 2, 8, &["--reconcile-interval", "200ms", "--regrow-after", "1s"]);
     let url = controller.url.clone();
-    let _agents: Vec<Proc> = (1..=2).map(|i| agent(&url, &format!("node-{i}"), 8)).collect();
-    wait_for(Duration::from_secs(20), "2 nodes", || {
-        (wattctl_json(&url, &["nodes"]).as_array().unwrap().len() == 2).then_some(())
-    });
     set_grid(&url, "20kW", None);
     let manifest =
         format!("name: elastic\nshards: {{min: 1, max: 4}}\ngpus_per_shard: 4\ncommand: {IDLE_COMMAND}\nflex: 0.2\n");

@@ -13,16 +13,8 @@ use common::*;
 #[test]
 fn a_watt_worker_job_of_two_shards_trains_to_the_end_under_the_supervisors() {
     let dir = tempfile::tempdir().unwrap();
-    let controller = ControllerProc::start(
-        &format!("file:{}", dir.path().join("w.redb").display()),
-        0,
-        &["--reconcile-interval", "200ms"],
-    );
+    let (controller, _agents) = local_cluster(dir.path(), 2, 4, &["--reconcile-interval", "200ms"]);
     let url = controller.url.clone();
-    let _agents: Vec<Proc> = ["node-a", "node-b"].iter().map(|n| agent(&url, n, 4)).collect();
-    wait_for(Duration::from_secs(20), "2 nodes", || {
-        (wattctl_json(&url, &["nodes"]).as_array().unwrap().len() == 2).then_some(())
-    });
     let checkpoints = dir.path().join("ckpt");
     let manifest = format!(
         "name: train\nshards: {{min: 2, max: 2}}\ngpus_per_shard: 4\ncheckpoint_dir: {}\n\
@@ -42,17 +34,12 @@ fn a_watt_worker_job_of_two_shards_trains_to_the_end_under_the_supervisors() {
     let last = checkpoints.join("step-000000000200.ckpt");
     assert!(last.exists(), "no final checkpoint in {}", checkpoints.display());
     let rank0 = std::fs::read_to_string(
-        ["node-a", "node-b"].iter().map(|n| state_dir(n).join("logs/train/shard-0.log")).find(|p| p.exists()).unwrap(),
+        ["node-1", "node-2"].iter().map(|n| state_dir(n).join("logs/train/shard-0.log")).find(|p| p.exists()).unwrap(),
     )
     .unwrap();
     assert!(rank0.contains("training mlp") && rank0.contains("on 2 rank(s)"), "{rank0}");
     let events = String::from_utf8_lossy(&wattctl(&url, &["events"]).stdout).into_owned();
     assert!(events.contains("succeeded"), "{events}");
-}
-
-fn set_grid(url: &str, available: &str) {
-    let out = wattctl(url, &["power", "set-source", "grid", "--kind", "grid", "--available", available]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn job(url: &str) -> serde_json::Value {
@@ -96,17 +83,10 @@ fn steady_rate(url: &str, placement: usize) -> f64 {
 fn a_power_cut_shrinks_a_training_job_and_slows_it_power_back_regrows_it_and_no_work_is_lost() {
     const STEPS: u64 = 600;
     let dir = tempfile::tempdir().unwrap();
-    let controller = ControllerProc::start(
-        &format!("file:{}", dir.path().join("w.redb").display()),
-        0,
-        &["--reconcile-interval", "200ms", "--regrow-after", "1s"],
-    );
+    let (controller, _agents) =
+        local_cluster(dir.path(), 4, 2, &["--reconcile-interval", "200ms", "--regrow-after", "1s"]);
     let url = controller.url.clone();
-    let _agents: Vec<Proc> = (1..=4).map(|i| agent(&url, &format!("node-{i}"), 2)).collect();
-    wait_for(Duration::from_secs(20), "4 nodes", || {
-        (wattctl_json(&url, &["nodes"]).as_array().unwrap().len() == 4).then_some(())
-    });
-    set_grid(&url, "20kW");
+    set_grid(&url, "20kW", None);
     let checkpoints = dir.path().join("ckpt");
     let command: Vec<String> =
         std::iter::once(bin("watt-worker").display().to_string()).chain(worker_flags(STEPS, "50ms")).collect();
@@ -136,12 +116,12 @@ fn a_power_cut_shrinks_a_training_job_and_slows_it_power_back_regrows_it_and_no_
 
     // 8 GPUs at their 200 W minimum need 1.6 kW; a 1.425 kW limit holds 3 shards (6 × 200 W +
     // 2 idle × 100 W = 1.4 kW): the job shrinks to 3 and runs at minimum caps.
-    set_grid(&url, "1.5kW");
+    set_grid(&url, "1.5kW", None);
     let cut = steady_rate(&url, 3);
     assert!(cut < 0.85 * full, "steps/s falls with the cut: {full:.1} → {cut:.1}");
 
     // Power back: it regrows to 4 shards and finishes.
-    set_grid(&url, "20kW");
+    set_grid(&url, "20kW", None);
     wait_for(Duration::from_secs(60), "the job regrown", || {
         let j = job(&url);
         (j["placement"].as_array().map_or(0, Vec::len) == 4 && j["state"] == "running").then_some(())

@@ -224,7 +224,7 @@ async fn cluster(
     .into();
     procs.push(Proc::spawn("controller", controller_bin, &controller_args, &dir.join("controller.log"))?);
     let mut control = connect_with_retry(&url).await?;
-    let mut power = PowerServiceClient::new(control_channel(&url).await?);
+    let mut power = PowerServiceClient::new(crate::channel(&url).await?);
 
     let mut agent_ports = Vec::new();
     for i in 1..=args.nodes {
@@ -369,10 +369,6 @@ async fn cluster(
     summary.violations = power.get_power_status(pb::GetPowerStatusRequest {}).await?.into_inner().budget_violations;
     summary.elapsed = started.elapsed();
     Ok(summary)
-}
-
-async fn control_channel(url: &str) -> Result<Channel, Failure> {
-    crate::channel(url).await
 }
 
 async fn connect_with_retry(url: &str) -> Result<ControlServiceClient<Channel>, Failure> {

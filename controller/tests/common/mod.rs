@@ -208,6 +208,32 @@ pub fn agent(controller: &str, node: &str, gpus: u32) -> Proc {
     Proc::spawn(node, cmd)
 }
 
+/// A controller on a fresh file store in `dir` and `nodes` agents (`node-1`…) of `gpus`
+/// simulated GPUs each, returned once every node is ready.
+pub fn local_cluster(
+    dir: &std::path::Path,
+    nodes: u32,
+    gpus: u32,
+    controller_args: &[&str],
+) -> (ControllerProc, Vec<Proc>) {
+    let controller = ControllerProc::start(&format!("file:{}", dir.join("w.redb").display()), 0, controller_args);
+    let agents: Vec<Proc> = (1..=nodes).map(|i| agent(&controller.url, &format!("node-{i}"), gpus)).collect();
+    wait_for(Duration::from_secs(30), &format!("{nodes} nodes ready"), || {
+        let listed = wattctl_json(&controller.url, &["nodes"]);
+        (listed.as_array().unwrap().iter().filter(|n| n["state"] == "ready").count() == nodes as usize).then_some(())
+    });
+    (controller, agents)
+}
+
+/// `wattctl power set-source grid --kind grid --available AVAILABLE [--ramp RAMP]`, its answer.
+pub fn set_grid(controller: &str, available: &str, ramp: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["power", "set-source", "grid", "--kind", "grid", "--available", available];
+    if let Some(r) = ramp {
+        args.extend(["--ramp", r]);
+    }
+    wattctl_json(controller, &args)
+}
+
 /// Where a test agent keeps shard logs and pid files: per test process and node.
 pub fn state_dir(node: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("watt-test-agent-{}-{node}", std::process::id()))
