@@ -103,7 +103,7 @@ fn results(stdout: &[u8]) -> BTreeMap<u64, f64> {
 }
 
 fn run_watt(world: usize, sizes: &[u64]) -> BTreeMap<u64, f64> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = watt_worker::rendezvous::local_master_port();
     let sizes: Vec<String> = sizes.iter().map(u64::to_string).collect();
     let children: Vec<_> = (0..world)
         .map(|rank| {

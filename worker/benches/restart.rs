@@ -15,12 +15,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn start(world: usize, model: &[&str], ckpt: &Path, socket: &Path, run: &str) -> Vec<Child> {
-    let port = free_port().to_string();
+    let port = watt_worker::rendezvous::local_master_port().to_string();
     (0..world)
         .map(|rank| {
             Command::new(env!("CARGO_BIN_EXE_watt-worker"))

@@ -190,6 +190,22 @@ impl Rendezvous {
     }
 }
 
+/// A free port for a rendezvous on this machine (tests, benchmarks, local runs). It is taken
+/// below Linux's ephemeral range (32768 and up), where ring listeners and outgoing connections
+/// get their ports, so nothing can take it between this pick and rank 0's bind; and no two calls
+/// in one process return the same port.
+pub fn local_master_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(97) % 10_000;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((start + n) % 12_000) as u16;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 fn protocol(peer: SocketAddr, message: String) -> RendezvousError {
     RendezvousError::Protocol { peer: peer.to_string(), message }
 }

@@ -3,7 +3,6 @@
 //! and straddling chunk boundaries.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +10,6 @@ use std::time::Duration;
 use proptest::prelude::*;
 use watt_worker::rendezvous::Rendezvous;
 use watt_worker::ring::CHUNK_BYTES;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Rank `r`'s input: distinct, of mixed signs and magnitudes.
 fn input(rank: usize, len: usize, seed: u64) -> Vec<f64> {
@@ -29,7 +24,7 @@ fn input(rank: usize, len: usize, seed: u64) -> Vec<f64> {
 /// Run one all-reduce of `len` elements on `world` ranks (threads, real sockets); return every
 /// rank's result.
 fn all_reduce(world: usize, len: usize, seed: u64) -> Vec<Vec<f64>> {
-    let port = free_port();
+    let port = watt_worker::rendezvous::local_master_port();
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             std::thread::spawn(move || {
@@ -92,7 +87,7 @@ fn chunk_boundaries_and_tiny_vectors() {
 #[test]
 fn back_to_back_reductions_of_changing_sizes_stay_in_step() {
     let world = 3;
-    let port = free_port();
+    let port = watt_worker::rendezvous::local_master_port();
     let sizes = [1usize, 300_001, 7, 1_000, 131_073, 40_000, 2, 70_001, 3];
     let handles: Vec<_> = (0..world)
         .map(|rank| {

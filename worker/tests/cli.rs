@@ -94,7 +94,7 @@ fn a_rank_whose_peers_never_come_times_out_with_a_clear_error() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "port 0 is refused: {stderr}");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = watt_worker::rendezvous::local_master_port();
     let out = worker()
         .args(["--rendezvous-timeout", "1s"])
         .env("WORLD_SIZE", "3")

@@ -4,7 +4,6 @@
 // Real processes on the real clock.
 #![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,13 +12,9 @@ use watt_worker::checkpoint;
 
 const STEPS: u64 = 400;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Start `world` ranks of one run on `dir`.
 fn start(world: usize, dir: &Path, run: &str) -> Vec<Child> {
-    let port = free_port().to_string();
+    let port = watt_worker::rendezvous::local_master_port().to_string();
     (0..world)
         .map(|rank| {
             Command::new(env!("CARGO_BIN_EXE_watt-worker"))
