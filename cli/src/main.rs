@@ -164,18 +164,6 @@ fn report(failure: Failure) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn channel(url: &str) -> Result<Channel, Failure> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Failure::Usage(format!("--controller {url:?} is not a URL: {e}")))?

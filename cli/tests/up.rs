@@ -1,6 +1,7 @@
 //! `wattctl up` end to end: the shipped scenario played ten times faster runs to its end and
-//! prints the summary with no budget violation; SIGTERM or SIGINT to `wattctl` stops the cluster
-//! it started, and no process of it is left behind.
+//! prints the summary with no budget violation; SIGTERM or SIGINT to `wattctl`, while the cluster
+//! runs or while it is still starting, stops the cluster it started, and no process of it is left
+//! behind.
 // Real processes on the real clock.
 #![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
@@ -94,6 +95,24 @@ fn a_signal_to_wattctl_stops_the_whole_cluster() {
         assert!(stdout.contains("Summary") && stdout.contains("budget violations       0"), "{stdout}");
         assert!(gone(&needle), "{signal}: left behind: {:?}", processes_mentioning(&needle));
     }
+}
+
+#[test]
+fn a_signal_while_the_cluster_starts_stops_what_was_started() {
+    let child = wattctl().args(["up", "--nodes", "2"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let needle = format!("watt-up-{}", child.id());
+    // The controller is up but the agents have not all registered yet: `up` is still starting.
+    let t0 = Instant::now();
+    while !processes_mentioning(&needle).iter().any(|p| p.contains("watt-controller")) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no controller started");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}{stderr}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains("stopping (signal)"), "{stderr}");
+    assert!(gone(&needle), "left behind: {:?}", processes_mentioning(&needle));
 }
 
 #[test]

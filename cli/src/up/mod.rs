@@ -15,6 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use watt_proto::v1 as pb;
@@ -172,8 +173,22 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     let dir = std::env::temp_dir().join(format!("watt-up-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Failure::Server(format!("cannot create {}: {e}", dir.display())))?;
 
+    // Listen for SIGINT and SIGTERM before the first process starts: a signal at any moment from
+    // here on stops the cluster and removes what it started, never leaves it running orphaned.
+    let mut stop = Stop::install()?;
     let mut procs: Vec<Proc> = Vec::new();
-    let result = cluster(&args, scenario, &dir, &controller_bin, &agent_bin, &worker_bin, &mut procs).await;
+    let running = tokio::select! {
+        r = start(&args, scenario.as_ref(), &dir, &controller_bin, &agent_bin, &mut procs) => r.map(Some),
+        () = stop.requested() => {
+            eprintln_now("stopping (signal) before the cluster was ready");
+            Ok(None)
+        }
+    };
+    let result = match running {
+        Ok(Some(running)) => play(&args, scenario, &dir, &worker_bin, running, &mut stop).await.map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e),
+    };
 
     // Agents first (each stops its workers, SIGTERM then the jobs' grace), then the rest.
     for p in procs.iter().filter(|p| p.name.starts_with("agent")) {
@@ -193,24 +208,53 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     } else {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let summary = result?;
-    #[allow(clippy::print_stdout)]
-    {
-        println!("{}", summary.render());
+    if let Some(summary) = result? {
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{}", summary.render());
+        }
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn cluster(
+/// SIGINT and SIGTERM, listened for from the moment this is made: one that arrives while nothing
+/// is waiting for it is kept and seen by the next [`Stop::requested`].
+struct Stop {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Stop {
+    fn install() -> Result<Stop, Failure> {
+        let listen =
+            |kind: SignalKind| signal(kind).map_err(|e| Failure::Server(format!("cannot listen for signals: {e}")));
+        Ok(Stop { interrupt: listen(SignalKind::interrupt())?, terminate: listen(SignalKind::terminate())? })
+    }
+
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+/// What [`start`] leaves for [`play`]: the controller's clients and the sources set.
+struct Running {
+    control: ControlServiceClient<Channel>,
+    power: PowerServiceClient<Channel>,
+    sources: Vec<scenario::Source>,
+}
+
+/// Starts the controller and the agents, waits until every agent is ready, and sets the sources.
+async fn start(
     args: &UpArgs,
-    scenario: Option<Scenario>,
+    scenario: Option<&Scenario>,
     dir: &Path,
     controller_bin: &Path,
     agent_bin: &Path,
-    worker_bin: &Path,
     procs: &mut Vec<Proc>,
-) -> Result<Summary, Failure> {
+) -> Result<Running, Failure> {
     let (grpc, metrics) = (free_port()?, free_port()?);
     let url = format!("http://127.0.0.1:{grpc}");
     let controller_args: Vec<String> = [
@@ -275,7 +319,7 @@ async fn cluster(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let sources = match &scenario {
+    let sources = match scenario {
         Some(s) => s.sources.clone(),
         None => {
             let ample = f64::from(args.nodes * args.gpus_per_node) * 1_000.0 * 1.5;
@@ -290,6 +334,20 @@ async fn cluster(
     for s in &sources {
         set_source(&mut power, s).await?;
     }
+    Ok(Running { control, power, sources })
+}
+
+/// Submits the demo jobs, plays the scenario's timeline and shows the cluster until the scenario
+/// ends or a signal comes; returns the summary.
+async fn play(
+    args: &UpArgs,
+    scenario: Option<Scenario>,
+    dir: &Path,
+    worker_bin: &Path,
+    running: Running,
+    stop: &mut Stop,
+) -> Result<Summary, Failure> {
+    let Running { mut control, mut power, sources } = running;
     if !args.no_jobs {
         for job in demo_jobs(args, worker_bin, dir) {
             let request =
@@ -308,10 +366,9 @@ async fn cluster(
     let mut waiting_ack: Option<(Instant, String)> = None;
     let mut last_frame = started - Duration::from_secs(1);
     let mut last_sample = started;
-    let mut shutdown = std::pin::pin!(crate::shutdown_signal());
     loop {
         tokio::select! {
-            () = &mut shutdown => {
+            () = stop.requested() => {
                 log.push("stopping (signal)".into());
                 break;
             }
