@@ -15,13 +15,22 @@ use crate::exporter::{self, AgentMetrics, Renderer};
 use crate::gpu::nvml::NvmlBackend;
 use crate::gpu::sim::SimBackend;
 use crate::gpu::GpuBackend;
+use crate::powercap::Powercap;
 use crate::sampler::{self, NodeSnapshot, Sampler, XidLog};
 use crate::session::{self, SessionConfig};
 use crate::shards::ShardTable;
 use crate::supervisor::Supervisor;
 
+/// The GPUs the agent drives. A simulated node is also handed to the shard table, which puts
+/// load on the GPUs it places shards on.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub gpus: Arc<dyn GpuBackend>,
+    pub sim: Option<Arc<SimBackend>>,
+}
+
 /// Open the backend the configuration asks for. Blocking (NVML init enumerates the GPUs).
-pub fn open_backend(config: &AgentConfig) -> Result<Arc<dyn GpuBackend>, AgentError> {
+pub fn open_backend(config: &AgentConfig) -> Result<Backend, AgentError> {
     Ok(match config.backend {
         BackendKind::Nvml => {
             let backend = NvmlBackend::open(&config.nvml_library)?;
@@ -30,12 +39,16 @@ pub fn open_backend(config: &AgentConfig) -> Result<Arc<dyn GpuBackend>, AgentEr
                 driver = backend.driver_version().as_deref().unwrap_or("?"),
                 "Opened NVML."
             );
-            Arc::new(backend)
+            Backend { gpus: Arc::new(backend), sim: None }
         }
         BackendKind::Sim => {
             let model = config.sim_model.model();
             tracing::info!(gpus = config.sim_gpus, model = model.name, seed = config.sim_seed, "Simulating GPUs.");
-            Arc::new(SimBackend::new(model, config.sim_gpus, config.sim_seed))
+            let sim = Arc::new(SimBackend::new(model, config.sim_gpus, config.sim_seed));
+            for &gpu in &config.sim_foreign_gpus {
+                sim.set_foreign(gpu, true);
+            }
+            Backend { gpus: sim.clone(), sim: Some(sim) }
         }
     })
 }
@@ -50,11 +63,16 @@ pub async fn bind(config: &AgentConfig) -> Result<TcpListener, AgentError> {
 /// Run the agent until `shutdown` resolves.
 pub async fn run(
     config: AgentConfig,
-    backend: Arc<dyn GpuBackend>,
+    backend: Backend,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    let Backend { gpus: backend, sim } = backend;
     let agent_metrics = AgentMetrics::new()?;
+    let session_metrics = match config.controller {
+        Some(_) => Some(agent_metrics.session()?),
+        None => None,
+    };
     let xids = Arc::new(XidLog::new(backend.gpus().len()));
     // Host CPU usage is a difference of two readings: read it about once a second.
     let host_every = (Duration::from_secs(1).as_nanos() / config.sample_interval.as_nanos()).max(1) as u64;
@@ -75,7 +93,8 @@ pub async fn run(
     }
     let sampler = Sampler::new(backend.clone(), config.full_sample_every(), host_every, xids.clone())
         .with_duration_histogram(agent_metrics.sample_duration.clone())
-        .with_limits_changed(limits_changed);
+        .with_limits_changed(limits_changed)
+        .with_powercap(Powercap::discover(&config.powercap_root, config.node_overhead_watts));
     let inventory = sampler.inventory();
     // Three missed rounds, and at least 5 s, before readings are withheld as stale.
     let stale_after = (config.sample_interval * 3).max(Duration::from_secs(5));
@@ -122,13 +141,14 @@ pub async fn run(
             tracing::warn!(shards = stopped.len(), "Stopped shards left running by an earlier run of the agent.");
         }
     }
-    let shards = ShardTable::new(supervisor.clone(), config.stop_grace, backend.kind() == "sim");
-    let session = config.controller.clone().map(|controller| {
+    let shards = ShardTable::new(supervisor.clone(), config.stop_grace, sim);
+    let session = config.controller.clone().zip(session_metrics).map(|(controller, metrics)| {
         let session_config = SessionConfig {
             controller,
             node_name: config.node_name.clone(),
             boot_id: boot_id(),
             http_port: addr.port(),
+            metrics,
         };
         tokio::spawn(session::run(
             session_config,

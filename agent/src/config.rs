@@ -138,6 +138,20 @@ pub struct Args {
     /// [default: 30s].
     #[arg(long, env = "WATT_STOP_GRACE", value_name = "DURATION", value_parser = parse_duration)]
     pub stop_grace: Option<Duration>,
+
+    /// Static non-GPU draw of this node in watts that no counter measures (fans, NICs, PSU
+    /// losses); added to the CPU power read from RAPL [default: 0].
+    #[arg(long, env = "WATT_NODE_OVERHEAD", value_name = "WATTS")]
+    pub node_overhead: Option<f64>,
+
+    /// The Linux powercap tree to read CPU (RAPL) power from [default: /sys/class/powercap].
+    #[arg(long, env = "WATT_POWERCAP_ROOT", value_name = "DIR")]
+    pub powercap_root: Option<PathBuf>,
+
+    /// Simulated GPUs (indices, comma-separated) that run a process Watt did not start, to try
+    /// out how the controller counts and reports them.
+    #[arg(long, env = "WATT_SIM_FOREIGN_GPUS", value_name = "LIST", value_delimiter = ',')]
+    pub sim_foreign_gpus: Option<Vec<u32>>,
 }
 
 /// The config file: the same settings as the flags, in snake_case.
@@ -165,6 +179,9 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     #[serde(default, with = "watt_common::duration::option")]
     pub stop_grace: Option<Duration>,
+    pub node_overhead: Option<f64>,
+    pub powercap_root: Option<PathBuf>,
+    pub sim_foreign_gpus: Option<Vec<u32>>,
 }
 
 /// The configuration the agent runs with: every value present and valid.
@@ -187,6 +204,9 @@ pub struct AgentConfig {
     pub failsafe_cap: Option<f64>,
     pub state_dir: PathBuf,
     pub stop_grace: Duration,
+    pub node_overhead_watts: f64,
+    pub powercap_root: PathBuf,
+    pub sim_foreign_gpus: Vec<u32>,
 }
 
 /// A configuration problem. `Display` is the one line the operator sees.
@@ -211,6 +231,9 @@ impl ConfigError {
             "failsafe_cap" => "failsafe-cap",
             "state_dir" => "state-dir",
             "stop_grace" => "stop-grace",
+            "node_overhead" => "node-overhead",
+            "powercap_root" => "powercap-root",
+            "sim_foreign_gpus" => "sim-foreign-gpus",
             other => other,
         };
         ConfigError::Invalid { flag, key, message }
@@ -250,6 +273,13 @@ impl Args {
                 .or(file.state_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/watt-agent")),
             stop_grace: self.stop_grace.or(file.stop_grace).unwrap_or(Duration::from_secs(30)),
+            node_overhead_watts: self.node_overhead.or(file.node_overhead).unwrap_or(0.0),
+            powercap_root: self
+                .powercap_root
+                .clone()
+                .or(file.powercap_root)
+                .unwrap_or_else(|| PathBuf::from("/sys/class/powercap")),
+            sim_foreign_gpus: self.sim_foreign_gpus.clone().or(file.sim_foreign_gpus).unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -333,6 +363,18 @@ impl AgentConfig {
         if self.nvml_library.is_empty() {
             return Err(ConfigError::invalid("nvml_library", "must not be empty".into()));
         }
+        if !(self.node_overhead_watts.is_finite() && (0.0..=100_000.0).contains(&self.node_overhead_watts)) {
+            return Err(ConfigError::invalid(
+                "node_overhead",
+                format!("must be between 0 and 100000 watts; got {}", self.node_overhead_watts),
+            ));
+        }
+        if let Some(&gpu) = self.sim_foreign_gpus.iter().find(|&&g| g >= self.sim_gpus) {
+            return Err(ConfigError::invalid(
+                "sim_foreign_gpus",
+                format!("names GPU {gpu}, but there are {} simulated GPUs (0 to {})", self.sim_gpus, self.sim_gpus - 1),
+            ));
+        }
         Ok(())
     }
 
@@ -379,6 +421,12 @@ mod tests {
         assert!(err.contains("--sim-gpus") && err.contains("got 0"), "{err}");
         let err = args(&["--sample-interval", "2s", "--detail-interval", "1s"]).resolve().unwrap_err().to_string();
         assert!(err.contains("--detail-interval"), "{err}");
+        let err = args(&["--node-overhead=-5"]).resolve().unwrap_err().to_string();
+        assert!(err.contains("--node-overhead") && err.contains("node_overhead") && err.contains("-5"), "{err}");
+        let err = args(&["--sim-gpus", "4", "--sim-foreign-gpus", "1,4"]).resolve().unwrap_err().to_string();
+        assert!(err.contains("--sim-foreign-gpus") && err.contains("GPU 4"), "{err}");
+        let ok = args(&["--sim-gpus", "4", "--sim-foreign-gpus", "1,3", "--node-overhead", "250"]).resolve().unwrap();
+        assert_eq!((ok.sim_foreign_gpus, ok.node_overhead_watts), (vec![1, 3], 250.0));
     }
 
     #[test]

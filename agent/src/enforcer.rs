@@ -11,7 +11,9 @@
 //!   cap (`--failsafe-cap`, by default each GPU's minimum). Nothing here ever raises a GPU
 //!   because a controller went away.
 //! - `--enforce dry-run` logs and exports what it would set and changes no GPU setting;
-//!   `--enforce off` ignores cap orders. Both say so in their acknowledgements.
+//!   `--enforce off` ignores cap orders. Both answer every order as
+//!   [`pb::CapOutcome::NotEnforced`] with the limits read back: a state, not a failure, so the
+//!   controller counts the node at what it really runs under and does not resend.
 //!
 //! Time comes in as arguments (tokio's clock), so the failsafe is tested with a paused clock.
 
@@ -41,6 +43,14 @@ impl EnforceMode {
             EnforceMode::On => "on",
             EnforceMode::DryRun => "dry-run",
             EnforceMode::Off => "off",
+        }
+    }
+
+    pub fn to_proto(self) -> pb::EnforceMode {
+        match self {
+            EnforceMode::On => pb::EnforceMode::On,
+            EnforceMode::DryRun => pb::EnforceMode::DryRun,
+            EnforceMode::Off => pb::EnforceMode::Off,
         }
     }
 }
@@ -140,9 +150,15 @@ impl Enforcer {
     pub fn engage_failsafe(&self, why: &str) {
         let caps: Vec<(u32, f64)> =
             self.backend.gpus().iter().map(|g| g.index).zip(self.failsafe.iter().copied()).collect();
-        if self.mode != EnforceMode::Off {
-            tracing::warn!(mode = self.mode.as_str(), caps = ?self.failsafe, "{why}: setting every GPU to its failsafe cap.");
-            self.set_all(&caps);
+        match self.mode {
+            EnforceMode::On => {
+                tracing::warn!(caps = ?self.failsafe, "{why}: setting every GPU to its failsafe cap.");
+                self.set_all(&caps);
+            }
+            EnforceMode::DryRun => {
+                tracing::warn!(caps = ?self.failsafe, "{why}: dry run, would set every GPU to its failsafe cap.");
+            }
+            EnforceMode::Off => {}
         }
         let mut state = self.lock();
         state.in_failsafe = true;
@@ -174,26 +190,27 @@ impl Enforcer {
     pub fn apply(&self, order: &pb::CapOrder, now: Instant) -> pb::CapAck {
         self.heard(now);
         let caps: Vec<(u32, f64)> = order.caps.iter().map(|c| (c.index, c.watts)).collect();
-        let ack = |error: String| pb::CapAck {
+        let ack = |outcome: pb::CapOutcome, error: String| pb::CapAck {
             epoch: order.epoch,
             applied: caps
                 .iter()
                 .map(|&(index, _)| pb::GpuCap { index, watts: self.backend.power_limit(index).unwrap_or(f64::NAN) })
                 .collect(),
             error,
-            not_enforced: self.mode != EnforceMode::On,
+            outcome: outcome as i32,
+            enforce_mode: self.mode.to_proto() as i32,
         };
         if order.epoch < self.lock().epoch {
-            return ack(format!("stale order: epoch {} is older than the newest applied", order.epoch));
+            return ack(pb::CapOutcome::Stale, format!("epoch {} is older than the newest order applied", order.epoch));
         }
         // All or nothing: check every cap before setting any.
         for &(index, watts) in &caps {
             let Some(gpu) = self.backend.gpus().iter().find(|g| g.index == index) else {
-                return ack(format!("caps[gpu {index}]: no such GPU on this node"));
+                return ack(pb::CapOutcome::Rejected, format!("caps[gpu {index}]: no such GPU on this node"));
             };
             if let Err(e) = gpu.power_limit.check(index, watts) {
                 tracing::error!(error = %e, "Rejected a cap order.");
-                return ack(format!("caps[gpu {index}]: {e}"));
+                return ack(pb::CapOutcome::Rejected, format!("caps[gpu {index}]: {e}"));
             }
         }
         let errors = match self.mode {
@@ -202,7 +219,10 @@ impl Enforcer {
                 tracing::info!(epoch = order.epoch, caps = ?caps, "Dry run: would set these power limits.");
                 Vec::new()
             }
-            EnforceMode::Off => return ack("enforcement is off on this node (--enforce off)".into()),
+            EnforceMode::Off => {
+                tracing::debug!(epoch = order.epoch, "Enforcement is off: cap order answered, nothing set.");
+                return ack(pb::CapOutcome::NotEnforced, String::new());
+            }
         };
         {
             let mut state = self.lock();
@@ -214,7 +234,12 @@ impl Enforcer {
                 }
             }
         }
-        ack(errors.join("; "))
+        let outcome = match (self.mode, errors.is_empty()) {
+            (EnforceMode::On, true) => pb::CapOutcome::Applied,
+            (EnforceMode::On, false) => pb::CapOutcome::Failed,
+            _ => pb::CapOutcome::NotEnforced,
+        };
+        ack(outcome, errors.join("; "))
     }
 
     /// Set caps; returns the failures (also logged).
@@ -282,7 +307,7 @@ mod tests {
         e.engage_failsafe("Starting");
         assert_eq!(e.in_force(), vec![200.0, 200.0], "at start, failsafe before any budget");
         let ack = e.apply(&order(1, &[(0, 650.0), (1, 650.0)]), Instant::now());
-        assert_eq!(ack.error, "");
+        assert_eq!((ack.outcome(), ack.error.as_str()), (pb::CapOutcome::Applied, ""));
         assert_eq!(ack.applied.iter().map(|c| c.watts).collect::<Vec<_>>(), vec![650.0, 650.0]);
         assert!(!e.in_failsafe());
 
@@ -311,14 +336,16 @@ mod tests {
         assert_eq!(e.in_force(), vec![250.0, 250.0]);
         let ack = e.apply(&order(5, &[(0, 400.0), (1, 800.0)]), Instant::now());
         assert!(ack.error.contains("caps[gpu 1]") && ack.error.contains("[200, 700]"), "{}", ack.error);
+        assert_eq!(ack.outcome(), pb::CapOutcome::Rejected);
         assert_eq!(e.in_force(), vec![250.0, 250.0], "nothing of a rejected order is applied");
         e.apply(&order(5, &[(0, 400.0), (1, 400.0)]), Instant::now());
         let stale = e.apply(&order(4, &[(0, 700.0), (1, 700.0)]), Instant::now());
-        assert!(stale.error.contains("stale"));
+        assert_eq!(stale.outcome(), pb::CapOutcome::Stale);
         assert_eq!(e.in_force(), vec![400.0, 400.0]);
         backend.faults(1).refuse_set.store(true, Ordering::Relaxed);
         let refused = e.apply(&order(6, &[(0, 300.0), (1, 300.0)]), Instant::now());
         assert!(refused.error.contains("refused"), "{}", refused.error);
+        assert_eq!(refused.outcome(), pb::CapOutcome::Failed);
         assert_eq!(
             refused.applied.iter().map(|c| c.watts).collect::<Vec<_>>(),
             vec![300.0, 400.0],
@@ -331,10 +358,22 @@ mod tests {
         let (backend, e) = setup(EnforceMode::DryRun, None);
         e.engage_failsafe("Starting");
         let ack = e.apply(&order(1, &[(0, 300.0)]), Instant::now());
-        assert!(ack.not_enforced);
+        assert_eq!((ack.outcome(), ack.enforce_mode()), (pb::CapOutcome::NotEnforced, pb::EnforceMode::DryRun));
+        assert_eq!(ack.error, "", "not enforcing is a state, not an error");
         assert_eq!(ack.applied[0].watts, 700.0, "the GPU keeps its limit");
         assert_eq!(backend.calls().set_power_limit.load(Ordering::Relaxed), 0, "no set call at all");
         assert_eq!(e.ordered()[0], Some(300.0), "what it would set is still exported");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn off_answers_every_order_with_the_limits_in_force_and_sets_nothing() {
+        let (backend, e) = setup(EnforceMode::Off, None);
+        e.engage_failsafe("Starting");
+        let ack = e.apply(&order(1, &[(0, 300.0), (1, 250.0)]), Instant::now());
+        assert_eq!((ack.outcome(), ack.enforce_mode()), (pb::CapOutcome::NotEnforced, pb::EnforceMode::Off));
+        assert_eq!(ack.error, "");
+        assert_eq!(ack.applied.iter().map(|c| c.watts).collect::<Vec<_>>(), vec![700.0, 700.0]);
+        assert_eq!(backend.calls().set_power_limit.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::gpu::{Detail, GpuBackend, GpuEvent, GpuInfo, GpuSample};
 use crate::host::{HostReading, HostSampler};
+use crate::powercap::{NodePower, Powercap};
 
 /// Everything read in one round.
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct NodeSnapshot {
     /// One entry per GPU in `inventory`, same order.
     pub gpus: Vec<GpuReading>,
     pub host: Option<HostReading>,
+    /// The node's non-GPU draw, when anything of it is known (read with the host).
+    pub node_power: Option<NodePower>,
     /// Rounds completed since start, this one included.
     pub round: u64,
 }
@@ -39,7 +42,15 @@ impl NodeSnapshot {
     /// The snapshot published before the first round: every GPU unknown, hence down.
     pub fn empty(inventory: Arc<[GpuInfo]>) -> Self {
         let gpus = inventory.iter().map(|_| GpuReading::default()).collect();
-        NodeSnapshot { taken_at: Instant::now(), unix_ms: unix_ms_now(), inventory, gpus, host: None, round: 0 }
+        NodeSnapshot {
+            taken_at: Instant::now(),
+            unix_ms: unix_ms_now(),
+            inventory,
+            gpus,
+            host: None,
+            node_power: None,
+            round: 0,
+        }
     }
 }
 
@@ -145,6 +156,8 @@ pub struct Sampler {
     round: u64,
     host: HostSampler,
     last_host: Option<HostReading>,
+    powercap: Option<Powercap>,
+    last_node_power: Option<NodePower>,
     xids: Arc<XidLog>,
     duration: Option<Histogram>,
     /// Set by the enforcer after it changes limits: read everything in full next round.
@@ -165,6 +178,8 @@ impl Sampler {
             round: 0,
             host: HostSampler::new(),
             last_host: None,
+            powercap: None,
+            last_node_power: None,
             xids,
             duration: None,
             limits_changed: Arc::default(),
@@ -174,6 +189,12 @@ impl Sampler {
     /// Read in full on the round after `flag` is set (the enforcer sets it on every change).
     pub fn with_limits_changed(mut self, flag: Arc<AtomicBool>) -> Self {
         self.limits_changed = flag;
+        self
+    }
+
+    /// Read the node's non-GPU draw with the host.
+    pub fn with_powercap(mut self, powercap: Powercap) -> Self {
+        self.powercap = Some(powercap);
         self
     }
 
@@ -226,6 +247,9 @@ impl Sampler {
         }
         if self.round % self.host_every == 0 {
             self.last_host = Some(self.host.read());
+            if let Some(powercap) = &mut self.powercap {
+                self.last_node_power = powercap.read(Instant::now());
+            }
         }
         self.round += 1;
         if let Some(h) = &self.duration {
@@ -237,6 +261,7 @@ impl Sampler {
             inventory: self.inventory.clone(),
             gpus,
             host: self.last_host,
+            node_power: self.last_node_power,
             round: self.round,
         }
     }

@@ -16,6 +16,7 @@ use watt_proto::v1::agent_service_client::AgentServiceClient;
 use tokio::time::Instant;
 
 use crate::enforcer::Enforcer;
+use crate::exporter::SessionMetrics;
 use crate::gpu::GpuInfo;
 use crate::sampler::NodeSnapshot;
 use crate::shards::ShardTable;
@@ -31,6 +32,7 @@ pub struct SessionConfig {
     pub boot_id: String,
     /// Where the agent serves metrics and shards' logs.
     pub http_port: u16,
+    pub metrics: SessionMetrics,
 }
 
 /// Keep a session open until `stop` turns true.
@@ -48,6 +50,7 @@ pub async fn run(
             r = session_once(&config, &inventory, snapshots.clone(), &shards, &enforcer) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
+        config.metrics.connected.set(0);
         match outcome {
             Ok(()) => {
                 tracing::warn!(controller = %config.controller, "Controller closed the session; reconnecting.");
@@ -113,6 +116,9 @@ pub fn telemetry(snapshot: &NodeSnapshot) -> pb::Telemetry {
             .collect(),
         host_cpu_utilization_ratio: snapshot.host.map(|h| h.cpu_utilization_ratio).unwrap_or(0.0),
         host_memory_used_bytes: snapshot.host.map(|h| h.memory_used_bytes).unwrap_or(0),
+        non_gpu_power_watts: snapshot.node_power.map(|p| p.total_watts()),
+        sample_age_ms: Instant::now().saturating_duration_since(snapshot.taken_at).as_millis().min(u128::from(u32::MAX))
+            as u32,
     }
 }
 
@@ -146,16 +152,19 @@ async fn session_once(
         agent_version: env!("CARGO_PKG_VERSION").into(),
         boot_id: config.boot_id.clone(),
         gpus: inventory_proto(inventory, &in_force, enforcer.failsafe_caps()),
-        non_gpu_power_watts: 0.0,
+        non_gpu_power_watts: snapshots.borrow().node_power.map_or(0.0, |p| p.total_watts()),
         shards: shards.statuses(),
         failsafe_after_ms: enforcer.failsafe_after().as_millis() as u32,
         http_port: u32::from(config.http_port),
+        enforce_mode: enforcer.mode().to_proto() as i32,
     };
     tx.send(message(pb::agent_message::Body::Register(register)))
         .await
         .map_err(|_| tonic::Status::internal("queue"))?;
     let mut inbound = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(controller = %config.controller, node = %config.node_name, "Registered with the controller.");
+    config.metrics.registrations.inc();
+    config.metrics.connected.set(1);
 
     let mut interval = Duration::from_secs(1);
     let mut tick = tokio::time::interval(interval);
@@ -186,6 +195,7 @@ async fn session_once(
                         }
                     }
                     Some(pb::controller_message::Body::CapOrder(order)) => {
+                        config.metrics.cap_orders.inc();
                         let increase = order.phase == pb::TransitionPhase::Increase as i32;
                         if increase && order.spread_ms > 0 {
                             // Step up a random moment into the wave; a decrease that comes

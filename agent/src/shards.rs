@@ -5,6 +5,9 @@
 //! newest one applied is ignored, and a stop names the epoch it stops. Starting and stopping
 //! processes is the [`Supervisor`]'s; every state it reports is recorded here and queued for the
 //! controller, and a (re)registration sends them all.
+//!
+//! On simulated GPUs this table is also what puts load on them: a GPU with an active shard runs
+//! the training profile, one without idles (see [`crate::gpu::sim`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,9 +16,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use watt_proto::v1 as pb;
 
+use crate::gpu::sim::SimBackend;
 use crate::progress::{ProgressSink, WorkerProgress};
 use crate::sampler::NodeSnapshot;
-use crate::supervisor::{Launch, Report, Supervisor};
+use crate::supervisor::{LastExit, Launch, Report, Supervisor};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardRecord {
@@ -28,6 +32,7 @@ pub struct ShardRecord {
     pub progress_sent: bool,
     /// The speed last written to the shard's speed file (simulated GPUs).
     pub speed: Option<f64>,
+    pub last_exit: LastExit,
 }
 
 impl ShardRecord {
@@ -40,6 +45,21 @@ impl ShardRecord {
             progress: None,
             progress_sent: true,
             speed: None,
+            last_exit: LastExit::default(),
+        }
+    }
+
+    fn status(&self, job: &str, shard: u32) -> pb::ShardStatus {
+        pb::ShardStatus {
+            job: job.to_owned(),
+            shard,
+            epoch: self.epoch,
+            state: self.state as i32,
+            message: self.message.clone(),
+            gpu_indices: self.order.gpu_indices.clone(),
+            exit_code: self.last_exit.code,
+            signal: self.last_exit.signal,
+            restarts: self.last_exit.restarts,
         }
     }
 }
@@ -50,7 +70,8 @@ pub struct ShardTable {
     supervisor: Arc<Supervisor>,
     grace: Duration,
     node_cpus: usize,
-    simulated: bool,
+    /// Simulated GPUs, loaded by the shards placed on them.
+    sim: Option<Arc<SimBackend>>,
     updates: mpsc::UnboundedSender<pb::ShardStatus>,
     /// Status changes not yet sent; the session holds it while connected.
     pub pending: tokio::sync::Mutex<mpsc::UnboundedReceiver<pb::ShardStatus>>,
@@ -61,7 +82,7 @@ fn active(state: pb::ShardState) -> bool {
 }
 
 impl ShardTable {
-    pub fn new(supervisor: Arc<Supervisor>, grace: Duration, simulated: bool) -> Arc<Self> {
+    pub fn new(supervisor: Arc<Supervisor>, grace: Duration, sim: Option<Arc<SimBackend>>) -> Arc<Self> {
         let (updates, pending) = mpsc::unbounded_channel();
         let node_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Arc::new(ShardTable {
@@ -69,7 +90,7 @@ impl ShardTable {
             supervisor,
             grace,
             node_cpus,
-            simulated,
+            sim,
             updates,
             pending: tokio::sync::Mutex::new(pending),
         })
@@ -108,7 +129,7 @@ impl ShardTable {
                                 order: order.clone(),
                                 grace: self.grace,
                                 node_cpus: self.node_cpus,
-                                simulated: self.simulated,
+                                simulated: self.sim.is_some(),
                             });
                         }
                     }
@@ -134,6 +155,9 @@ impl ShardTable {
                 }
             }
         }
+        if launch.is_some() || stop.is_some() || old_run.is_some() {
+            self.load_sim_gpus();
+        }
         if let Some(launch) = launch {
             self.supervisor.start(launch, self.clone());
         }
@@ -142,38 +166,50 @@ impl ShardTable {
         }
         if let Some(epoch) = stop {
             if !self.supervisor.stop(&order.job, order.shard, epoch) {
-                self.report(&order.job, order.shard, epoch, pb::ShardState::Stopped, "not running".into());
+                self.report(
+                    &order.job,
+                    order.shard,
+                    epoch,
+                    pb::ShardState::Stopped,
+                    "not running".into(),
+                    LastExit::default(),
+                );
             }
         }
         let shards = self.lock();
-        let record = shards.get(&key);
-        pb::ShardStatus {
-            job: order.job.clone(),
-            shard: order.shard,
-            epoch: record.map(|r| r.epoch).unwrap_or(order.epoch),
-            state: record.map(|r| r.state).unwrap_or(pb::ShardState::Stopped) as i32,
-            message: if stale {
-                "stale order ignored".into()
-            } else {
-                record.map(|r| r.message.clone()).unwrap_or_default()
+        match shards.get(&key) {
+            Some(record) => {
+                let mut status = record.status(&order.job, order.shard);
+                if stale {
+                    status.message = "stale order ignored".into();
+                }
+                status
+            }
+            None => pb::ShardStatus {
+                job: order.job.clone(),
+                shard: order.shard,
+                epoch: order.epoch,
+                state: pb::ShardState::Stopped as i32,
+                ..Default::default()
             },
-            gpu_indices: record.map(|r| r.order.gpu_indices.clone()).unwrap_or_default(),
         }
     }
 
     /// Every shard's status, for a (re)registration.
     pub fn statuses(&self) -> Vec<pb::ShardStatus> {
-        self.lock()
-            .iter()
-            .map(|((job, shard), r)| pb::ShardStatus {
-                job: job.clone(),
-                shard: *shard,
-                epoch: r.epoch,
-                state: r.state as i32,
-                message: r.message.clone(),
-                gpu_indices: r.order.gpu_indices.clone(),
-            })
-            .collect()
+        self.lock().iter().map(|((job, shard), r)| r.status(job, *shard)).collect()
+    }
+
+    /// Simulated GPUs: every GPU of a shard starting, running or stopping trains; the rest idle.
+    fn load_sim_gpus(&self) {
+        let Some(sim) = &self.sim else { return };
+        let shards = self.lock();
+        let busy: std::collections::HashSet<u32> =
+            shards.values().filter(|r| active(r.state)).flat_map(|r| r.order.gpu_indices.iter().copied()).collect();
+        drop(shards);
+        for gpu in crate::gpu::GpuBackend::gpus(sim.as_ref()) {
+            sim.set_training(gpu.index, busy.contains(&gpu.index));
+        }
     }
 }
 
@@ -214,7 +250,7 @@ impl ShardTable {
     /// Simulated GPUs: write each running shard's speed at its GPUs' caps (the slowest GPU sets
     /// the pace of a synchronous step) where it changed, for `watt-worker --step-time`.
     pub fn publish_speeds(&self, snapshot: &NodeSnapshot) {
-        if !self.simulated {
+        if self.sim.is_none() {
             return;
         }
         let curve = watt_common::curve::Curve::default();
@@ -251,23 +287,21 @@ impl ProgressSink for ShardTable {
 }
 
 impl Report for ShardTable {
-    fn report(&self, job: &str, shard: u32, epoch: u64, state: pb::ShardState, message: String) {
+    fn report(&self, job: &str, shard: u32, epoch: u64, state: pb::ShardState, message: String, last: LastExit) {
         let mut shards = self.lock();
         let Some(record) = shards.get_mut(&(job.to_owned(), shard)) else { return };
         if record.epoch != epoch {
             return; // A newer order replaced this run.
         }
+        let load_changed = active(record.state) != active(state);
         record.state = state;
-        record.message = message.clone();
-        let status = pb::ShardStatus {
-            job: job.to_owned(),
-            shard,
-            epoch,
-            state: state as i32,
-            message,
-            gpu_indices: record.order.gpu_indices.clone(),
-        };
-        let _ = self.updates.send(status);
+        record.message = message;
+        record.last_exit = last;
+        let _ = self.updates.send(record.status(job, shard));
+        drop(shards);
+        if load_changed {
+            self.load_sim_gpus();
+        }
     }
 }
 
@@ -304,7 +338,7 @@ mod tests {
     #[tokio::test]
     async fn orders_are_idempotent_stale_ones_ignored_and_a_newer_stop_ends_an_older_run() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let table = ShardTable::new(Arc::new(Supervisor::new(dir.path().to_owned())), Duration::from_secs(2), false);
+        let table = ShardTable::new(Arc::new(Supervisor::new(dir.path().to_owned())), Duration::from_secs(2), None);
         let s = table.apply(&order(2, pb::ShardAction::Start));
         assert_eq!((s.epoch, s.state), (2, pb::ShardState::Starting as i32));
         next(&table, pb::ShardState::Running).await;

@@ -51,7 +51,22 @@ pub struct Launch {
 
 /// What the supervisor tells the shard table: states, and the workers' progress reports.
 pub trait Report: crate::progress::ProgressSink {
-    fn report(&self, job: &str, shard: u32, epoch: u64, state: pb::ShardState, message: String);
+    fn report(&self, job: &str, shard: u32, epoch: u64, state: pb::ShardState, message: String, last: LastExit);
+}
+
+/// How a shard's last process ended (nothing yet: all `None`), and its restarts this epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LastExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub restarts: u32,
+}
+
+impl LastExit {
+    fn ended(&mut self, status: ExitStatus) {
+        use std::os::unix::process::ExitStatusExt;
+        (self.code, self.signal) = (status.code(), status.signal());
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +172,10 @@ impl Supervisor {
     async fn supervise(&self, launch: Launch, report: Arc<dyn Report>, mut stop: watch::Receiver<bool>) {
         let o = &launch.order;
         let (job, shard, epoch) = (o.job.as_str(), o.shard, o.epoch);
-        let say = |state: pb::ShardState, message: String| report.report(job, shard, epoch, state, message);
+        let say = |state: pb::ShardState, message: String, last: LastExit| {
+            report.report(job, shard, epoch, state, message, last)
+        };
+        let mut last = LastExit::default();
         let grace = if o.grace_period_ms > 0 { Duration::from_millis(o.grace_period_ms) } else { launch.grace };
         let mut restarts = 0u32;
         let mut backoff = BACKOFF_START;
@@ -181,13 +199,13 @@ impl Supervisor {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(job, shard, epoch, error = %e, "Cannot start shard.");
-                    say(pb::ShardState::Failed, e);
+                    say(pb::ShardState::Failed, e, last);
                     return;
                 }
             };
             let pgid = child.id().map(|p| Pid::from_raw(p as i32));
             tracing::info!(job, shard, epoch, pid = ?child.id(), restarts, "Shard process started.");
-            say(pb::ShardState::Running, format!("pid {}", child.id().unwrap_or(0)));
+            say(pb::ShardState::Running, format!("pid {}", child.id().unwrap_or(0)), last);
             let rotation = tokio::spawn(rotate_while_running(self.log_path(job, shard)));
             let exited = tokio::select! {
                 status = child.wait() => Some(status),
@@ -199,13 +217,17 @@ impl Supervisor {
                     say(
                         pb::ShardState::Stopping,
                         format!("SIGTERM, then SIGKILL after {}", humantime::format_duration(grace)),
+                        last,
                     );
                     let status = terminate(&mut child, pgid, grace).await;
+                    if let Some(status) = status {
+                        last.ended(status);
+                    }
                     rotation.abort();
                     let _ = fs::remove_file(self.pid_path(job, shard));
                     let _ = fs::remove_file(self.speed_path(job, shard));
                     tracing::info!(job, shard, epoch, ?status, "Shard stopped.");
-                    say(pb::ShardState::Stopped, "stopped".into());
+                    say(pb::ShardState::Stopped, "stopped".into(), last);
                     return;
                 }
             };
@@ -218,34 +240,36 @@ impl Supervisor {
             let status = match status {
                 Ok(s) => s,
                 Err(e) => {
-                    say(pb::ShardState::Failed, format!("cannot wait for the process: {e}"));
+                    say(pb::ShardState::Failed, format!("cannot wait for the process: {e}"), last);
                     return;
                 }
             };
+            last.ended(status);
             let why = match classify(status) {
                 Exit::Done => {
                     tracing::info!(job, shard, epoch, "Shard finished.");
-                    say(pb::ShardState::Succeeded, "exited with code 0".into());
+                    say(pb::ShardState::Succeeded, "exited with code 0".into(), last);
                     return;
                 }
                 Exit::Failed(code) => {
-                    restarts += 1;
-                    if restarts > o.max_restarts {
+                    if restarts >= o.max_restarts {
                         let message = format!("exited with code {code}; {} restart(s) used", o.max_restarts);
                         tracing::warn!(job, shard, epoch, code, "Shard failed.");
-                        say(pb::ShardState::Failed, message);
+                        say(pb::ShardState::Failed, message, last);
                         return;
                     }
+                    restarts += 1;
+                    last.restarts = restarts;
                     format!("exited with code {code}; restart {restarts} of {}", o.max_restarts)
                 }
                 Exit::Signalled(signal) => format!("killed by signal {signal}; restarting (not counted)"),
             };
             tracing::warn!(job, shard, epoch, why = %why, "Shard process exited; restarting.");
-            say(pb::ShardState::Starting, format!("{why}, in {}", humantime::format_duration(backoff)));
+            say(pb::ShardState::Starting, format!("{why}, in {}", humantime::format_duration(backoff)), last);
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 _ = stop.wait_for(|s| *s) => {
-                    say(pb::ShardState::Stopped, "stopped".into());
+                    say(pb::ShardState::Stopped, "stopped".into(), last);
                     return;
                 }
             }
@@ -424,7 +448,7 @@ mod tests {
     }
 
     impl Report for Log {
-        fn report(&self, _: &str, _: u32, _: u64, state: pb::ShardState, message: String) {
+        fn report(&self, _: &str, _: u32, _: u64, state: pb::ShardState, message: String, _: LastExit) {
             self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((state, message));
             self.changed.notify_waiters();
         }

@@ -1,7 +1,9 @@
-//! `wattctl logs JOB [--shard N] [--follow]`: a shard's output, read from the agent that runs it.
+//! `wattctl logs JOB [--shard N] [--follow]`: a shard's output, read from the agent that runs it
+//! — or, for a job off its GPUs (finished, failed, paused), from the agent that ran it last, for
+//! as long as that node keeps the log.
 //!
-//! The controller says where the shard runs and at which HTTP address that node's agent serves
-//! its logs; the log itself comes straight from the agent (`GET /logs/<job>/<shard>`), so
+//! The controller says where the shard runs (or last ran) and at which HTTP address that node's
+//! agent serves its logs; the log itself comes straight from the agent (`GET /logs/<job>/<shard>`), so
 //! training output never flows through the controller. `--follow` asks for what follows the
 //! last byte seen, once a second, starting over when the agent rotated the log, until the job
 //! stops running.
@@ -15,29 +17,83 @@ use watt_proto::v1::control_service_client::ControlServiceClient;
 
 use crate::Failure;
 
-/// Where shard `shard` of `job` runs: the agent's HTTP address.
+/// Where shard `shard` of `job` runs, or last ran: the agent's HTTP address.
 async fn locate(
     client: &mut ControlServiceClient<Channel>,
     job: &str,
     shard: u32,
 ) -> Result<(String, pb::Job), Failure> {
     let record = client.get_job(pb::GetJobRequest { name: job.to_string() }).await?.into_inner();
-    let Some(placement) = record.shards.iter().find(|s| s.shard == shard) else {
-        let running = record.shards.len();
-        return Err(Failure::Server(if running == 0 {
-            format!("job {job} has no shard placed now (its logs stay on the nodes that ran it)")
-        } else {
-            format!("job {job} runs shards 0..{}; there is no shard {shard}", running - 1)
-        }));
+    let node = match record.shards.iter().find(|s| s.shard == shard) {
+        Some(placement) => placement.node.clone(),
+        None if record.shards.is_empty() => match record.last_run.iter().find(|s| s.shard == shard) {
+            Some(last) => last.node.clone(),
+            None if record.last_run.is_empty() => {
+                return Err(Failure::Server(format!("job {job} has not run yet: it has no logs")));
+            }
+            None => {
+                return Err(Failure::Server(format!(
+                    "job {job} last ran shards 0..{}; there is no shard {shard}",
+                    record.last_run.len() - 1
+                )));
+            }
+        },
+        None => {
+            return Err(Failure::Server(format!(
+                "job {job} runs shards 0..{}; there is no shard {shard}",
+                record.shards.len() - 1
+            )));
+        }
     };
+    let address = agent_address(client, &node).await?;
+    Ok((address, record))
+}
+
+/// The HTTP address of `node`'s agent.
+async fn agent_address(client: &mut ControlServiceClient<Channel>, node: &str) -> Result<String, Failure> {
     let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
-    let address = nodes
+    nodes
         .iter()
-        .find(|n| n.name == placement.node)
+        .find(|n| n.name == node)
         .map(|n| n.http_address.clone())
         .filter(|a| !a.is_empty())
-        .ok_or_else(|| Failure::Server(format!("node {} has not said where it serves logs", placement.node)))?;
-    Ok((address, record))
+        .ok_or_else(|| Failure::Server(format!("node {node} has not said where it serves logs")))
+}
+
+/// The last `lines` lines of each failed shard's log in `job`'s last run, for `describe job`.
+/// A log that cannot be read says why instead.
+pub async fn failed_tails(
+    client: &mut ControlServiceClient<Channel>,
+    job: &pb::Job,
+    lines: usize,
+) -> Vec<(u32, String)> {
+    let name = job.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+    let mut out = Vec::new();
+    for shard in job.last_run.iter().filter(|s| s.state == pb::ShardState::Failed as i32) {
+        let tail = match agent_address(client, &shard.node).await {
+            Ok(address) => {
+                let (n, s) = (name.clone(), shard.shard);
+                match tokio::task::spawn_blocking(move || fetch(&address, &n, s, None)).await {
+                    Ok(Ok((body, _, _))) => {
+                        let text = String::from_utf8_lossy(&body);
+                        let all: Vec<&str> = text.lines().collect();
+                        all[all.len().saturating_sub(lines)..].join("\n")
+                    }
+                    Ok(Err(e)) => format!("(log not available: {})", why(e)),
+                    Err(e) => format!("(log not available: {e})"),
+                }
+            }
+            Err(e) => format!("(log not available: {})", why(e)),
+        };
+        out.push((shard.shard, tail));
+    }
+    out
+}
+
+fn why(e: Failure) -> String {
+    match e {
+        Failure::Server(m) | Failure::Usage(m) => m,
+    }
 }
 
 /// One read: the bytes, the log's size, whether it was rotated since `offset`.

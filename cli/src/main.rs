@@ -19,7 +19,7 @@ use watt_proto::v1 as pb;
 use watt_proto::v1::control_service_client::ControlServiceClient;
 use watt_proto::v1::power_service_client::PowerServiceClient;
 
-use views::{EventView, GpuRow, JobView, NodeView};
+use views::{EventView, GpuRow, JobView, LogTail, NodeView};
 
 #[derive(Debug, Parser)]
 #[command(name = "wattctl", version, about = "Drive a Watt cluster: nodes, GPUs, jobs, events.")]
@@ -219,7 +219,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Describe { what: Describe::Job { name } } => {
             let mut client = connect(&cli.controller).await?;
-            let job = JobView::from(client.get_job(pb::GetJobRequest { name }).await?.into_inner());
+            let record = client.get_job(pb::GetJobRequest { name }).await?.into_inner();
+            let tails = logs::failed_tails(&mut client, &record, 10).await;
+            let mut job = JobView::from(record);
+            job.failed_log_tails = tails.into_iter().map(|(shard, tail)| LogTail { shard, tail }).collect();
             emit(output, &job, || job.describe())
         }
         Command::Cancel { name } => {

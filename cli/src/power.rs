@@ -100,6 +100,16 @@ pub struct PowerView {
     pub failsafe_nodes: u32,
     pub unacknowledged_nodes: u32,
     pub budget_violations: u64,
+    pub measured_watts: f64,
+    pub measured_violations: u64,
+    pub overdraw_seconds: f64,
+    pub worst_overdraw_watts: f64,
+    pub floor_watts: f64,
+    pub infeasible: bool,
+    pub unenforced_nodes: u32,
+    pub unenforced_excess_watts: f64,
+    pub foreign_gpus: u32,
+    pub foreign_watts: f64,
     pub sources: Vec<SourceView>,
     pub jobs: Vec<JobPowerView>,
     pub notes: Vec<String>,
@@ -122,6 +132,16 @@ impl From<pb::PowerStatus> for PowerView {
             failsafe_nodes: s.failsafe_nodes,
             unacknowledged_nodes: s.unacknowledged_nodes,
             budget_violations: s.budget_violations,
+            measured_watts: s.measured_watts,
+            measured_violations: s.measured_violations,
+            overdraw_seconds: s.overdraw_seconds,
+            worst_overdraw_watts: s.worst_overdraw_watts,
+            floor_watts: s.floor_watts,
+            infeasible: s.infeasible,
+            unenforced_nodes: s.unenforced_nodes,
+            unenforced_excess_watts: s.unenforced_excess_watts,
+            foreign_gpus: s.foreign_gpus,
+            foreign_watts: s.foreign_watts,
             sources: s
                 .sources
                 .into_iter()
@@ -167,8 +187,43 @@ impl PowerView {
         let _ = writeln!(out, "Drawn:       {}  (measured, GPUs)", show_watts(self.drawn_watts));
         let _ = writeln!(
             out,
-            "Nodes:       {} awaiting acknowledgement, {} at failsafe; budget violations: {}",
-            self.unacknowledged_nodes, self.failsafe_nodes, self.budget_violations
+            "Measured:    {}  (GPUs and non-GPU: what the meter judges)",
+            show_watts(self.measured_watts)
+        );
+        let _ = writeln!(
+            out,
+            "Floor:       {}  (every job paused){}",
+            show_watts(self.floor_watts),
+            if self.infeasible { "  INFEASIBLE: above the limit" } else { "" }
+        );
+        let _ = writeln!(
+            out,
+            "Nodes:       {} awaiting acknowledgement, {} at failsafe",
+            self.unacknowledged_nodes, self.failsafe_nodes
+        );
+        if self.unenforced_nodes > 0 {
+            let _ = writeln!(
+                out,
+                "Unenforced:  {} node(s), {} above their orders (dry-run or off: not Watt's violation)",
+                self.unenforced_nodes,
+                show_watts(self.unenforced_excess_watts)
+            );
+        }
+        if self.foreign_gpus > 0 {
+            let _ = writeln!(
+                out,
+                "Foreign:     {} GPU(s) with processes Watt did not start, counted at {}",
+                self.foreign_gpus,
+                show_watts(self.foreign_watts)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "Violations:  counted {}, measured {}; overdraw {:.1} s past settling, worst {}",
+            self.budget_violations,
+            self.measured_violations,
+            self.overdraw_seconds,
+            show_watts(self.worst_overdraw_watts)
         );
         if !self.sources.is_empty() {
             out.push_str("\nSources:\n");
@@ -211,15 +266,16 @@ impl PowerView {
 
     pub fn line(&self) -> String {
         format!(
-            "available {}  limit {}  budget {}  allocated {}  counted {}  drawn {}  unacked {}  failsafe {}\n",
+            "available {}  limit {}  budget {}  allocated {}  counted {}  measured {}  unacked {}  failsafe {}{}\n",
             show_watts(self.available_watts),
             show_watts(self.limit_watts),
             show_watts(self.budget_watts),
             show_watts(self.allocated_watts),
             show_watts(self.counted_watts),
-            show_watts(self.drawn_watts),
+            show_watts(self.measured_watts),
             self.unacknowledged_nodes,
-            self.failsafe_nodes
+            self.failsafe_nodes,
+            if self.infeasible { "  INFEASIBLE" } else { "" }
         )
     }
 }

@@ -92,6 +92,10 @@ pub struct JobView {
     pub message: String,
     pub preemptions: u32,
     pub progress: Option<ProgressView>,
+    /// Where it last ran and how each shard ended (kept once it is off its GPUs).
+    pub last_run: Vec<ShardEndView>,
+    /// The end of each failed shard's log, read from its node (describe only).
+    pub failed_log_tails: Vec<LogTail>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -144,8 +148,59 @@ impl From<pb::Job> for JobView {
             message: job.message,
             preemptions: job.preemptions,
             progress: job.progress.map(ProgressView::from),
+            last_run: job
+                .last_run
+                .into_iter()
+                .map(|s| ShardEndView {
+                    shard: s.shard,
+                    node: s.node,
+                    gpus: s.gpu_indices,
+                    state: shard_state(s.state),
+                    exit_code: s.exit_code,
+                    signal: s.signal,
+                    restarts: s.restarts,
+                    message: s.message,
+                    ended_unix_ms: s.ended_unix_ms,
+                })
+                .collect(),
+            failed_log_tails: Vec::new(),
         }
     }
+}
+
+/// How one shard of a job's last run ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShardEndView {
+    pub shard: u32,
+    pub node: String,
+    pub gpus: Vec<u32>,
+    pub state: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub restarts: u32,
+    pub message: String,
+    pub ended_unix_ms: i64,
+}
+
+impl ShardEndView {
+    /// "shard 0 on node-2 exited 3 after 1 restart".
+    pub fn sentence(&self) -> String {
+        let what = watt_common::shard_end::describe(self.exit_code, self.signal, self.restarts).unwrap_or_else(|| {
+            if self.state.is_empty() || self.state == "-" {
+                "ended; its agent did not say how".into()
+            } else {
+                self.state.clone()
+            }
+        });
+        format!("shard {} on {} {what}", self.shard, self.node)
+    }
+}
+
+/// The end of a failed shard's log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogTail {
+    pub shard: u32,
+    pub tail: String,
 }
 
 impl JobView {
@@ -199,6 +254,22 @@ impl JobView {
             );
             let _ = writeln!(out, "Energy:         {:.1} J/step (the job's GPUs, last 30 s)", p.energy_per_step_joules);
         }
+        if self.placement.is_empty() && !self.last_run.is_empty() {
+            out.push_str("Last run:\n");
+            for s in &self.last_run {
+                let _ = writeln!(out, "  {}", s.sentence());
+            }
+            for t in &self.failed_log_tails {
+                let _ = writeln!(
+                    out,
+                    "Log of shard {} (last lines; all of it: wattctl logs {} --shard {}):",
+                    t.shard, self.name, t.shard
+                );
+                for line in t.tail.lines() {
+                    let _ = writeln!(out, "  | {line}");
+                }
+            }
+        }
         if !self.placement.is_empty() {
             out.push_str("Placement:\n");
             let rows: Vec<Vec<String>> = self
@@ -225,6 +296,28 @@ pub struct NodeView {
     pub power_watts: f64,
     pub last_seen_unix_ms: i64,
     pub agent_version: String,
+    /// on, dry-run or off: what the node's agent does with cap orders.
+    pub enforce: String,
+    pub non_gpu_watts: f64,
+}
+
+/// The `--enforce` mode as its flag spells it.
+pub fn enforce_mode(mode: i32) -> String {
+    match pb::EnforceMode::try_from(mode).unwrap_or_default() {
+        pb::EnforceMode::On | pb::EnforceMode::Unspecified => "on",
+        pb::EnforceMode::DryRun => "dry-run",
+        pb::EnforceMode::Off => "off",
+    }
+    .into()
+}
+
+fn gpu_work(work: i32) -> String {
+    match pb::GpuWork::try_from(work).unwrap_or_default() {
+        pb::GpuWork::Watt => "watt",
+        pb::GpuWork::Foreign => "foreign",
+        pb::GpuWork::Idle | pb::GpuWork::Unspecified => "idle",
+    }
+    .into()
 }
 
 impl From<pb::Node> for NodeView {
@@ -239,6 +332,8 @@ impl From<pb::Node> for NodeView {
             power_watts: power,
             last_seen_unix_ms: n.last_seen_unix_ms,
             agent_version: n.agent_version,
+            enforce: enforce_mode(n.enforce_mode),
+            non_gpu_watts: n.non_gpu_power_watts,
         }
     }
 }
@@ -255,10 +350,12 @@ impl NodeView {
                     n.allocated_gpus.len().to_string(),
                     n.model.clone(),
                     format!("{:.0}", n.power_watts),
+                    format!("{:.0}", n.non_gpu_watts),
+                    n.enforce.clone(),
                 ]
             })
             .collect();
-        table(&["NAME", "STATE", "GPUS", "ALLOCATED", "MODEL", "POWER(W)"], &rows)
+        table(&["NAME", "STATE", "GPUS", "ALLOCATED", "MODEL", "POWER(W)", "NON-GPU(W)", "ENFORCE"], &rows)
     }
 }
 
@@ -276,6 +373,10 @@ pub struct GpuRow {
     pub power_limit_max_watts: f64,
     pub utilization_ratio: f64,
     pub temperature_celsius: f64,
+    /// idle, watt (a Watt shard), or foreign (a process Watt did not start).
+    pub work: String,
+    /// What budget safety counts for it.
+    pub counted_watts: f64,
 }
 
 impl GpuRow {
@@ -285,7 +386,10 @@ impl GpuRow {
             .map(|g| {
                 let t = node.telemetry.as_ref().and_then(|t| t.gpus.iter().find(|x| x.index == g.index));
                 let range = g.power_limit.unwrap_or_default();
+                let account = node.accounting.iter().find(|a| a.index == g.index);
                 GpuRow {
+                    work: account.map(|a| gpu_work(a.work)).unwrap_or_else(|| "idle".into()),
+                    counted_watts: account.map_or(0.0, |a| a.counted_watts),
                     node: node.name.clone(),
                     gpu: g.index,
                     uuid: g.uuid.clone(),
@@ -317,10 +421,27 @@ impl GpuRow {
                     format!("{:.0}-{:.0}", g.power_limit_min_watts, g.power_limit_max_watts),
                     format!("{:.0}%", g.utilization_ratio * 100.0),
                     format!("{:.0}", g.temperature_celsius),
+                    g.work.clone(),
+                    format!("{:.0}", g.counted_watts),
                 ]
             })
             .collect();
-        table(&["NODE", "GPU", "MODEL", "ALLOCATED", "POWER(W)", "CAP(W)", "RANGE(W)", "UTIL", "TEMP(C)"], &rows)
+        table(
+            &[
+                "NODE",
+                "GPU",
+                "MODEL",
+                "ALLOCATED",
+                "POWER(W)",
+                "CAP(W)",
+                "RANGE(W)",
+                "UTIL",
+                "TEMP(C)",
+                "WORK",
+                "COUNTED(W)",
+            ],
+            &rows,
+        )
     }
 }
 

@@ -50,6 +50,19 @@ fn gone(needle: &str) -> bool {
 }
 
 #[test]
+fn a_deep_cut_keeps_measured_draw_under_the_limit_and_a_cut_below_the_floor_is_called_infeasible() {
+    let scenario = repo().join("examples/scenarios/deep-cut.yaml");
+    let out = wattctl().args(["up", "--scenario"]).arg(&scenario).args(["--speed", "6"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Summary — scenario deep-cut"), "{stdout}");
+    assert!(stdout.contains("budget violations       0"), "{stdout}");
+    assert!(stdout.contains("measured violations     0"), "the meter agrees on the feasible cut: {stdout}");
+    assert!(stdout.contains("infeasible limit        yes"), "the cut below the floor is said out loud: {stdout}");
+    assert!(stdout.lines().any(|l| l.contains("INFEASIBLE")), "the live view says so while it lasts: {stdout}");
+}
+
+#[test]
 fn the_shipped_scenario_runs_to_its_end_with_no_violation_and_leaves_nothing_behind() {
     let scenario = repo().join("examples/scenarios/generator-trip.yaml");
     let child = wattctl()
@@ -67,6 +80,7 @@ fn the_shipped_scenario_runs_to_its_end_with_no_violation_and_leaves_nothing_beh
     assert!(stdout.contains("Summary — scenario generator-trip"), "{stdout}");
     assert!(stdout.contains("power events            4"), "{stdout}");
     assert!(stdout.contains("budget violations       0"), "{stdout}");
+    assert!(stdout.contains("measured violations     0"), "the meter agrees: {stdout}");
     assert!(stdout.contains("weighted throughput kept"), "{stdout}");
     for job in ["pretrain", "finetune", "sweep"] {
         let line = stdout.lines().find(|l| l.contains(&format!("steps {job}"))).unwrap_or_else(|| panic!("{stdout}"));

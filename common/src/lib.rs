@@ -4,6 +4,36 @@
 
 pub mod curve;
 
+pub mod shard_end {
+    //! How a shard's process ended, in the words `wattctl describe job` and the controller's
+    //! events use: "exited 3 after 1 restart", "was killed by signal 9".
+
+    /// `None` when neither an exit code nor a signal is known.
+    pub fn describe(exit_code: Option<i32>, signal: Option<i32>, restarts: u32) -> Option<String> {
+        let restarts = match restarts {
+            0 => String::new(),
+            1 => " after 1 restart".into(),
+            n => format!(" after {n} restarts"),
+        };
+        match (exit_code, signal) {
+            (Some(code), _) => Some(format!("exited {code}{restarts}")),
+            (None, Some(signal)) => Some(format!("was killed by signal {signal}{restarts}")),
+            (None, None) => None,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn exit_codes_signals_and_restarts_read_as_a_sentence() {
+            assert_eq!(super::describe(Some(3), None, 1).as_deref(), Some("exited 3 after 1 restart"));
+            assert_eq!(super::describe(None, Some(9), 2).as_deref(), Some("was killed by signal 9 after 2 restarts"));
+            assert_eq!(super::describe(Some(0), None, 0).as_deref(), Some("exited 0"));
+            assert_eq!(super::describe(None, None, 4), None);
+        }
+    }
+}
+
 pub mod duration {
     //! Durations as people write them: `100ms`, `1s`, `2m`.
     use std::time::Duration;

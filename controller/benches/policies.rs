@@ -78,7 +78,7 @@ fn step(jobs: &[JobLoad], w: &[f64], budget: f64, idle: f64) -> [(f64, f64); 3] 
         jobs.iter().zip(w).zip(&paused).filter(|(_, p)| !**p).map(|((j, w), _)| w * f64::from(j.shards)).sum();
     let preempt_kept = paused.iter().filter(|p| !**p).count() as f64 / n;
     // Watt.
-    let a = allocate(budget, jobs, gpus as u64, idle);
+    let a = allocate(budget, jobs, 0.0, idle);
     assert!(a.fits);
     let watt: f64 = a
         .jobs

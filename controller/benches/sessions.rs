@@ -77,12 +77,14 @@ fn register(i: usize) -> pb::AgentMessage {
     pb::AgentMessage { body: Some(pb::agent_message::Body::Register(register)) }
 }
 
+/// Telemetry of a node: the draw stays below the idle allowance, so GPUs waiting for their job's
+/// placement are not taken for someone else's load (the bench measures orders, not the meter).
 fn telemetry(i: usize) -> pb::AgentMessage {
     let gpus = (0..8)
         .map(|g| pb::GpuTelemetry {
             index: g,
             up: true,
-            power_watts: 650.0 + (i % 50) as f64,
+            power_watts: 60.0 + (i % 30) as f64,
             energy_joules_total: 1.0e6,
             power_limit_watts: 700.0,
             enforced_power_limit_watts: 700.0,
@@ -114,8 +116,13 @@ async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
             if let Some(pb::controller_message::Body::CapOrder(order)) = m.body {
                 // An increase steps up a random moment into its wave, as the agent does.
                 let delay = if order.spread_ms > 0 { (i as u64 * 7_919) % u64::from(order.spread_ms) } else { 0 };
-                let ack =
-                    pb::CapAck { epoch: order.epoch, applied: order.caps, error: String::new(), not_enforced: false };
+                let ack = pb::CapAck {
+                    epoch: order.epoch,
+                    applied: order.caps,
+                    error: String::new(),
+                    outcome: pb::CapOutcome::Applied as i32,
+                    enforce_mode: pb::EnforceMode::On as i32,
+                };
                 let acks = acks.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -297,6 +304,6 @@ fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16,
         agents * 8,
         show(&cuts),
         show(&restores),
-        metric(metrics_port, "watt_budget_violations_total")
+        metric(metrics_port, "watt_budget_violations_total{basis=\"counted\"}")
     );
 }

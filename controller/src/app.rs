@@ -62,6 +62,7 @@ pub async fn run(
     };
 
     let reconciling = tokio::spawn(controller.clone().run(wait_stop()));
+    let metering = tokio::spawn(controller.clone().run_meter(wait_stop()));
     let metrics_app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -96,6 +97,7 @@ pub async fn run(
         entry.session = None;
     }
     let _ = reconciling.await;
+    let _ = metering.await;
     let served = match tokio::time::timeout(DRAIN, grpc).await {
         Ok(joined) => joined
             .map_err(|e| ControllerError::Serve(e.to_string()))?

@@ -50,6 +50,11 @@ pub struct Args {
     #[arg(long, env = "WATT_REGROW_AFTER", value_name = "DURATION", value_parser = parse_duration)]
     pub regrow_after: Option<Duration>,
 
+    /// After a power event the cluster has this long to bring its measured draw under the new
+    /// limit; measured draw above the limit for longer is a violation [default: 2s].
+    #[arg(long, env = "WATT_SETTLE_TIME", value_name = "DURATION", value_parser = parse_duration)]
+    pub settle_time: Option<Duration>,
+
     /// Log format [default: text].
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -67,6 +72,8 @@ pub struct FileConfig {
     pub reconcile_interval: Option<Duration>,
     #[serde(default, with = "watt_common::duration::option")]
     pub regrow_after: Option<Duration>,
+    #[serde(default, with = "watt_common::duration::option")]
+    pub settle_time: Option<Duration>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -78,6 +85,7 @@ pub struct ControllerConfig {
     pub node_lease: Duration,
     pub reconcile_interval: Duration,
     pub regrow_after: Duration,
+    pub settle_time: Duration,
     pub log_format: LogFormat,
 }
 
@@ -102,6 +110,7 @@ impl Args {
             node_lease: self.node_lease.or(file.node_lease).unwrap_or(Duration::from_secs(15)),
             reconcile_interval: self.reconcile_interval.or(file.reconcile_interval).unwrap_or(Duration::from_secs(1)),
             regrow_after: self.regrow_after.or(file.regrow_after).unwrap_or(Duration::from_secs(30)),
+            settle_time: self.settle_time.or(file.settle_time).unwrap_or(Duration::from_secs(2)),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         };
         config.validate()?;
@@ -145,6 +154,13 @@ impl ControllerConfig {
                 message: format!("must be at most 24h; got {}", show(self.regrow_after)),
             });
         }
+        if self.settle_time < Duration::from_millis(100) || self.settle_time > Duration::from_secs(600) {
+            return Err(ConfigError::Invalid {
+                flag: "settle-time",
+                key: "settle_time",
+                message: format!("must be between 100ms and 10m; got {}", show(self.settle_time)),
+            });
+        }
         Ok(())
     }
 
@@ -153,6 +169,7 @@ impl ControllerConfig {
             node_lease: self.node_lease,
             reconcile_interval: self.reconcile_interval,
             regrow_after: self.regrow_after,
+            settle_time: self.settle_time,
             // Several telemetry messages per lease, at most one a second.
             telemetry_interval: (self.node_lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(1)),
         }

@@ -95,6 +95,44 @@ pub struct JobRecord {
     /// When its shard count last changed (placed, shrunk, grown): resizes are spaced out.
     #[serde(default)]
     pub resized_unix_ms: i64,
+    /// Where it last ran and how each shard ended, kept once it is off its GPUs, so an ended
+    /// job's logs can still be read and its end explained.
+    #[serde(default)]
+    pub last_run: Vec<ShardOutcome>,
+}
+
+/// How one shard of a job's last run ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardOutcome {
+    pub shard: u32,
+    pub node: String,
+    pub gpus: Vec<u32>,
+    pub epoch: u64,
+    /// The last state its agent reported for that run (`pb::ShardState`; unspecified if none).
+    pub state: i32,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub restarts: u32,
+    /// The agent's words for it.
+    pub message: String,
+    pub ended_unix_ms: i64,
+}
+
+impl ShardOutcome {
+    fn to_proto(&self) -> pb::ShardOutcome {
+        pb::ShardOutcome {
+            shard: self.shard,
+            node: self.node.clone(),
+            gpu_indices: self.gpus.clone(),
+            state: self.state,
+            exit_code: self.exit_code,
+            signal: self.signal,
+            restarts: self.restarts,
+            message: self.message.clone(),
+            ended_unix_ms: self.ended_unix_ms,
+            epoch: self.epoch,
+        }
+    }
 }
 
 impl JobRecord {
@@ -108,8 +146,37 @@ impl JobRecord {
         }
     }
 
-    /// Back to waiting, off its GPUs.
-    pub fn unplace(&mut self, message: String) {
+    /// Back to waiting, off its GPUs. Where it ran is kept in `last_run`, each shard with the
+    /// last status its agent `reported` for this run.
+    pub fn unplace(
+        &mut self,
+        message: String,
+        ended_unix_ms: i64,
+        reported: &dyn Fn(&str, u32) -> Option<pb::ShardStatus>,
+    ) {
+        if !self.shards.is_empty() {
+            self.last_run = self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let status = reported(&s.node, i as u32).filter(|st| st.epoch == self.epoch);
+                    let status = status.as_ref();
+                    ShardOutcome {
+                        shard: i as u32,
+                        node: s.node.clone(),
+                        gpus: s.gpus.clone(),
+                        epoch: self.epoch,
+                        state: status.map_or(0, |st| st.state),
+                        exit_code: status.and_then(|st| st.exit_code),
+                        signal: status.and_then(|st| st.signal),
+                        restarts: status.map_or(0, |st| st.restarts),
+                        message: status.map(|st| st.message.clone()).unwrap_or_default(),
+                        ended_unix_ms,
+                    }
+                })
+                .collect();
+        }
         self.state = JobState::Pending;
         self.shards.clear();
         self.master_port = 0;
@@ -137,6 +204,7 @@ impl JobRecord {
             message: self.message.clone(),
             preemptions: self.preemptions,
             progress: None,
+            last_run: self.last_run.iter().map(ShardOutcome::to_proto).collect(),
         }
     }
 
@@ -204,6 +272,7 @@ impl JobTable {
                 message: "waiting to be scheduled".into(),
                 preemptions: 0,
                 resized_unix_ms: 0,
+                last_run: Vec::new(),
             };
             let key = job_key(&spec.name);
             let writes = vec![

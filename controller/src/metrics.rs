@@ -1,7 +1,10 @@
 //! The controller's Prometheus metrics: nodes, GPUs and jobs by state, sessions, and how long
 //! scheduling and reconciling take.
 
-use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use tokio::time::Instant;
 
 use crate::jobs::{JobState, JobTable};
@@ -18,7 +21,15 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub placements: IntCounter,
     pub preemptions: IntCounter,
-    pub budget_violations: IntCounter,
+    /// By basis: `counted` (Watt's accounting) and `measured` (the meter).
+    pub budget_violations: IntCounterVec,
+    pub overdraw_seconds: Counter,
+    pub overdraw_worst: Gauge,
+    pub infeasible: IntGauge,
+    pub unenforced_nodes: IntGauge,
+    pub foreign_gpus: IntGauge,
+    /// Nodes by enforcement mode.
+    pub enforce_modes: IntGaugeVec,
     pub power_event_ack: Histogram,
     pub power: GaugeVec,
     pub source_watts: GaugeVec,
@@ -63,9 +74,40 @@ impl Metrics {
         )?;
         let placements = IntCounter::new("watt_shard_placements_total", "Shards placed by the scheduler.")?;
         let preemptions = IntCounter::new("watt_job_preemptions_total", "Jobs preempted for higher-priority ones.")?;
-        let budget_violations = IntCounter::new(
-            "watt_budget_violations_total",
-            "Times counted power stayed above the limit with every decrease acknowledged. Must stay 0.",
+        let budget_violations = IntCounterVec::new(
+            Opts::new(
+                "watt_budget_violations_total",
+                "Budget violations, by basis: counted (Watt's accounting above the limit with every decrease acknowledged) or measured (measured draw above the limit past the settle time, on a feasible budget). Must stay 0.",
+            ),
+            &["basis"],
+        )?;
+        for basis in ["counted", "measured"] {
+            budget_violations.with_label_values(&[basis]);
+        }
+        let overdraw_seconds = Counter::new(
+            "watt_power_overdraw_seconds_total",
+            "Seconds measured draw spent above the limit past the settle time after a power event.",
+        )?;
+        let overdraw_worst = Gauge::new(
+            "watt_power_overdraw_worst_watts",
+            "The largest measured overdraw past the settle time since the controller started.",
+        )?;
+        let infeasible = IntGauge::new(
+            "watt_power_infeasible",
+            "1 while the limit is below what the cluster draws with every job paused (watt_power_watts{what=\"floor\"}).",
+        )?;
+        let unenforced_nodes =
+            IntGauge::new("watt_power_unenforced_nodes", "Nodes that do not enforce caps (dry-run or off).")?;
+        let foreign_gpus = IntGauge::new(
+            "watt_power_foreign_gpus",
+            "GPUs drawing above idle with no Watt shard on them, counted at their caps.",
+        )?;
+        let enforce_modes = IntGaugeVec::new(
+            Opts::new(
+                "watt_controller_nodes_by_enforce_mode",
+                "Registered nodes by enforcement mode: on, dry-run, off.",
+            ),
+            &["mode"],
         )?;
         let power_event_ack = Histogram::with_opts(
             HistogramOpts::new(
@@ -77,7 +119,7 @@ impl Metrics {
         let power = GaugeVec::new(
             Opts::new(
                 "watt_power_watts",
-                "Cluster power by what: available, limit (after reserve and PUE), budget (for GPUs), allocated, counted, drawn, non_gpu.",
+                "Cluster power by what: available, limit (after reserve and PUE), budget (for GPUs), allocated, counted, drawn (GPUs), measured (GPUs and non-GPU, as the meter judges it), non_gpu, floor (every job paused), foreign (GPUs with processes Watt did not start), unenforced_excess (nodes not enforcing, above their orders).",
             ),
             &["what"],
         )?;
@@ -120,6 +162,12 @@ impl Metrics {
         registry.register(Box::new(placements.clone()))?;
         registry.register(Box::new(preemptions.clone()))?;
         registry.register(Box::new(budget_violations.clone()))?;
+        registry.register(Box::new(overdraw_seconds.clone()))?;
+        registry.register(Box::new(overdraw_worst.clone()))?;
+        registry.register(Box::new(infeasible.clone()))?;
+        registry.register(Box::new(unenforced_nodes.clone()))?;
+        registry.register(Box::new(foreign_gpus.clone()))?;
+        registry.register(Box::new(enforce_modes.clone()))?;
         registry.register(Box::new(power_event_ack.clone()))?;
         registry.register(Box::new(power.clone()))?;
         registry.register(Box::new(source_watts.clone()))?;
@@ -138,6 +186,12 @@ impl Metrics {
             placements,
             preemptions,
             budget_violations,
+            overdraw_seconds,
+            overdraw_worst,
+            infeasible,
+            unenforced_nodes,
+            foreign_gpus,
+            enforce_modes,
             power_event_ack,
             power,
             source_watts,
@@ -160,6 +214,9 @@ impl Metrics {
             ("counted", s.counted_watts),
             ("drawn", s.drawn_watts),
             ("non_gpu", s.non_gpu_watts),
+            ("floor", s.floor_watts),
+            ("foreign", s.foreign_watts),
+            ("unenforced_excess", s.unenforced_excess_watts),
         ] {
             self.power.with_label_values(&[what]).set(value);
         }
@@ -177,6 +234,9 @@ impl Metrics {
             self.job_cap.with_label_values(&[job.name.as_str()]).set(job.cap_watts);
         }
         self.failsafe_nodes.set(i64::from(s.failsafe_nodes));
+        self.infeasible.set(i64::from(s.infeasible));
+        self.unenforced_nodes.set(i64::from(s.unenforced_nodes));
+        self.foreign_gpus.set(i64::from(s.foreign_gpus));
         self.unacknowledged_nodes.set(i64::from(s.unacknowledged_nodes));
     }
 
@@ -214,9 +274,15 @@ impl Metrics {
             jobs.iter().filter(|j| j.state.is_active()).flat_map(|j| j.shards.iter()).map(|s| s.gpus.len()).sum();
         let nodes = registry.lock();
         let mut counts = [0i64; 3];
+        let mut modes = [0i64; 3];
         let mut ready_gpus = 0;
         let mut sessions = 0;
         for entry in nodes.values() {
+            modes[match entry.enforce_mode {
+                watt_proto::v1::EnforceMode::DryRun => 1,
+                watt_proto::v1::EnforceMode::Off => 2,
+                _ => 0,
+            }] += 1;
             let state = entry.state(now, lease);
             counts[state as usize] += 1;
             if state == NodeState::Ready {
@@ -226,6 +292,9 @@ impl Metrics {
         }
         for state in [NodeState::Ready, NodeState::Disconnected, NodeState::Lost] {
             self.nodes.with_label_values(&[state.as_str()]).set(counts[state as usize]);
+        }
+        for (mode, count) in ["on", "dry-run", "off"].into_iter().zip(modes) {
+            self.enforce_modes.with_label_values(&[mode]).set(count);
         }
         self.gpus.with_label_values(&["allocated"]).set(allocated as i64);
         self.gpus.with_label_values(&["free"]).set(ready_gpus.saturating_sub(allocated) as i64);

@@ -4,7 +4,14 @@
 //!
 //! The decisions are the pure [`allocate`] and [`plan`]; this module gathers their inputs from
 //! the registry and the job table, sends their outputs, and keeps the books: the cap epoch, when
-//! the last power event happened (for event-to-acknowledged latency), and budget violations.
+//! the last power event happened (for event-to-acknowledged latency), budget violations, and
+//! whether the limit can be met at all.
+//!
+//! Every GPU counts (see [`crate::power::planner`]): GPUs outside the jobs being allocated enter
+//! the allocator as what they will count once parked at their minimum cap, and the floor — the
+//! least the cluster can draw with every job paused — decides whether a limit is infeasible.
+//! Nodes that do not enforce are counted at what they run under; their draw above their orders
+//! is reported apart and is not Watt's violation.
 
 use std::collections::{HashMap, HashSet};
 
@@ -14,7 +21,8 @@ use watt_proto::v1 as pb;
 use crate::jobs::{JobRecord, JobTable};
 use crate::power::allocator::{allocate, Allocation, JobLoad};
 use crate::power::curve::Curve;
-use crate::power::planner::{self, plan, NodeCaps, Phase};
+use crate::power::meter::{Reading, Verdict};
+use crate::power::planner::{self, plan, GpuCap, GpuWork, NodeCaps, Phase};
 use crate::power::table::PowerTable;
 use crate::power::{safe_limit_watts, Site, SourceKind};
 use crate::reconcile::{unix_ms, Controller};
@@ -33,6 +41,7 @@ pub struct PowerState {
     /// Cap orders carry this, strictly increasing, also across controller restarts.
     cap_epoch: u64,
     violating: bool,
+    infeasible: bool,
     pub last: Option<Allocation>,
 }
 
@@ -40,7 +49,7 @@ impl PowerState {
     pub fn new(table: PowerTable) -> Self {
         // Start above any epoch an earlier run of the controller can have used.
         let cap_epoch = (unix_ms().max(0) as u64) * 1_000;
-        PowerState { table, cap_epoch, violating: false, last: None }
+        PowerState { table, cap_epoch, violating: false, infeasible: false, last: None }
     }
 }
 
@@ -52,6 +61,16 @@ pub struct Admission {
     pub budget_watts: f64,
     pub available_watts: f64,
     pub non_gpu_watts: f64,
+    /// The least the cluster can draw: non-GPU draw, every job paused, every GPU at its floor.
+    pub floor_watts: f64,
+}
+
+/// What a GPU outside the jobs being allocated counts once parked: idle or foreign, at its
+/// minimum cap on a node that enforces, at the cap it runs under on one that does not.
+fn parked_watts(node: &NodeCaps, g: &GpuCap, idle: f64) -> f64 {
+    let cap = if node.enforcing { g.min_watts } else { g.upper() };
+    let work = if g.work == GpuWork::Foreign { GpuWork::Foreign } else { GpuWork::Idle };
+    GpuCap { work, ..g.clone() }.counted_under(cap, idle)
 }
 
 impl Controller {
@@ -72,21 +91,29 @@ impl Controller {
         let limit = safe_limit_watts(available, &site);
         // Job loads are read under the registry lock (no copies of 200,000 GPU ranges); the
         // allocation itself runs after it is released.
-        let (loads, non_gpu, total_gpus) = {
+        let idle = site.idle_gpu_watts;
+        let (loads, non_gpu, others, job_gpus) = {
             let nodes = self.registry.lock();
             let non_gpu: f64 = nodes.values().map(|e| node_overhead(e.non_gpu_watts, &site)).sum();
-            let total: u64 = nodes.values().map(|e| e.power.gpus.len() as u64).sum();
+            // Every GPU parked, less the jobs' GPUs (added up as their loads are read): what
+            // every GPU outside the jobs counts.
+            let all_parked: f64 =
+                nodes.values().flat_map(|e| e.power.gpus.iter().map(|g| parked_watts(&e.power, g, idle))).sum();
+            let in_jobs_parked = std::cell::Cell::new(0.0);
             let load = |record: &JobRecord, shards: &[ShardAssignment]| -> Option<JobLoad> {
                 let mut cap_min: f64 = 0.0;
                 let mut cap_max = f64::INFINITY;
+                let mut parked = 0.0;
                 for s in shards {
                     let node = nodes.get(&s.node)?;
                     for index in &s.gpus {
                         let g = node.power.gpus.iter().find(|g| g.index == *index)?;
                         cap_min = cap_min.max(g.min_watts);
                         cap_max = cap_max.min(g.max_watts);
+                        parked += parked_watts(&node.power, g, idle);
                     }
                 }
+                in_jobs_parked.set(in_jobs_parked.get() + parked);
                 (cap_min <= cap_max && cap_max.is_finite()).then(|| JobLoad {
                     name: record.spec.name.clone(),
                     priority: record.spec.priority,
@@ -110,15 +137,18 @@ impl Controller {
                     loads.push(l);
                 }
             }
-            (loads, non_gpu, total)
+            let job_gpus: f64 = loads.iter().map(|l| f64::from(l.shards * l.gpus_per_shard)).sum();
+            (loads, non_gpu, (all_parked - in_jobs_parked.get()).max(0.0), job_gpus)
         };
         let budget = limit - non_gpu;
         Admission {
-            allocation: Some(allocate(budget, &loads, total_gpus, site.idle_gpu_watts)),
+            allocation: Some(allocate(budget, &loads, others, idle)),
             limit_watts: limit,
             budget_watts: budget,
             available_watts: available,
             non_gpu_watts: non_gpu,
+            // Paused, a job's GPUs draw what an idle GPU does.
+            floor_watts: non_gpu + others + job_gpus * idle,
         }
     }
 
@@ -128,8 +158,9 @@ impl Controller {
         let now = Instant::now();
         let now_ms = unix_ms();
         let site = power.table.site();
-        let allocation =
-            admission.allocation.unwrap_or_else(|| allocate(admission.budget_watts, &[], 0, site.idle_gpu_watts));
+        let idle = site.idle_gpu_watts;
+        self.registry.set_idle_allowance(idle);
+        let allocation = admission.allocation.unwrap_or_else(|| allocate(admission.budget_watts, &[], 0.0, idle));
         let caps: HashMap<&str, f64> =
             allocation.jobs.iter().filter(|j| !j.paused).map(|j| (j.name.as_str(), j.cap_watts)).collect();
         // Node -> (GPU, cap of the job placed on it).
@@ -145,6 +176,9 @@ impl Controller {
         let mut snapshot: Vec<NodeCaps> = Vec::with_capacity(nodes.len());
         let mut targets: Vec<Vec<f64>> = Vec::with_capacity(nodes.len());
         let mut failsafe_nodes = 0;
+        // GPUs whose shard was taken off them and is still stopping: they count at their caps
+        // until their agent says it stopped, above what the allocation gave them (idle).
+        let mut draining = 0usize;
         for e in nodes.values_mut() {
             let reachable = e.state(now, self.settings.node_lease) == NodeState::Ready;
             e.power.reachable = reachable;
@@ -153,10 +187,22 @@ impl Controller {
             let reported = e.reported_busy();
             let on_node = placed.get(e.name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
             let mut node_targets = Vec::with_capacity(e.power.gpus.len());
-            for g in &mut e.power.gpus {
+            for ((g, above_idle_since), valid_from) in
+                e.power.gpus.iter_mut().zip(e.above_idle_since.iter_mut()).zip(e.readings_valid_from.iter_mut())
+            {
                 let cap = on_node.iter().find(|(i, _)| *i == g.index).map(|&(_, c)| c);
-                g.busy = cap.is_some() || reported.contains(&g.index);
-                // Idle GPUs are parked at their minimum.
+                if cap.is_some() || reported.contains(&g.index) {
+                    g.work = GpuWork::Watt;
+                    *above_idle_since = None;
+                    draining += usize::from(cap.is_none());
+                } else if g.work == GpuWork::Watt {
+                    // Its shard ended: idle until telemetry taken from now on says otherwise (see
+                    // FOREIGN_AFTER). What it drew under its shard is not its idle draw.
+                    g.work = GpuWork::Idle;
+                    g.measured_watts = 0.0;
+                    *valid_from = Some(now);
+                }
+                // GPUs without a Watt shard are parked at their minimum.
                 node_targets.push(cap.unwrap_or(g.min_watts).clamp(g.min_watts, g.max_watts));
             }
             if e.power.failsafed(now_ms) {
@@ -165,8 +211,7 @@ impl Controller {
             targets.push(node_targets);
             snapshot.push(e.power.clone());
         }
-        let orders =
-            plan(&snapshot, &targets, admission.limit_watts, now_ms, site.idle_gpu_watts, MAX_INCREASE_NODES_PER_PASS);
+        let orders = plan(&snapshot, &targets, admission.limit_watts, now_ms, idle, MAX_INCREASE_NODES_PER_PASS);
         for order in &orders {
             let Some(e) = nodes.get_mut(&order.node) else { continue };
             let Some(session) = &e.session else { continue };
@@ -188,7 +233,19 @@ impl Controller {
             }
         }
         // The books, read in place after the orders went out.
-        let counted: f64 = nodes.values().map(|e| e.power.counted_watts(now_ms, site.idle_gpu_watts)).sum();
+        let counted: f64 = nodes.values().map(|e| e.power.counted_watts(now_ms, idle)).sum();
+        let unenforced = Unenforced::of(nodes.values().map(|e| &e.power), idle);
+        let (foreign_gpus, foreign_watts) = nodes
+            .values()
+            .flat_map(|e| {
+                let failsafe = e.power.failsafed(now_ms);
+                e.power
+                    .gpus
+                    .iter()
+                    .filter(|g| g.work == GpuWork::Foreign)
+                    .map(move |g| g.counted_under(if failsafe { g.failsafe_watts } else { g.upper() }, idle))
+            })
+            .fold((0u32, 0.0), |(n, w), c| (n + 1, w + c));
         let outstanding = nodes.values().any(|e| e.power.decrease_outstanding(now_ms));
         let drawn: f64 = nodes
             .values()
@@ -209,11 +266,17 @@ impl Controller {
         self.acks.after_pass(owing, more_to_order, &self.metrics);
         drop(nodes);
 
-        // A violation: settled (no decrease outstanding) above the limit although the allocation
-        // fits. Counted once per episode.
-        let violating = !outstanding && allocation.fits && counted > admission.limit_watts * (1.0 + 1e-9) + 1e-6;
+        // A violation: settled (no decrease outstanding, no shard taken off its GPUs still
+        // stopping) above the limit although the allocation fits. Counted once per episode.
+        // Nodes that do not enforce count at their orders here: what they draw above them is
+        // theirs, reported apart. The meter judges the transitions.
+        let counted_as_ordered = counted - unenforced.counted_excess_watts;
+        let violating = !outstanding
+            && draining == 0
+            && allocation.fits
+            && counted_as_ordered > admission.limit_watts * (1.0 + 1e-9) + 1e-6;
         if violating && !power.violating {
-            self.metrics.budget_violations.inc();
+            self.metrics.budget_violations.with_label_values(&["counted"]).inc();
             tracing::error!(
                 counted,
                 limit = admission.limit_watts,
@@ -221,6 +284,45 @@ impl Controller {
             );
         }
         power.violating = violating;
+
+        // Infeasible: the limit is below what the cluster draws with every job paused.
+        let infeasible = admission.limit_watts.is_finite() && admission.floor_watts > admission.limit_watts + 1e-6;
+        let infeasible_note = infeasible.then(|| {
+            format!(
+                "infeasible: with every job paused this cluster draws at least {}, above the {} limit — power nodes off or raise the limit",
+                show_kw(admission.floor_watts),
+                show_kw(admission.limit_watts)
+            )
+        });
+        if infeasible != power.infeasible {
+            match &infeasible_note {
+                Some(note) => {
+                    tracing::error!(floor = admission.floor_watts, limit = admission.limit_watts, "{note}");
+                    self.emit("power", "site", "infeasible", note.clone());
+                }
+                None => self.emit("power", "site", "feasible", "the limit can be met again".into()),
+            }
+        }
+        power.infeasible = infeasible;
+        let mut notes = if admission.available_watts.is_infinite() {
+            vec!["no power source is configured: power is not limited (wattctl power set-source)".into()]
+        } else {
+            allocation.notes.clone()
+        };
+        notes.extend(infeasible_note);
+        if unenforced.nodes > 0 {
+            notes.push(format!(
+                "unenforced: {} node(s) do not enforce caps (dry-run or off), {} above their orders",
+                unenforced.nodes,
+                show_kw(unenforced.measured_excess_watts)
+            ));
+        }
+        if foreign_gpus > 0 {
+            notes.push(format!(
+                "{foreign_gpus} GPU(s) run processes Watt did not start: counted at their caps ({})",
+                show_kw(foreign_watts)
+            ));
+        }
 
         let mut job_power: Vec<pb::JobPower> = allocation
             .jobs
@@ -262,18 +364,50 @@ impl Controller {
             jobs: job_power,
             failsafe_nodes,
             unacknowledged_nodes: unacknowledged as u32,
-            notes: if admission.available_watts.is_infinite() {
-                vec!["no power source is configured: power is not limited (wattctl power set-source)".into()]
-            } else {
-                allocation.notes.clone()
-            },
-            budget_violations: self.metrics.budget_violations.get(),
+            notes,
+            budget_violations: self.metrics.budget_violations.with_label_values(&["counted"]).get(),
             unix_ms: now_ms,
+            unenforced_nodes: unenforced.nodes,
+            unenforced_excess_watts: unenforced.measured_excess_watts,
+            floor_watts: admission.floor_watts,
+            infeasible,
+            foreign_gpus,
+            foreign_watts,
+            // The meter's figures (see `Controller::look_at_the_meter`) carry over between passes.
+            ..self.meter_fields()
         };
         self.metrics.observe_power(&status);
         power.last = Some(allocation);
         self.power_status.send_replace(status);
     }
+}
+
+/// Nodes that do not enforce caps.
+#[derive(Debug, Default)]
+pub(crate) struct Unenforced {
+    pub nodes: u32,
+    /// Their measured GPU draw above the caps they were ordered.
+    pub measured_excess_watts: f64,
+    /// What budget safety counts for them above those caps.
+    pub counted_excess_watts: f64,
+}
+
+impl Unenforced {
+    pub fn of<'a>(nodes: impl Iterator<Item = &'a NodeCaps>, idle: f64) -> Self {
+        let mut u = Unenforced::default();
+        for n in nodes.filter(|n| !n.enforcing) {
+            u.nodes += 1;
+            u.counted_excess_watts += n.unenforced_excess_watts(idle);
+            u.measured_excess_watts +=
+                n.gpus.iter().filter_map(|g| Some((g.measured_watts - g.answered_watts?).max(0.0))).sum::<f64>();
+        }
+        u
+    }
+}
+
+/// "12.3 kW" for notes and events.
+pub fn show_kw(watts: f64) -> String {
+    format!("{:.1} kW", watts / 1_000.0)
 }
 
 fn finite(w: f64) -> f64 {
@@ -308,5 +442,122 @@ pub fn site_proto(site: &Site) -> pb::Site {
         pue: site.pue,
         node_overhead_watts: site.node_overhead_watts,
         idle_gpu_watts: site.idle_gpu_watts,
+    }
+}
+
+/// How often the meter looks at measured draw: a few times per telemetry interval.
+pub const METER_PERIOD: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Controller {
+    /// One look at the meter: measured draw of every node against the limit in force (see
+    /// [`crate::power::meter`]). Cheap: one walk over the registry, no store, no power lock.
+    pub fn look_at_the_meter(&self) {
+        let now = Instant::now();
+        let (limit, feasible, limited, site_overhead, idle) = {
+            let s = self.power_status.borrow();
+            let site = s.site.unwrap_or_default();
+            (s.limit_watts, !s.infeasible, !s.sources.is_empty(), site.node_overhead_watts, site.idle_gpu_watts)
+        };
+        let site = Site { node_overhead_watts: site_overhead, ..Site::default() };
+        let lease = self.settings.node_lease;
+        let (measured, taken_at) = {
+            let nodes = self.registry.lock();
+            let mut measured = 0.0;
+            let mut oldest: Option<Instant> = None;
+            for e in nodes.values() {
+                let Some(t) = &e.telemetry else { continue };
+                measured += t.gpus.iter().filter(|g| g.up).map(|g| g.power_watts).sum::<f64>();
+                measured += node_overhead(e.non_gpu_watts, &site);
+                if e.state(now, lease) == NodeState::Ready {
+                    if let Some(at) = e.telemetry_taken_at {
+                        oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
+                    }
+                }
+            }
+            let unenforced = Unenforced::of(nodes.values().map(|e| &e.power), idle);
+            (measured - unenforced.measured_excess_watts, oldest.unwrap_or(now))
+        };
+        let verdict = {
+            let mut meter = self.meter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = meter.overdraw_seconds;
+            let verdict = if limited {
+                meter.look(Reading {
+                    now,
+                    measured_watts: measured,
+                    limit_watts: limit,
+                    taken_at,
+                    last_event: self.acks.last_power_event(),
+                    feasible,
+                })
+            } else {
+                Verdict::Fine
+            };
+            self.metrics.overdraw_seconds.inc_by(meter.overdraw_seconds - before);
+            self.metrics.overdraw_worst.set(meter.worst_overdraw_watts);
+            self.metrics.power.with_label_values(&["measured"]).set(measured);
+            let (violations, seconds, worst) = (meter.violations, meter.overdraw_seconds, meter.worst_overdraw_watts);
+            // Watchers hear of the meter only when its verdict changes; readers see it always.
+            self.power_status.send_if_modified(|s| {
+                let news = s.measured_violations != violations || (s.overdraw_seconds == 0.0) != (seconds == 0.0);
+                s.measured_watts = measured;
+                s.measured_violations = violations;
+                s.overdraw_seconds = seconds;
+                s.worst_overdraw_watts = worst;
+                news
+            });
+            verdict
+        };
+        if verdict == (Verdict::Violation { new: true }) {
+            self.metrics.budget_violations.with_label_values(&["measured"]).inc();
+            let message = format!(
+                "measured draw {} is above the {} limit past the settle time",
+                show_kw(measured),
+                show_kw(limit)
+            );
+            tracing::error!(measured, limit, "{message}");
+            self.emit("power", "site", "violation", message);
+        }
+    }
+
+    /// The meter's figures in the status, as the last look left them.
+    fn meter_fields(&self) -> pb::PowerStatus {
+        let s = self.power_status.borrow();
+        pb::PowerStatus {
+            measured_watts: s.measured_watts,
+            measured_violations: s.measured_violations,
+            overdraw_seconds: s.overdraw_seconds,
+            worst_overdraw_watts: s.worst_overdraw_watts,
+            ..pb::PowerStatus::default()
+        }
+    }
+
+    /// Look at the meter every [`METER_PERIOD`] until `shutdown`.
+    pub async fn run_meter(self: std::sync::Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(METER_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.look_at_the_meter(),
+                () = &mut shutdown => return,
+            }
+        }
+    }
+
+    /// A GPU started, or stopped, drawing above idle with no Watt shard on it.
+    pub fn emit_gpu_work(&self, node: &str, change: &crate::registry::WorkChange) {
+        let (reason, message) = match change.work {
+            GpuWork::Foreign => (
+                "foreign-gpu",
+                format!(
+                    "GPU {} draws {:.0} W with no Watt shard on it (a process Watt did not start): counted at its cap",
+                    change.gpu, change.measured_watts
+                ),
+            ),
+            GpuWork::Idle | GpuWork::Watt => {
+                ("foreign-gpu-gone", format!("GPU {} is back to idle ({:.0} W)", change.gpu, change.measured_watts))
+            }
+        };
+        self.emit("node", node, reason, message);
     }
 }

@@ -19,6 +19,7 @@ use watt_proto::v1 as pb;
 use crate::jobs::{JobRecord, JobState, JobTable};
 use crate::metrics::Metrics;
 use crate::power::acks::AckTracker;
+use crate::power::planner::GpuWork;
 use crate::power::table::PowerTable;
 use crate::power_control::PowerState;
 use crate::registry::{NodeState, Registry, ShardKey};
@@ -50,6 +51,9 @@ pub struct Settings {
     pub telemetry_interval: Duration,
     /// An elastic job is resized at most once this often (see [`crate::regrow`]).
     pub regrow_after: Duration,
+    /// How long after a power event measured draw may stay above the limit (see
+    /// [`crate::power::meter`]).
+    pub settle_time: Duration,
 }
 
 /// Why a client request failed.
@@ -86,6 +90,8 @@ pub struct Controller {
     pub(crate) regrow_due_unix_ms: AtomicI64,
     /// No growth attempt before this, after one that found no room.
     pub(crate) regrow_next_attempt_ms: AtomicI64,
+    /// Measured draw against the limit: see [`crate::power::meter`].
+    pub meter: std::sync::Mutex<crate::power::meter::Meter>,
 }
 
 /// How many recent events `ListEvents` can return.
@@ -122,6 +128,7 @@ impl Controller {
             progress: crate::progress::ProgressBook::default(),
             regrow_due_unix_ms: AtomicI64::new(0),
             regrow_next_attempt_ms: AtomicI64::new(0),
+            meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
         }))
     }
 
@@ -203,7 +210,7 @@ impl Controller {
         let mut jobs = self.jobs.lock().await;
         let mut record = jobs.get(name).cloned().ok_or_else(|| RequestError::NotFound(name.into()))?;
         if !record.state.is_terminal() {
-            record.unplace("cancelled".into());
+            self.unplace(&mut record, "cancelled".into());
             record.state = JobState::Cancelled;
             jobs.update(record.clone()).await?;
             self.emit("job", name, "cancelled", "cancelled by request".into());
@@ -236,12 +243,34 @@ impl Controller {
             allocated
         };
         let now = Instant::now();
+        let now_ms = unix_ms();
+        let site = self.power_status.borrow().site.unwrap_or_default();
+        let idle = self.registry.idle_allowance();
         let nodes = self.registry.lock();
         let mut out: Vec<pb::Node> = nodes
             .values()
             .map(|e| {
                 let mut gpus = allocated.get(&e.name).cloned().unwrap_or_default();
                 gpus.sort_unstable();
+                let failsafe = e.power.failsafed(now_ms);
+                let accounting = e
+                    .power
+                    .gpus
+                    .iter()
+                    .map(|g| {
+                        let cap = if failsafe { g.failsafe_watts } else { g.upper() };
+                        pb::GpuAccount {
+                            index: g.index,
+                            work: match g.work {
+                                GpuWork::Idle => pb::GpuWork::Idle,
+                                GpuWork::Watt => pb::GpuWork::Watt,
+                                GpuWork::Foreign => pb::GpuWork::Foreign,
+                            } as i32,
+                            counted_watts: g.counted_under(cap, idle),
+                            cap_watts: cap,
+                        }
+                    })
+                    .collect();
                 pb::Node {
                     name: e.name.clone(),
                     state: match e.state(now, self.settings.node_lease) {
@@ -258,6 +287,9 @@ impl Controller {
                         (Some(ip), port) if port > 0 => std::net::SocketAddr::new(ip, port).to_string(),
                         _ => String::new(),
                     },
+                    enforce_mode: e.enforce_mode as i32,
+                    non_gpu_power_watts: if e.non_gpu_watts > 0.0 { e.non_gpu_watts } else { site.node_overhead_watts },
+                    accounting,
                 }
             })
             .collect();
@@ -369,7 +401,7 @@ impl Controller {
         for job in jobs.iter().filter(|j| j.state.is_active()) {
             if let Some(shard) = job.shards.iter().find(|s| lost.contains(&s.node)) {
                 let mut record = job.clone();
-                record.unplace(format!("node {} was lost; waiting to be rescheduled", shard.node));
+                self.unplace(&mut record, format!("node {} was lost; waiting to be rescheduled", shard.node));
                 let message = record.message.clone();
                 changes.push(Change { record, reason: "rescheduling", message });
             } else if let Some(record) = self.advance(job) {
@@ -410,7 +442,7 @@ impl Controller {
         let mut changes: Vec<Change> = Vec::new();
         for p in &plan.preemptions {
             let Some(mut record) = jobs.get(&p.job).cloned() else { continue };
-            record.unplace(format!("preempted by higher-priority job {}", p.by));
+            self.unplace(&mut record, format!("preempted by higher-priority job {}", p.by));
             record.preemptions += 1;
             changes.push(Change { record, reason: "preempted", message: format!("by {}", p.by) });
         }
@@ -418,7 +450,7 @@ impl Controller {
             match verdict.get(&job.spec.name) {
                 Some(&(true, _)) => {
                     let mut record = job.clone();
-                    record.unplace(POWER_PAUSED.into());
+                    self.unplace(&mut record, POWER_PAUSED.into());
                     changes.push(Change {
                         record,
                         reason: "paused",
@@ -563,10 +595,13 @@ impl Controller {
         let all = |want: pb::ShardState| states.iter().all(|s| *s == Some(want));
         let mut next = job.clone();
         if let Some(i) = states.iter().position(|s| *s == Some(pb::ShardState::Failed)) {
-            next.unplace(format!("shard {i} failed"));
+            self.unplace(&mut next, format!("shard {i} on {} failed", job.shards[i].node));
+            if let Some(why) = next.last_run.get(i).map(describe_end).filter(|w| !w.is_empty()) {
+                next.message = format!("shard {i} on {} {why}", job.shards[i].node);
+            }
             next.state = JobState::Failed;
         } else if all(pb::ShardState::Succeeded) {
-            next.unplace("every shard finished".into());
+            self.unplace(&mut next, "every shard finished".into());
             next.state = JobState::Succeeded;
         } else if job.state == JobState::Starting && all(pb::ShardState::Running) {
             next.state = JobState::Running;
@@ -575,6 +610,15 @@ impl Controller {
             return None;
         }
         Some(next)
+    }
+
+    /// Take `record` off its GPUs, keeping where it ran and how each shard ended.
+    fn unplace(&self, record: &mut JobRecord, message: String) {
+        let nodes = self.registry.lock();
+        let job = record.spec.name.clone();
+        record.unplace(message, unix_ms(), &|node, shard| {
+            nodes.get(node).and_then(|n| n.shard_statuses.get(&(job.clone(), shard))).cloned()
+        });
     }
 
     /// Send every connected agent what it lacks: starts for shards it should run, stops for
@@ -671,6 +715,11 @@ impl Controller {
             }
         }
     }
+}
+
+/// "exited 3 after 1 restart", else the agent's words, or "" when nothing is known.
+fn describe_end(o: &crate::jobs::ShardOutcome) -> String {
+    watt_common::shard_end::describe(o.exit_code, o.signal, o.restarts).unwrap_or_else(|| o.message.clone())
 }
 
 /// "4 shards on gpu-a [0,1], gpu-b [0,1], ..." — short enough for an event line.

@@ -15,11 +15,24 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use watt_proto::v1 as pb;
 
-use crate::power::planner::{GpuCap, NodeCaps};
+use crate::power::planner::{GpuCap, GpuWork, NodeCaps};
 use crate::scheduler;
 
 /// (job, shard)
 pub type ShardKey = (String, u32);
+
+/// A GPU without a Watt shard drawing above idle for this long runs someone else's process. A
+/// shard's GPUs take a moment to fall to idle once it stops; this keeps that from looking foreign.
+pub const FOREIGN_AFTER: Duration = Duration::from_secs(3);
+
+/// A GPU's accounting changed from telemetry: it started or stopped drawing above idle with no
+/// Watt shard on it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WorkChange {
+    pub gpu: u32,
+    pub work: GpuWork,
+    pub measured_watts: f64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
@@ -76,8 +89,17 @@ pub struct NodeEntry {
     pub power: NodeCaps,
     /// After this long without the controller, the agent sets its failsafe caps.
     pub failsafe_after_ms: i64,
-    /// The agent does not enforce caps (--enforce dry-run or off): its acks say what is in force.
-    pub not_enforced: bool,
+    /// What the agent does with cap orders (`--enforce`), from its registration and answers.
+    pub enforce_mode: pb::EnforceMode,
+    /// When the latest telemetry's readings were taken, on this controller's clock.
+    pub telemetry_taken_at: Option<Instant>,
+    /// Per GPU (as in `power.gpus`): since when it draws above idle with no Watt shard.
+    pub above_idle_since: Vec<Option<Instant>>,
+    /// Per GPU: readings taken before this are from its last Watt shard, not of the GPU without
+    /// work, and do not count as its idle draw.
+    pub readings_valid_from: Vec<Option<Instant>>,
+    /// The latest full status of each shard the agent reported (exit codes, restarts).
+    pub shard_statuses: HashMap<ShardKey, pb::ShardStatus>,
     /// The GPUs of each shard the agent reported.
     pub shard_gpus: HashMap<ShardKey, Vec<u32>>,
     /// The node's own draw besides GPUs, as it reports it (0: not reported).
@@ -96,6 +118,47 @@ impl NodeEntry {
             .collect()
     }
 
+    /// Record a telemetry message received at `now`: each GPU's draw, the node's non-GPU draw,
+    /// what a node that does not enforce really runs under; then which GPUs without a Watt shard
+    /// draw above `idle_allowance` (foreign) or stopped doing so.
+    pub fn observe_telemetry(&mut self, t: pb::Telemetry, now: Instant, idle_allowance: f64) -> Vec<WorkChange> {
+        self.telemetry_taken_at =
+            Some(now.checked_sub(Duration::from_millis(u64::from(t.sample_age_ms))).unwrap_or(now));
+        if let Some(w) = t.non_gpu_power_watts.filter(|w| w.is_finite() && *w >= 0.0) {
+            self.non_gpu_watts = w;
+        }
+        let enforcing = self.power.enforcing;
+        let taken_at = self.telemetry_taken_at.unwrap_or(now);
+        let mut changes = Vec::new();
+        for reading in &t.gpus {
+            let Some(k) = self.power.gpus.iter().position(|g| g.index == reading.index) else { continue };
+            let g = &mut self.power.gpus[k];
+            if !reading.up || self.readings_valid_from[k].is_some_and(|from| taken_at < from) {
+                continue;
+            }
+            g.measured_watts = reading.power_watts;
+            if !enforcing && reading.power_limit_watts > 0.0 {
+                g.acked_watts = reading.power_limit_watts;
+            }
+            let since = &mut self.above_idle_since[k];
+            if g.work == GpuWork::Watt || reading.power_watts <= idle_allowance {
+                *since = None;
+                if g.work == GpuWork::Foreign {
+                    g.work = GpuWork::Idle;
+                    changes.push(WorkChange { gpu: g.index, work: g.work, measured_watts: reading.power_watts });
+                }
+                continue;
+            }
+            let since = *since.get_or_insert(now);
+            if g.work == GpuWork::Idle && now.saturating_duration_since(since) >= FOREIGN_AFTER {
+                g.work = GpuWork::Foreign;
+                changes.push(WorkChange { gpu: g.index, work: g.work, measured_watts: reading.power_watts });
+            }
+        }
+        self.telemetry = Some(t);
+        changes
+    }
+
     pub fn state(&self, now: Instant, lease: Duration) -> NodeState {
         if self.lost || now.saturating_duration_since(self.last_seen) > lease {
             NodeState::Lost
@@ -111,9 +174,20 @@ impl NodeEntry {
 pub struct Registry {
     nodes: Mutex<HashMap<String, NodeEntry>>,
     next_session: AtomicU64,
+    /// The site's idle GPU allowance (f64 bits), as the last pass read it: telemetry compares
+    /// each GPU's draw with it without taking the power lock.
+    idle_allowance: AtomicU64,
 }
 
 impl Registry {
+    pub fn idle_allowance(&self) -> f64 {
+        f64::from_bits(self.idle_allowance.load(Ordering::Relaxed))
+    }
+
+    pub fn set_idle_allowance(&self, watts: f64) {
+        self.idle_allowance.store(watts.to_bits(), Ordering::Relaxed);
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, HashMap<String, NodeEntry>> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -150,14 +224,24 @@ impl Registry {
                         failsafe_watts: if g.failsafe_watts > 0.0 { g.failsafe_watts } else { range.min_watts },
                         acked_watts: in_force,
                         in_flight: None,
-                        busy: false,
+                        work: GpuWork::Idle,
+                        measured_watts: 0.0,
+                        answered_watts: None,
                     }
                 })
                 .collect(),
             overhead_watts: register.non_gpu_power_watts,
             reachable: true,
             failsafe_at_unix_ms: i64::MAX,
+            enforcing: true,
         };
+        // An agent too old to say counts as enforcing: the conservative reading of its caps.
+        let enforce_mode = match register.enforce_mode() {
+            pb::EnforceMode::Unspecified => pb::EnforceMode::On,
+            mode => mode,
+        };
+        let mut power = power;
+        power.enforcing = enforce_mode == pb::EnforceMode::On;
         let failsafe_after_ms =
             if register.failsafe_after_ms > 0 { i64::from(register.failsafe_after_ms) } else { 10_000 };
         let entry = NodeEntry {
@@ -177,7 +261,11 @@ impl Registry {
             sent: HashMap::new(),
             power,
             failsafe_after_ms,
-            not_enforced: false,
+            enforce_mode,
+            telemetry_taken_at: None,
+            above_idle_since: vec![None; register.gpus.len()],
+            readings_valid_from: vec![None; register.gpus.len()],
+            shard_statuses: register.shards.iter().map(|s| ((s.job.clone(), s.shard), s.clone())).collect(),
             non_gpu_watts: register.non_gpu_power_watts,
         };
         self.lock().insert(register.node_name.clone(), entry);

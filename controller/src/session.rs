@@ -1,5 +1,5 @@
 //! `AgentService.Session`: one bidirectional stream per agent. The first message registers the
-//! node; after it come telemetry, shard statuses and (later) cap acknowledgements. The controller
+//! node; after it come telemetry, shard statuses and cap acknowledgements. The controller
 //! answers `Registered`, then sends shard orders from the reconcile loop through the session's
 //! queue. A malformed message ends the session with `InvalidArgument` naming the field.
 
@@ -198,14 +198,29 @@ async fn serve_inbound(
         }
         match message.body {
             Some(Body::Telemetry(t)) => {
-                c.registry.with_session(node, session, |e| e.telemetry = Some(t));
+                let idle = c.registry.idle_allowance();
+                let changes = c
+                    .registry
+                    .with_session(node, session, |e| e.observe_telemetry(t, Instant::now(), idle))
+                    .unwrap_or_default();
+                if !changes.is_empty() {
+                    for change in &changes {
+                        c.emit_gpu_work(node, change);
+                    }
+                    // The budget for jobs changed: a power event, with its settle time.
+                    c.acks.power_event();
+                    c.wake();
+                }
             }
             Some(Body::ShardStatus(s)) => {
                 let state = validate_shard_status(&s)?;
                 let changed = c
                     .registry
                     .with_session(node, session, |e| {
-                        e.shards.insert((s.job.clone(), s.shard), (s.epoch, state)) != Some((s.epoch, state))
+                        let key = (s.job.clone(), s.shard);
+                        let changed = e.shards.insert(key.clone(), (s.epoch, state)) != Some((s.epoch, state));
+                        e.shard_statuses.insert(key, s);
+                        changed
                     })
                     .unwrap_or(false);
                 if changed {
@@ -215,19 +230,31 @@ async fn serve_inbound(
             Some(Body::CapAck(ack)) => {
                 let applied: Vec<(u32, f64)> =
                     ack.applied.iter().filter(|c| c.watts.is_finite()).map(|c| (c.index, c.watts)).collect();
+                let outcome = ack.outcome();
+                let mode = match ack.enforce_mode() {
+                    pb::EnforceMode::Unspecified => pb::EnforceMode::On,
+                    mode => mode,
+                };
                 let owed = |e: &crate::registry::NodeEntry| e.power.gpus.iter().any(|g| g.in_flight.is_some());
                 let last = c
                     .registry
                     .with_session(node, session, |e| {
                         let owed_before = owed(e);
-                        crate::power::planner::apply_ack(&mut e.power, ack.epoch, &applied);
-                        e.not_enforced = ack.not_enforced;
+                        // The agent's mode, not the outcome: a stale answer from a dry-run agent
+                        // does not make it enforce.
+                        let enforced = mode == pb::EnforceMode::On && outcome != pb::CapOutcome::NotEnforced;
+                        crate::power::planner::apply_ack(&mut e.power, ack.epoch, &applied, enforced);
+                        e.enforce_mode = mode;
                         // Counted here, under the registry lock, as the pass counts.
                         owed_before && !owed(e) && e.power.reachable && c.acks.node_settled(&c.metrics)
                     })
                     .unwrap_or(false);
-                // A stale order was overtaken by a newer one: nothing went wrong.
-                let error = !ack.error.is_empty() && !ack.error.starts_with("stale order");
+                // Applied, answered by a node that does not enforce, or overtaken by a newer
+                // order: nothing went wrong.
+                let error = match outcome {
+                    pb::CapOutcome::Applied | pb::CapOutcome::NotEnforced | pb::CapOutcome::Stale => false,
+                    pb::CapOutcome::Rejected | pb::CapOutcome::Failed | pb::CapOutcome::Unspecified => true,
+                };
                 if error {
                     c.emit("node", node, "cap-error", ack.error.clone());
                 }

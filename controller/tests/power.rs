@@ -72,6 +72,7 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
     let limit = f(&after, "limit_watts");
     assert!(f(&after, "counted_watts") <= limit + 1e-6, "{after}");
     assert_eq!(after["budget_violations"], 0);
+    assert_eq!(after["measured_violations"], 0);
     // Flexible jobs gave first: the most flexible runs lowest, the rigid one highest.
     let cap =
         |name: &str| f(after["jobs"].as_array().unwrap().iter().find(|j| j["name"] == name).unwrap(), "cap_watts");
@@ -123,8 +124,12 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
         (f(&p, "available_watts") == 50_000.0 && p["unacknowledged_nodes"] == 0).then_some(p)
     });
     assert_eq!(grown["budget_violations"], 0);
+    assert_eq!(grown["measured_violations"], 0, "the meter agrees: {grown}");
     let metrics = controller.metrics();
-    assert!(metrics.lines().any(|l| l == "watt_budget_violations_total 0"), "{metrics}");
+    for basis in ["counted", "measured"] {
+        let line = format!("watt_budget_violations_total{{basis=\"{basis}\"}} 0");
+        assert!(metrics.lines().any(|l| l == line), "{metrics}");
+    }
     assert!(metrics.contains("watt_power_event_to_ack_seconds_count"));
 }
 
@@ -225,4 +230,5 @@ fn an_elastic_job_shrunk_for_power_grows_back_when_power_returns() {
     assert!(grew[0].contains("from 1 to 4"), "{events}");
     let p = settled(&url, "the regrowth acknowledged");
     assert_eq!(p["budget_violations"], 0, "{p}");
+    assert_eq!(p["measured_violations"], 0, "{p}");
 }

@@ -131,6 +131,12 @@ fn a_power_cut_shrinks_a_training_job_and_slows_it_power_back_regrows_it_and_no_
         (j["state"] == "succeeded" || j["state"] == "failed").then_some(j)
     });
     assert_eq!(done["state"], "succeeded", "{done}");
+    let power = wattctl_json(&url, &["power", "status"]);
+    assert_eq!(
+        (power["budget_violations"].as_u64(), power["measured_violations"].as_u64()),
+        (Some(0), Some(0)),
+        "the cut was feasible: neither the accounting nor the meter saw a violation: {power}"
+    );
     let events = String::from_utf8_lossy(&wattctl(&url, &["events"]).stdout).into_owned();
     assert!(events.contains("shrunk") && events.contains("grown"), "{events}");
 

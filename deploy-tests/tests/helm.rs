@@ -1,12 +1,17 @@
-//! The Helm chart: `helm lint`, `helm template` with the default values and two other value
+//! The Helm chart: `helm lint`, `helm template` with the default values and three other value
 //! files, every rendered object valid against the Kubernetes schemas, the shape of what renders
-//! (privileges only when enforcing, the store), and bad values refused by `values.schema.json`.
+//! (a dry-run first install, privileges only when enforcing, the store), and bad values refused
+//! by `values.schema.json`.
 #![allow(clippy::unwrap_used)]
 
 use watt_deploy_tests::*;
 
-const VALUE_FILES: [&str; 3] =
-    ["", "deploy-tests/values/etcd-3-replicas.yaml", "deploy-tests/values/enforcement-off.yaml"];
+const VALUE_FILES: [&str; 4] = [
+    "",
+    "deploy-tests/values/etcd-3-replicas.yaml",
+    "deploy-tests/values/enforcement-off.yaml",
+    "deploy-tests/values/enforcement-on.yaml",
+];
 
 fn render(values: &str) -> String {
     let args: Vec<&str> = if values.is_empty() { vec![] } else { vec!["-f", values] };
@@ -51,10 +56,24 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
     assert_eq!(pod["hostPID"], false);
     assert_eq!(pod["runtimeClassName"], "nvidia");
     assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
+    // A first install changes no GPU setting, and so needs no privileges.
     let container = &pod["containers"][0];
-    assert_eq!(container["securityContext"]["capabilities"]["add"][0], "SYS_ADMIN");
+    assert_eq!(container["securityContext"]["runAsNonRoot"], true, "{container:?}");
+    assert!(container["securityContext"]["capabilities"]["add"].is_null());
     let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
-    assert!(args.contains(&"--enforce=on") && args.contains(&"--controller=http://watt-controller:7070"), "{args:?}");
+    assert!(
+        args.contains(&"--enforce=dry-run") && args.contains(&"--controller=http://watt-controller:7070"),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--node-overhead=0"), "{args:?}");
+    let on = documents(&render("deploy-tests/values/enforcement-on.yaml"));
+    let container = &find(&on, "DaemonSet", "watt-agent")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["securityContext"]["capabilities"]["add"][0], "SYS_ADMIN",
+        "enforcing sets limits: {container:?}"
+    );
+    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert!(args.contains(&"--enforce=on") && args.contains(&"--node-overhead=450"), "{args:?}");
     let controller = find(&docs, "StatefulSet", "watt-controller");
     assert_eq!(controller["spec"]["replicas"], 1);
     assert!(controller["spec"]["volumeClaimTemplates"].is_sequence(), "the embedded store is on a volume");
@@ -63,7 +82,15 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
         rule["spec"]["groups"][0]["rules"].as_sequence().unwrap().iter().filter_map(|r| r["alert"].as_str()).collect();
     assert_eq!(
         alerts,
-        ["WattBudgetViolation", "WattNodeLost", "WattFailsafeEngaged", "WattPowerNearBudget", "WattScrapeFailing"]
+        [
+            "WattBudgetViolation",
+            "WattPowerInfeasible",
+            "WattAgentNeverConnected",
+            "WattNodeLost",
+            "WattFailsafeEngaged",
+            "WattPowerNearBudget",
+            "WattScrapeFailing"
+        ]
     );
     let test = find(&docs, "Pod", "watt-test-controller");
     assert_eq!(test["metadata"]["annotations"]["helm.sh/hook"], "test");
@@ -92,6 +119,7 @@ fn bad_values_are_refused_at_install_naming_the_value() {
         ("agent.failsafeAfter=soon", "/agent/failsafeAfter"),
         ("agent.httpPort=70000", "/agent/httpPort"),
         ("agent.stateDir=relative/path", "/agent/stateDir"),
+        ("agent.nodeOverhead=-5", "/agent/nodeOverhead"),
         ("agent.typo=1", "typo"),
     ] {
         let (ok, _, err) = helm_template(&["--set", set]);

@@ -25,6 +25,7 @@ fn register_round_trips() {
             shards: vec![],
             failsafe_after_ms: 10_000,
             http_port: 9400,
+            enforce_mode: watt_proto::v1::EnforceMode::DryRun as i32,
         })),
     };
     let bytes = sent.encode_to_vec();

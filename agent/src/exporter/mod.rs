@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::sampler::NodeSnapshot;
-pub use render::{AgentMetrics, Renderer};
+pub use render::{AgentMetrics, Renderer, SessionMetrics};
 
 /// Prometheus' text format, version 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

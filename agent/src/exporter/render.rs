@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::proto::MetricFamily;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::time::Instant;
 
 use super::dcgm;
@@ -102,6 +102,32 @@ impl AgentMetrics {
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(AgentMetrics { registry, sample_duration })
     }
+
+    /// The session's metrics, registered only for an agent that has a controller: an agent that
+    /// never reached its controller shows `watt_agent_controller_registrations_total 0`.
+    pub fn session(&self) -> Result<SessionMetrics, prometheus::Error> {
+        let connected = IntGauge::new(
+            "watt_agent_controller_connected",
+            "1 while the agent holds a registered session with its controller.",
+        )?;
+        let registrations = IntCounter::new(
+            "watt_agent_controller_registrations_total",
+            "Sessions the controller accepted since the agent started; 0: it has never reached its controller.",
+        )?;
+        let cap_orders = IntCounter::new("watt_agent_cap_orders_total", "Cap orders received from the controller.")?;
+        self.registry.register(Box::new(connected.clone()))?;
+        self.registry.register(Box::new(registrations.clone()))?;
+        self.registry.register(Box::new(cap_orders.clone()))?;
+        Ok(SessionMetrics { connected, registrations, cap_orders })
+    }
+}
+
+/// What the session with the controller counts.
+#[derive(Debug, Clone)]
+pub struct SessionMetrics {
+    pub connected: IntGauge,
+    pub registrations: IntCounter,
+    pub cap_orders: IntCounter,
 }
 
 /// Renders snapshots for one node. Labels are built once, at start.
@@ -255,6 +281,19 @@ impl Renderer {
             load.push(n, &[("window", "5m")], host.load5);
             load.push(n, &[("window", "15m")], host.load15);
             push(load);
+        }
+
+        if let Some(power) = snapshot.node_power.filter(|_| fresh) {
+            let mut family = Family::new(
+                "watt_node_power_watts",
+                "What the node draws besides its GPUs, by source: rapl (CPU packages and DRAM, from the powercap counters), overhead (configured: fans, NICs, PSU losses).",
+                Kind::Gauge,
+            );
+            if let Some(rapl) = power.rapl_watts {
+                family.push(&self.node_labels, &[("source", "rapl")], rapl);
+            }
+            family.push(&self.node_labels, &[("source", "overhead")], power.overhead_watts);
+            push(family);
         }
 
         let mut age = Family::new(

@@ -4,6 +4,11 @@
 //! The physics is a small, deterministic model stepped in the driver's own 100 ms update period:
 //! draw follows utilization up to a per-model peak demand and is cut at the power limit (setting
 //! the "SW power cap" reason when the limit binds, as a real H100/H200 does under a bf16 matmul);
+//! utilization follows the work placed on the GPU ([`SimLoad`]): none — it idles at the model's
+//! measured idle draw, far below any cap; a Watt shard — a training step's compute phase near the
+//! cap and its communication phase well below it, so power swings at 0.5–2 Hz as real training
+//! does, with a stall now and then (data loading, a checkpoint); someone else's process — a
+//! steady heavy load;
 //! the energy counter is the exact integral of that draw; temperature lags power with a thermal
 //! time constant; SM clocks fall when the cap binds. Cap ranges and memory sizes are the real
 //! boards'. Given a seed, every reading is a pure function of elapsed ticks and the limits set,
@@ -37,7 +42,7 @@ pub struct SimModel {
     /// Name as NVML reports it.
     pub name: &'static str,
     pub power_limit: PowerLimitConstraints,
-    /// Draw with nothing running, in the P0 state with memory clocks up.
+    /// Draw with no process, persistence mode on (measured: H200 about 80 W, H100 about 70 W).
     pub idle_watts: f64,
     /// What a dense matmul would draw with no cap: above the maximum limit, so the cap binds at
     /// full load as on real boards.
@@ -57,7 +62,7 @@ impl SimModel {
         key: "h100",
         name: "NVIDIA H100 80GB HBM3",
         power_limit: PowerLimitConstraints { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 },
-        idle_watts: 72.0,
+        idle_watts: 70.0,
         peak_demand_watts: 760.0,
         memory_total_bytes: 81_559 * MIB,
         sm_clock_max_hertz: 1_980e6,
@@ -71,7 +76,7 @@ impl SimModel {
         key: "h200",
         name: "NVIDIA H200",
         power_limit: PowerLimitConstraints { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 },
-        idle_watts: 78.0,
+        idle_watts: 80.0,
         peak_demand_watts: 760.0,
         memory_total_bytes: 143_771 * MIB,
         sm_clock_max_hertz: 1_980e6,
@@ -85,7 +90,7 @@ impl SimModel {
         key: "a100",
         name: "NVIDIA A100-SXM4-80GB",
         power_limit: PowerLimitConstraints { min_watts: 100.0, max_watts: 400.0, default_watts: 400.0 },
-        idle_watts: 55.0,
+        idle_watts: 50.0,
         peak_demand_watts: 430.0,
         memory_total_bytes: 81_920 * MIB,
         sm_clock_max_hertz: 1_410e6,
@@ -125,8 +130,21 @@ impl Rng {
     }
 }
 
-/// The workload a simulated GPU runs when nobody overrides its utilization: training that is
-/// busy most of the time, with short stalls (data loading, checkpoints, evaluation).
+/// What runs on a simulated GPU. The agent sets it from the shards it places on each GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SimLoad {
+    /// Nothing: the GPU idles at its model's idle draw.
+    #[default]
+    Idle,
+    /// A Watt shard's training steps.
+    Training,
+    /// A process Watt did not start, running flat out.
+    Foreign,
+}
+
+/// The long-timescale shape of training: busy most of the time, with short stalls (data
+/// loading, checkpoints, evaluation). Runs whatever the load, so readings depend only on the
+/// seed, the tick count and what was set when.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
     Busy { ticks_left: u32, level: f64 },
@@ -140,8 +158,14 @@ pub struct SimGpu {
     rng: Rng,
     tick: u64,
     phase: Phase,
-    /// `Some(u)` pins utilization to `u` (tests, and later the workers that drive the load).
+    /// `Some(u)` pins utilization to `u` (tests).
     utilization_override: Option<f64>,
+    load: SimLoad,
+    /// Tick at which the current load started: training steps count from it.
+    load_since: u64,
+    /// One training step, in ticks, and how many of them compute (the rest communicate).
+    step_ticks: u32,
+    compute_ticks: u32,
     power_limit_watts: f64,
     // What the driver reports, updated once per tick.
     utilization: f64,
@@ -161,12 +185,19 @@ impl SimGpu {
         let job_memory_bytes = (model.memory_total_bytes as f64 * rng.between(0.55, 0.9)) as u64;
         let pid = 10_000 + (rng.next_u64() % 50_000) as u32;
         let first_busy = (rng.between(50.0, 600.0)) as u32;
+        // A step of 0.5–2 s, 60–80% of it compute: power swings at 0.5–2 Hz.
+        let step_ticks = rng.between(5.0, 20.99) as u32;
+        let compute_ticks = ((f64::from(step_ticks) * rng.between(0.6, 0.8)).round() as u32).clamp(1, step_ticks - 1);
         let mut gpu = SimGpu {
             model,
             rng,
             tick: 0,
             phase: Phase::Busy { ticks_left: first_busy, level: 0.97 },
             utilization_override: None,
+            load: SimLoad::Idle,
+            load_since: 0,
+            step_ticks,
+            compute_ticks,
             power_limit_watts: model.power_limit.default_watts,
             utilization: 0.0,
             demand_watts: model.idle_watts,
@@ -214,16 +245,24 @@ impl SimGpu {
             Phase::Busy { ticks_left, level } => Phase::Busy { ticks_left: ticks_left - 1, level },
             Phase::Stall { ticks_left } => Phase::Stall { ticks_left: ticks_left - 1 },
         };
-        let utilization = match (self.utilization_override, self.phase) {
-            (Some(u), _) => u,
-            (None, Phase::Busy { level, .. }) => (level + 0.02 * jitter).clamp(0.0, 1.0),
-            (None, Phase::Stall { .. }) => (0.04 + 0.04 * jitter).clamp(0.0, 1.0),
+        let in_step = (self.tick - self.load_since) % u64::from(self.step_ticks);
+        let computing = in_step < u64::from(self.compute_ticks);
+        let utilization = match (self.utilization_override, self.load, self.phase) {
+            (Some(u), _, _) => u,
+            (None, SimLoad::Idle, _) => 0.0,
+            (None, SimLoad::Foreign, _) => (0.95 + 0.02 * jitter).clamp(0.0, 1.0),
+            (None, SimLoad::Training, Phase::Stall { .. }) => (0.04 + 0.04 * jitter).clamp(0.0, 1.0),
+            (None, SimLoad::Training, Phase::Busy { level, .. }) if computing => {
+                (level + 0.02 * jitter).clamp(0.0, 1.0)
+            }
+            // The step's all-reduce: links busy, tensor cores mostly waiting.
+            (None, SimLoad::Training, Phase::Busy { .. }) => (0.3 + 0.03 * jitter).clamp(0.0, 1.0),
         };
 
         let m = &self.model;
         let dynamic = (m.peak_demand_watts - m.idle_watts) * utilization.powf(0.9);
         self.utilization = utilization;
-        self.demand_watts = (m.idle_watts + dynamic * (1.0 + 0.015 * jitter)).max(0.0);
+        self.demand_watts = (m.idle_watts * (1.0 + 0.01 * jitter) + dynamic * (1.0 + 0.015 * jitter)).max(0.0);
         // The driver's power controller holds draw at or just under the limit when it binds.
         self.power_watts = if self.demand_watts > self.power_limit_watts {
             self.power_limit_watts * (1.0 - 0.012 * regulation)
@@ -251,9 +290,21 @@ impl SimGpu {
         self.power_limit_watts
     }
 
-    /// Pin utilization to `u` in [0, 1], or give control back to the built-in workload.
+    /// Pin utilization to `u` in [0, 1], or give control back to the load.
     pub fn set_utilization(&mut self, u: Option<f64>) {
         self.utilization_override = u.map(|u| u.clamp(0.0, 1.0));
+    }
+
+    /// What runs on the GPU from the next tick on.
+    pub fn set_load(&mut self, load: SimLoad) {
+        if load != self.load {
+            self.load = load;
+            self.load_since = self.tick;
+        }
+    }
+
+    pub fn load(&self) -> SimLoad {
+        self.load
     }
 
     pub fn add_ecc_errors(&mut self, corrected: u64, uncorrected: u64) {
@@ -291,7 +342,10 @@ impl SimGpu {
         } else {
             m.sm_clock_max_hertz
         };
-        let has_job = self.utilization_override.is_none_or(|u| u > 0.0);
+        let has_job = match self.utilization_override {
+            Some(u) => u > 0.0,
+            None => self.load != SimLoad::Idle,
+        };
         // The driver and context reserve ~0.5 GiB even with no process.
         let memory_used = if has_job { self.job_memory_bytes } else { 512 * MIB };
         let average = self.recent_power.iter().sum::<f64>() / self.recent_power.len() as f64;
@@ -336,6 +390,8 @@ pub struct SimFaults {
     pub lost: AtomicBool,
     /// `set_power_limit` fails with [`GpuError::Refused`].
     pub refuse_set: AtomicBool,
+    /// Someone else's process runs here (see [`SimBackend::set_foreign`]).
+    foreign: AtomicBool,
 }
 
 /// How often each method was called, for tests that assert what the agent did.
@@ -398,10 +454,36 @@ impl SimBackend {
         &self.calls
     }
 
-    /// Pin a GPU's utilization, or hand it back to the built-in workload with `None`.
+    /// Pin a GPU's utilization, or hand it back to its load with `None`.
     pub fn set_utilization(&self, index: u32, utilization: Option<f64>) {
         if let Some(slot) = self.slots.get(index as usize) {
             lock(&slot.gpu).set_utilization(utilization);
+        }
+    }
+
+    /// Set what runs on a GPU: from now on, its readings follow that load. A GPU marked as
+    /// running someone else's process ([`SimBackend::set_foreign`]) keeps it while no Watt shard
+    /// is on it.
+    pub fn set_training(&self, index: u32, training: bool) {
+        if let Some(slot) = self.slots.get(index as usize) {
+            let ticks = self.ticks_now();
+            let mut gpu = lock(&slot.gpu);
+            gpu.advance_to(ticks);
+            let foreign = slot.faults.foreign.load(Ordering::Relaxed);
+            gpu.set_load(match (training, foreign) {
+                (true, _) => SimLoad::Training,
+                (false, true) => SimLoad::Foreign,
+                (false, false) => SimLoad::Idle,
+            });
+        }
+    }
+
+    /// A process Watt did not start runs on this GPU (or no longer does).
+    pub fn set_foreign(&self, index: u32, foreign: bool) {
+        if let Some(slot) = self.slots.get(index as usize) {
+            slot.faults.foreign.store(foreign, Ordering::Relaxed);
+            let training = lock(&slot.gpu).load() == SimLoad::Training;
+            self.set_training(index, training);
         }
     }
 
@@ -539,6 +621,74 @@ mod tests {
         assert!(!s.throttle_reasons.contains(ThrottleReasons::SW_POWER_CAP));
         assert_eq!(s.processes, Some(vec![]));
         assert_eq!(s.sm_clock_hertz, SimModel::A100.sm_clock_idle_hertz);
+    }
+
+    #[test]
+    fn a_gpu_without_work_idles_far_below_any_cap() {
+        for model in SimModel::ALL {
+            let mut gpu = SimGpu::new(model, 11, 2);
+            gpu.advance_to(600);
+            let s = gpu.read(Detail::Full);
+            assert!((s.power_watts - model.idle_watts).abs() < 2.0, "{}: {}", model.key, s.power_watts);
+            assert!(s.power_watts < model.power_limit.min_watts * 0.6, "{}", model.key);
+            assert!(s.utilization_ratio < 0.01 && s.processes == Some(vec![]), "{s:?}");
+        }
+        assert_eq!(
+            (SimModel::H100.idle_watts, SimModel::H200.idle_watts, SimModel::A100.idle_watts),
+            (70.0, 80.0, 50.0)
+        );
+    }
+
+    /// Power swings of a training GPU: the number of rises through the midpoint per second.
+    fn training_trace(seed: u64, index: u32, cap: f64, ticks: u64) -> Vec<f64> {
+        let mut gpu = SimGpu::new(SimModel::H100, seed, index);
+        gpu.set_power_limit(cap);
+        gpu.advance_to(5);
+        gpu.set_load(SimLoad::Training);
+        (0..ticks)
+            .map(|_| {
+                gpu.advance_to(gpu.tick() + 1);
+                gpu.power_watts()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_training_shard_swings_between_its_cap_and_its_communication_phase_at_half_to_two_hertz() {
+        for (seed, index) in [(1, 0), (7, 3), (42, 5), (1234, 7)] {
+            let trace = training_trace(seed, index, 700.0, 3_000);
+            let top = trace.iter().copied().fold(f64::MIN, f64::max);
+            assert!(top > 680.0 && top <= 700.0, "compute reaches the cap: {top}");
+            // Outside stalls: a phase near the cap and one well below it, every step.
+            let busy: Vec<f64> = trace.iter().copied().filter(|&w| w > 200.0).collect();
+            let low = busy.iter().copied().fold(f64::MAX, f64::min);
+            assert!(low < 400.0, "communication well below the cap: {low}");
+            let mid = 0.5 * (top + low);
+            let rises = trace.windows(2).filter(|w| w[0] < mid && w[1] >= mid).count();
+            let hertz = rises as f64 / (trace.len() as f64 / 10.0);
+            assert!((0.4..=2.1).contains(&hertz), "seed {seed}: {hertz} Hz");
+        }
+        assert_eq!(training_trace(9, 1, 500.0, 400), training_trace(9, 1, 500.0, 400), "deterministic by seed");
+        assert_ne!(training_trace(9, 1, 500.0, 400), training_trace(10, 1, 500.0, 400));
+        assert!(training_trace(9, 1, 450.0, 400).iter().all(|&w| w <= 450.0), "never above its cap");
+    }
+
+    #[test]
+    fn the_backend_follows_the_work_placed_on_each_gpu() {
+        let backend = SimBackend::new(SimModel::H200, 4, 5);
+        backend.set_training(1, true);
+        backend.set_foreign(2, true);
+        let gpu = |i: u32| lock(&backend.slots[i as usize].gpu).load();
+        assert_eq!(
+            [gpu(0), gpu(1), gpu(2), gpu(3)],
+            [SimLoad::Idle, SimLoad::Training, SimLoad::Foreign, SimLoad::Idle]
+        );
+        backend.set_training(2, true);
+        assert_eq!(gpu(2), SimLoad::Training, "a Watt shard placed there runs");
+        backend.set_training(2, false);
+        assert_eq!(gpu(2), SimLoad::Foreign, "the other process is still there");
+        backend.set_training(1, false);
+        assert_eq!(gpu(1), SimLoad::Idle);
     }
 
     #[test]

@@ -423,7 +423,10 @@ async fn play(
             }
         }
     }
-    summary.violations = power.get_power_status(pb::GetPowerStatusRequest {}).await?.into_inner().budget_violations;
+    let last = power.get_power_status(pb::GetPowerStatusRequest {}).await?.into_inner();
+    summary.violations = last.budget_violations;
+    summary.measured_violations = last.measured_violations;
+    summary.overdraw_seconds = last.overdraw_seconds;
     summary.elapsed = started.elapsed();
     Ok(summary)
 }

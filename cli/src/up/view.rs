@@ -16,13 +16,22 @@ pub fn frame(t: Duration, end: Option<Duration>, status: &pb::PowerStatus, jobs:
     let _ = writeln!(out, "Watt — local cluster   t = {:.0}s{total}   (Ctrl-C stops)\n", t.as_secs_f64());
     let _ = writeln!(
         out,
-        "Power    available {}   limit {}   allocated {}   drawn {}   violations {}",
+        "Power    available {}   limit {}   allocated {}   measured {}   violations counted {} measured {}",
         show_watts(status.available_watts),
         show_watts(status.limit_watts),
         show_watts(status.allocated_watts),
-        show_watts(status.drawn_watts),
-        status.budget_violations
+        show_watts(status.measured_watts),
+        status.budget_violations,
+        status.measured_violations
     );
+    if status.infeasible {
+        let _ = writeln!(
+            out,
+            "         INFEASIBLE: with every job paused the cluster draws {}, above the {} limit",
+            show_watts(status.floor_watts),
+            show_watts(status.limit_watts)
+        );
+    }
     let sources: Vec<String> =
         status.sources.iter().map(|s| format!("{} {}", s.name, show_watts(s.effective_watts))).collect();
     let _ = writeln!(out, "Sources  {}\n", sources.join(" · "));
@@ -68,12 +77,14 @@ pub fn line(t: Duration, status: &pb::PowerStatus, jobs: &[pb::Job]) -> String {
         })
         .collect();
     format!(
-        "t={:.0}s available={} limit={} drawn={} violations={} | {}",
+        "t={:.0}s available={} limit={} measured={} violations={}/{}{} | {}",
         t.as_secs_f64(),
         show_watts(status.available_watts),
         show_watts(status.limit_watts),
-        show_watts(status.drawn_watts),
+        show_watts(status.measured_watts),
         status.budget_violations,
+        status.measured_violations,
+        if status.infeasible { " INFEASIBLE" } else { "" },
         jobs.join(" | ")
     )
 }
@@ -93,6 +104,10 @@ pub struct Summary {
     pub events: u32,
     pub worst_ack: Duration,
     pub violations: u64,
+    pub measured_violations: u64,
+    pub overdraw_seconds: f64,
+    /// The limit was infeasible at some point: with every job paused the cluster drew more.
+    pub infeasible_seen: bool,
     pub elapsed: Duration,
     energy_joules: f64,
     priority: BTreeMap<String, i64>,
@@ -110,6 +125,7 @@ impl Summary {
 
     pub fn record(&mut self, s: &Sample) {
         self.energy_joules += s.status.drawn_watts * s.dt;
+        self.infeasible_seen |= s.status.infeasible;
         for job in s.jobs {
             let Some(spec) = &job.spec else { continue };
             self.priority.insert(spec.name.clone(), spec.priority);
@@ -173,6 +189,17 @@ impl Summary {
         let _ = writeln!(out, "  power events            {}", self.events);
         let _ = writeln!(out, "  worst event → every cap acknowledged  {:.0} ms", self.worst_ack.as_secs_f64() * 1e3);
         let _ = writeln!(out, "  budget violations       {}", self.violations);
+        let _ = writeln!(
+            out,
+            "  measured violations     {}  (overdraw past settling {:.1} s)",
+            self.measured_violations, self.overdraw_seconds
+        );
+        if self.infeasible_seen {
+            let _ = writeln!(
+                out,
+                "  infeasible limit        yes: at times the limit was below what the cluster draws with every job paused"
+            );
+        }
         out
     }
 }

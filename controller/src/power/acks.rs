@@ -23,12 +23,22 @@ pub struct AckTracker {
     more_to_order: AtomicBool,
     /// When the power event being carried out happened.
     event_at: Mutex<Option<Instant>>,
+    /// When the last power event happened, carried out or not: the meter's settle time runs
+    /// from it.
+    last_event: Mutex<Option<Instant>>,
 }
 
 impl AckTracker {
     /// A source or the site changed: start the clock, unless an event is already running.
     pub fn power_event(&self) {
-        self.lock().get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        self.lock().get_or_insert(now);
+        *self.last_event.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+    }
+
+    /// When the last power event happened (`None`: none since the controller started).
+    pub fn last_power_event(&self) -> Option<Instant> {
+        *self.last_event.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// After a pass sent its orders (under the registry lock).

@@ -1,5 +1,5 @@
-//! The power allocator: a pure function from (running jobs, GPU count, budget) to one cap per
-//! job, how many shards each keeps, and which are paused.
+//! The power allocator: a pure function from (running jobs, what every other GPU draws, budget)
+//! to one cap per job, how many shards each keeps, and which are paused.
 //!
 //! All GPUs of a job share one cap: a synchronous step runs at the pace of its slowest GPU. The
 //! objective is priority-weighted throughput, `Σ weight × shards × speed(cap)`, under each GPU
@@ -15,8 +15,11 @@
 //!    pauses leave room for grow back, and the caps of what runs are raised again with whatever
 //!    is left.
 //!
-//! GPUs without work are parked at their minimum cap and counted at `idle_gpu_watts`, what such
-//! a GPU can draw with no process on it.
+//! Every GPU counts. GPUs outside these jobs come in as one number, `others_watts`: idle ones at
+//! the larger of the idle allowance and their measured draw, ones busy with someone else's
+//! process at their cap. GPUs a job gives up (shrunk or paused) count at `idle_gpu_watts`, what
+//! such a GPU can draw with no process on it. When even every job paused does not fit, the
+//! allocation says so (`fits: false`): the limit is infeasible.
 //!
 //! Weights: each distinct priority among the running jobs is a level; the lowest level weighs 1,
 //! the next 2, and so on. Levels rather than raw priorities keep weights bounded whatever numbers
@@ -58,7 +61,8 @@ pub struct JobAllocation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Allocation {
     pub jobs: Vec<JobAllocation>,
-    /// What the allocation counts: job GPUs at their caps plus every other GPU at idle.
+    /// What the allocation counts: job GPUs at their caps, GPUs they gave up at idle, and every
+    /// other GPU as it came in.
     pub total_watts: f64,
     /// Whether `total_watts` fits the budget (false only when even pausing everything cannot).
     pub fits: bool,
@@ -84,6 +88,11 @@ impl Work {
         }
     }
 
+    /// GPUs placed for the job that it does not use now (shrunk or paused): idle.
+    fn given_up(&self) -> f64 {
+        f64::from(self.load.shards * self.load.gpus_per_shard) - self.gpus()
+    }
+
     fn flex_floor(&self) -> f64 {
         self.load
             .curve
@@ -97,8 +106,8 @@ impl Work {
     }
 }
 
-/// Share `budget_watts` among `jobs` on a cluster of `total_gpus` GPUs.
-pub fn allocate(budget_watts: f64, jobs: &[JobLoad], total_gpus: u64, idle_gpu_watts: f64) -> Allocation {
+/// Share `budget_watts` among `jobs`; every GPU outside them counts `others_watts` together.
+pub fn allocate(budget_watts: f64, jobs: &[JobLoad], others_watts: f64, idle_gpu_watts: f64) -> Allocation {
     let mut levels: Vec<i64> = jobs.iter().map(|j| j.priority).collect();
     levels.sort_unstable();
     levels.dedup();
@@ -113,10 +122,7 @@ pub fn allocate(budget_watts: f64, jobs: &[JobLoad], total_gpus: u64, idle_gpu_w
         })
         .collect();
     let mut notes = Vec::new();
-    let idle_watts = |work: &[Work]| {
-        let busy: f64 = work.iter().map(Work::gpus).sum();
-        (total_gpus as f64 - busy).max(0.0) * idle_gpu_watts
-    };
+    let idle_watts = |work: &[Work]| others_watts + work.iter().map(Work::given_up).sum::<f64>() * idle_gpu_watts;
     let at_min = |work: &[Work]| work.iter().map(|w| w.gpus() * w.load.cap_min).sum::<f64>() + idle_watts(work);
 
     // Shedding order: lowest priority first, newest first among equals.
@@ -199,13 +205,8 @@ pub fn allocate(budget_watts: f64, jobs: &[JobLoad], total_gpus: u64, idle_gpu_w
     }
 
     let total_watts = power(&work, &|w| w.cap) + idle_watts(&work);
+    // Not fitting with every job paused is the caller's to say: it knows the whole floor.
     let fits = total_watts <= budget_watts * (1.0 + 1e-9) + 1e-6;
-    if !fits {
-        notes.push(format!(
-            "the budget ({budget_watts:.0} W) is below what the idle GPUs alone draw ({:.0} W)",
-            idle_watts(&work)
-        ));
-    }
     Allocation {
         jobs: work
             .into_iter()
@@ -283,7 +284,7 @@ mod tests {
     #[test]
     fn with_enough_power_every_job_runs_at_its_maximum() {
         let jobs = [job("a", 1, 1, 0.0, 4, 4), job("b", 1, 2, 0.2, 2, 1)];
-        let a = allocate(1e9, &jobs, 64, 100.0);
+        let a = allocate(1e9, &jobs, 16.0 * 100.0, 100.0);
         assert!(a.jobs.iter().all(|j| j.cap_watts == 700.0 && !j.paused));
         assert!(a.fits && a.notes.is_empty());
     }
@@ -292,7 +293,7 @@ mod tests {
     fn a_25_percent_cut_is_met_by_the_flexible_job_first() {
         let jobs = [job("rigid", 1, 1, 0.0, 4, 4), job("flexible", 1, 2, 0.3, 4, 4)];
         let full = 64.0 * 700.0;
-        let a = allocate(full * 0.75, &jobs, 64, 100.0);
+        let a = allocate(full * 0.75, &jobs, 0.0, 100.0);
         assert!(a.fits);
         assert_eq!(get(&a, "rigid").cap_watts, 700.0, "the rigid job keeps full power: {a:?}");
         let flexible = get(&a, "flexible").cap_watts;
@@ -306,7 +307,7 @@ mod tests {
     #[test]
     fn beyond_flex_both_jobs_give_and_equal_jobs_get_equal_caps() {
         let jobs = [job("a", 1, 1, 0.1, 4, 4), job("b", 1, 2, 0.1, 4, 4)];
-        let a = allocate(64.0 * 400.0, &jobs, 64, 100.0);
+        let a = allocate(64.0 * 400.0, &jobs, 0.0, 100.0);
         let (x, y) = (get(&a, "a").cap_watts, get(&a, "b").cap_watts);
         assert!((x - y).abs() < 1e-6 && (x - 400.0).abs() < 1.0, "{x} {y}");
         assert!(a.jobs.iter().all(|j| !j.within_flex), "400 W is below a 10% flex: {a:?}");
@@ -315,7 +316,7 @@ mod tests {
     #[test]
     fn higher_priority_keeps_more_power() {
         let jobs = [job("low", 1, 1, 0.0, 4, 4), job("high", 5, 2, 0.0, 4, 4)];
-        let a = allocate(64.0 * 450.0, &jobs, 64, 100.0);
+        let a = allocate(64.0 * 450.0, &jobs, 0.0, 100.0);
         assert!(get(&a, "high").cap_watts > get(&a, "low").cap_watts, "{a:?}");
         assert!(a.fits);
     }
@@ -326,14 +327,14 @@ mod tests {
         let jobs = [job("top", 9, 1, 0.0, 2, 2), job("mid", 5, 2, 0.0, 2, 2), job("bottom", 1, 3, 0.0, 2, 2)];
         // At minimum caps: 48 × 200 + 16 × 100 = 11,200 W. Give 9,700 W: pausing one job saves
         // 16 × (200 − 100) = 1,600 W.
-        let a = allocate(9_700.0, &jobs, 64, 100.0);
+        let a = allocate(9_700.0, &jobs, 16.0 * 100.0, 100.0);
         assert!(a.fits, "{a:?}");
         assert!(get(&a, "bottom").paused);
         assert!(!get(&a, "mid").paused && !get(&a, "top").paused, "only the lowest-priority job pauses: {a:?}");
         assert!(a.notes.iter().any(|n| n.contains("paused bottom")));
         // Elastic first: the same cut with an elastic bottom job shrinks it instead.
         let jobs = [job("top", 9, 1, 0.0, 2, 2), job("mid", 5, 2, 0.0, 2, 2), job("bottom", 1, 3, 0.0, 2, 1)];
-        let a = allocate(10_500.0, &jobs, 64, 100.0);
+        let a = allocate(10_500.0, &jobs, 16.0 * 100.0, 100.0);
         assert_eq!((get(&a, "bottom").shards, get(&a, "bottom").paused), (1, false), "{a:?}");
         assert!(a.jobs.iter().all(|j| !j.paused));
     }
@@ -341,14 +342,26 @@ mod tests {
     #[test]
     fn newest_goes_first_among_equal_priorities() {
         let jobs = [job("older", 1, 1, 0.0, 2, 2), job("newer", 1, 2, 0.0, 2, 2)];
-        let a = allocate(5_000.0, &jobs, 32, 100.0);
+        let a = allocate(5_000.0, &jobs, 0.0, 100.0);
         assert!(get(&a, "newer").paused && !get(&a, "older").paused, "{a:?}");
     }
 
     #[test]
     fn an_impossible_budget_pauses_everything_and_says_so() {
-        let a = allocate(1_000.0, &[job("a", 1, 1, 0.0, 2, 2)], 64, 100.0);
+        let a = allocate(1_000.0, &[job("a", 1, 1, 0.0, 2, 2)], 48.0 * 100.0, 100.0);
         assert!(!a.fits && get(&a, "a").paused);
-        assert!(a.notes.iter().any(|n| n.contains("idle GPUs alone")), "{:?}", a.notes);
+        assert!(a.notes.iter().any(|n| n.contains("paused a")), "{:?}", a.notes);
+    }
+
+    #[test]
+    fn a_gpu_busy_with_someone_elses_process_takes_its_power_from_the_jobs() {
+        // 16 GPUs in one job; 16 more outside it: 8 idle (100 W), 8 foreign at a 700 W cap.
+        let jobs = [job("a", 1, 1, 0.2, 2, 2)];
+        let others = 8.0 * 100.0 + 8.0 * 700.0;
+        let room = allocate(16.0 * 700.0 + others, &jobs, others, 100.0);
+        assert_eq!(get(&room, "a").cap_watts, 700.0);
+        let tight = allocate(16.0 * 700.0, &jobs, others, 100.0);
+        assert!(get(&tight, "a").cap_watts < 400.0 + 1e-6, "{tight:?}");
+        assert!((tight.total_watts - 16.0 * 700.0).abs() < 1.0, "{tight:?}");
     }
 }

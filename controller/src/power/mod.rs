@@ -7,6 +7,7 @@
 
 pub mod acks;
 pub mod allocator;
+pub mod meter;
 /// The speed-vs-cap curve lives in `watt-common`: the agent's simulated GPUs pace workers by it.
 pub use watt_common::curve;
 pub mod planner;

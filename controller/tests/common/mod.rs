@@ -195,10 +195,17 @@ impl ControllerProc {
 
 /// An agent with simulated GPUs in a session with `controller`.
 pub fn agent(controller: &str, node: &str, gpus: u32) -> Proc {
+    agent_with(controller, node, gpus, &[])
+}
+
+/// The same, with more flags (`--enforce dry-run`, `--node-overhead 150`, …).
+pub fn agent_with(controller: &str, node: &str, gpus: u32, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("watt-agent"));
+    cmd.args(extra);
+    if !extra.contains(&"--metrics-addr") {
+        cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+    }
     cmd.args(["--backend", "sim", "--sim-gpus", &gpus.to_string(), "--node-name", node]).args([
-        "--metrics-addr",
-        "127.0.0.1:0",
         "--sample-interval",
         "200ms",
         "--controller",
