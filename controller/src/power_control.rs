@@ -70,7 +70,7 @@ pub struct Admission {
 fn parked_watts(node: &NodeCaps, g: &GpuCap, idle: f64) -> f64 {
     let cap = if node.enforcing { g.min_watts } else { g.upper() };
     let work = if g.work == GpuWork::Foreign { GpuWork::Foreign } else { GpuWork::Idle };
-    GpuCap { work, ..g.clone() }.counted_under(cap, idle)
+    g.counted_as(work, cap, idle)
 }
 
 impl Controller {

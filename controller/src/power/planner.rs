@@ -89,7 +89,12 @@ impl GpuCap {
 
     /// What this GPU counts under `cap`, for its work.
     pub fn counted_under(&self, cap: f64, idle_allowance: f64) -> f64 {
-        match self.work {
+        self.counted_as(self.work, cap, idle_allowance)
+    }
+
+    /// What this GPU would count under `cap` doing `work`.
+    pub fn counted_as(&self, work: GpuWork, cap: f64, idle_allowance: f64) -> f64 {
+        match work {
             GpuWork::Watt => cap,
             GpuWork::Foreign => cap.max(self.measured_watts),
             GpuWork::Idle => cap.min(idle_allowance.max(self.measured_watts)),
@@ -461,7 +466,7 @@ mod tests {
             .enumerate()
             .filter(|(i, _)| !running.iter().any(|j| j.name == format!("j{}", i / 2)))
             .flat_map(|(_, n)| n.gpus.iter())
-            .map(|g| GpuCap { work: classify(false, g.measured_watts), ..g.clone() }.counted_under(g.min_watts, IDLE))
+            .map(|g| g.counted_as(classify(false, g.measured_watts), g.min_watts, IDLE))
             .sum()
     }
 
