@@ -163,7 +163,7 @@ pub async fn run(
     let failsafe = config.controller.is_some().then(|| tokio::spawn(watch_failsafe(enforcer.clone(), stop_rx.clone())));
     let server = tokio::spawn(exporter::serve(
         listener,
-        exporter::router(renderer, rx).merge(crate::logs::router(config.state_dir.join("logs"))),
+        exporter::router(renderer, rx).merge(crate::logs::router(crate::supervisor::logs_dir(&config.state_dir))),
         wait_stop(),
     ));
 

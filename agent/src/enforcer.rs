@@ -4,9 +4,12 @@
 //!
 //! - On start, before it learns any budget, every GPU goes to its failsafe cap (when the agent
 //!   has a controller to learn it from; a telemetry-only agent changes no limit).
-//! - A cap order is applied whole or not at all: a cap outside a GPU's [min, max] rejects the
-//!   order with an error naming the GPU and its range (nothing is clamped), and an order older
-//!   than the newest applied is ignored.
+//! - A cap order is checked whole before anything is set: a cap outside a GPU's [min, max]
+//!   rejects the order with an error naming the GPU and its range (nothing is clamped), and an
+//!   order older than the newest applied is ignored. Orders apply in epoch order under one lock,
+//!   delayed increases included, so a newer decrease always wins. If the driver refuses one set
+//!   call, the others of the order stay applied — undoing them could raise a GPU — and the
+//!   acknowledgement (`Failed`) says what is in force on each.
 //! - If nothing is heard from the controller for `failsafe_after`, every GPU goes to its failsafe
 //!   cap (`--failsafe-cap`, by default each GPU's minimum). Nothing here ever raises a GPU
 //!   because a controller went away.
@@ -150,6 +153,8 @@ impl Enforcer {
     pub fn engage_failsafe(&self, why: &str) {
         let caps: Vec<(u32, f64)> =
             self.backend.gpus().iter().map(|g| g.index).zip(self.failsafe.iter().copied()).collect();
+        // Under the same lock as orders, so none interleaves with the failsafe.
+        let mut state = self.lock();
         match self.mode {
             EnforceMode::On => {
                 tracing::warn!(caps = ?self.failsafe, "{why}: setting every GPU to its failsafe cap.");
@@ -160,7 +165,6 @@ impl Enforcer {
             }
             EnforceMode::Off => {}
         }
-        let mut state = self.lock();
         state.in_failsafe = true;
         state.ordered = self.failsafe.iter().map(|&c| Some(c)).collect();
     }
@@ -200,7 +204,10 @@ impl Enforcer {
             outcome: outcome as i32,
             enforce_mode: self.mode.to_proto() as i32,
         };
-        if order.epoch < self.lock().epoch {
+        // One lock from the staleness check to the last set call: orders apply in epoch order,
+        // so an increase that waited out its spread can never land after a newer decrease.
+        let mut state = self.lock();
+        if order.epoch < state.epoch {
             return ack(pb::CapOutcome::Stale, format!("epoch {} is older than the newest order applied", order.epoch));
         }
         // All or nothing: check every cap before setting any.
@@ -224,16 +231,14 @@ impl Enforcer {
                 return ack(pb::CapOutcome::NotEnforced, String::new());
             }
         };
-        {
-            let mut state = self.lock();
-            state.epoch = order.epoch;
-            state.in_failsafe = false;
-            for &(index, watts) in &caps {
-                if let Some(slot) = state.ordered.get_mut(index as usize) {
-                    *slot = Some(watts);
-                }
+        state.epoch = order.epoch;
+        state.in_failsafe = false;
+        for &(index, watts) in &caps {
+            if let Some(slot) = state.ordered.get_mut(index as usize) {
+                *slot = Some(watts);
             }
         }
+        drop(state);
         let outcome = match (self.mode, errors.is_empty()) {
             (EnforceMode::On, true) => pb::CapOutcome::Applied,
             (EnforceMode::On, false) => pb::CapOutcome::Failed,
@@ -374,6 +379,37 @@ mod tests {
         assert_eq!(ack.error, "");
         assert_eq!(ack.applied.iter().map(|c| c.watts).collect::<Vec<_>>(), vec![700.0, 700.0]);
         assert_eq!(backend.calls().set_power_limit.load(Ordering::Relaxed), 0);
+    }
+
+    /// A delayed increase and a newer decrease racing on other threads: whichever runs first,
+    /// the decrease is what stays in force.
+    #[test]
+    fn a_newer_decrease_always_wins_over_an_older_increase_that_lands_late() {
+        let backend = Arc::new(SimBackend::new(SimModel::H100, 8, 1));
+        let e = Arc::new(
+            Enforcer::new(
+                backend.clone(),
+                EnforceMode::On,
+                Duration::from_secs(10),
+                None,
+                Arc::default(),
+                Instant::now(),
+            )
+            .unwrap(),
+        );
+        let all = |watts: f64| -> Vec<(u32, f64)> { (0..8).map(|i| (i, watts)).collect() };
+        for round in 0..50u64 {
+            let (older, newer) = (2 * round + 1, 2 * round + 2);
+            let increase = order(older, &all(700.0));
+            let decrease = order(newer, &all(250.0 + round as f64));
+            let (a, b) = (e.clone(), e.clone());
+            let up = std::thread::spawn(move || a.apply(&increase, Instant::now()));
+            let down = std::thread::spawn(move || b.apply(&decrease, Instant::now()));
+            let (up, down) = (up.join().unwrap(), down.join().unwrap());
+            assert_eq!(down.outcome(), pb::CapOutcome::Applied);
+            assert!(matches!(up.outcome(), pb::CapOutcome::Applied | pb::CapOutcome::Stale));
+            assert_eq!(e.in_force(), vec![250.0 + round as f64; 8], "round {round}: the decrease stays");
+        }
     }
 
     #[test]

@@ -34,15 +34,14 @@ async fn read(
     Path((job, shard)): Path<(String, String)>,
     Query(q): Query<Params>,
 ) -> Response {
-    let valid_job =
-        (1..=63).contains(&job.len()) && job.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !valid_job {
-        return (StatusCode::BAD_REQUEST, "job must be a job name (lowercase letters, digits, '-')\n").into_response();
+    // A job name cannot step out of the logs directory: no '/', no '.'.
+    if let Err(why) = watt_common::names::check(&job) {
+        return (StatusCode::BAD_REQUEST, format!("job {why}\n")).into_response();
     }
     let Ok(shard) = shard.parse::<u32>() else {
         return (StatusCode::BAD_REQUEST, "shard must be a shard number\n").into_response();
     };
-    let path = dir.join(&job).join(format!("shard-{shard}.log"));
+    let path = crate::supervisor::log_file(&dir, &job, shard);
     let result = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64, bool)> {
         let mut file = std::fs::File::open(&path)?;
         let size = file.metadata()?.len();

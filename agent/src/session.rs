@@ -60,7 +60,7 @@ pub async fn run(
                 tracing::warn!(controller = %config.controller, error = %e, "Controller session failed; reconnecting.")
             }
         }
-        // Full jitter: anywhere from half to all of the backoff.
+        // Equal jitter: anywhere from half to all of the backoff.
         let pause = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
         tokio::select! {
             () = tokio::time::sleep(pause) => {}

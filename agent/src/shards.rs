@@ -267,7 +267,7 @@ impl ShardTable {
                 })
                 .fold(1.0f64, f64::min);
             if r.speed.is_none_or(|s| (s - speed).abs() > 1e-4) {
-                let path = self.supervisor.speed_path(job, *shard);
+                let path = self.supervisor.dirs().speed_path(job, *shard);
                 if std::fs::write(&path, format!("{speed:.6}\n")).is_ok() {
                     r.speed = Some(speed);
                 }
@@ -361,7 +361,7 @@ mod tests {
         // A new run, then a stop newer than it (the agent missed the start of epoch 4): it ends.
         table.apply(&order(3, pb::ShardAction::Start));
         next(&table, pb::ShardState::Running).await;
-        let pid = table.supervisor.pid_path("j", 0);
+        let pid = table.supervisor.dirs().pid_path("j", 0);
         assert!(pid.exists());
         let s = table.apply(&order(4, pb::ShardAction::Stop));
         assert_eq!((s.epoch, s.state), (4, pb::ShardState::Stopped as i32));

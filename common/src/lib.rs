@@ -4,6 +4,41 @@
 
 pub mod curve;
 
+pub mod names {
+    //! The one rule for the names people give jobs and power sources: a DNS label, as
+    //! Kubernetes names objects. They become store keys, metric labels and log directories.
+
+    /// `Ok` for 1 to 63 lowercase letters, digits or '-', not starting or ending with '-';
+    /// otherwise what the rule is, naming what was given.
+    pub fn check(name: &str) -> Result<(), String> {
+        let ok = (1..=63).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "must be 1 to 63 lowercase letters, digits or '-', not starting or ending with '-' (got {name:?})"
+            ))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn dns_labels_pass_and_everything_else_is_named() {
+            for good in ["a", "llama-70b", "gt-1", &"x".repeat(63)] {
+                assert_eq!(super::check(good), Ok(()), "{good}");
+            }
+            for bad in ["", "-a", "a-", "Grid", "a b", "a/..", "a_b", &"x".repeat(64)] {
+                let err = super::check(bad).unwrap_err();
+                assert!(err.contains(&format!("{bad:?}")), "{err}");
+            }
+        }
+    }
+}
+
 pub mod shard_end {
     //! How a shard's process ended, in the words `wattctl describe job` and the controller's
     //! events use: "exited 3 after 1 restart", "was killed by signal 9".

@@ -77,6 +77,16 @@ impl JobState {
     }
 }
 
+/// Why a job off its GPUs waits, when the scheduler's own reason ("waiting for 16 GPUs") must
+/// not replace it: it was preempted, its node was lost, the power budget paused it or holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hold {
+    Preempted,
+    NodeLost,
+    PowerPaused,
+    PowerWaiting,
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -99,6 +109,9 @@ pub struct JobRecord {
     /// job's logs can still be read and its end explained.
     #[serde(default)]
     pub last_run: Vec<ShardOutcome>,
+    /// Set while it waits for a reason of its own (see [`Hold`]); cleared when it is placed.
+    #[serde(default)]
+    pub hold: Option<Hold>,
 }
 
 /// How one shard of a job's last run ended.
@@ -151,9 +164,11 @@ impl JobRecord {
     pub fn unplace(
         &mut self,
         message: String,
+        hold: Option<Hold>,
         ended_unix_ms: i64,
         reported: &dyn Fn(&str, u32) -> Option<pb::ShardStatus>,
     ) {
+        self.hold = hold;
         if !self.shards.is_empty() {
             self.last_run = self
                 .shards
@@ -208,9 +223,8 @@ impl JobRecord {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
-        // Serializing plain data to JSON cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        crate::store::encode_json(&job_key(&self.spec.name), self)
     }
 }
 
@@ -255,10 +269,16 @@ impl JobTable {
         loop {
             let counter = self.store.get(SEQUENCE_KEY).await?;
             let (last, expect) = match &counter {
-                Some(e) => (
-                    std::str::from_utf8(&e.value).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
-                    Expect::Version(e.version),
-                ),
+                Some(e) => {
+                    let last =
+                        std::str::from_utf8(&e.value).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "{SEQUENCE_KEY}: {:?} is not a job sequence number",
+                                String::from_utf8_lossy(&e.value)
+                            ))
+                        })?;
+                    (last, Expect::Version(e.version))
+                }
                 None => (0, Expect::Absent),
             };
             let record = JobRecord {
@@ -273,11 +293,12 @@ impl JobTable {
                 preemptions: 0,
                 resized_unix_ms: 0,
                 last_run: Vec::new(),
+                hold: None,
             };
             let key = job_key(&spec.name);
             let writes = vec![
                 Write::put(SEQUENCE_KEY, expect, (last + 1).to_string().into_bytes()),
-                Write::put(&key, Expect::Absent, record.encode()),
+                Write::put(&key, Expect::Absent, record.encode()?),
             ];
             match self.store.commit(writes).await {
                 Ok(version) => {
@@ -307,14 +328,18 @@ impl JobTable {
     pub async fn update_all(&mut self, records: Vec<JobRecord>) -> (usize, Option<StoreError>) {
         let mut stored = 0;
         for chunk in records.chunks(MAX_WRITES_PER_COMMIT) {
-            let writes = chunk
+            let writes: Result<Vec<Write>, StoreError> = chunk
                 .iter()
                 .map(|r| {
                     let expect =
                         self.jobs.get(&r.spec.name).map(|(_, v)| Expect::Version(*v)).unwrap_or(Expect::Absent);
-                    Write::put(job_key(&r.spec.name), expect, r.encode())
+                    Ok(Write::put(job_key(&r.spec.name), expect, r.encode()?))
                 })
                 .collect();
+            let writes = match writes {
+                Ok(writes) => writes,
+                Err(e) => return (stored, Some(e)),
+            };
             match self.store.commit(writes).await {
                 Ok(version) => {
                     for r in chunk {
@@ -347,5 +372,31 @@ impl JobTable {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::file::FileStore;
+
+    fn spec(name: &str) -> JobSpec {
+        JobSpec::from_manifest(&format!(
+            "name: {name}\nshards: {{min: 1, max: 1}}\ngpus_per_shard: 1\ncommand: [sleep, '1']\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_job_sequence_is_an_error_naming_the_key_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FileStore::open(dir.path().join("s.redb")).unwrap());
+        let mut jobs = JobTable::load(store.clone()).await.unwrap();
+        assert_eq!(jobs.create(spec("first"), 0).await.unwrap().sequence, 1);
+        let current = store.get(SEQUENCE_KEY).await.unwrap().unwrap();
+        store.commit(vec![Write::put(SEQUENCE_KEY, Expect::Version(current.version), b"two".to_vec())]).await.unwrap();
+        let err = jobs.create(spec("second"), 0).await.unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt(m) if m.contains(SEQUENCE_KEY) && m.contains("two")), "{err}");
+        assert!(store.get(&job_key("second")).await.unwrap().is_none(), "nothing stored");
     }
 }

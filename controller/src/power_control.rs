@@ -21,10 +21,11 @@ use watt_proto::v1 as pb;
 use crate::jobs::{JobRecord, JobTable};
 use crate::power::allocator::{allocate, Allocation, JobLoad};
 use crate::power::curve::Curve;
+use crate::power::epochs::Epochs;
 use crate::power::meter::{Reading, Verdict};
 use crate::power::planner::{self, plan, GpuCap, GpuWork, NodeCaps, Phase};
 use crate::power::table::PowerTable;
-use crate::power::{safe_limit_watts, Site, SourceKind};
+use crate::power::{gpu_budget_watts, safe_limit_watts, Site, SourceKind};
 use crate::reconcile::{unix_ms, Controller};
 use crate::registry::NodeState;
 use crate::scheduler::ShardAssignment;
@@ -38,18 +39,19 @@ pub const INCREASE_SPREAD_MS: u32 = 100;
 #[derive(Debug)]
 pub struct PowerState {
     pub table: PowerTable,
-    /// Cap orders carry this, strictly increasing, also across controller restarts.
-    cap_epoch: u64,
+    /// Cap orders carry these: strictly increasing, also across restarts (see [`Epochs`]).
+    pub epochs: Epochs,
     violating: bool,
     infeasible: bool,
     pub last: Option<Allocation>,
 }
 
 impl PowerState {
-    pub fn new(table: PowerTable) -> Self {
-        // Start above any epoch an earlier run of the controller can have used.
-        let cap_epoch = (unix_ms().max(0) as u64) * 1_000;
-        PowerState { table, cap_epoch, violating: false, infeasible: false, last: None }
+    /// Sources and site from `table`; epochs resumed from the store's mark.
+    pub async fn load(table: PowerTable, store: &dyn crate::store::Store) -> Result<Self, crate::store::StoreError> {
+        // Before marks, controllers started at the wall clock in microseconds.
+        let epochs = Epochs::load(store, (unix_ms().max(0) as u64) * 1_000).await?;
+        Ok(PowerState { table, epochs, violating: false, infeasible: false, last: None })
     }
 }
 
@@ -140,7 +142,7 @@ impl Controller {
             let job_gpus: f64 = loads.iter().map(|l| f64::from(l.shards * l.gpus_per_shard)).sum();
             (loads, non_gpu, (all_parked - in_jobs_parked.get()).max(0.0), job_gpus)
         };
-        let budget = limit - non_gpu;
+        let budget = gpu_budget_watts(available, &site, non_gpu);
         Admission {
             allocation: Some(allocate(budget, &loads, others, idle)),
             limit_watts: limit,
@@ -215,10 +217,11 @@ impl Controller {
         for order in &orders {
             let Some(e) = nodes.get_mut(&order.node) else { continue };
             let Some(session) = &e.session else { continue };
-            power.cap_epoch += 1;
+            // None reserved (the store refused the mark): sent on a later pass.
+            let Some(epoch) = power.epochs.take() else { break };
             let message = pb::ControllerMessage {
                 body: Some(pb::controller_message::Body::CapOrder(pb::CapOrder {
-                    epoch: power.cap_epoch,
+                    epoch,
                     phase: match order.phase {
                         Phase::Decrease => pb::TransitionPhase::Decrease,
                         Phase::Increase => pb::TransitionPhase::Increase,
@@ -229,7 +232,7 @@ impl Controller {
             };
             // A full queue is retried next pass: not marked sent.
             if session.tx.try_send(Ok(message)).is_ok() {
-                planner::mark_sent(&mut e.power, order, power.cap_epoch, now_ms);
+                planner::mark_sent(&mut e.power, order, epoch, now_ms);
             }
         }
         // The books, read in place after the orders went out.

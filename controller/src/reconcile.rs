@@ -4,7 +4,8 @@
 //! job states from what agents reported; run the [`scheduler`]; persist every decision (store
 //! first, compare-and-swap); then send each agent the difference between what it should run and
 //! what it said it runs. Passes run on every event that can change a decision (a submit, a
-//! cancel, a registration, a shard status) and once a `reconcile_interval` regardless.
+//! cancel, a registration, a shard status, a power change, the last acknowledgement owed); the
+//! periodic tick runs one only when time itself changes a decision, and at least every 30 ticks.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -16,7 +17,7 @@ use tokio::sync::{broadcast, Mutex, Notify};
 use tokio::time::Instant;
 use watt_proto::v1 as pb;
 
-use crate::jobs::{JobRecord, JobState, JobTable};
+use crate::jobs::{Hold, JobRecord, JobState, JobTable};
 use crate::metrics::Metrics;
 use crate::power::acks::AckTracker;
 use crate::power::planner::GpuWork;
@@ -35,12 +36,48 @@ const POWER_WAITING: &str = "waiting for power: the budget cannot hold it at its
 /// Rendezvous ports handed to jobs' rank 0, as torchrun's default 29500 and up.
 const MASTER_PORTS: std::ops::Range<u16> = 29_500..30_500;
 
-/// A decided change to one job, and the event that announces it once stored ("" for none).
+/// The first rendezvous port not in `used` (rank 0 of other jobs on the same node). A node runs
+/// at most as many jobs as it has GPUs, far fewer than the range holds.
+fn pick_master_port(used: &HashSet<u16>) -> u16 {
+    MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start)
+}
+
+/// A decided change to one job, and the event that announces it once stored (none for a
+/// changed waiting reason).
 #[derive(Debug)]
 struct Change {
     record: JobRecord,
-    reason: &'static str,
+    event: Option<JobEvent>,
     message: String,
+}
+
+/// What a stored change announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobEvent {
+    /// Its node was lost: back to waiting.
+    Rescheduling,
+    Preempted,
+    /// Off its GPUs for lack of power.
+    Paused,
+    Shrunk,
+    Placed,
+    Grown,
+    /// Its shards' reports moved it to this state.
+    Reached(JobState),
+}
+
+impl JobEvent {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobEvent::Rescheduling => "rescheduling",
+            JobEvent::Preempted => "preempted",
+            JobEvent::Paused => "paused",
+            JobEvent::Shrunk => "shrunk",
+            JobEvent::Placed => "placed",
+            JobEvent::Grown => "grown",
+            JobEvent::Reached(state) => state.as_str(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,9 +143,17 @@ impl Controller {
     pub async fn new(store: Arc<dyn Store>, settings: Settings, metrics: Metrics) -> Result<Arc<Self>, StoreError> {
         let jobs = JobTable::load(store.clone()).await?;
         let power = PowerTable::load(store.clone()).await?;
+        let power_state = PowerState::load(power, store.as_ref()).await?;
+        let registry = Registry::default();
+        // Every node a placement stands on is known from the start (see `Registry::expect`).
+        registry.expect(
+            jobs.iter().filter(|j| j.state.is_active()).flat_map(|j| j.shards.iter().map(|s| s.node.clone())),
+            Instant::now(),
+            unix_ms(),
+        );
         tracing::info!(
             jobs = jobs.len(),
-            sources = power.sources().count(),
+            sources = power_state.table.sources().count(),
             "Loaded jobs and power sources from the store."
         );
         let (power_status, _) = tokio::sync::watch::channel(pb::PowerStatus::default());
@@ -116,12 +161,12 @@ impl Controller {
         Ok(Arc::new(Controller {
             store,
             jobs: Mutex::new(jobs),
-            registry: Registry::default(),
+            registry,
             events,
             metrics,
             settings,
             history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(EVENT_HISTORY)),
-            power: Mutex::new(PowerState::new(power)),
+            power: Mutex::new(power_state),
             power_status,
             wake: Notify::new(),
             acks: AckTracker::default(),
@@ -210,7 +255,7 @@ impl Controller {
         let mut jobs = self.jobs.lock().await;
         let mut record = jobs.get(name).cloned().ok_or_else(|| RequestError::NotFound(name.into()))?;
         if !record.state.is_terminal() {
-            self.unplace(&mut record, "cancelled".into());
+            self.unplace(&mut record, "cancelled".into(), None);
             record.state = JobState::Cancelled;
             jobs.update(record.clone()).await?;
             self.emit("job", name, "cancelled", "cancelled by request".into());
@@ -301,15 +346,7 @@ impl Controller {
     fn job_proto(&self, record: &JobRecord) -> pb::Job {
         let progress = self.progress.job(&record.spec.name);
         let nodes = self.registry.lock();
-        let mut job = record.to_proto(|i| {
-            let shard = &record.shards[i];
-            nodes
-                .get(&shard.node)
-                .and_then(|n| n.shards.get(&(record.spec.name.clone(), i as u32)))
-                .filter(|(epoch, _)| *epoch == record.epoch)
-                .map(|(_, state)| *state)
-                .unwrap_or(pb::ShardState::Unspecified)
-        });
+        let mut job = record.to_proto(|i| reported_state(&nodes, record, i).unwrap_or(pb::ShardState::Unspecified));
         job.progress = progress;
         job
     }
@@ -401,12 +438,13 @@ impl Controller {
         for job in jobs.iter().filter(|j| j.state.is_active()) {
             if let Some(shard) = job.shards.iter().find(|s| lost.contains(&s.node)) {
                 let mut record = job.clone();
-                self.unplace(&mut record, format!("node {} was lost; waiting to be rescheduled", shard.node));
+                let lost = format!("node {} was lost; waiting to be rescheduled", shard.node);
+                self.unplace(&mut record, lost, Some(Hold::NodeLost));
                 let message = record.message.clone();
-                changes.push(Change { record, reason: "rescheduling", message });
+                changes.push(Change { record, event: Some(JobEvent::Rescheduling), message });
             } else if let Some(record) = self.advance(job) {
                 let message = record.message.clone();
-                changes.push(Change { reason: record.state.as_str(), record, message });
+                changes.push(Change { event: Some(JobEvent::Reached(record.state)), record, message });
             }
         }
         self.apply(&mut jobs, changes).await;
@@ -442,18 +480,18 @@ impl Controller {
         let mut changes: Vec<Change> = Vec::new();
         for p in &plan.preemptions {
             let Some(mut record) = jobs.get(&p.job).cloned() else { continue };
-            self.unplace(&mut record, format!("preempted by higher-priority job {}", p.by));
+            self.unplace(&mut record, format!("preempted by higher-priority job {}", p.by), Some(Hold::Preempted));
             record.preemptions += 1;
-            changes.push(Change { record, reason: "preempted", message: format!("by {}", p.by) });
+            changes.push(Change { record, event: Some(JobEvent::Preempted), message: format!("by {}", p.by) });
         }
         for job in jobs.iter().filter(|j| j.state.is_active() && !preempted.contains(&j.spec.name)) {
             match verdict.get(&job.spec.name) {
                 Some(&(true, _)) => {
                     let mut record = job.clone();
-                    self.unplace(&mut record, POWER_PAUSED.into());
+                    self.unplace(&mut record, POWER_PAUSED.into(), Some(Hold::PowerPaused));
                     changes.push(Change {
                         record,
-                        reason: "paused",
+                        event: Some(JobEvent::Paused),
                         message: "the power budget cannot hold it".into(),
                     });
                 }
@@ -465,7 +503,7 @@ impl Controller {
                     record.state = JobState::Starting;
                     record.message = format!("shrunk to {keep} shard(s): the power budget cannot hold more");
                     let message = record.message.clone();
-                    changes.push(Change { record, reason: "shrunk", message });
+                    changes.push(Change { record, event: Some(JobEvent::Shrunk), message });
                 }
                 _ => {}
             }
@@ -482,9 +520,10 @@ impl Controller {
             let Some(mut record) = jobs.get(&start.job).cloned() else { continue };
             match verdict.get(&start.job) {
                 Some(&(true, _)) => {
-                    if record.message != POWER_WAITING {
+                    if record.hold != Some(Hold::PowerWaiting) {
                         record.message = POWER_WAITING.into();
-                        changes.push(Change { record, reason: "", message: String::new() });
+                        record.hold = Some(Hold::PowerWaiting);
+                        changes.push(Change { record, event: None, message: String::new() });
                     }
                     continue;
                 }
@@ -492,7 +531,7 @@ impl Controller {
                 None => {}
             }
             let used = ports.entry(start.shards[0].node.clone()).or_default();
-            record.master_port = MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start);
+            record.master_port = pick_master_port(used);
             used.insert(record.master_port);
             record.state = JobState::Starting;
             record.epoch += 1;
@@ -500,18 +539,16 @@ impl Controller {
             let summary = placement_summary(&start.shards);
             record.shards = start.shards;
             record.message = format!("placed: {summary}");
-            changes.push(Change { record, reason: "placed", message: summary });
+            record.hold = None;
+            changes.push(Change { record, event: Some(JobEvent::Placed), message: summary });
         }
         for waiting in plan.waiting {
             let Some(record) = jobs.get(&waiting.job) else { continue };
-            let explained = record.message.starts_with("preempted")
-                || record.message.starts_with("node ")
-                || record.message == POWER_PAUSED
-                || record.message == POWER_WAITING;
-            if record.message != waiting.reason && !explained {
+            // A reason of its own (preempted, node lost, power) stands over the scheduler's.
+            if record.message != waiting.reason && record.hold.is_none() {
                 let mut record = record.clone();
                 record.message = waiting.reason;
-                changes.push(Change { record, reason: "", message: String::new() });
+                changes.push(Change { record, event: None, message: String::new() });
             }
         }
         self.apply(&mut jobs, changes).await;
@@ -520,12 +557,17 @@ impl Controller {
         if quiet {
             if let Some(record) = self.regrow(&power, &jobs, &nodes, &admission, unix_ms()) {
                 let message = record.message.clone();
-                self.apply(&mut jobs, vec![Change { record, reason: "grown", message }]).await;
+                self.apply(&mut jobs, vec![Change { record, event: Some(JobEvent::Grown), message }]).await;
                 admission = self.admit(&power, &jobs, &HashSet::new(), &[]);
             }
         }
 
-        // 8. Caps toward the allocation, through the planner.
+        // 8. Caps toward the allocation, through the planner: at most one order per node, each
+        // with an epoch reserved in the store first (a write every million epochs).
+        let nodes_known = self.registry.lock().len() as u64;
+        if let Err(e) = power.epochs.reserve(self.store.as_ref(), nodes_known).await {
+            tracing::warn!(error = %e, "Cannot reserve cap-order epochs in the store; orders wait for it.");
+        }
         self.enforce(&mut power, &jobs, admission);
         drop(power);
 
@@ -546,7 +588,7 @@ impl Controller {
             })
             .map(|j| j.master_port)
             .collect();
-        MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start)
+        pick_master_port(&used)
     }
 
     /// Store `changes` in order (see [`JobTable::update_all`]) and announce the ones stored.
@@ -561,47 +603,32 @@ impl Controller {
             tracing::warn!(error = %e, stored, unstored = changes.len() - stored, "Cannot store job changes; will retry.");
         }
         for change in changes.into_iter().take(stored) {
-            match change.reason {
-                "" => {}
-                "preempted" => {
-                    self.metrics.preemptions.inc();
-                    self.emit("job", &change.record.spec.name, "preempted", change.message);
-                }
-                "placed" => {
-                    self.metrics.placements.inc_by(change.record.shards.len() as u64);
-                    self.emit("job", &change.record.spec.name, "placed", change.message);
-                }
-                reason => self.emit("job", &change.record.spec.name, reason, change.message),
+            let Some(event) = change.event else { continue };
+            match event {
+                JobEvent::Preempted => self.metrics.preemptions.inc(),
+                JobEvent::Placed => self.metrics.placements.inc_by(change.record.shards.len() as u64),
+                _ => {}
             }
+            self.emit("job", &change.record.spec.name, event.as_str(), change.message);
         }
     }
 
     /// The next state of an active job from its shards' reports, if it changes.
     fn advance(&self, job: &JobRecord) -> Option<JobRecord> {
         let nodes = self.registry.lock();
-        let states: Vec<Option<pb::ShardState>> = job
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                nodes
-                    .get(&s.node)
-                    .and_then(|n| n.shards.get(&(job.spec.name.clone(), i as u32)))
-                    .filter(|(epoch, _)| *epoch == job.epoch)
-                    .map(|(_, state)| *state)
-            })
-            .collect();
+        let states: Vec<Option<pb::ShardState>> =
+            (0..job.shards.len()).map(|i| reported_state(&nodes, job, i)).collect();
         drop(nodes);
         let all = |want: pb::ShardState| states.iter().all(|s| *s == Some(want));
         let mut next = job.clone();
         if let Some(i) = states.iter().position(|s| *s == Some(pb::ShardState::Failed)) {
-            self.unplace(&mut next, format!("shard {i} on {} failed", job.shards[i].node));
+            self.unplace(&mut next, format!("shard {i} on {} failed", job.shards[i].node), None);
             if let Some(why) = next.last_run.get(i).map(describe_end).filter(|w| !w.is_empty()) {
                 next.message = format!("shard {i} on {} {why}", job.shards[i].node);
             }
             next.state = JobState::Failed;
         } else if all(pb::ShardState::Succeeded) {
-            self.unplace(&mut next, "every shard finished".into());
+            self.unplace(&mut next, "every shard finished".into(), None);
             next.state = JobState::Succeeded;
         } else if job.state == JobState::Starting && all(pb::ShardState::Running) {
             next.state = JobState::Running;
@@ -613,10 +640,10 @@ impl Controller {
     }
 
     /// Take `record` off its GPUs, keeping where it ran and how each shard ended.
-    fn unplace(&self, record: &mut JobRecord, message: String) {
+    fn unplace(&self, record: &mut JobRecord, message: String, hold: Option<Hold>) {
         let nodes = self.registry.lock();
         let job = record.spec.name.clone();
-        record.unplace(message, unix_ms(), &|node, shard| {
+        record.unplace(message, hold, unix_ms(), &|node, shard| {
             nodes.get(node).and_then(|n| n.shard_statuses.get(&(job.clone(), shard))).cloned()
         });
     }
@@ -631,18 +658,22 @@ impl Controller {
             .filter(|j| j.state.is_active())
             .filter_map(|j| j.shards.first())
             .filter_map(|s| {
-                nodes
-                    .get(&s.node)
-                    .map(|e| (s.node.clone(), e.address.map(|a| a.to_string()).unwrap_or_else(|| e.name.clone())))
+                // A node expected but not registered yet has no address to give.
+                let e = nodes.get(&s.node).filter(|e| e.session.is_some() || e.address.is_some())?;
+                Some((s.node.clone(), e.address.map(|a| a.to_string()).unwrap_or_else(|| e.name.clone())))
             })
             .collect();
         // (node, job, shard) -> epoch, for the stop pass below.
         let mut wanted: HashMap<&str, HashMap<ShardKey, u64>> = HashMap::new();
         for job in jobs.iter().filter(|j| j.state.is_active()) {
-            let master = addresses.get(&job.shards[0].node).cloned().unwrap_or_default();
+            // Rank 0's node not registered (after a controller restart, before it is back): its
+            // address is unknown, and ranks told an empty MASTER_ADDR could never meet. Starts
+            // wait for it; what runs keeps running.
+            let master = addresses.get(&job.shards[0].node);
             for (i, shard) in job.shards.iter().enumerate() {
                 let key = (job.spec.name.clone(), i as u32);
                 wanted.entry(shard.node.as_str()).or_default().insert(key.clone(), job.epoch);
+                let Some(master) = master else { continue };
                 let Some(entry) = nodes.get_mut(&shard.node) else { continue };
                 let Some(session) = &entry.session else { continue };
                 let running_now = matches!(entry.shards.get(&key), Some((e, pb::ShardState::Running | pb::ShardState::Starting)) if *e == job.epoch);
@@ -715,6 +746,20 @@ impl Controller {
             }
         }
     }
+}
+
+/// What the agent running shard `i` of `job` last reported of it at the job's current epoch.
+fn reported_state(
+    nodes: &HashMap<String, crate::registry::NodeEntry>,
+    job: &JobRecord,
+    i: usize,
+) -> Option<pb::ShardState> {
+    nodes
+        .get(&job.shards.get(i)?.node)?
+        .shards
+        .get(&(job.spec.name.clone(), i as u32))
+        .filter(|(epoch, _)| *epoch == job.epoch)
+        .map(|(_, state)| *state)
 }
 
 /// "exited 3 after 1 restart", else the agent's words, or "" when nothing is known.

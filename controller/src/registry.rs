@@ -21,6 +21,19 @@ use crate::scheduler;
 /// (job, shard)
 pub type ShardKey = (String, u32);
 
+/// An agent that does not say after how long it sets its failsafe caps is taken to use the
+/// agent's default.
+pub const DEFAULT_FAILSAFE_AFTER: Duration = Duration::from_secs(10);
+
+/// After how long without the controller the agent that sent `register` sets its failsafe caps.
+pub fn failsafe_after(register: &pb::Register) -> Duration {
+    if register.failsafe_after_ms > 0 {
+        Duration::from_millis(u64::from(register.failsafe_after_ms))
+    } else {
+        DEFAULT_FAILSAFE_AFTER
+    }
+}
+
 /// A GPU without a Watt shard drawing above idle for this long runs someone else's process. A
 /// shard's GPUs take a moment to fall to idle once it stops; this keeps that from looking foreign.
 pub const FOREIGN_AFTER: Duration = Duration::from_secs(3);
@@ -242,8 +255,7 @@ impl Registry {
         };
         let mut power = power;
         power.enforcing = enforce_mode == pb::EnforceMode::On;
-        let failsafe_after_ms =
-            if register.failsafe_after_ms > 0 { i64::from(register.failsafe_after_ms) } else { 10_000 };
+        let failsafe_after_ms = failsafe_after(register).as_millis() as i64;
         let entry = NodeEntry {
             name: register.node_name.clone(),
             gpus: register.gpus.clone(),
@@ -286,6 +298,47 @@ impl Registry {
             e.last_seen_unix_ms = now_unix_ms;
         })
         .is_some()
+    }
+
+    /// Nodes that hold placements in the store but have not registered with this run of the
+    /// controller (it just started): known from now, without a session or inventory, so that one
+    /// that never comes back is lost when its lease runs out and its jobs go back to waiting —
+    /// instead of staying "running" on a node nobody hears from.
+    pub fn expect(&self, nodes: impl IntoIterator<Item = String>, now: Instant, now_unix_ms: i64) {
+        let mut map = self.lock();
+        for name in nodes {
+            map.entry(name.clone()).or_insert_with(|| NodeEntry {
+                power: NodeCaps {
+                    name: name.clone(),
+                    gpus: Vec::new(),
+                    overhead_watts: 0.0,
+                    reachable: false,
+                    failsafe_at_unix_ms: i64::MAX,
+                    enforcing: true,
+                },
+                name,
+                gpus: Vec::new(),
+                agent_version: String::new(),
+                boot_id: String::new(),
+                address: None,
+                http_port: 0,
+                last_seen: now,
+                last_seen_unix_ms: now_unix_ms,
+                session: None,
+                lost: false,
+                telemetry: None,
+                shards: HashMap::new(),
+                sent: HashMap::new(),
+                failsafe_after_ms: DEFAULT_FAILSAFE_AFTER.as_millis() as i64,
+                enforce_mode: pb::EnforceMode::Unspecified,
+                telemetry_taken_at: None,
+                above_idle_since: Vec::new(),
+                readings_valid_from: Vec::new(),
+                shard_statuses: HashMap::new(),
+                shard_gpus: HashMap::new(),
+                non_gpu_watts: 0.0,
+            });
+        }
     }
 
     /// The session ended. The node keeps its lease until it runs out.

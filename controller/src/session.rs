@@ -143,8 +143,8 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         // Heartbeats, so the agent can tell a quiet controller from a lost one: several per the
         // agent's failsafe deadline, for as long as this is the node's current session.
         let beat = tx.clone();
-        let failsafe_ms = if register.failsafe_after_ms > 0 { u64::from(register.failsafe_after_ms) } else { 10_000 };
-        let every = Duration::from_millis(failsafe_ms / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let every =
+            (crate::registry::failsafe_after(&register) / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {

@@ -296,18 +296,7 @@ impl JobSpec {
 
 /// Job names are keys in the store and labels in metrics: DNS-label shaped.
 pub fn validate_name(name: &str) -> Result<(), FieldError> {
-    let ok = (1..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(FieldError::new(
-            "name",
-            format!("must be 1 to 63 lowercase letters, digits or '-', not starting or ending with '-' (got {name:?})"),
-        ))
-    }
+    watt_common::names::check(name).map_err(|message| FieldError::new("name", message))
 }
 
 #[cfg(test)]

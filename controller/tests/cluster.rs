@@ -176,3 +176,39 @@ fn promtool_check(text: &str) {
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics: {report}");
 }
+
+/// A node that holds a placement and never comes back after a controller restart: it is lost
+/// when its lease runs out, and its job runs again elsewhere — not "running" on a ghost forever.
+#[test]
+fn a_node_gone_for_good_across_a_controller_restart_is_lost_and_its_job_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", dir.path().join("watt.redb").display());
+    let port = free_port();
+    let args = ["--node-lease", "3s", "--reconcile-interval", "200ms"];
+    let mut controller = ControllerProc::start(&store, port, &args);
+    let url = controller.url.clone();
+    let mut agents: BTreeMap<String, Proc> =
+        ["gone", "stays"].iter().map(|n| (n.to_string(), agent(&url, n, 8))).collect();
+    wait_for(Duration::from_secs(20), "both nodes", || (ready_nodes(&url) == 2).then_some(()));
+    assert!(submit(&url, &job_manifest("solo", 1, 1, 1, 8)).status.success());
+    let placed = wait_for(Duration::from_secs(20), "the job running", || {
+        let j = jobs(&url)["solo"].clone();
+        (j["state"] == "running").then_some(j)
+    });
+    let first = nodes_of(&placed)[0].clone();
+    // The node the job runs on and the controller die together; only the other comes back.
+    controller.proc.kill9();
+    agents.get_mut(&first).unwrap().kill9();
+    let controller = ControllerProc::start(&store, port, &args);
+    let url = controller.url.clone();
+    let moved = wait_for(Duration::from_secs(30), "the job running on the node that stayed", || {
+        let j = jobs(&url)["solo"].clone();
+        (j["state"] == "running" && nodes_of(&j) != vec![first.clone()]).then_some(j)
+    });
+    assert_ne!(nodes_of(&moved), vec![first.clone()], "{moved}");
+    let listed = wattctl_json(&url, &["nodes"]);
+    let ghost = listed.as_array().unwrap().iter().find(|n| n["name"] == first.as_str()).unwrap();
+    assert_eq!(ghost["state"], "lost", "{listed}");
+    let events = String::from_utf8(wattctl(&url, &["events"]).stdout).unwrap();
+    assert!(events.lines().any(|l| l.contains(&first) && l.contains("lost")), "{events}");
+}

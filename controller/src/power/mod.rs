@@ -7,6 +7,7 @@
 
 pub mod acks;
 pub mod allocator;
+pub mod epochs;
 pub mod meter;
 /// The speed-vs-cap curve lives in `watt-common`: the agent's simulated GPUs pace workers by it.
 pub use watt_common::curve;
@@ -121,7 +122,7 @@ impl Default for Site {
 
 /// The budget for GPUs: available × (1 − reserve) / PUE − what every node draws besides GPUs.
 pub fn gpu_budget_watts(available_watts: f64, site: &Site, non_gpu_watts: f64) -> f64 {
-    available_watts * (1.0 - site.reserve_ratio) / site.pue - non_gpu_watts
+    safe_limit_watts(available_watts, site) - non_gpu_watts
 }
 
 /// The limit every counted draw must stay under: available × (1 − reserve) / PUE.

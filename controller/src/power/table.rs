@@ -44,15 +44,7 @@ pub enum PowerError {
 
 impl SourceUpdate {
     pub fn validate(&self) -> Result<(), FieldError> {
-        let name_ok = (1..=63).contains(&self.name.len())
-            && self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !self.name.starts_with('-');
-        if !name_ok {
-            return Err(FieldError::new(
-                "source.name",
-                format!("must be 1 to 63 lowercase letters, digits or '-' (got {:?})", self.name),
-            ));
-        }
+        watt_common::names::check(&self.name).map_err(|message| FieldError::new("source.name", message))?;
         let w = self.available_watts;
         if !w.is_finite() || !(0.0..=MAX_SOURCE_WATTS).contains(&w) {
             return Err(FieldError::new(
@@ -154,7 +146,7 @@ impl PowerTable {
             ),
         };
         let key = format!("{SOURCES_PREFIX}{}", source.name);
-        let bytes = serde_json::to_vec(&source).unwrap_or_default();
+        let bytes = crate::store::encode_json(&key, &source)?;
         let version = self.store.commit(vec![Write::put(key, expect, bytes)]).await?;
         self.sources.insert(source.name.clone(), (source.clone(), version));
         Ok(source)
@@ -170,7 +162,7 @@ impl PowerTable {
     pub async fn set_site(&mut self, update: SiteUpdate) -> Result<Site, PowerError> {
         let site = update.apply(&self.site.0)?;
         let expect = if self.site.1 == 0 { Expect::Absent } else { Expect::Version(self.site.1) };
-        let bytes = serde_json::to_vec(&site).unwrap_or_default();
+        let bytes = crate::store::encode_json(SITE_KEY, &site)?;
         let version = self.store.commit(vec![Write::put(SITE_KEY, expect, bytes)]).await?;
         self.site = (site, version);
         Ok(site)

@@ -1,6 +1,7 @@
 //! The `Store` trait: durable keys and values with compare-and-swap, and watches.
 //!
-//! Jobs (and, later, power sources and budgets) live here, so a controller restart loses none.
+//! Jobs (with their last run), power sources, the site settings and the cap-epoch mark live here,
+//! so a controller restart loses none of them.
 //! Two implementations pass the same [`conformance`] suite: [`file::FileStore`], a single-file
 //! embedded database (redb) for one controller, and [`etcd::EtcdStore`] for a replicated one.
 //!
@@ -9,6 +10,11 @@
 //! can never silently overwrite each other.
 
 pub mod conformance;
+
+/// `value` as the JSON stored under `key`; an encoding failure is an error, never an empty value.
+pub fn encode_json<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode { key: key.to_owned(), message: e.to_string() })
+}
 pub mod etcd;
 pub mod file;
 
@@ -85,6 +91,9 @@ pub enum StoreError {
     WatchLost(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// A record could not be encoded: nothing was written.
+    #[error("cannot encode {key}: {message}")]
+    Encode { key: String, message: String },
     #[error("bad store address {0:?}: use file:PATH or etcd://HOST:PORT[,HOST:PORT...]")]
     BadAddress(String),
 }
@@ -94,7 +103,7 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Conflict { .. } | StoreError::Unavailable(_) | StoreError::WatchLost(_) => true,
-            StoreError::Corrupt(_) | StoreError::BadAddress(_) => false,
+            StoreError::Corrupt(_) | StoreError::BadAddress(_) | StoreError::Encode { .. } => false,
         }
     }
 }

@@ -18,10 +18,13 @@
 //! - **Leftovers**: on start the agent stops every group its pid files name that still exists
 //!   and still carries the shard's identity in its environment; the controller then orders them
 //!   again and they resume from their checkpoints.
+//!
+//! Process-group lifecycle is here; the state directory's layout and log rotation are in
+//! [`state_dir`], the torchrun environment in [`torchrun`].
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,10 +34,14 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 use watt_proto::v1 as pb;
 
-/// Rotate a shard's log past this size.
-pub const LOG_MAX_BYTES: u64 = 16 * 1024 * 1024;
-/// Rotated logs kept per shard (`.1` newest).
-pub const LOG_KEEP: usize = 3;
+mod state_dir;
+mod torchrun;
+
+pub use state_dir::{log_file, logs_dir, rotate_if_large, StateDir, LOG_KEEP, LOG_MAX_BYTES};
+pub use torchrun::worker_env;
+
+use state_dir::rotate_while_running;
+
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -92,39 +99,18 @@ type Running = HashMap<(String, u32), (u64, watch::Sender<bool>, tokio::task::Jo
 
 #[derive(Debug)]
 pub struct Supervisor {
-    state_dir: PathBuf,
+    state_dir: StateDir,
     running: Mutex<Running>,
 }
 
 impl Supervisor {
     pub fn new(state_dir: PathBuf) -> Self {
-        Supervisor { state_dir, running: Mutex::new(HashMap::new()) }
+        Supervisor { state_dir: StateDir::new(state_dir), running: Mutex::new(HashMap::new()) }
     }
 
-    pub fn log_path(&self, job: &str, shard: u32) -> PathBuf {
-        self.state_dir.join("logs").join(job).join(format!("shard-{shard}.log"))
-    }
-
-    pub fn pid_path(&self, job: &str, shard: u32) -> PathBuf {
-        self.state_dir.join("run").join(format!("{job}.{shard}.pid"))
-    }
-
-    /// The Unix socket a shard's worker sends progress reports to.
-    pub fn progress_path(&self, job: &str, shard: u32) -> PathBuf {
-        self.state_dir.join("run").join(format!("{job}.{shard}.sock"))
-    }
-
-    /// On simulated GPUs: the file holding the shard's relative speed at its cap.
-    pub fn speed_path(&self, job: &str, shard: u32) -> PathBuf {
-        self.state_dir.join("run").join(format!("{job}.{shard}.speed"))
-    }
-
-    pub fn checkpoint_dir(&self, order: &pb::ShardOrder) -> PathBuf {
-        if order.checkpoint_dir.is_empty() {
-            self.state_dir.join("checkpoints").join(&order.job)
-        } else {
-            PathBuf::from(&order.checkpoint_dir)
-        }
+    /// Where this supervisor keeps its shards' files.
+    pub fn dirs(&self) -> &StateDir {
+        &self.state_dir
     }
 
     /// Start supervising `launch`; an earlier epoch of the same shard is stopped first (its
@@ -179,8 +165,8 @@ impl Supervisor {
         let grace = if o.grace_period_ms > 0 { Duration::from_millis(o.grace_period_ms) } else { launch.grace };
         let mut restarts = 0u32;
         let mut backoff = BACKOFF_START;
-        let _ = fs::create_dir_all(self.state_dir.join("run"));
-        let progress_path = self.progress_path(job, shard);
+        let _ = fs::create_dir_all(self.state_dir.run_dir());
+        let progress_path = self.state_dir.progress_path(job, shard);
         let listener = {
             let (path, job, sink) = (progress_path.clone(), job.to_owned(), report.clone());
             tokio::spawn(async move { crate::progress::listen(&path, job, shard, epoch, sink).await })
@@ -206,7 +192,7 @@ impl Supervisor {
             let pgid = child.id().map(|p| Pid::from_raw(p as i32));
             tracing::info!(job, shard, epoch, pid = ?child.id(), restarts, "Shard process started.");
             say(pb::ShardState::Running, format!("pid {}", child.id().unwrap_or(0)), last);
-            let rotation = tokio::spawn(rotate_while_running(self.log_path(job, shard)));
+            let rotation = tokio::spawn(rotate_while_running(self.state_dir.log_path(job, shard)));
             let exited = tokio::select! {
                 status = child.wait() => Some(status),
                 _ = stop.wait_for(|s| *s) => None,
@@ -224,8 +210,8 @@ impl Supervisor {
                         last.ended(status);
                     }
                     rotation.abort();
-                    let _ = fs::remove_file(self.pid_path(job, shard));
-                    let _ = fs::remove_file(self.speed_path(job, shard));
+                    let _ = fs::remove_file(self.state_dir.pid_path(job, shard));
+                    let _ = fs::remove_file(self.state_dir.speed_path(job, shard));
                     tracing::info!(job, shard, epoch, ?status, "Shard stopped.");
                     say(pb::ShardState::Stopped, "stopped".into(), last);
                     return;
@@ -236,7 +222,7 @@ impl Supervisor {
             if let Some(pgid) = pgid {
                 let _ = killpg(pgid, Signal::SIGKILL);
             }
-            let _ = fs::remove_file(self.pid_path(job, shard));
+            let _ = fs::remove_file(self.state_dir.pid_path(job, shard));
             let status = match status {
                 Ok(s) => s,
                 Err(e) => {
@@ -282,10 +268,10 @@ impl Supervisor {
         let Some((program, args)) = o.command.split_first() else {
             return Err("the job has no command".into());
         };
-        let log = self.log_path(&o.job, o.shard);
-        let checkpoints = self.checkpoint_dir(o);
-        let run = self.state_dir.join("run");
-        for dir in [log.parent().unwrap_or(&self.state_dir), &checkpoints, &run] {
+        let log = self.state_dir.log_path(&o.job, o.shard);
+        let checkpoints = self.state_dir.checkpoint_dir(o);
+        let run = self.state_dir.run_dir();
+        for dir in [log.parent().unwrap_or(self.state_dir.root()), &checkpoints, &run] {
             fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
         let out = fs::OpenOptions::new()
@@ -297,7 +283,7 @@ impl Supervisor {
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
             .envs(worker_env(o, restarts, &checkpoints, launch.node_cpus))
-            .env("WATT_PROGRESS_SOCKET", self.progress_path(&o.job, o.shard))
+            .env("WATT_PROGRESS_SOCKET", self.state_dir.progress_path(&o.job, o.shard))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -307,7 +293,7 @@ impl Supervisor {
             cmd.current_dir(&o.workdir);
         }
         if launch.simulated {
-            let speed = self.speed_path(&o.job, o.shard);
+            let speed = self.state_dir.speed_path(&o.job, o.shard);
             if !speed.exists() {
                 let _ = fs::write(&speed, "1\n");
             }
@@ -315,14 +301,14 @@ impl Supervisor {
         }
         let child = cmd.spawn().map_err(|e| format!("cannot start {program:?}: {e}"))?;
         let pid = child.id().unwrap_or(0);
-        let _ = fs::write(self.pid_path(&o.job, o.shard), format!("{pid} {}\n", o.epoch));
+        let _ = fs::write(self.state_dir.pid_path(&o.job, o.shard), format!("{pid} {}\n", o.epoch));
         Ok(child)
     }
 
     /// Stop every shard an earlier run of the agent left running (see the module header).
     /// Returns the (job, shard) of each one stopped.
     pub async fn stop_leftovers(&self, grace: Duration) -> Vec<(String, u32)> {
-        let Ok(entries) = fs::read_dir(self.state_dir.join("run")) else { return Vec::new() };
+        let Ok(entries) = fs::read_dir(self.state_dir.run_dir()) else { return Vec::new() };
         let mut stopped = Vec::new();
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
@@ -358,38 +344,6 @@ impl Supervisor {
     }
 }
 
-/// The torchrun contract, plus Watt's own variables, over the job's environment.
-pub fn worker_env(o: &pb::ShardOrder, restarts: u32, checkpoints: &Path, node_cpus: usize) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = o.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let gpus: Vec<String> = o.gpu_indices.iter().map(u32::to_string).collect();
-    let shards_here = 1; // one process per shard
-    env.extend(
-        [
-            ("RANK", o.rank.to_string()),
-            ("LOCAL_RANK", "0".into()),
-            ("WORLD_SIZE", o.world_size.to_string()),
-            ("LOCAL_WORLD_SIZE", shards_here.to_string()),
-            ("GROUP_RANK", o.rank.to_string()),
-            ("ROLE_RANK", o.rank.to_string()),
-            ("ROLE_WORLD_SIZE", o.world_size.to_string()),
-            ("MASTER_ADDR", o.master_addr.clone()),
-            ("MASTER_PORT", o.master_port.to_string()),
-            ("TORCHELASTIC_RESTART_COUNT", restarts.to_string()),
-            ("TORCHELASTIC_MAX_RESTARTS", o.max_restarts.to_string()),
-            // A new placement is a new run: ranks of the old one are refused at rendezvous.
-            ("TORCHELASTIC_RUN_ID", format!("{}-{}", o.job, o.epoch)),
-            ("CUDA_VISIBLE_DEVICES", gpus.join(",")),
-            ("OMP_NUM_THREADS", (node_cpus / gpus.len().max(1)).max(1).to_string()),
-            ("WATT_CHECKPOINT_DIR", checkpoints.display().to_string()),
-            ("WATT_JOB", o.job.clone()),
-            ("WATT_SHARD", format!("{}/{}", o.job, o.shard)),
-            ("WATT_EPOCH", o.epoch.to_string()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v)),
-    );
-    env
-}
-
 /// SIGTERM to the group, SIGKILL after `grace`, then reap the main process.
 async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>, grace: Duration) -> Option<ExitStatus> {
     let Some(pgid) = pgid else { return child.wait().await.ok() };
@@ -407,34 +361,10 @@ async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>, grace: 
     status
 }
 
-/// Copy-and-truncate `path` whenever it grows past [`LOG_MAX_BYTES`], until aborted.
-async fn rotate_while_running(path: PathBuf) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let p = path.clone();
-        let _ = tokio::task::spawn_blocking(move || rotate_if_large(&p, LOG_MAX_BYTES)).await;
-    }
-}
-
-/// Rotate `path` to `.1` (shifting older ones, keeping [`LOG_KEEP`]) if larger than `max`.
-pub fn rotate_if_large(path: &Path, max: u64) -> std::io::Result<bool> {
-    if fs::metadata(path)?.len() <= max {
-        return Ok(false);
-    }
-    let numbered = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
-    let _ = fs::remove_file(numbered(LOG_KEEP));
-    for n in (1..LOG_KEEP).rev() {
-        let _ = fs::rename(numbered(n), numbered(n + 1));
-    }
-    fs::copy(path, numbered(1))?;
-    // The writer appends (O_APPEND): after the truncation it writes at the new end, 0.
-    fs::OpenOptions::new().write(true).open(path)?.set_len(0)?;
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// Collects what the supervisor reports.
     #[derive(Debug, Default)]
@@ -527,7 +457,7 @@ mod tests {
         assert!(supervisor.stop("train", 1, 7));
         log.until(pb::ShardState::Stopped).await;
         assert!(gone(pgid).await, "no process of the group is left");
-        assert!(!supervisor.pid_path("train", 1).exists());
+        assert!(!supervisor.dirs().pid_path("train", 1).exists());
     }
 
     #[tokio::test]
@@ -537,7 +467,7 @@ mod tests {
         let (supervisor, log) = start(dir.path(), order(&["sh", "-c", script], 0), Duration::from_millis(700));
         let pgid = pid_of(&log.until(pb::ShardState::Running).await);
         // Only once the trap is set does the worker ignore SIGTERM.
-        while !fs::read_to_string(supervisor.log_path("train", 1)).unwrap_or_default().contains("ready") {
+        while !fs::read_to_string(supervisor.dirs().log_path("train", 1)).unwrap_or_default().contains("ready") {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let asked = tokio::time::Instant::now();
@@ -555,7 +485,7 @@ mod tests {
         let (supervisor, log) =
             start(dir.path(), order(&["sh", "-c", "env; echo to-stderr >&2"], 0), Duration::from_secs(1));
         assert_eq!(log.until(pb::ShardState::Succeeded).await, "exited with code 0");
-        let text = fs::read_to_string(supervisor.log_path("train", 1)).unwrap_or_default();
+        let text = fs::read_to_string(supervisor.dirs().log_path("train", 1)).unwrap_or_default();
         for want in [
             "RANK=1\n",
             "LOCAL_RANK=0\n",
@@ -621,21 +551,5 @@ mod tests {
         assert_eq!(again.stop_leftovers(Duration::from_secs(2)).await, vec![("train".to_string(), 1)]);
         assert!(gone(pgid).await, "the leftover group is gone");
         assert!(again.stop_leftovers(Duration::from_secs(2)).await.is_empty());
-    }
-
-    #[test]
-    fn logs_rotate_past_the_cap_keeping_the_newest_few() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().join("shard-0.log");
-        for round in 0..5 {
-            fs::write(&path, format!("round {round} {}", "x".repeat(100))).unwrap_or_default();
-            assert!(rotate_if_large(&path, 50).unwrap_or(false));
-            assert_eq!(fs::metadata(&path).map(|m| m.len()).unwrap_or(1), 0);
-        }
-        assert!(!rotate_if_large(&path, 50).unwrap_or(true), "an empty log is not rotated");
-        let newest = fs::read_to_string(dir.path().join("shard-0.log.1")).unwrap_or_default();
-        assert!(newest.starts_with("round 4"), "{newest}");
-        assert!(dir.path().join(format!("shard-0.log.{LOG_KEEP}")).exists());
-        assert!(!dir.path().join(format!("shard-0.log.{}", LOG_KEEP + 1)).exists());
     }
 }
