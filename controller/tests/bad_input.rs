@@ -2,14 +2,12 @@
 //! nothing changes — the job list is the same after every refusal.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
 use tonic::Code;
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_client::AgentServiceClient;
 use watt_proto::v1::control_service_client::ControlServiceClient;
 use watt_proto::v1::submit_job_request::Source;
+use watt_system_tests::*;
 
 const GOOD: &str =
     "name: keep\npriority: 1\nshards: {min: 1, max: 1}\ngpus_per_shard: 2\ncommand: [python, train.py]\n";

@@ -2,14 +2,12 @@
 //! file store, keys under `/watt/v1/`, and a watch that carries on across an etcd restart.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::Etcd;
 use futures::StreamExt;
 use watt_controller::store::etcd::{EtcdStore, KEY_PREFIX};
 use watt_controller::store::{self, conformance, Expect, Store, WatchEvent, Write};
+use watt_system_tests::Etcd;
 
 async fn connect(etcd: &Etcd) -> EtcdStore {
     EtcdStore::connect(vec![format!("http://{}", etcd.endpoint())], KEY_PREFIX).await.unwrap()

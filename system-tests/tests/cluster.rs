@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::*;
 use serde_json::Value;
+use watt_system_tests::*;
 
 fn ready_nodes(url: &str) -> usize {
     wattctl_json(url, &["nodes"]).as_array().unwrap().iter().filter(|n| n["state"] == "ready").count()

@@ -1,6 +1,9 @@
-//! Helpers for tests that run Watt's real binaries and a real etcd on loopback.
+//! `watt-system-tests`: Watt end to end. The tests in `tests/` run the real binaries — a
+//! controller, agents with simulated GPUs, `watt-worker` shards, `wattctl` — on loopback, with a
+//! real etcd where a store is needed; this library is their helpers (and the controller's own
+//! binary-level tests use them too). `scripts/test` builds every binary first.
 // Real processes run on the real clock, so these helpers use std's Instant.
-#![allow(dead_code, clippy::unwrap_used, clippy::disallowed_types)]
+#![allow(clippy::unwrap_used, clippy::disallowed_types, missing_debug_implementations)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -8,11 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant as StdInstant};
 
-/// A workspace binary. `cargo test --workspace` builds every one before running tests.
+/// A workspace binary, beside the test binary's own directory (`target/<profile>/`).
 pub fn bin(name: &str) -> PathBuf {
-    if name == "watt-controller" {
-        return PathBuf::from(env!("CARGO_BIN_EXE_watt-controller"));
-    }
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|deps| deps.parent()).unwrap().to_path_buf();
     let path = dir.join(name);

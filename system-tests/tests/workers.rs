@@ -4,11 +4,9 @@
 // Real processes on the real clock.
 #![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use watt_system_tests::*;
 
 #[test]
 fn a_watt_worker_job_of_two_shards_trains_to_the_end_under_the_supervisors() {

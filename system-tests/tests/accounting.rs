@@ -5,13 +5,11 @@
 // Real processes on the real clock: std's Instant.
 #![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
+use watt_system_tests::*;
 
 fn power(url: &str) -> Value {
     wattctl_json(url, &["power", "status"])
