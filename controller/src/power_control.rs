@@ -158,7 +158,9 @@ impl Controller {
     /// publish the power status.
     pub fn enforce(&self, power: &mut PowerState, jobs: &JobTable, admission: Admission) {
         let now = Instant::now();
-        let now_ms = unix_ms();
+        // Deadlines on the monotonic clock; sources' ramps and the status' time on the wall's.
+        let now_ms = self.clock.ms(now);
+        let wall_ms = unix_ms();
         let site = power.table.site();
         let idle = site.idle_gpu_watts;
         self.registry.set_idle_allowance(idle);
@@ -184,7 +186,7 @@ impl Controller {
         for e in nodes.values_mut() {
             let reachable = e.state(now, self.settings.node_lease) == NodeState::Ready;
             e.power.reachable = reachable;
-            e.power.failsafe_at_unix_ms = e.last_seen_unix_ms + e.failsafe_after_ms;
+            e.power.failsafe_at_ms = self.clock.ms(e.last_seen) + e.failsafe_after_ms;
             e.power.overhead_watts = node_overhead(e.non_gpu_watts, &site);
             let reported = e.reported_busy();
             let on_node = placed.get(e.name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
@@ -352,7 +354,7 @@ impl Controller {
                     kind: source_kind(s.kind) as i32,
                     available_watts: s.available_watts,
                     ramp_watts_per_second: s.ramp_watts_per_second,
-                    effective_watts: s.effective_watts(now_ms),
+                    effective_watts: s.effective_watts(wall_ms),
                 })
                 .collect(),
             site: Some(site_proto(&site)),
@@ -369,7 +371,7 @@ impl Controller {
             unacknowledged_nodes: unacknowledged as u32,
             notes,
             budget_violations: self.metrics.budget_violations.with_label_values(&["counted"]).get(),
-            unix_ms: now_ms,
+            unix_ms: wall_ms,
             unenforced_nodes: unenforced.nodes,
             unenforced_excess_watts: unenforced.measured_excess_watts,
             floor_watts: admission.floor_watts,
@@ -562,5 +564,72 @@ impl Controller {
             }
         };
         self.emit("node", node, reason, message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::reconcile::Settings;
+    use crate::store::file::FileStore;
+
+    async fn controller(dir: &std::path::Path) -> Arc<Controller> {
+        let store: Arc<dyn crate::store::Store> = Arc::new(FileStore::open(dir.join("s.redb")).unwrap());
+        let settings = Settings {
+            node_lease: Duration::from_secs(15),
+            reconcile_interval: Duration::from_secs(1),
+            telemetry_interval: Duration::from_secs(1),
+            regrow_after: Duration::from_secs(30),
+            settle_time: Duration::from_secs(2),
+        };
+        Controller::new(store, settings, Metrics::new().unwrap()).await.unwrap()
+    }
+
+    fn register(failsafe_after_ms: u32) -> pb::Register {
+        pb::Register {
+            node_name: "n1".into(),
+            gpus: vec![pb::GpuInventory {
+                index: 0,
+                power_limit: Some(pb::PowerLimitRange { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 }),
+                current_limit_watts: 700.0,
+                failsafe_watts: 200.0,
+                ..Default::default()
+            }],
+            failsafe_after_ms,
+            enforce_mode: pb::EnforceMode::On as i32,
+            ..Default::default()
+        }
+    }
+
+    /// Invariant 1 for an unreachable node, decided on the paused clock: it counts at its caps
+    /// until its agent's failsafe deadline (its last word + `failsafe_after`), at its failsafe
+    /// caps after — whatever the wall clock does meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_node_is_at_its_failsafe_caps_exactly_once_its_deadline_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path()).await;
+        let (tx, _rx) = tokio::sync::mpsc::channel(64);
+        let session = c.registry.register(
+            &register(5_000),
+            None,
+            tx,
+            Arc::new(AtomicBool::new(true)),
+            Instant::now(),
+            crate::reconcile::unix_ms(),
+        );
+        c.reconcile_once().await;
+        assert_eq!(c.power_status.borrow().failsafe_nodes, 0);
+        c.registry.disconnect("n1", session);
+        tokio::time::advance(Duration::from_millis(4_900)).await;
+        c.reconcile_once().await;
+        assert_eq!(c.power_status.borrow().failsafe_nodes, 0, "not before its deadline");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        c.reconcile_once().await;
+        assert_eq!(c.power_status.borrow().failsafe_nodes, 1, "at its failsafe caps after it");
     }
 }

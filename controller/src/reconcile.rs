@@ -129,6 +129,8 @@ pub struct Controller {
     pub(crate) regrow_next_attempt_ms: AtomicI64,
     /// Measured draw against the limit: see [`crate::power::meter`].
     pub meter: std::sync::Mutex<crate::power::meter::Meter>,
+    /// The clock every deadline is on (see [`crate::clock`]).
+    pub clock: crate::clock::Clock,
 }
 
 /// How many recent events `ListEvents` can return.
@@ -174,6 +176,7 @@ impl Controller {
             regrow_due_unix_ms: AtomicI64::new(0),
             regrow_next_attempt_ms: AtomicI64::new(0),
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
+            clock: crate::clock::Clock::new(Instant::now()),
         }))
     }
 
@@ -288,7 +291,7 @@ impl Controller {
             allocated
         };
         let now = Instant::now();
-        let now_ms = unix_ms();
+        let now_ms = self.clock.ms(now);
         let site = self.power_status.borrow().site.unwrap_or_default();
         let idle = self.registry.idle_allowance();
         let nodes = self.registry.lock();
@@ -378,14 +381,16 @@ impl Controller {
     /// Whether a pass now could decide something the last one did not, with no event since.
     async fn time_changes_something(&self) -> bool {
         let now = Instant::now();
-        let now_ms = unix_ms();
+        let now_ms = self.clock.ms(now);
+        // Resizes and ramps are stored with wall times: they mean the same after a restart.
+        let wall_ms = unix_ms();
         let regrow_due = self.regrow_due_unix_ms.load(Ordering::Relaxed);
-        if regrow_due != 0 && now_ms >= regrow_due {
+        if regrow_due != 0 && wall_ms >= regrow_due {
             return true; // A job's resize cool-down ran out.
         }
         {
             let power = self.power.lock().await;
-            if power.table.sources().any(|s| s.effective_watts(now_ms) < s.available_watts) {
+            if power.table.sources().any(|s| s.effective_watts(wall_ms) < s.available_watts) {
                 return true; // Ramping.
             }
         }
@@ -396,9 +401,10 @@ impl Controller {
             let failsafe_passed =
                 !e.power.reachable && e.power.failsafed(now_ms) && e.power.gpus.iter().any(|g| g.in_flight.is_some());
             let resend_due = e.power.reachable
-                && e.power.gpus.iter().any(|g| {
-                    g.in_flight.is_some_and(|f| now_ms - f.sent_unix_ms >= crate::power::planner::RESEND_AFTER_MS)
-                });
+                && e.power
+                    .gpus
+                    .iter()
+                    .any(|g| g.in_flight.is_some_and(|f| now_ms - f.sent_ms >= crate::power::planner::RESEND_AFTER_MS));
             lease_ran_out || failsafe_passed || resend_due
         })
     }

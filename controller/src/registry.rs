@@ -245,7 +245,7 @@ impl Registry {
                 .collect(),
             overhead_watts: register.non_gpu_power_watts,
             reachable: true,
-            failsafe_at_unix_ms: i64::MAX,
+            failsafe_at_ms: i64::MAX,
             enforcing: true,
         };
         // An agent too old to say counts as enforcing: the conservative reading of its caps.
@@ -313,7 +313,7 @@ impl Registry {
                     gpus: Vec::new(),
                     overhead_watts: 0.0,
                     reachable: false,
-                    failsafe_at_unix_ms: i64::MAX,
+                    failsafe_at_ms: i64::MAX,
                     enforcing: true,
                 },
                 name,

@@ -17,7 +17,8 @@
 //! Planning (invariant 2): every decrease is sent at once; increases wait until no decrease is
 //! outstanding anywhere, then go out only as far as the headroom under the limit allows, and at
 //! most `max_increase_nodes` nodes per pass, so that a thousand nodes never step up in the same
-//! instant. Pure: state and time in, orders out.
+//! instant. Pure: state and time in, orders out. Times are milliseconds on the controller's
+//! monotonic [`crate::clock::Clock`].
 
 /// An order sent and not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,7 +29,7 @@ pub struct InFlight {
     /// higher cap of an earlier order that was never acknowledged.
     pub upper: f64,
     pub epoch: u64,
-    pub sent_unix_ms: i64,
+    pub sent_ms: i64,
 }
 
 /// An order not acknowledged this long is sent again (same cap, new epoch): acknowledgements
@@ -72,12 +73,12 @@ impl GpuCap {
 
     /// Whether `target` still has to be ordered: not already acknowledged, and not ordered
     /// recently enough to wait for.
-    fn needs(&self, target: f64, now_unix_ms: i64) -> bool {
+    fn needs(&self, target: f64, now_ms: i64) -> bool {
         if self.answered_watts == Some(target) {
             return false;
         }
         match self.in_flight {
-            Some(f) if f.target == target && now_unix_ms - f.sent_unix_ms < RESEND_AFTER_MS => false,
+            Some(f) if f.target == target && now_ms - f.sent_ms < RESEND_AFTER_MS => false,
             Some(_) => true,
             None => target != self.acked_watts,
         }
@@ -110,7 +111,7 @@ pub struct NodeCaps {
     pub overhead_watts: f64,
     pub reachable: bool,
     /// When an unreachable node's agent has gone to its failsafe caps by itself.
-    pub failsafe_at_unix_ms: i64,
+    pub failsafe_at_ms: i64,
     /// The agent sets the caps it is ordered (`--enforce on`); otherwise it only answers.
     pub enforcing: bool,
 }
@@ -118,8 +119,8 @@ pub struct NodeCaps {
 impl NodeCaps {
     /// Unreachable for longer than its failsafe deadline: at failsafe caps by now. A node that
     /// does not enforce sets no failsafe caps either.
-    pub fn failsafed(&self, now_unix_ms: i64) -> bool {
-        self.enforcing && !self.reachable && now_unix_ms >= self.failsafe_at_unix_ms
+    pub fn failsafed(&self, now_ms: i64) -> bool {
+        self.enforcing && !self.reachable && now_ms >= self.failsafe_at_ms
     }
 
     /// A node that does not enforce: what it counts above the caps it was ordered.
@@ -136,20 +137,20 @@ impl NodeCaps {
             .sum()
     }
 
-    pub fn counted_watts(&self, now_unix_ms: i64, idle_allowance: f64) -> f64 {
-        let failsafe = self.failsafed(now_unix_ms);
+    pub fn counted_watts(&self, now_ms: i64, idle_allowance: f64) -> f64 {
+        let failsafe = self.failsafed(now_ms);
         self.overhead_watts + self.gpus.iter().map(|g| g.counted(failsafe, idle_allowance)).sum::<f64>()
     }
 
     /// A decrease that is sent and not acknowledged, on a node that may still be drawing above it.
-    pub fn decrease_outstanding(&self, now_unix_ms: i64) -> bool {
-        !self.failsafed(now_unix_ms) && self.gpus.iter().any(|g| g.in_flight.is_some_and(|f| f.target < g.upper()))
+    pub fn decrease_outstanding(&self, now_ms: i64) -> bool {
+        !self.failsafed(now_ms) && self.gpus.iter().any(|g| g.in_flight.is_some_and(|f| f.target < g.upper()))
     }
 }
 
 /// Σ counted watts of every node.
-pub fn counted_watts(nodes: &[NodeCaps], now_unix_ms: i64, idle_allowance: f64) -> f64 {
-    nodes.iter().map(|n| n.counted_watts(now_unix_ms, idle_allowance)).sum()
+pub fn counted_watts(nodes: &[NodeCaps], now_ms: i64, idle_allowance: f64) -> f64 {
+    nodes.iter().map(|n| n.counted_watts(now_ms, idle_allowance)).sum()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +173,7 @@ pub fn plan(
     nodes: &[NodeCaps],
     targets: &[Vec<f64>],
     limit_watts: f64,
-    now_unix_ms: i64,
+    now_ms: i64,
     idle_allowance: f64,
     max_increase_nodes: usize,
 ) -> Vec<Order> {
@@ -185,20 +186,18 @@ pub fn plan(
             .gpus
             .iter()
             .enumerate()
-            .filter_map(|(i, g)| {
-                target_of(n, i).filter(|&t| t < g.upper() && g.needs(t, now_unix_ms)).map(|t| (g.index, t))
-            })
+            .filter_map(|(i, g)| target_of(n, i).filter(|&t| t < g.upper() && g.needs(t, now_ms)).map(|t| (g.index, t)))
             .collect();
         if !caps.is_empty() {
             orders.push(Order { node: node.name.clone(), phase: Phase::Decrease, caps });
         }
     }
-    if !orders.is_empty() || nodes.iter().any(|n| n.decrease_outstanding(now_unix_ms)) {
+    if !orders.is_empty() || nodes.iter().any(|n| n.decrease_outstanding(now_ms)) {
         return orders;
     }
 
     // Phase 2: increases, once no decrease is outstanding, within the headroom, staggered.
-    let mut headroom = limit_watts - counted_watts(nodes, now_unix_ms, idle_allowance);
+    let mut headroom = limit_watts - counted_watts(nodes, now_ms, idle_allowance);
     for (n, node) in nodes.iter().enumerate().filter(|(_, node)| node.reachable) {
         if orders.len() >= max_increase_nodes || headroom <= 0.0 {
             break;
@@ -206,15 +205,15 @@ pub fn plan(
         let mut raised = node.clone();
         let mut caps = Vec::new();
         for (i, g) in raised.gpus.iter_mut().enumerate() {
-            if let Some(t) = target_of(n, i).filter(|&t| t >= g.upper() && g.needs(t, now_unix_ms)) {
-                g.in_flight = Some(InFlight { target: t, upper: t, epoch: 0, sent_unix_ms: now_unix_ms });
+            if let Some(t) = target_of(n, i).filter(|&t| t >= g.upper() && g.needs(t, now_ms)) {
+                g.in_flight = Some(InFlight { target: t, upper: t, epoch: 0, sent_ms: now_ms });
                 caps.push((g.index, t));
             }
         }
         if caps.is_empty() {
             continue;
         }
-        let cost = raised.counted_watts(now_unix_ms, idle_allowance) - node.counted_watts(now_unix_ms, idle_allowance);
+        let cost = raised.counted_watts(now_ms, idle_allowance) - node.counted_watts(now_ms, idle_allowance);
         if cost <= headroom {
             headroom -= cost;
             orders.push(Order { node: node.name.clone(), phase: Phase::Increase, caps });
@@ -224,12 +223,12 @@ pub fn plan(
 }
 
 /// Record that `order` was sent with `epoch` at `now`.
-pub fn mark_sent(node: &mut NodeCaps, order: &Order, epoch: u64, now_unix_ms: i64) {
+pub fn mark_sent(node: &mut NodeCaps, order: &Order, epoch: u64, now_ms: i64) {
     for &(index, watts) in &order.caps {
         if let Some(g) = node.gpus.iter_mut().find(|g| g.index == index) {
             // Until acknowledged, the GPU may still be at an earlier, higher, unacknowledged cap.
             let upper = watts.max(g.in_flight.map_or(0.0, |f| f.upper));
-            g.in_flight = Some(InFlight { target: watts, upper, epoch, sent_unix_ms: now_unix_ms });
+            g.in_flight = Some(InFlight { target: watts, upper, epoch, sent_ms: now_ms });
         }
     }
 }
@@ -289,7 +288,7 @@ mod tests {
                 .collect(),
             overhead_watts: 0.0,
             reachable: true,
-            failsafe_at_unix_ms: i64::MAX,
+            failsafe_at_ms: i64::MAX,
             enforcing: true,
         }
     }
@@ -317,8 +316,8 @@ mod tests {
     fn an_unreachable_node_counts_at_its_old_cap_until_its_failsafe_deadline() {
         let mut nodes = vec![node("a", 1, 700.0), node("b", 1, 200.0)];
         nodes[0].reachable = false;
-        nodes[0].gpus[0].in_flight = Some(InFlight { target: 300.0, upper: 300.0, epoch: 1, sent_unix_ms: 9_000 });
-        nodes[0].failsafe_at_unix_ms = 10_000;
+        nodes[0].gpus[0].in_flight = Some(InFlight { target: 300.0, upper: 300.0, epoch: 1, sent_ms: 9_000 });
+        nodes[0].failsafe_at_ms = 10_000;
         let targets = vec![vec![300.0], vec![600.0]];
         assert_eq!(counted_watts(&nodes, 9_999, IDLE), 900.0);
         assert!(plan(&nodes, &targets, 1_000.0, 9_999, IDLE, 100).is_empty(), "its decrease is still outstanding");
@@ -374,7 +373,7 @@ mod tests {
         assert_eq!(orders[0].caps, vec![(0, 300.0), (1, 300.0)]);
         // Unreachable past its failsafe deadline it is still at its own caps: it sets nothing.
         nodes[0].reachable = false;
-        nodes[0].failsafe_at_unix_ms = 0;
+        nodes[0].failsafe_at_ms = 0;
         assert!(!nodes[0].failsafed(1) && counted_watts(&nodes, 1, IDLE) == 1_400.0);
     }
 
@@ -500,7 +499,7 @@ mod tests {
                             if !lose { apply_ack(&mut nodes[node], e, &caps, true); last_heard[node] = now; }
                         }
                     }
-                    Step::Cut(n) => { nodes[n].reachable = false; nodes[n].failsafe_at_unix_ms = last_heard[n] + FAILSAFE_MS; }
+                    Step::Cut(n) => { nodes[n].reachable = false; nodes[n].failsafe_at_ms = last_heard[n] + FAILSAFE_MS; }
                     Step::Heal(n) => {
                         if !nodes[n].reachable {
                             // Reconnects and registers with the caps in force: its failsafe caps
