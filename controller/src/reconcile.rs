@@ -147,6 +147,9 @@ impl Controller {
         let power = PowerTable::load(store.clone()).await?;
         let power_state = PowerState::load(power, store.as_ref()).await?;
         let registry = Registry::default();
+        // Telemetry that arrives before the first pass is judged against the stored site's idle
+        // allowance, not 0.
+        registry.set_idle_allowance(power_state.table.site().idle_gpu_watts);
         // Every node a placement stands on is known from the start (see `Registry::expect`).
         registry.expect(
             jobs.iter().filter(|j| j.state.is_active()).flat_map(|j| j.shards.iter().map(|s| s.node.clone())),
