@@ -1,7 +1,7 @@
 //! The Helm chart: `helm lint`, `helm template` with the default values and three other value
 //! files, every rendered object valid against the Kubernetes schemas, the shape of what renders
-//! (a dry-run first install, privileges only when enforcing, the store), and bad values refused
-//! by `values.schema.json`.
+//! (a dry-run first install, privileges only when enforcing, the store), bad values refused by
+//! `values.schema.json`, and the install notes on turning enforcement on.
 #![allow(clippy::unwrap_used)]
 
 use watt_deploy_tests::*;
@@ -126,4 +126,24 @@ fn bad_values_are_refused_at_install_naming_the_value() {
         assert!(!ok, "--set {set} was accepted");
         assert!(err.contains(want), "--set {set}: want {want:?} in {err}");
     }
+}
+
+/// What `helm install` prints: a first install says it changes no GPU setting and how to turn
+/// enforcement on, and what the failsafe then does; an enforcing install does not ask.
+#[test]
+fn the_install_notes_say_how_to_turn_enforcement_on_and_what_the_failsafe_does() {
+    let notes = |values: &[&str]| {
+        let mut args = vec!["install", "watt", "helm/watt", "--namespace", "gpu-power", "--dry-run=client"];
+        args.extend_from_slice(values);
+        let out = run("helm", &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        text[text.find("NOTES:").unwrap_or_else(|| panic!("no NOTES in {text}"))..].to_string()
+    };
+    let first = notes(&[]);
+    assert!(first.contains("dry-run (no GPU setting is changed)"), "{first}");
+    assert!(first.contains("--set agent.enforce=on"), "{first}");
+    assert!(first.contains("failsafe caps") && first.contains("low, never high"), "{first}");
+    let on = notes(&["-f", "deploy-tests/values/enforcement-on.yaml"]);
+    assert!(on.contains("enforcing power caps:\non.") && !on.contains("--set agent.enforce=on"), "{on}");
 }
