@@ -2,9 +2,9 @@
 //! optimizes, and what the agent's simulated GPUs pace workers by.
 //!
 //! A training step's speed is concave in the cap: the last 30% of power buys roughly the last
-//! 10% of speed (DESIGN.md, "Power model"), the shape reported by power-capping studies of
-//! A100/H100 training and LLM serving, where memory- and communication-bound phases barely slow
-//! while compute-bound ones slow with the SM clock. We model it as a power law
+//! 10% of speed, the shape reported by power-capping studies of A100/H100 training and LLM
+//! serving, where memory- and communication-bound phases barely slow while compute-bound ones
+//! slow with the SM clock. We model it as a power law
 //! `speed(c) = (c / max)^α` with `speed(0.7 × max) = 0.9`, i.e. α = ln 0.9 / ln 0.7 ≈ 0.295, and
 //! allow a different α per model.
 

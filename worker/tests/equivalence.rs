@@ -1,4 +1,4 @@
-//! No lost work (DESIGN.md invariant 5): the same job run uninterrupted at world size 4, and run
+//! No lost work (invariant 5, ARCHITECTURE.md): the same job run uninterrupted at world size 4, and run
 //! with resizes 4 → 2 → 3 (each a SIGTERM, a checkpoint, a restart at the new size) plus a
 //! `kill -9` of one rank mid-run (resumed from the last checkpoint), ends with the same weights.
 // Real processes on the real clock.
