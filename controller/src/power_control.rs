@@ -27,7 +27,7 @@ use crate::power::planner::{self, plan, GpuCap, GpuWork, NodeCaps, Phase};
 use crate::power::table::PowerTable;
 use crate::power::{gpu_budget_watts, safe_limit_watts, Site, SourceKind};
 use crate::reconcile::{unix_ms, Controller};
-use crate::registry::NodeState;
+use crate::registry::{NodeEntry, NodeState};
 use crate::scheduler::ShardAssignment;
 
 /// Increases go out in waves of at most this many nodes, a wave once the one before it is
@@ -96,7 +96,7 @@ impl Controller {
         let idle = site.idle_gpu_watts;
         let (loads, non_gpu, others, job_gpus) = {
             let nodes = self.registry.lock();
-            let non_gpu: f64 = nodes.values().map(|e| node_overhead(e.non_gpu_watts, &site)).sum();
+            let non_gpu: f64 = nodes.values().map(|e| e.non_gpu_watts_or(site.node_overhead_watts)).sum();
             // Every GPU parked, less the jobs' GPUs (added up as their loads are read): what
             // every GPU outside the jobs counts.
             let all_parked: f64 =
@@ -187,7 +187,7 @@ impl Controller {
             let reachable = e.state(now, self.settings.node_lease) == NodeState::Ready;
             e.power.reachable = reachable;
             e.power.failsafe_at_ms = self.clock.ms(e.last_seen) + e.failsafe_after_ms;
-            e.power.overhead_watts = node_overhead(e.non_gpu_watts, &site);
+            e.power.overhead_watts = e.non_gpu_watts_or(site.node_overhead_watts);
             let reported = e.reported_busy();
             let on_node = placed.get(e.name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
             let mut node_targets = Vec::with_capacity(e.power.gpus.len());
@@ -252,11 +252,7 @@ impl Controller {
             })
             .fold((0u32, 0.0), |(n, w), c| (n + 1, w + c));
         let outstanding = nodes.values().any(|e| e.power.decrease_outstanding(now_ms));
-        let drawn: f64 = nodes
-            .values()
-            .filter_map(|e| e.telemetry.as_ref())
-            .flat_map(|t| t.gpus.iter().filter(|g| g.up).map(|g| g.power_watts))
-            .sum();
+        let drawn: f64 = nodes.values().map(NodeEntry::drawn_gpu_watts).sum();
         let unacknowledged = nodes.values().filter(|e| e.power.gpus.iter().any(|g| g.in_flight.is_some())).count();
         let owing =
             nodes.values().filter(|e| e.power.reachable && e.power.gpus.iter().any(|g| g.in_flight.is_some())).count();
@@ -423,15 +419,6 @@ fn finite(w: f64) -> f64 {
     }
 }
 
-/// A node's draw besides its GPUs: what it reports, else the site's default.
-fn node_overhead(reported: f64, site: &Site) -> f64 {
-    if reported > 0.0 {
-        reported
-    } else {
-        site.node_overhead_watts
-    }
-}
-
 pub fn source_kind(kind: SourceKind) -> pb::SourceKind {
     match kind {
         SourceKind::Grid => pb::SourceKind::Grid,
@@ -463,16 +450,16 @@ impl Controller {
             let site = s.site.unwrap_or_default();
             (s.limit_watts, !s.infeasible, !s.sources.is_empty(), site.node_overhead_watts, site.idle_gpu_watts)
         };
-        let site = Site { node_overhead_watts: site_overhead, ..Site::default() };
         let lease = self.settings.node_lease;
         let (measured, taken_at) = {
             let nodes = self.registry.lock();
             let mut measured = 0.0;
             let mut oldest: Option<Instant> = None;
             for e in nodes.values() {
-                let Some(t) = &e.telemetry else { continue };
-                measured += t.gpus.iter().filter(|g| g.up).map(|g| g.power_watts).sum::<f64>();
-                measured += node_overhead(e.non_gpu_watts, &site);
+                if e.telemetry.is_none() {
+                    continue;
+                }
+                measured += e.drawn_gpu_watts() + e.non_gpu_watts_or(site_overhead);
                 if e.state(now, lease) == NodeState::Ready {
                     if let Some(at) = e.telemetry_taken_at {
                         oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));

@@ -206,11 +206,7 @@ impl Controller {
     pub fn power_status_now(&self) -> pb::PowerStatus {
         let mut status = self.power_status.borrow().clone();
         let nodes = self.registry.lock();
-        status.drawn_watts = nodes
-            .values()
-            .filter_map(|e| e.telemetry.as_ref())
-            .flat_map(|t| t.gpus.iter().filter(|g| g.up).map(|g| g.power_watts))
-            .sum();
+        status.drawn_watts = nodes.values().map(crate::registry::NodeEntry::drawn_gpu_watts).sum();
         status
     }
 
@@ -339,7 +335,7 @@ impl Controller {
                         _ => String::new(),
                     },
                     enforce_mode: e.enforce_mode as i32,
-                    non_gpu_power_watts: if e.non_gpu_watts > 0.0 { e.non_gpu_watts } else { site.node_overhead_watts },
+                    non_gpu_power_watts: e.non_gpu_watts_or(site.node_overhead_watts),
                     accounting,
                 }
             })
@@ -572,9 +568,12 @@ impl Controller {
         }
 
         // 8. Caps toward the allocation, through the planner: at most one order per node, each
-        // with an epoch reserved in the store first (a write every million epochs).
+        // with an epoch reserved in the store first. The reservation is renewed while half a
+        // block is still left, so a store that stops answering leaves ~500,000 orders — cuts
+        // included — before any waits on it.
         let nodes_known = self.registry.lock().len() as u64;
-        if let Err(e) = power.epochs.reserve(self.store.as_ref(), nodes_known).await {
+        let wanted = nodes_known + crate::power::epochs::BLOCK / 2;
+        if let Err(e) = power.epochs.reserve(self.store.as_ref(), wanted).await {
             tracing::warn!(error = %e, "Cannot reserve cap-order epochs in the store; orders wait for it.");
         }
         self.enforce(&mut power, &jobs, admission);

@@ -172,6 +172,20 @@ impl NodeEntry {
         changes
     }
 
+    /// What the node's GPUs draw, as its last telemetry says (GPUs that answered).
+    pub fn drawn_gpu_watts(&self) -> f64 {
+        self.telemetry.as_ref().map_or(0.0, |t| t.gpus.iter().filter(|g| g.up).map(|g| g.power_watts).sum())
+    }
+
+    /// The node's draw besides its GPUs: what its agent reports, else the site's default.
+    pub fn non_gpu_watts_or(&self, site_default: f64) -> f64 {
+        if self.non_gpu_watts > 0.0 {
+            self.non_gpu_watts
+        } else {
+            site_default
+        }
+    }
+
     pub fn state(&self, now: Instant, lease: Duration) -> NodeState {
         if self.lost || now.saturating_duration_since(self.last_seen) > lease {
             NodeState::Lost
