@@ -163,7 +163,6 @@ impl JobRecord {
     /// last status its agent `reported` for this run.
     pub fn unplace(
         &mut self,
-        message: String,
         hold: Option<Hold>,
         ended_unix_ms: i64,
         reported: &dyn Fn(&str, u32) -> Option<pb::ShardStatus>,
@@ -195,7 +194,6 @@ impl JobRecord {
         self.state = JobState::Pending;
         self.shards.clear();
         self.master_port = 0;
-        self.message = message;
     }
 
     pub fn to_proto(&self, shard_states: impl Fn(usize) -> pb::ShardState) -> pb::Job {

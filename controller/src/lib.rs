@@ -1,14 +1,17 @@
 //! `watt-controller`: the cluster's one point of decision.
 //!
 //! Agents hold a session with it ([`session`]); users submit jobs through the client API
-//! ([`api`]); jobs live in a durable [`store`]; the [`scheduler`] (a pure function) decides where
-//! they run; the [`reconcile`] loop applies its decisions as shard orders to agents, and, through
-//! [`power_control`], keeps the cluster inside its [`power`] budget with cap orders.
+//! ([`api`]); jobs live in a durable [`store`]. Every job decision is one pure function,
+//! [`decide`] (with the [`scheduler`], power admission and growth inside it); the [`reconcile`]
+//! loop is the shell that gathers its view, stores its decisions and sends them as shard orders
+//! to agents, and, through [`power_control`], keeps the cluster inside its [`power`] budget with
+//! cap orders.
 
 pub mod api;
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod decide;
 pub mod error;
 pub mod jobs;
 pub mod metrics;

@@ -1,34 +1,29 @@
-//! The power half of the reconcile pass: admission (which jobs the budget can hold, at how many
-//! shards), then enforcement (the allocator's caps, moved to through the transition planner as
-//! cap orders), then the power status everyone reads.
+//! The power half of the reconcile pass's shell: enforcement (the allocation that
+//! [`crate::decide`] admitted, moved to through the transition planner as cap orders), then the
+//! power status everyone reads; and the meter's shell.
 //!
-//! The decisions are the pure [`allocate`] and [`plan`]; this module gathers their inputs from
-//! the registry and the job table, sends their outputs, and keeps the books: the cap epoch, when
-//! the last power event happened (for event-to-acknowledged latency), budget violations, and
-//! whether the limit can be met at all.
-//!
-//! Every GPU counts (see [`crate::power::planner`]): GPUs outside the jobs being allocated enter
-//! the allocator as what they will count once parked at their minimum cap, and the floor — the
-//! least the cluster can draw with every job paused — decides whether a limit is infeasible.
-//! Nodes that do not enforce are counted at what they run under; their draw above their orders
-//! is reported apart and is not Watt's violation.
+//! The decisions are the pure [`crate::power::admission`], [`allocate`] and [`plan`]; this module
+//! gathers the planner's inputs from the registry, sends its orders, and keeps the books: the cap
+//! epoch, when the last power event happened (for event-to-acknowledged latency), budget
+//! violations, and whether the limit can be met at all. Nodes that do not enforce are counted at
+//! what they run under; their draw above their orders is reported apart and is not Watt's
+//! violation.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use tokio::time::Instant;
 use watt_proto::v1 as pb;
 
-use crate::jobs::{JobRecord, JobTable};
-use crate::power::allocator::{allocate, Allocation, JobLoad};
-use crate::power::curve::Curve;
+use crate::jobs::JobTable;
+use crate::power::admission::Admission;
+use crate::power::allocator::{allocate, Allocation};
 use crate::power::epochs::Epochs;
 use crate::power::meter::{Reading, Verdict};
-use crate::power::planner::{self, plan, GpuCap, GpuWork, NodeCaps, Phase};
+use crate::power::planner::{self, plan, GpuWork, NodeCaps, Phase};
 use crate::power::table::PowerTable;
-use crate::power::{gpu_budget_watts, safe_limit_watts, Site, SourceKind};
+use crate::power::{Site, SourceKind};
 use crate::reconcile::{unix_ms, Controller};
-use crate::registry::{NodeEntry, NodeState};
-use crate::scheduler::ShardAssignment;
+use crate::registry::{NodeEntry, NodeState, OwedAcks};
 
 /// Increases go out in waves of at most this many nodes, a wave once the one before it is
 /// acknowledged; within a wave each agent steps up after a random delay below
@@ -55,105 +50,7 @@ impl PowerState {
     }
 }
 
-/// What the budget holds: the allocation, and per job what to do about it.
-#[derive(Debug, Default)]
-pub struct Admission {
-    pub allocation: Option<Allocation>,
-    pub limit_watts: f64,
-    pub budget_watts: f64,
-    pub available_watts: f64,
-    pub non_gpu_watts: f64,
-    /// The least the cluster can draw: non-GPU draw, every job paused, every GPU at its floor.
-    pub floor_watts: f64,
-}
-
-/// What a GPU outside the jobs being allocated counts once parked: idle or foreign, at its
-/// minimum cap on a node that enforces, at the cap it runs under on one that does not.
-fn parked_watts(node: &NodeCaps, g: &GpuCap, idle: f64) -> f64 {
-    let cap = if node.enforcing { g.min_watts } else { g.upper() };
-    let work = if g.work == GpuWork::Foreign { GpuWork::Foreign } else { GpuWork::Idle };
-    g.counted_as(work, cap, idle)
-}
-
 impl Controller {
-    /// The allocator over every job that would run: the active ones not being preempted, and the
-    /// scheduler's new starts (`starting`: name → shards).
-    pub fn admit(
-        &self,
-        power: &PowerState,
-        jobs: &JobTable,
-        preempted: &HashSet<String>,
-        starting: &[(String, Vec<ShardAssignment>)],
-    ) -> Admission {
-        let now_ms = unix_ms();
-        let site = power.table.site();
-        // No source configured: power is not managed, and nothing limits the budget.
-        let unmanaged = power.table.sources().next().is_none();
-        let available = if unmanaged { f64::INFINITY } else { power.table.available_watts(now_ms) };
-        let limit = safe_limit_watts(available, &site);
-        // Job loads are read under the registry lock (no copies of 200,000 GPU ranges); the
-        // allocation itself runs after it is released.
-        let idle = site.idle_gpu_watts;
-        let (loads, non_gpu, others, job_gpus) = {
-            let nodes = self.registry.lock();
-            let non_gpu: f64 = nodes.values().map(|e| e.non_gpu_watts_or(site.node_overhead_watts)).sum();
-            // Every GPU parked, less the jobs' GPUs (added up as their loads are read): what
-            // every GPU outside the jobs counts.
-            let all_parked: f64 =
-                nodes.values().flat_map(|e| e.power.gpus.iter().map(|g| parked_watts(&e.power, g, idle))).sum();
-            let in_jobs_parked = std::cell::Cell::new(0.0);
-            let load = |record: &JobRecord, shards: &[ShardAssignment]| -> Option<JobLoad> {
-                let mut cap_min: f64 = 0.0;
-                let mut cap_max = f64::INFINITY;
-                let mut parked = 0.0;
-                for s in shards {
-                    let node = nodes.get(&s.node)?;
-                    for index in &s.gpus {
-                        let g = node.power.gpus.iter().find(|g| g.index == *index)?;
-                        cap_min = cap_min.max(g.min_watts);
-                        cap_max = cap_max.min(g.max_watts);
-                        parked += parked_watts(&node.power, g, idle);
-                    }
-                }
-                in_jobs_parked.set(in_jobs_parked.get() + parked);
-                (cap_min <= cap_max && cap_max.is_finite()).then(|| JobLoad {
-                    name: record.spec.name.clone(),
-                    priority: record.spec.priority,
-                    sequence: record.sequence,
-                    flex: record.spec.flex,
-                    gpus_per_shard: record.spec.gpus_per_shard,
-                    shards: shards.len() as u32,
-                    min_shards: record.spec.shards.min.min(shards.len() as u32),
-                    cap_min,
-                    cap_max,
-                    curve: Curve::default(),
-                })
-            };
-            let mut loads: Vec<JobLoad> = jobs
-                .iter()
-                .filter(|j| j.state.is_active() && !preempted.contains(&j.spec.name))
-                .filter_map(|j| load(j, &j.shards))
-                .collect();
-            for (name, shards) in starting {
-                if let Some(l) = jobs.get(name).and_then(|j| load(j, shards)) {
-                    loads.push(l);
-                }
-            }
-            let job_gpus: f64 = loads.iter().map(|l| f64::from(l.shards * l.gpus_per_shard)).sum();
-            (loads, non_gpu, (all_parked - in_jobs_parked.get()).max(0.0), job_gpus)
-        };
-        let budget = gpu_budget_watts(available, &site, non_gpu);
-        Admission {
-            allocation: Some(allocate(budget, &loads, others, idle)),
-            limit_watts: limit,
-            budget_watts: budget,
-            available_watts: available,
-            non_gpu_watts: non_gpu,
-            // Paused, a job's GPUs draw what an idle GPU does.
-            floor_watts: non_gpu + others + job_gpus * idle,
-        }
-    }
-
     /// Move every node toward the allocation's caps through the planner, send the orders, and
     /// publish the power status.
     pub fn enforce(&self, power: &mut PowerState, jobs: &JobTable, admission: Admission) {
@@ -253,9 +150,8 @@ impl Controller {
             .fold((0u32, 0.0), |(n, w), c| (n + 1, w + c));
         let outstanding = nodes.values().any(|e| e.power.decrease_outstanding(now_ms));
         let drawn: f64 = nodes.values().map(NodeEntry::drawn_gpu_watts).sum();
-        let unacknowledged = nodes.values().filter(|e| e.power.gpus.iter().any(|g| g.in_flight.is_some())).count();
-        let owing =
-            nodes.values().filter(|e| e.power.reachable && e.power.gpus.iter().any(|g| g.in_flight.is_some())).count();
+        let unacknowledged = nodes.values().filter(|e| e.owes_ack()).count();
+        let owing = nodes.values().filter(|e| e.power.reachable && e.owes_ack()).count();
         // Targets not yet ordered: increases that wait for headroom or their turn.
         let more_to_order = nodes.values().zip(&targets).any(|(e, t)| {
             e.power.reachable
@@ -264,7 +160,9 @@ impl Controller {
                     None => g.acked_watts != t,
                 })
         });
-        self.acks.after_pass(owing, more_to_order, &self.metrics);
+        let owed = OwedAcks { nodes: owing, more_to_order };
+        nodes.set_owed(owed);
+        self.acks.after_pass(owed, &self.metrics);
         drop(nodes);
 
         // A violation: settled (no decrease outstanding, no shard taken off its GPUs still

@@ -1,15 +1,15 @@
-//! The controller's core and its reconcile loop.
+//! The controller's shell and its reconcile loop: the thin part around [`crate::decide`].
 //!
-//! One pass: mark nodes whose lease ran out as lost and put their jobs back to waiting; advance
-//! job states from what agents reported; run the [`scheduler`]; persist every decision (store
-//! first, compare-and-swap); then send each agent the difference between what it should run and
-//! what it said it runs. Passes run on every event that can change a decision (a submit, a
+//! One pass: gather a [`View`] of the cluster under the locks; [`decide`] (pure: every job
+//! decision and its typed reason); store the decisions (store first, compare-and-swap, in order)
+//! and announce them; move caps toward the admission's allocation ([`crate::power_control`]);
+//! then send each agent the difference between what it should run and what it said it runs.
+//! Passes run on every event that can change a decision (a submit, a
 //! cancel, a registration, a shard status, a power change, the last acknowledgement owed); the
 //! periodic tick runs one only when time itself changes a decision, and at least every 30 ticks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,68 +17,18 @@ use tokio::sync::{broadcast, Mutex, Notify};
 use tokio::time::Instant;
 use watt_proto::v1 as pb;
 
-use crate::jobs::{Hold, JobRecord, JobState, JobTable};
+use crate::decide::{decide, JobChange, JobEvent, NodeView, Now, Reason, ShardReport, View};
+use crate::jobs::{JobRecord, JobState, JobTable};
 use crate::metrics::Metrics;
 use crate::power::acks::AckTracker;
+use crate::power::admission::PowerView;
 use crate::power::planner::GpuWork;
 use crate::power::table::PowerTable;
 use crate::power_control::PowerState;
 use crate::registry::{NodeState, Registry, ShardKey};
-use crate::scheduler::{self, RunningJob, ShardAssignment};
+use crate::regrow::RegrowTimes;
 use crate::spec::{FieldError, JobSpec};
 use crate::store::{Store, StoreError};
-
-/// Why a job is off its GPUs for lack of power (it resumes when power returns).
-const POWER_PAUSED: &str = "paused: the power budget cannot hold it at its minimum cap";
-/// Why a job waits although GPUs are free.
-const POWER_WAITING: &str = "waiting for power: the budget cannot hold it at its minimum cap";
-
-/// Rendezvous ports handed to jobs' rank 0, as torchrun's default 29500 and up.
-const MASTER_PORTS: std::ops::Range<u16> = 29_500..30_500;
-
-/// The first rendezvous port not in `used` (rank 0 of other jobs on the same node). A node runs
-/// at most as many jobs as it has GPUs, far fewer than the range holds.
-fn pick_master_port(used: &HashSet<u16>) -> u16 {
-    MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start)
-}
-
-/// A decided change to one job, and the event that announces it once stored (none for a
-/// changed waiting reason).
-#[derive(Debug)]
-struct Change {
-    record: JobRecord,
-    event: Option<JobEvent>,
-    message: String,
-}
-
-/// What a stored change announces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JobEvent {
-    /// Its node was lost: back to waiting.
-    Rescheduling,
-    Preempted,
-    /// Off its GPUs for lack of power.
-    Paused,
-    Shrunk,
-    Placed,
-    Grown,
-    /// Its shards' reports moved it to this state.
-    Reached(JobState),
-}
-
-impl JobEvent {
-    fn as_str(self) -> &'static str {
-        match self {
-            JobEvent::Rescheduling => "rescheduling",
-            JobEvent::Preempted => "preempted",
-            JobEvent::Paused => "paused",
-            JobEvent::Shrunk => "shrunk",
-            JobEvent::Placed => "placed",
-            JobEvent::Grown => "grown",
-            JobEvent::Reached(state) => state.as_str(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -123,10 +73,8 @@ pub struct Controller {
     pub acks: AckTracker,
     /// Workers' progress by job.
     pub progress: crate::progress::ProgressBook,
-    /// When a job cooling down after a resize may next grow (0: none is): see [`crate::regrow`].
-    pub(crate) regrow_due_unix_ms: AtomicI64,
-    /// No growth attempt before this, after one that found no room.
-    pub(crate) regrow_next_attempt_ms: AtomicI64,
+    /// When growth may next be tried: see [`crate::regrow`].
+    regrow: std::sync::Mutex<RegrowTimes>,
     /// Measured draw against the limit: see [`crate::power::meter`].
     pub meter: std::sync::Mutex<crate::power::meter::Meter>,
     /// The clock every deadline is on (see [`crate::clock`]).
@@ -176,8 +124,7 @@ impl Controller {
             wake: Notify::new(),
             acks: AckTracker::default(),
             progress: crate::progress::ProgressBook::default(),
-            regrow_due_unix_ms: AtomicI64::new(0),
-            regrow_next_attempt_ms: AtomicI64::new(0),
+            regrow: std::sync::Mutex::new(RegrowTimes::default()),
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
             clock: crate::clock::Clock::new(Instant::now()),
         }))
@@ -257,7 +204,14 @@ impl Controller {
         let mut jobs = self.jobs.lock().await;
         let mut record = jobs.get(name).cloned().ok_or_else(|| RequestError::NotFound(name.into()))?;
         if !record.state.is_terminal() {
-            self.unplace(&mut record, "cancelled".into(), None);
+            {
+                let reported = self.registry.lock();
+                let job = record.spec.name.clone();
+                record.unplace(None, unix_ms(), &|node, shard| {
+                    reported.get(node).and_then(|n| n.shard_statuses.get(&(job.clone(), shard))).cloned()
+                });
+            }
+            record.message = Reason::Cancelled.to_string();
             record.state = JobState::Cancelled;
             jobs.update(record.clone()).await?;
             self.emit("job", name, "cancelled", "cancelled by request".into());
@@ -383,7 +337,7 @@ impl Controller {
         let now_ms = self.clock.ms(now);
         // Resizes and ramps are stored with wall times: they mean the same after a restart.
         let wall_ms = unix_ms();
-        let regrow_due = self.regrow_due_unix_ms.load(Ordering::Relaxed);
+        let regrow_due = self.regrow.lock().unwrap_or_else(std::sync::PoisonError::into_inner).due_unix_ms;
         if regrow_due != 0 && wall_ms >= regrow_due {
             return true; // A job's resize cool-down ran out.
         }
@@ -395,7 +349,7 @@ impl Controller {
         }
         let lease = self.settings.node_lease;
         let nodes = self.registry.lock();
-        nodes.values().any(|e| {
+        let due = nodes.values().any(|e| {
             let lease_ran_out = !e.lost && e.state(now, lease) == NodeState::Lost;
             let failsafe_passed =
                 !e.power.reachable && e.power.failsafed(now_ms) && e.power.gpus.iter().any(|g| g.in_flight.is_some());
@@ -405,169 +359,93 @@ impl Controller {
                     .iter()
                     .any(|g| g.in_flight.is_some_and(|f| now_ms - f.sent_ms >= crate::power::planner::RESEND_AFTER_MS));
             lease_ran_out || failsafe_passed || resend_due
-        })
+        });
+        due
     }
 
-    /// One pass. Errors are logged and retried on the next pass: nothing half-applied is lost,
-    /// because every decision is stored before it is sent.
+    /// The snapshot [`decide`] reads, gathered under the registry lock (released before
+    /// deciding): the jobs not ended, every node with its lease, what each active shard's node
+    /// reported of it, and the budget's inputs.
+    fn view<'a>(&self, jobs: &'a JobTable, table: &PowerTable, now: Now) -> View<'a> {
+        let site = table.site();
+        // No source configured: power is not managed, and nothing limits the budget.
+        let available =
+            if table.sources().next().is_none() { f64::INFINITY } else { table.available_watts(now.wall_ms) };
+        let mut power = PowerView { available_watts: available, site, ..PowerView::default() };
+        let live: Vec<&JobRecord> = jobs.iter().filter(|j| !j.state.is_terminal()).collect();
+        let nodes = self.registry.lock();
+        let mut node_views: Vec<NodeView> = Vec::with_capacity(nodes.len());
+        for e in nodes.values() {
+            node_views.push(NodeView {
+                name: e.name.clone(),
+                last_seen_ms: self.clock.ms(e.last_seen),
+                connected: e.session.is_some(),
+                marked_lost: e.lost,
+                gpus: e.gpus.iter().map(|g| g.index).collect(),
+            });
+            power.add_node(&e.power, e.non_gpu_watts_or(site.node_overhead_watts));
+        }
+        node_views.sort_by(|a, b| a.name.cmp(&b.name));
+        let reports = live
+            .iter()
+            .filter(|j| j.state.is_active())
+            .map(|j| {
+                let shards = j
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let e = nodes.get(&s.node)?;
+                        let key = (j.spec.name.clone(), i as u32);
+                        let &(epoch, state) = e.shards.get(&key)?;
+                        Some(ShardReport { epoch, state, status: e.shard_statuses.get(&key).cloned() })
+                    })
+                    .collect();
+                (j.spec.name.clone(), shards)
+            })
+            .collect();
+        drop(nodes);
+        View {
+            jobs: live,
+            nodes: node_views,
+            reports,
+            power,
+            lease_ms: self.settings.node_lease.as_millis() as i64,
+            regrow_after_ms: self.settings.regrow_after.as_millis() as i64,
+            regrow: *self.regrow.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        }
+    }
+
+    /// One pass: gather the view, [`decide`], store the decisions, then send. Errors are logged
+    /// and retried on the next pass: nothing half-applied is lost, because every decision is
+    /// stored before it is sent.
     pub async fn reconcile_once(&self) {
         let started = Instant::now();
         let mut jobs = self.jobs.lock().await;
-        let now = Instant::now();
-        let lease = self.settings.node_lease;
-
-        // 1. Nodes whose lease ran out.
-        let (lost, newly_lost) = {
-            let mut nodes = self.registry.lock();
-            let mut lost = HashSet::new();
-            let mut newly = Vec::new();
-            for entry in nodes.values_mut() {
-                if entry.state(now, lease) == NodeState::Lost {
-                    if !entry.lost {
-                        entry.lost = true;
-                        entry.session = None;
-                        newly.push(entry.name.clone());
-                    }
-                    lost.insert(entry.name.clone());
-                }
-            }
-            (lost, newly)
-        };
-        for node in &newly_lost {
-            self.emit("node", node, "lost", format!("not heard from for {}", humantime::format_duration(lease)));
-        }
-
-        // 2. Jobs with a shard on a lost node go back to waiting (all shards: gang), and
-        // 3. shard reports move active jobs along.
-        let mut changes: Vec<Change> = Vec::new();
-        for job in jobs.iter().filter(|j| j.state.is_active()) {
-            if let Some(shard) = job.shards.iter().find(|s| lost.contains(&s.node)) {
-                let mut record = job.clone();
-                let lost = format!("node {} was lost; waiting to be rescheduled", shard.node);
-                self.unplace(&mut record, lost, Some(Hold::NodeLost));
-                let message = record.message.clone();
-                changes.push(Change { record, event: Some(JobEvent::Rescheduling), message });
-            } else if let Some(record) = self.advance(job) {
-                let message = record.message.clone();
-                changes.push(Change { event: Some(JobEvent::Reached(record.state)), record, message });
-            }
-        }
-        self.apply(&mut jobs, changes).await;
-
-        // 4. Schedule.
-        let nodes = self.registry.schedulable(now, lease);
-        let running: Vec<RunningJob> = jobs
-            .iter()
-            .filter(|j| j.state.is_active())
-            .map(|j| RunningJob { request: j.request(), shards: j.shards.clone() })
-            .collect();
-        let pending: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Pending).map(JobRecord::request).collect();
-        let scheduled_at = Instant::now();
-        let plan = scheduler::schedule(&nodes, &running, &pending);
-        self.metrics.scheduling_duration.observe(scheduled_at.elapsed().as_secs_f64());
-
-        // 5. Power admission over what would run: new starts the budget cannot hold wait, running
-        // jobs it cannot hold shrink or pause.
         let mut power = self.power.lock().await;
-        let preempted: HashSet<String> = plan.preemptions.iter().map(|p| p.job.clone()).collect();
-        let starting: Vec<(String, Vec<ShardAssignment>)> =
-            plan.starts.iter().map(|s| (s.job.clone(), s.shards.clone())).collect();
-        let admission = self.admit(&power, &jobs, &preempted, &starting);
-        let mut admission = admission;
-        let verdict: HashMap<String, (bool, u32)> = admission
-            .allocation
-            .as_ref()
-            .map(|a| a.jobs.iter().map(|j| (j.name.clone(), (j.paused, j.shards))).collect())
-            .unwrap_or_default();
+        let now = Now { mono_ms: self.clock.ms(Instant::now()), wall_ms: unix_ms() };
+        let decided_at = Instant::now();
+        let decisions = {
+            let view = self.view(&jobs, &power.table, now);
+            decide(&view, now)
+        };
+        self.metrics.scheduling_duration.observe(decided_at.elapsed().as_secs_f64());
+        *self.regrow.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = decisions.regrow;
 
-        // 6. Apply in one ordered batch: preemptions first (their GPUs are what starts stand
-        // on), then power pauses and shrinks, then starts, then changed waiting reasons.
-        let mut changes: Vec<Change> = Vec::new();
-        for p in &plan.preemptions {
-            let Some(mut record) = jobs.get(&p.job).cloned() else { continue };
-            self.unplace(&mut record, format!("preempted by higher-priority job {}", p.by), Some(Hold::Preempted));
-            record.preemptions += 1;
-            changes.push(Change { record, event: Some(JobEvent::Preempted), message: format!("by {}", p.by) });
-        }
-        for job in jobs.iter().filter(|j| j.state.is_active() && !preempted.contains(&j.spec.name)) {
-            match verdict.get(&job.spec.name) {
-                Some(&(true, _)) => {
-                    let mut record = job.clone();
-                    self.unplace(&mut record, POWER_PAUSED.into(), Some(Hold::PowerPaused));
-                    changes.push(Change {
-                        record,
-                        event: Some(JobEvent::Paused),
-                        message: "the power budget cannot hold it".into(),
-                    });
-                }
-                Some(&(false, keep)) if (keep as usize) < job.shards.len() => {
-                    let mut record = job.clone();
-                    record.shards.truncate(keep as usize);
-                    record.epoch += 1;
-                    record.resized_unix_ms = unix_ms();
-                    record.state = JobState::Starting;
-                    record.message = format!("shrunk to {keep} shard(s): the power budget cannot hold more");
-                    let message = record.message.clone();
-                    changes.push(Change { record, event: Some(JobEvent::Shrunk), message });
-                }
-                _ => {}
+        // Nodes whose lease ran out: no session from now on, until they register again.
+        if !decisions.newly_lost.is_empty() {
+            self.registry.mark_lost(&decisions.newly_lost);
+            let lease = humantime::format_duration(self.settings.node_lease);
+            for node in &decisions.newly_lost {
+                self.emit("node", node, "lost", format!("not heard from for {lease}"));
             }
         }
-        // Nothing started, stopped, paused or shrunk: a shrunk job may grow back.
-        let quiet = changes.is_empty() && plan.starts.is_empty();
-        let mut ports: HashMap<String, HashSet<u16>> = HashMap::new();
-        for job in jobs.iter().filter(|j| j.state.is_active()) {
-            if let Some(first) = job.shards.first() {
-                ports.entry(first.node.clone()).or_default().insert(job.master_port);
-            }
-        }
-        for mut start in plan.starts {
-            let Some(mut record) = jobs.get(&start.job).cloned() else { continue };
-            match verdict.get(&start.job) {
-                Some(&(true, _)) => {
-                    if record.hold != Some(Hold::PowerWaiting) {
-                        record.message = POWER_WAITING.into();
-                        record.hold = Some(Hold::PowerWaiting);
-                        changes.push(Change { record, event: None, message: String::new() });
-                    }
-                    continue;
-                }
-                Some(&(false, keep)) => start.shards.truncate(keep as usize),
-                None => {}
-            }
-            let used = ports.entry(start.shards[0].node.clone()).or_default();
-            record.master_port = pick_master_port(used);
-            used.insert(record.master_port);
-            record.state = JobState::Starting;
-            record.epoch += 1;
-            record.resized_unix_ms = unix_ms();
-            let summary = placement_summary(&start.shards);
-            record.shards = start.shards;
-            record.message = format!("placed: {summary}");
-            record.hold = None;
-            changes.push(Change { record, event: Some(JobEvent::Placed), message: summary });
-        }
-        for waiting in plan.waiting {
-            let Some(record) = jobs.get(&waiting.job) else { continue };
-            // A reason of its own (preempted, node lost, power) stands over the scheduler's.
-            if record.message != waiting.reason && record.hold.is_none() {
-                let mut record = record.clone();
-                record.message = waiting.reason;
-                changes.push(Change { record, event: None, message: String::new() });
-            }
-        }
-        self.apply(&mut jobs, changes).await;
-
-        // 7. Growth of a job below its size, when everything else is settled.
-        if quiet {
-            if let Some(record) = self.regrow(&power, &jobs, &nodes, &admission, unix_ms()) {
-                let message = record.message.clone();
-                self.apply(&mut jobs, vec![Change { record, event: Some(JobEvent::Grown), message }]).await;
-                admission = self.admit(&power, &jobs, &HashSet::new(), &[]);
-            }
+        // `place` was decided on top of `settle`: stored only once `settle` is.
+        if self.apply(&mut jobs, decisions.settle).await {
+            self.apply(&mut jobs, decisions.place).await;
         }
 
-        // 8. Caps toward the allocation, through the planner: at most one order per node, each
+        // Caps toward the allocation, through the planner: at most one order per node, each
         // with an epoch reserved in the store first. The reservation is renewed while half a
         // block is still left, so a store that stops answering leaves ~500,000 orders — cuts
         // included — before any waits on it.
@@ -576,37 +454,34 @@ impl Controller {
         if let Err(e) = power.epochs.reserve(self.store.as_ref(), wanted).await {
             tracing::warn!(error = %e, "Cannot reserve cap-order epochs in the store; orders wait for it.");
         }
-        self.enforce(&mut power, &jobs, admission);
+        self.enforce(&mut power, &jobs, decisions.admission);
         drop(power);
 
-        // 9. Shard orders to agents.
+        // Shard orders to agents.
         self.send_orders(&jobs);
-        self.metrics.observe(&jobs, &self.registry, now, lease);
+        self.metrics.observe(&jobs, &self.registry, Instant::now(), self.settings.node_lease);
         self.metrics.observe_progress(&jobs, &self.progress);
         drop(jobs);
         self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     }
 
-    /// A rendezvous port on `node` that no other active job's rank 0 there uses.
-    pub(crate) fn free_master_port(&self, jobs: &JobTable, node: &str, except: &str) -> u16 {
-        let used: HashSet<u16> = jobs
-            .iter()
-            .filter(|j| {
-                j.state.is_active() && j.spec.name != except && j.shards.first().is_some_and(|s| s.node == node)
-            })
-            .map(|j| j.master_port)
-            .collect();
-        pick_master_port(&used)
-    }
-
-    /// Store `changes` in order (see [`JobTable::update_all`]) and announce the ones stored.
-    /// What could not be stored is logged and decided again on the next pass.
-    async fn apply(&self, jobs: &mut JobTable, changes: Vec<Change>) {
+    /// Store `changes` in order (see [`JobTable::update_all`]), each with its reason as the job's
+    /// message, and announce the ones stored. What could not be stored is logged and decided
+    /// again on the next pass. Returns whether every change was stored.
+    async fn apply(&self, jobs: &mut JobTable, changes: Vec<JobChange>) -> bool {
         if changes.is_empty() {
-            return;
+            return true;
         }
-        let records = changes.iter().map(|c| c.record.clone()).collect();
+        let records = changes
+            .iter()
+            .map(|c| {
+                let mut record = c.record.clone();
+                record.message = c.reason.to_string();
+                record
+            })
+            .collect();
         let (stored, error) = jobs.update_all(records).await;
+        let all = error.is_none();
         if let Some(e) = error {
             tracing::warn!(error = %e, stored, unstored = changes.len() - stored, "Cannot store job changes; will retry.");
         }
@@ -617,43 +492,9 @@ impl Controller {
                 JobEvent::Placed => self.metrics.placements.inc_by(change.record.shards.len() as u64),
                 _ => {}
             }
-            self.emit("job", &change.record.spec.name, event.as_str(), change.message);
+            self.emit("job", &change.record.spec.name, event.as_str(), change.reason.event_text());
         }
-    }
-
-    /// The next state of an active job from its shards' reports, if it changes.
-    fn advance(&self, job: &JobRecord) -> Option<JobRecord> {
-        let nodes = self.registry.lock();
-        let states: Vec<Option<pb::ShardState>> =
-            (0..job.shards.len()).map(|i| reported_state(&nodes, job, i)).collect();
-        drop(nodes);
-        let all = |want: pb::ShardState| states.iter().all(|s| *s == Some(want));
-        let mut next = job.clone();
-        if let Some(i) = states.iter().position(|s| *s == Some(pb::ShardState::Failed)) {
-            self.unplace(&mut next, format!("shard {i} on {} failed", job.shards[i].node), None);
-            if let Some(why) = next.last_run.get(i).map(describe_end).filter(|w| !w.is_empty()) {
-                next.message = format!("shard {i} on {} {why}", job.shards[i].node);
-            }
-            next.state = JobState::Failed;
-        } else if all(pb::ShardState::Succeeded) {
-            self.unplace(&mut next, "every shard finished".into(), None);
-            next.state = JobState::Succeeded;
-        } else if job.state == JobState::Starting && all(pb::ShardState::Running) {
-            next.state = JobState::Running;
-            next.message = format!("running {} shard(s)", job.shards.len());
-        } else {
-            return None;
-        }
-        Some(next)
-    }
-
-    /// Take `record` off its GPUs, keeping where it ran and how each shard ended.
-    fn unplace(&self, record: &mut JobRecord, message: String, hold: Option<Hold>) {
-        let nodes = self.registry.lock();
-        let job = record.spec.name.clone();
-        record.unplace(message, hold, unix_ms(), &|node, shard| {
-            nodes.get(node).and_then(|n| n.shard_statuses.get(&(job.clone(), shard))).cloned()
-        });
+        all
     }
 
     /// Send every connected agent what it lacks: starts for shards it should run, stops for
@@ -757,34 +598,11 @@ impl Controller {
 }
 
 /// What the agent running shard `i` of `job` last reported of it at the job's current epoch.
-fn reported_state(
-    nodes: &HashMap<String, crate::registry::NodeEntry>,
-    job: &JobRecord,
-    i: usize,
-) -> Option<pb::ShardState> {
+fn reported_state(nodes: &crate::registry::Nodes, job: &JobRecord, i: usize) -> Option<pb::ShardState> {
     nodes
         .get(&job.shards.get(i)?.node)?
         .shards
         .get(&(job.spec.name.clone(), i as u32))
         .filter(|(epoch, _)| *epoch == job.epoch)
         .map(|(_, state)| *state)
-}
-
-/// "exited 3 after 1 restart", else the agent's words, or "" when nothing is known.
-fn describe_end(o: &crate::jobs::ShardOutcome) -> String {
-    watt_common::shard_end::describe(o.exit_code, o.signal, o.restarts).unwrap_or_else(|| o.message.clone())
-}
-
-/// "4 shards on gpu-a [0,1], gpu-b [0,1], ..." — short enough for an event line.
-fn placement_summary(shards: &[crate::scheduler::ShardAssignment]) -> String {
-    let mut per_node: Vec<(String, usize)> = Vec::new();
-    for s in shards {
-        match per_node.iter_mut().find(|(n, _)| *n == s.node) {
-            Some((_, count)) => *count += 1,
-            None => per_node.push((s.node.clone(), 1)),
-        }
-    }
-    let nodes: Vec<String> = per_node.iter().take(8).map(|(n, c)| format!("{n}×{c}")).collect();
-    let more = if per_node.len() > 8 { format!(" and {} more nodes", per_node.len() - 8) } else { String::new() };
-    format!("{} shard(s) on {}{more}", shards.len(), nodes.join(", "))
 }

@@ -16,7 +16,6 @@ use tokio::time::Instant;
 use watt_proto::v1 as pb;
 
 use crate::power::planner::{GpuCap, GpuWork, NodeCaps};
-use crate::scheduler;
 
 /// (job, shard)
 pub type ShardKey = (String, u32);
@@ -172,6 +171,11 @@ impl NodeEntry {
         changes
     }
 
+    /// An order to it has not been acknowledged yet.
+    pub fn owes_ack(&self) -> bool {
+        self.power.gpus.iter().any(|g| g.in_flight.is_some())
+    }
+
     /// What the node's GPUs draw, as its last telemetry says (GPUs that answered).
     pub fn drawn_gpu_watts(&self) -> f64 {
         self.telemetry.as_ref().map_or(0.0, |t| t.gpus.iter().filter(|g| g.up).map(|g| g.power_watts).sum())
@@ -197,9 +201,72 @@ impl NodeEntry {
     }
 }
 
+/// Acknowledgements owed since the last pass (see [`crate::power::acks`]): set by the pass, counted
+/// down by the session handlers. They live inside the registry's lock, beside the orders they
+/// count, so the two cannot disagree.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OwedAcks {
+    /// Reachable nodes with an order not yet acknowledged.
+    pub nodes: usize,
+    /// The pass left target caps unordered (increases waiting for headroom or their turn).
+    pub more_to_order: bool,
+}
+
+/// What an acknowledgement settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckEffect {
+    /// The node still owes one, or the others do.
+    Nothing,
+    /// It was the last node owing one: what waited on those decreases may be sent.
+    LastOwed { more_to_order: bool },
+}
+
+/// Every node, behind the registry's lock. Nodes are added only by registering (or being
+/// expected at start) and never removed; what the lock guards is reached through these methods.
+#[derive(Debug, Default)]
+pub struct Nodes {
+    map: HashMap<String, NodeEntry>,
+    owed: OwedAcks,
+}
+
+impl Nodes {
+    pub fn get(&self, name: &str) -> Option<&NodeEntry> {
+        self.map.get(name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut NodeEntry> {
+        self.map.get_mut(name)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &NodeEntry> {
+        self.map.values()
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut NodeEntry> {
+        self.map.values_mut()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// After a pass sent its orders: how many reachable nodes owe an acknowledgement now.
+    pub fn set_owed(&mut self, owed: OwedAcks) {
+        self.owed = owed;
+    }
+
+    pub fn owed(&self) -> OwedAcks {
+        self.owed
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Registry {
-    nodes: Mutex<HashMap<String, NodeEntry>>,
+    nodes: Mutex<Nodes>,
     next_session: AtomicU64,
     /// The site's idle GPU allowance (f64 bits), as the last pass read it: telemetry compares
     /// each GPU's draw with it without taking the power lock.
@@ -215,7 +282,7 @@ impl Registry {
         self.idle_allowance.store(watts.to_bits(), Ordering::Relaxed);
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, HashMap<String, NodeEntry>> {
+    pub fn lock(&self) -> MutexGuard<'_, Nodes> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -294,7 +361,7 @@ impl Registry {
             shard_statuses: register.shards.iter().map(|s| ((s.job.clone(), s.shard), s.clone())).collect(),
             non_gpu_watts: register.non_gpu_power_watts,
         };
-        self.lock().insert(register.node_name.clone(), entry);
+        self.lock().map.insert(register.node_name.clone(), entry);
         id
     }
 
@@ -319,9 +386,9 @@ impl Registry {
     /// that never comes back is lost when its lease runs out and its jobs go back to waiting —
     /// instead of staying "running" on a node nobody hears from.
     pub fn expect(&self, nodes: impl IntoIterator<Item = String>, now: Instant, now_unix_ms: i64) {
-        let mut map = self.lock();
+        let mut known = self.lock();
         for name in nodes {
-            map.entry(name.clone()).or_insert_with(|| NodeEntry {
+            known.map.entry(name.clone()).or_insert_with(|| NodeEntry {
                 power: NodeCaps {
                     name: name.clone(),
                     gpus: Vec::new(),
@@ -355,6 +422,47 @@ impl Registry {
         }
     }
 
+    /// A cap acknowledgement on `session` (see [`crate::power::planner::apply_ack`]): the caps the
+    /// agent reads back, whether it enforces them, its mode. Counts the node off the owed ones
+    /// when it settles its last order. `None`: the session was replaced.
+    pub fn acknowledge(
+        &self,
+        node: &str,
+        session: u64,
+        epoch: u64,
+        applied: &[(u32, f64)],
+        enforced: bool,
+        mode: pb::EnforceMode,
+    ) -> Option<AckEffect> {
+        let mut nodes = self.lock();
+        let Nodes { map, owed } = &mut *nodes;
+        let e = map.get_mut(node).filter(|e| e.session.as_ref().map(|s| s.id) == Some(session))?;
+        let owed_before = e.owes_ack();
+        crate::power::planner::apply_ack(&mut e.power, epoch, applied, enforced);
+        e.enforce_mode = mode;
+        if !(owed_before && !e.owes_ack() && e.power.reachable) || owed.nodes == 0 {
+            return Some(AckEffect::Nothing);
+        }
+        owed.nodes -= 1;
+        Some(if owed.nodes == 0 {
+            AckEffect::LastOwed { more_to_order: owed.more_to_order }
+        } else {
+            AckEffect::Nothing
+        })
+    }
+
+    /// Nodes whose lease ran out (decided by [`crate::decide`]): lost, without a session, until
+    /// they register again.
+    pub fn mark_lost(&self, names: &[String]) {
+        let mut nodes = self.lock();
+        for name in names {
+            if let Some(e) = nodes.get_mut(name) {
+                e.lost = true;
+                e.session = None;
+            }
+        }
+    }
+
     /// The session ended. The node keeps its lease until it runs out.
     pub fn disconnect(&self, node: &str, session: u64) {
         self.with_session(node, session, |e| {
@@ -363,20 +471,74 @@ impl Registry {
         });
     }
 
-    /// Ready nodes as the scheduler sees them.
-    pub fn schedulable(&self, now: Instant, lease: Duration) -> Vec<scheduler::Node> {
-        let nodes = self.lock();
-        let mut out: Vec<scheduler::Node> = nodes
-            .values()
-            .filter(|e| e.state(now, lease) == NodeState::Ready)
-            .map(|e| scheduler::Node { name: e.name.clone(), gpus: e.gpus.iter().map(|g| g.index).collect() })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-
     /// The most GPUs any registered node has (0 with no nodes).
     pub fn largest_node_gpus(&self) -> usize {
         self.lock().values().filter(|e| !e.lost).map(|e| e.gpus.len()).max().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::power::planner::InFlight;
+
+    fn register(registry: &Registry, name: &str) -> u64 {
+        let r = pb::Register {
+            node_name: name.into(),
+            gpus: vec![pb::GpuInventory {
+                index: 0,
+                power_limit: Some(pb::PowerLimitRange { min_watts: 200.0, max_watts: 700.0, default_watts: 700.0 }),
+                current_limit_watts: 700.0,
+                ..Default::default()
+            }],
+            enforce_mode: pb::EnforceMode::On as i32,
+            ..Default::default()
+        };
+        let (tx, _rx) = mpsc::channel(1);
+        registry.register(&r, None, tx, Arc::new(AtomicBool::new(true)), Instant::now(), 0)
+    }
+
+    fn order(registry: &Registry, name: &str, epoch: u64) {
+        let mut nodes = registry.lock();
+        let g = &mut nodes.get_mut(name).unwrap().power.gpus[0];
+        g.in_flight = Some(InFlight { target: 300.0, upper: 700.0, epoch, sent_ms: 0 });
+    }
+
+    #[tokio::test]
+    async fn only_the_last_node_owing_an_acknowledgement_settles_the_event() {
+        let registry = Registry::default();
+        let a = register(&registry, "a");
+        let b = register(&registry, "b");
+        order(&registry, "a", 1);
+        order(&registry, "b", 2);
+        registry.lock().set_owed(OwedAcks { nodes: 2, more_to_order: true });
+        let on = pb::EnforceMode::On;
+
+        assert_eq!(registry.acknowledge("a", a, 1, &[(0, 300.0)], true, on), Some(AckEffect::Nothing));
+        // The same node again: it owed nothing more, so it does not count twice.
+        assert_eq!(registry.acknowledge("a", a, 1, &[(0, 300.0)], true, on), Some(AckEffect::Nothing));
+        assert_eq!(registry.lock().owed().nodes, 1);
+        // An older session's answer does not count.
+        assert_eq!(registry.acknowledge("b", b + 100, 2, &[(0, 300.0)], true, on), None);
+        assert_eq!(
+            registry.acknowledge("b", b, 2, &[(0, 300.0)], true, on),
+            Some(AckEffect::LastOwed { more_to_order: true })
+        );
+        assert_eq!(registry.lock().owed().nodes, 0);
+        assert!(!registry.lock().get("b").unwrap().owes_ack());
+    }
+
+    #[tokio::test]
+    async fn a_node_gone_for_good_is_lost_once_and_loses_its_session() {
+        let registry = Registry::default();
+        register(&registry, "a");
+        registry.expect(["a".to_string(), "gone".to_string()], Instant::now(), 0);
+        assert_eq!(registry.lock().len(), 2, "an expected node is known; a registered one is not replaced");
+        assert!(registry.lock().get("a").unwrap().session.is_some());
+        registry.mark_lost(&["a".to_string()]);
+        let nodes = registry.lock();
+        let a = nodes.get("a").unwrap();
+        assert!(a.lost && a.session.is_none());
+        assert_eq!(a.state(Instant::now(), Duration::from_secs(60)), NodeState::Lost);
     }
 }

@@ -69,7 +69,28 @@ pub struct Preemption {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waiting {
     pub job: String,
-    pub reason: String,
+    pub reason: WaitReason,
+}
+
+/// Why the scheduler left a job waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitReason {
+    /// Zero GPUs a shard, zero shards, or a minimum above the maximum (validation keeps these out).
+    InvalidRequest,
+    /// Not enough GPUs free, even after preempting every lower-priority job it may.
+    NoRoom { min_shards: usize, gpus_per_shard: usize, fit_now: usize },
+}
+
+impl std::fmt::Display for WaitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            WaitReason::InvalidRequest => f.write_str("invalid request"),
+            WaitReason::NoRoom { min_shards, gpus_per_shard, fit_now } => write!(
+                f,
+                "waiting for room: needs {min_shards} shard(s) of {gpus_per_shard} GPU(s) on one node each; {fit_now} fit now"
+            ),
+        }
+    }
 }
 
 /// What to do: apply preemptions first (their GPUs are what some starts stand on), then starts.
@@ -217,7 +238,7 @@ pub fn schedule(nodes: &[Node], running: &[RunningJob], pending: &[JobRequest]) 
         let g = job.gpus_per_shard as usize;
         let (min, max) = (job.shards.min as usize, job.shards.max as usize);
         if g == 0 || min == 0 || min > max {
-            plan.waiting.push(Waiting { job: job.name.clone(), reason: "invalid request".into() });
+            plan.waiting.push(Waiting { job: job.name.clone(), reason: WaitReason::InvalidRequest });
             continue;
         }
         if capacity.shards_that_fit(g, min) < min {
@@ -226,9 +247,7 @@ pub fn schedule(nodes: &[Node], running: &[RunningJob], pending: &[JobRequest]) 
                 let free_shards = capacity.shards_that_fit(g, usize::MAX);
                 plan.waiting.push(Waiting {
                     job: job.name.clone(),
-                    reason: format!(
-                        "waiting for room: needs {min} shard(s) of {g} GPU(s) on one node each; {free_shards} fit now"
-                    ),
+                    reason: WaitReason::NoRoom { min_shards: min, gpus_per_shard: g, fit_now: free_shards },
                 });
                 continue;
             }

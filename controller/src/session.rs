@@ -17,6 +17,7 @@ use watt_proto::v1 as pb;
 use watt_proto::v1::agent_message::Body;
 
 use crate::reconcile::{unix_ms, Controller};
+use crate::registry::AckEffect;
 
 /// How many orders may wait for one agent before the reconcile loop holds back.
 const SESSION_QUEUE: usize = 256;
@@ -235,20 +236,17 @@ async fn serve_inbound(
                     pb::EnforceMode::Unspecified => pb::EnforceMode::On,
                     mode => mode,
                 };
-                let owed = |e: &crate::registry::NodeEntry| e.power.gpus.iter().any(|g| g.in_flight.is_some());
-                let last = c
-                    .registry
-                    .with_session(node, session, |e| {
-                        let owed_before = owed(e);
-                        // The agent's mode, not the outcome: a stale answer from a dry-run agent
-                        // does not make it enforce.
-                        let enforced = mode == pb::EnforceMode::On && outcome != pb::CapOutcome::NotEnforced;
-                        crate::power::planner::apply_ack(&mut e.power, ack.epoch, &applied, enforced);
-                        e.enforce_mode = mode;
-                        // Counted here, under the registry lock, as the pass counts.
-                        owed_before && !owed(e) && e.power.reachable && c.acks.node_settled(&c.metrics)
-                    })
-                    .unwrap_or(false);
+                // The agent's mode, not the outcome: a stale answer from a dry-run agent does not
+                // make it enforce.
+                let enforced = mode == pb::EnforceMode::On && outcome != pb::CapOutcome::NotEnforced;
+                let effect = c.registry.acknowledge(node, session, ack.epoch, &applied, enforced, mode);
+                let last = match effect {
+                    Some(AckEffect::LastOwed { more_to_order }) => {
+                        c.acks.last_owed_settled(more_to_order, &c.metrics);
+                        true
+                    }
+                    Some(AckEffect::Nothing) | None => false,
+                };
                 // Applied, answered by a node that does not enforce, or overtaken by a newer
                 // order: nothing went wrong.
                 let error = match outcome {

@@ -6,6 +6,7 @@
 //! milliseconds, never read from a clock.
 
 pub mod acks;
+pub mod admission;
 pub mod allocator;
 pub mod epochs;
 pub mod meter;

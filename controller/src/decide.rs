@@ -1,0 +1,815 @@
+//! Every job decision of a reconcile pass, in one pure function: [`decide`]`(view, now) ->`
+//! [`Decisions`]. Where a job is placed, preempted, paused, shrunk, grown, failed or finished, and
+//! why, is decided here and nowhere else.
+//!
+//! The [`View`] is a plain snapshot the shell (`reconcile.rs`) gathers under its locks: the jobs
+//! not ended, the nodes with their leases, what each shard's node reported of it, and the power
+//! budget's inputs. `decide` reads no clock, no store and no lock: time comes in as [`Now`], so
+//! every time-dependent branch (a lease running out, a resize cool-down) is a unit test.
+//!
+//! The decisions come in two stages, stored in order: `settle` (nodes whose lease ran out, shard
+//! reports) and `place` (preemptions, power pauses and shrinks, starts, waiting reasons, growth),
+//! which was decided on top of `settle`, so the shell stores it only once `settle` is wholly
+//! stored. Within `place`, preemptions come before the starts that stand on their GPUs. Each
+//! change carries a typed [`Reason`], rendered to the job's message only where it is stored.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use watt_proto::v1 as pb;
+
+use crate::jobs::{Hold, JobRecord, JobState, ShardOutcome};
+use crate::power::admission::{admit, Admission, PowerView};
+use crate::regrow::{regrow, RegrowTimes};
+use crate::scheduler::{self, RunningJob, ShardAssignment, WaitReason};
+
+/// Rendezvous ports handed to jobs' rank 0, as torchrun's default 29500 and up.
+const MASTER_PORTS: std::ops::Range<u16> = 29_500..30_500;
+
+/// The time a decision is made at: monotonic milliseconds for leases (see [`crate::clock`]),
+/// wall milliseconds for what is stored (resizes, when a run ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ms: i64,
+    pub wall_ms: i64,
+}
+
+/// A node as decisions see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    /// When it was last heard from, on the monotonic clock.
+    pub last_seen_ms: i64,
+    /// It holds a session now.
+    pub connected: bool,
+    /// An earlier pass already declared it lost.
+    pub marked_lost: bool,
+    /// Its GPUs' indices.
+    pub gpus: Vec<u32>,
+}
+
+impl NodeView {
+    pub fn state(&self, now_ms: i64, lease_ms: i64) -> crate::registry::NodeState {
+        use crate::registry::NodeState;
+        if self.marked_lost || now_ms - self.last_seen_ms > lease_ms {
+            NodeState::Lost
+        } else if self.connected {
+            NodeState::Ready
+        } else {
+            NodeState::Disconnected
+        }
+    }
+}
+
+/// What the node a shard is placed on last reported of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardReport {
+    pub epoch: u64,
+    pub state: pb::ShardState,
+    /// The full status (exit code, signal, restarts), kept in the job's last run when it ends.
+    pub status: Option<pb::ShardStatus>,
+}
+
+/// Everything [`decide`] reads.
+#[derive(Debug, Clone, Default)]
+pub struct View<'a> {
+    /// Every job not ended (pending or active), in name order.
+    pub jobs: Vec<&'a JobRecord>,
+    /// Every node the controller knows, in name order.
+    pub nodes: Vec<NodeView>,
+    /// Per active job, per shard: what its node reported of it.
+    pub reports: HashMap<String, Vec<Option<ShardReport>>>,
+    pub power: PowerView,
+    /// A node not heard from for longer is lost.
+    pub lease_ms: i64,
+    /// A job is resized at most once this often (see [`crate::regrow`]).
+    pub regrow_after_ms: i64,
+    pub regrow: RegrowTimes,
+}
+
+/// Why a job changed: rendered into its message where it is stored, never parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// A node it ran on was lost: back to waiting.
+    NodeLost {
+        node: String,
+    },
+    /// A shard failed (`end`: how its process ended, when known).
+    ShardFailed {
+        shard: usize,
+        node: String,
+        end: Option<String>,
+    },
+    /// Every shard finished.
+    Finished,
+    /// Every shard is running.
+    Running {
+        shards: usize,
+    },
+    Preempted {
+        by: String,
+    },
+    /// The budget cannot hold it at its minimum cap: off its GPUs until power returns.
+    PowerPaused,
+    /// The budget cannot hold all its shards.
+    Shrunk {
+        to: u32,
+    },
+    Placed {
+        summary: String,
+    },
+    /// GPUs are free but the budget cannot hold it at its minimum cap.
+    PowerWaiting,
+    Grown {
+        from: usize,
+        to: usize,
+    },
+    /// The scheduler's reason.
+    Waiting(WaitReason),
+    Cancelled,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NodeLost { node } => write!(f, "node {node} was lost; waiting to be rescheduled"),
+            Reason::ShardFailed { shard, node, end: Some(end) } => write!(f, "shard {shard} on {node} {end}"),
+            Reason::ShardFailed { shard, node, end: None } => write!(f, "shard {shard} on {node} failed"),
+            Reason::Finished => f.write_str("every shard finished"),
+            Reason::Running { shards } => write!(f, "running {shards} shard(s)"),
+            Reason::Preempted { by } => write!(f, "preempted by higher-priority job {by}"),
+            Reason::PowerPaused => f.write_str("paused: the power budget cannot hold it at its minimum cap"),
+            Reason::Shrunk { to } => write!(f, "shrunk to {to} shard(s): the power budget cannot hold more"),
+            Reason::Placed { summary } => write!(f, "placed: {summary}"),
+            Reason::PowerWaiting => f.write_str("waiting for power: the budget cannot hold it at its minimum cap"),
+            Reason::Grown { from, to } => write!(f, "grown from {from} to {to} shard(s): power and GPUs allow it"),
+            Reason::Waiting(why) => why.fmt(f),
+            Reason::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+impl Reason {
+    /// The text of the event that announces it.
+    pub fn event_text(&self) -> String {
+        match self {
+            Reason::Preempted { by } => format!("by {by}"),
+            Reason::PowerPaused => "the power budget cannot hold it".into(),
+            Reason::Placed { summary } => summary.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// What a stored change announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobEvent {
+    /// Its node was lost: back to waiting.
+    Rescheduling,
+    Preempted,
+    /// Off its GPUs for lack of power.
+    Paused,
+    Shrunk,
+    Placed,
+    Grown,
+    /// Its shards' reports moved it to this state.
+    Reached(JobState),
+}
+
+impl JobEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobEvent::Rescheduling => "rescheduling",
+            JobEvent::Preempted => "preempted",
+            JobEvent::Paused => "paused",
+            JobEvent::Shrunk => "shrunk",
+            JobEvent::Placed => "placed",
+            JobEvent::Grown => "grown",
+            JobEvent::Reached(state) => state.as_str(),
+        }
+    }
+}
+
+/// One decided change to a job: its next record, the event it announces once stored (none for a
+/// changed waiting reason), and why.
+#[derive(Debug, Clone)]
+pub struct JobChange {
+    pub record: JobRecord,
+    pub event: Option<JobEvent>,
+    pub reason: Reason,
+}
+
+/// What one pass decided.
+#[derive(Debug, Default)]
+pub struct Decisions {
+    /// Nodes whose lease ran out since the last pass.
+    pub newly_lost: Vec<String>,
+    /// Jobs off lost nodes, and jobs moved along by their shards' reports.
+    pub settle: Vec<JobChange>,
+    /// Decided on top of `settle`: preemptions, then power pauses and shrinks, then starts, then
+    /// changed waiting reasons; or, when nothing else changed, one job grown.
+    pub place: Vec<JobChange>,
+    /// The budget over what runs once `place` is stored: the caps the power half moves toward.
+    pub admission: Admission,
+    /// When growth may next be tried.
+    pub regrow: RegrowTimes,
+    /// The scheduler placed nothing and the budget took nothing away.
+    pub scheduler_idle: bool,
+}
+
+/// The jobs as this pass has decided them so far: the view's, with this pass's changes over them.
+struct Jobs<'a> {
+    order: &'a [&'a JobRecord],
+    changed: HashMap<String, JobRecord>,
+}
+
+impl<'a> Jobs<'a> {
+    fn get(&self, name: &str) -> Option<&JobRecord> {
+        self.changed.get(name).or_else(|| {
+            let i = self.order.binary_search_by(|j| j.spec.name.as_str().cmp(name)).ok()?;
+            Some(self.order[i])
+        })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &JobRecord> + '_ {
+        self.order.iter().map(|j| self.changed.get(&j.spec.name).unwrap_or(j))
+    }
+
+    fn set(&mut self, record: JobRecord) {
+        self.changed.insert(record.spec.name.clone(), record);
+    }
+}
+
+/// Every job decision of one pass (see the module header).
+pub fn decide(view: &View, now: Now) -> Decisions {
+    let mut jobs_sorted: Vec<&JobRecord> = view.jobs.clone();
+    jobs_sorted.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    let mut jobs = Jobs { order: &jobs_sorted, changed: HashMap::new() };
+
+    // 1. Nodes whose lease ran out: every job with a shard on one goes back to waiting (all its
+    // shards: gang). The others move along by what their shards reported.
+    let lost: HashSet<&str> = view
+        .nodes
+        .iter()
+        .filter(|n| n.state(now.mono_ms, view.lease_ms) == crate::registry::NodeState::Lost)
+        .map(|n| n.name.as_str())
+        .collect();
+    let newly_lost: Vec<String> = view
+        .nodes
+        .iter()
+        .filter(|n| !n.marked_lost && lost.contains(n.name.as_str()))
+        .map(|n| n.name.clone())
+        .collect();
+    let mut settle = Vec::new();
+    for job in jobs.iter().filter(|j| j.state.is_active()) {
+        if let Some(shard) = job.shards.iter().find(|s| lost.contains(s.node.as_str())) {
+            let mut record = job.clone();
+            unplace(&mut record, Some(Hold::NodeLost), view, now);
+            settle.push(JobChange {
+                record,
+                event: Some(JobEvent::Rescheduling),
+                reason: Reason::NodeLost { node: shard.node.clone() },
+            });
+        } else if let Some((record, reason)) = advance(job, view, now) {
+            settle.push(JobChange { event: Some(JobEvent::Reached(record.state)), record, reason });
+        }
+    }
+    for change in &settle {
+        jobs.set(change.record.clone());
+    }
+
+    // 2. Schedule what waits onto the ready nodes.
+    let ready: Vec<scheduler::Node> = view
+        .nodes
+        .iter()
+        .filter(|n| n.state(now.mono_ms, view.lease_ms) == crate::registry::NodeState::Ready)
+        .map(|n| scheduler::Node { name: n.name.clone(), gpus: n.gpus.clone() })
+        .collect();
+    let running: Vec<RunningJob> = jobs
+        .iter()
+        .filter(|j| j.state.is_active())
+        .map(|j| RunningJob { request: j.request(), shards: j.shards.clone() })
+        .collect();
+    let pending: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Pending).map(JobRecord::request).collect();
+    let plan = scheduler::schedule(&ready, &running, &pending);
+
+    // 3. Power admission over what would run: new starts the budget cannot hold wait, running
+    // jobs it cannot hold shrink or pause.
+    let preempted: HashSet<&str> = plan.preemptions.iter().map(|p| p.job.as_str()).collect();
+    let admission = {
+        let mut runs: Vec<(&JobRecord, &[ShardAssignment])> = jobs
+            .iter()
+            .filter(|j| j.state.is_active() && !preempted.contains(j.spec.name.as_str()))
+            .map(|j| (j, j.shards.as_slice()))
+            .collect();
+        runs.extend(plan.starts.iter().filter_map(|s| Some((jobs.get(&s.job)?, s.shards.as_slice()))));
+        admit(&view.power, &runs)
+    };
+    let verdict: HashMap<&str, (bool, u32)> = admission
+        .allocation
+        .as_ref()
+        .map(|a| a.jobs.iter().map(|j| (j.name.as_str(), (j.paused, j.shards))).collect())
+        .unwrap_or_default();
+
+    // 4. In one ordered batch: preemptions first (their GPUs are what starts stand on), then
+    // power pauses and shrinks, then starts, then changed waiting reasons.
+    let mut place = Vec::new();
+    for p in &plan.preemptions {
+        let Some(mut record) = jobs.get(&p.job).cloned() else { continue };
+        unplace(&mut record, Some(Hold::Preempted), view, now);
+        record.preemptions += 1;
+        place.push(JobChange {
+            record,
+            event: Some(JobEvent::Preempted),
+            reason: Reason::Preempted { by: p.by.clone() },
+        });
+    }
+    for job in jobs.iter().filter(|j| j.state.is_active() && !preempted.contains(j.spec.name.as_str())) {
+        match verdict.get(job.spec.name.as_str()) {
+            Some(&(true, _)) => {
+                let mut record = job.clone();
+                unplace(&mut record, Some(Hold::PowerPaused), view, now);
+                place.push(JobChange { record, event: Some(JobEvent::Paused), reason: Reason::PowerPaused });
+            }
+            Some(&(false, keep)) if (keep as usize) < job.shards.len() => {
+                let mut record = job.clone();
+                record.shards.truncate(keep as usize);
+                record.epoch += 1;
+                record.resized_unix_ms = now.wall_ms;
+                record.state = JobState::Starting;
+                place.push(JobChange { record, event: Some(JobEvent::Shrunk), reason: Reason::Shrunk { to: keep } });
+            }
+            _ => {}
+        }
+    }
+    // Nothing started, stopped, paused or shrunk: a shrunk job may grow back.
+    let quiet = place.is_empty() && plan.starts.is_empty();
+    let mut ports: HashMap<&str, HashSet<u16>> = HashMap::new();
+    for job in jobs.iter().filter(|j| j.state.is_active()) {
+        if let Some(first) = job.shards.first() {
+            ports.entry(first.node.as_str()).or_default().insert(job.master_port);
+        }
+    }
+    for start in &plan.starts {
+        let Some(mut record) = jobs.get(&start.job).cloned() else { continue };
+        let mut shards = start.shards.clone();
+        match verdict.get(start.job.as_str()) {
+            Some(&(true, _)) => {
+                if record.hold != Some(Hold::PowerWaiting) {
+                    record.hold = Some(Hold::PowerWaiting);
+                    place.push(JobChange { record, event: None, reason: Reason::PowerWaiting });
+                }
+                continue;
+            }
+            Some(&(false, keep)) => shards.truncate(keep as usize),
+            None => {}
+        }
+        let used = ports.entry(start.shards[0].node.as_str()).or_default();
+        record.master_port = pick_master_port(used);
+        used.insert(record.master_port);
+        record.state = JobState::Starting;
+        record.epoch += 1;
+        record.resized_unix_ms = now.wall_ms;
+        let summary = placement_summary(&shards);
+        record.shards = shards;
+        record.hold = None;
+        place.push(JobChange { record, event: Some(JobEvent::Placed), reason: Reason::Placed { summary } });
+    }
+    for waiting in &plan.waiting {
+        let Some(record) = jobs.get(&waiting.job) else { continue };
+        // A reason of its own (preempted, node lost, power) stands over the scheduler's.
+        let reason = Reason::Waiting(waiting.reason);
+        if record.hold.is_none() && record.message != reason.to_string() {
+            place.push(JobChange { record: record.clone(), event: None, reason });
+        }
+    }
+
+    // 5. Growth of a job below its size, when everything else is settled.
+    let mut decisions = Decisions { newly_lost, settle, place, admission, regrow: view.regrow, scheduler_idle: quiet };
+    if quiet {
+        let current: Vec<&JobRecord> = jobs.iter().collect();
+        let growth =
+            regrow(&view.power, &current, &ready, &decisions.admission, view.regrow_after_ms, view.regrow, now.wall_ms);
+        decisions.regrow = growth.times;
+        if let Some((record, from)) = growth.grown {
+            let to = record.shards.len();
+            let runs: Vec<(&JobRecord, &[ShardAssignment])> = current
+                .iter()
+                .map(|j| if j.spec.name == record.spec.name { &record } else { *j })
+                .filter(|j| j.state.is_active())
+                .map(|j| (j, j.shards.as_slice()))
+                .collect();
+            decisions.admission = admit(&view.power, &runs);
+            decisions.place.push(JobChange {
+                record,
+                event: Some(JobEvent::Grown),
+                reason: Reason::Grown { from, to },
+            });
+        }
+    }
+    decisions
+}
+
+/// The next state of an active job from its shards' reports, if it changes.
+fn advance(job: &JobRecord, view: &View, now: Now) -> Option<(JobRecord, Reason)> {
+    let states: Vec<Option<pb::ShardState>> = (0..job.shards.len()).map(|i| reported(view, job, i)).collect();
+    let all = |want: pb::ShardState| states.iter().all(|s| *s == Some(want));
+    let mut next = job.clone();
+    if let Some(i) = states.iter().position(|s| *s == Some(pb::ShardState::Failed)) {
+        unplace(&mut next, None, view, now);
+        next.state = JobState::Failed;
+        let end = next.last_run.get(i).map(describe_end).filter(|w| !w.is_empty());
+        Some((next, Reason::ShardFailed { shard: i, node: job.shards[i].node.clone(), end }))
+    } else if all(pb::ShardState::Succeeded) {
+        unplace(&mut next, None, view, now);
+        next.state = JobState::Succeeded;
+        Some((next, Reason::Finished))
+    } else if job.state == JobState::Starting && all(pb::ShardState::Running) {
+        next.state = JobState::Running;
+        Some((next, Reason::Running { shards: job.shards.len() }))
+    } else {
+        None
+    }
+}
+
+/// What the node running shard `i` of `job` last reported of it at the job's current epoch.
+fn reported(view: &View, job: &JobRecord, i: usize) -> Option<pb::ShardState> {
+    let report = view.reports.get(&job.spec.name)?.get(i)?.as_ref()?;
+    (report.epoch == job.epoch).then_some(report.state)
+}
+
+/// Take `record` off its GPUs, keeping where it ran and how each shard ended.
+fn unplace(record: &mut JobRecord, hold: Option<Hold>, view: &View, now: Now) {
+    let reports = view.reports.get(&record.spec.name);
+    record.unplace(hold, now.wall_ms, &|_node, shard| reports?.get(shard as usize)?.as_ref()?.status.clone());
+}
+
+/// "exited 3 after 1 restart", else the agent's words, or "" when nothing is known.
+fn describe_end(o: &ShardOutcome) -> String {
+    watt_common::shard_end::describe(o.exit_code, o.signal, o.restarts).unwrap_or_else(|| o.message.clone())
+}
+
+/// The first rendezvous port not in `used` (rank 0 of other jobs on the same node). A node runs
+/// at most as many jobs as it has GPUs, far fewer than the range holds.
+pub fn pick_master_port(used: &HashSet<u16>) -> u16 {
+    MASTER_PORTS.clone().find(|p| !used.contains(p)).unwrap_or(MASTER_PORTS.start)
+}
+
+/// A rendezvous port on `node` that no other active job's rank 0 there uses.
+pub fn free_master_port(jobs: &[&JobRecord], node: &str, except: &str) -> u16 {
+    let used: HashSet<u16> = jobs
+        .iter()
+        .filter(|j| j.state.is_active() && j.spec.name != except && j.shards.first().is_some_and(|s| s.node == node))
+        .map(|j| j.master_port)
+        .collect();
+    pick_master_port(&used)
+}
+
+/// "4 shards on gpu-a×2, gpu-b×2" — short enough for an event line.
+fn placement_summary(shards: &[ShardAssignment]) -> String {
+    let mut per_node: Vec<(&str, usize)> = Vec::new();
+    for s in shards {
+        match per_node.iter_mut().find(|(n, _)| *n == s.node) {
+            Some((_, count)) => *count += 1,
+            None => per_node.push((&s.node, 1)),
+        }
+    }
+    let nodes: Vec<String> = per_node.iter().take(8).map(|(n, c)| format!("{n}×{c}")).collect();
+    let more = if per_node.len() > 8 { format!(" and {} more nodes", per_node.len() - 8) } else { String::new() };
+    format!("{} shard(s) on {}{more}", shards.len(), nodes.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::power::planner::{GpuCap, GpuWork, NodeCaps};
+    use crate::spec::{JobSpec, ShardRange};
+
+    const LEASE_MS: i64 = 10_000;
+    const REGROW_AFTER_MS: i64 = 30_000;
+
+    fn record(name: &str, priority: i64, shards: (u32, u32), state: JobState, placed: &[&str]) -> JobRecord {
+        JobRecord {
+            spec: JobSpec {
+                name: name.into(),
+                priority,
+                shards: ShardRange { min: shards.0, max: shards.1 },
+                gpus_per_shard: 8,
+                command: vec!["train".into()],
+                env: Default::default(),
+                workdir: None,
+                checkpoint_dir: None,
+                flex: 0.0,
+                max_restarts: 0,
+                stop_grace_ms: 1_000,
+            },
+            state,
+            sequence: 1,
+            submitted_unix_ms: 0,
+            epoch: u64::from(!placed.is_empty()),
+            shards: placed.iter().map(|n| ShardAssignment { node: (*n).into(), gpus: (0..8).collect() }).collect(),
+            master_port: if placed.is_empty() { 0 } else { 29_500 },
+            message: String::new(),
+            preemptions: 0,
+            resized_unix_ms: 0,
+            last_run: Vec::new(),
+            hold: None,
+        }
+    }
+
+    /// A cluster of 8-GPU nodes (200–700 W each GPU), all heard from at time 0.
+    struct Cluster {
+        jobs: Vec<JobRecord>,
+        nodes: Vec<NodeView>,
+        reports: HashMap<String, Vec<Option<ShardReport>>>,
+        available_watts: f64,
+        regrow: RegrowTimes,
+    }
+
+    impl Cluster {
+        fn new(nodes: &[&str]) -> Self {
+            Cluster {
+                jobs: Vec::new(),
+                nodes: nodes
+                    .iter()
+                    .map(|n| NodeView {
+                        name: (*n).into(),
+                        last_seen_ms: 0,
+                        connected: true,
+                        marked_lost: false,
+                        gpus: (0..8).collect(),
+                    })
+                    .collect(),
+                reports: HashMap::new(),
+                available_watts: f64::INFINITY,
+                regrow: RegrowTimes::default(),
+            }
+        }
+
+        fn report(&mut self, job: &str, states: &[(u64, pb::ShardState, Option<pb::ShardStatus>)]) {
+            let reports = states.iter().map(|(epoch, state, status)| {
+                Some(ShardReport { epoch: *epoch, state: *state, status: status.clone() })
+            });
+            self.reports.insert(job.into(), reports.collect());
+        }
+
+        fn decide(&self, mono_ms: i64, wall_ms: i64) -> Decisions {
+            let mut power = PowerView { available_watts: self.available_watts, ..PowerView::default() };
+            for n in &self.nodes {
+                let gpus = n
+                    .gpus
+                    .iter()
+                    .map(|&index| GpuCap {
+                        index,
+                        min_watts: 200.0,
+                        max_watts: 700.0,
+                        failsafe_watts: 200.0,
+                        acked_watts: 700.0,
+                        in_flight: None,
+                        work: GpuWork::Idle,
+                        measured_watts: 0.0,
+                        answered_watts: None,
+                    })
+                    .collect();
+                let caps = NodeCaps {
+                    name: n.name.clone(),
+                    gpus,
+                    overhead_watts: 0.0,
+                    reachable: true,
+                    failsafe_at_ms: i64::MAX,
+                    enforcing: true,
+                };
+                power.add_node(&caps, 0.0);
+            }
+            let view = View {
+                jobs: self.jobs.iter().collect(),
+                nodes: self.nodes.clone(),
+                reports: self.reports.clone(),
+                power,
+                lease_ms: LEASE_MS,
+                regrow_after_ms: REGROW_AFTER_MS,
+                regrow: self.regrow,
+            };
+            decide(&view, Now { mono_ms, wall_ms })
+        }
+    }
+
+    fn only(changes: &[JobChange]) -> &JobChange {
+        assert_eq!(changes.len(), 1, "{changes:#?}");
+        &changes[0]
+    }
+
+    #[test]
+    fn a_node_is_lost_the_moment_its_lease_runs_out_and_its_jobs_go_back_to_waiting() {
+        let mut c = Cluster::new(&["a", "b"]);
+        c.nodes[1].last_seen_ms = 5_000; // b is heard from later: it stays.
+        c.jobs.push(record("train", 0, (2, 2), JobState::Running, &["a", "b"]));
+
+        let d = c.decide(LEASE_MS, 0);
+        assert!(d.newly_lost.is_empty() && d.settle.is_empty(), "not before the lease ran out: {d:?}");
+
+        let d = c.decide(LEASE_MS + 1, 7);
+        assert_eq!(d.newly_lost, vec!["a".to_string()]);
+        let change = only(&d.settle);
+        assert_eq!(change.reason, Reason::NodeLost { node: "a".into() });
+        assert_eq!(change.event, Some(JobEvent::Rescheduling));
+        assert_eq!(change.record.state, JobState::Pending);
+        assert_eq!(change.record.hold, Some(Hold::NodeLost));
+        assert!(change.record.shards.is_empty());
+        assert_eq!(change.record.last_run.len(), 2, "where it ran is kept");
+        assert_eq!(change.record.last_run[0].ended_unix_ms, 7);
+        assert_eq!(change.reason.to_string(), "node a was lost; waiting to be rescheduled");
+
+        c.nodes[0].marked_lost = true;
+        let d = c.decide(LEASE_MS + 2, 0);
+        assert!(d.newly_lost.is_empty(), "announced once");
+        assert_eq!(only(&d.settle).reason, Reason::NodeLost { node: "a".into() });
+    }
+
+    #[test]
+    fn shard_reports_at_the_jobs_epoch_move_it_to_running_succeeded_or_failed() {
+        use pb::ShardState::{Failed, Running, Starting, Succeeded};
+        let mut c = Cluster::new(&["a", "b"]);
+        c.jobs.push(record("train", 0, (2, 2), JobState::Starting, &["a", "b"]));
+
+        c.report("train", &[(1, Running, None), (1, Starting, None)]);
+        assert!(c.decide(0, 0).settle.is_empty(), "one shard still starting");
+
+        c.report("train", &[(1, Running, None), (0, Running, None)]);
+        assert!(c.decide(0, 0).settle.is_empty(), "a report of an older run does not count");
+
+        c.report("train", &[(1, Running, None), (1, Running, None)]);
+        let d = c.decide(0, 0);
+        let change = only(&d.settle);
+        assert_eq!(change.reason, Reason::Running { shards: 2 });
+        assert_eq!(change.event, Some(JobEvent::Reached(JobState::Running)));
+
+        c.jobs[0].state = JobState::Running;
+        c.report("train", &[(1, Succeeded, None), (1, Succeeded, None)]);
+        let d = c.decide(0, 0);
+        let change = only(&d.settle);
+        assert_eq!((change.record.state, &change.reason), (JobState::Succeeded, &Reason::Finished));
+        assert!(change.record.shards.is_empty());
+
+        let status =
+            pb::ShardStatus { epoch: 1, state: Failed as i32, exit_code: Some(3), restarts: 1, ..Default::default() };
+        c.report("train", &[(1, Running, None), (1, Failed, Some(status))]);
+        let d = c.decide(0, 0);
+        let change = only(&d.settle);
+        assert_eq!(change.record.state, JobState::Failed);
+        assert_eq!(
+            change.reason,
+            Reason::ShardFailed { shard: 1, node: "b".into(), end: Some("exited 3 after 1 restart".into()) }
+        );
+        assert_eq!(change.reason.to_string(), "shard 1 on b exited 3 after 1 restart");
+        assert_eq!(change.record.last_run[1].exit_code, Some(3));
+
+        c.report("train", &[(1, Failed, None), (1, Running, None)]);
+        let d = c.decide(0, 0);
+        assert_eq!(only(&d.settle).reason, Reason::ShardFailed { shard: 0, node: "a".into(), end: None });
+        assert_eq!(only(&d.settle).reason.to_string(), "shard 0 on a failed");
+    }
+
+    #[test]
+    fn a_waiting_job_is_placed_on_ready_nodes_only() {
+        let mut c = Cluster::new(&["a", "b"]);
+        c.nodes[0].connected = false; // disconnected, lease not run out: not placed on
+        c.jobs.push(record("train", 0, (1, 1), JobState::Pending, &[]));
+        let d = c.decide(0, 42);
+        let change = only(&d.place);
+        assert_eq!(change.event, Some(JobEvent::Placed));
+        assert_eq!(change.reason, Reason::Placed { summary: "1 shard(s) on b×1".into() });
+        assert_eq!(change.reason.to_string(), "placed: 1 shard(s) on b×1");
+        let r = &change.record;
+        assert_eq!((r.state, r.epoch, r.master_port, r.resized_unix_ms), (JobState::Starting, 1, 29_500, 42));
+        assert_eq!(r.shards[0].node, "b");
+        assert!(!d.scheduler_idle);
+    }
+
+    #[test]
+    fn a_job_that_does_not_fit_waits_with_the_schedulers_reason_unless_it_has_its_own() {
+        let mut c = Cluster::new(&["a"]);
+        c.jobs.push(record("big", 0, (2, 2), JobState::Pending, &[]));
+        let d = c.decide(0, 0);
+        let change = only(&d.place);
+        let room = WaitReason::NoRoom { min_shards: 2, gpus_per_shard: 8, fit_now: 1 };
+        assert_eq!((change.event, &change.reason), (None, &Reason::Waiting(room)));
+        assert_eq!(
+            change.reason.to_string(),
+            "waiting for room: needs 2 shard(s) of 8 GPU(s) on one node each; 1 fit now"
+        );
+
+        c.jobs[0].message = change.reason.to_string();
+        assert!(c.decide(0, 0).place.is_empty(), "the same reason is not stored again");
+
+        c.jobs[0].message = Reason::Preempted { by: "x".into() }.to_string();
+        c.jobs[0].hold = Some(Hold::Preempted);
+        assert!(c.decide(0, 0).place.is_empty(), "its own reason stands over the scheduler's");
+    }
+
+    #[test]
+    fn a_higher_priority_job_preempts_and_the_preemption_is_stored_before_its_start() {
+        let mut c = Cluster::new(&["a"]);
+        c.jobs.push(record("low", 0, (1, 1), JobState::Running, &["a"]));
+        c.jobs.push(record("high", 5, (1, 1), JobState::Pending, &[]));
+        let d = c.decide(0, 0);
+        assert_eq!(d.place.len(), 2, "{:#?}", d.place);
+        let (preempt, start) = (&d.place[0], &d.place[1]);
+        assert_eq!(preempt.reason, Reason::Preempted { by: "high".into() });
+        assert_eq!(preempt.reason.event_text(), "by high");
+        assert_eq!((preempt.record.hold, preempt.record.preemptions), (Some(Hold::Preempted), 1));
+        assert_eq!(preempt.record.state, JobState::Pending);
+        assert_eq!((start.record.spec.name.as_str(), start.event), ("high", Some(JobEvent::Placed)));
+    }
+
+    #[test]
+    fn a_budget_below_a_jobs_minimum_pauses_it_and_holds_new_starts() {
+        // 8 GPUs at their 200 W minimum are 1,600 W; the limit is 95% of 1,000 W.
+        let mut c = Cluster::new(&["a", "b"]);
+        c.available_watts = 1_000.0;
+        c.jobs.push(record("running", 0, (1, 1), JobState::Running, &["a"]));
+        c.jobs.push(record("new", 0, (1, 1), JobState::Pending, &[]));
+        let d = c.decide(0, 0);
+        let paused = d.place.iter().find(|ch| ch.record.spec.name == "running").expect("paused");
+        assert_eq!((paused.event, &paused.reason), (Some(JobEvent::Paused), &Reason::PowerPaused));
+        assert_eq!((paused.record.state, paused.record.hold), (JobState::Pending, Some(Hold::PowerPaused)));
+        let held = d.place.iter().find(|ch| ch.record.spec.name == "new").expect("held");
+        assert_eq!((held.event, &held.reason), (None, &Reason::PowerWaiting));
+        assert_eq!(held.record.hold, Some(Hold::PowerWaiting));
+        assert_eq!(held.record.state, JobState::Pending, "not started");
+
+        // Next pass: the paused job, back in the queue, is held for power like the new one.
+        c.jobs[0] = paused.record.clone();
+        c.jobs[1] = held.record.clone();
+        let d = c.decide(0, 0);
+        let change = only(&d.place);
+        assert_eq!((change.record.spec.name.as_str(), &change.reason), ("running", &Reason::PowerWaiting));
+        c.jobs[0] = change.record.clone();
+        let d = c.decide(0, 0);
+        assert!(d.place.is_empty(), "a job already held for power is not changed again: {:?}", d.place);
+    }
+
+    #[test]
+    fn a_budget_that_holds_fewer_shards_shrinks_an_elastic_job() {
+        // Two shards at the minimum: 3,200 W. One shard at its minimum and the other node's
+        // GPUs idle (100 W each): 2,400 W. The limit, 95% of 2,700 W, holds only the second.
+        let mut c = Cluster::new(&["a", "b"]);
+        c.available_watts = 2_700.0;
+        c.jobs.push(record("elastic", 0, (1, 2), JobState::Running, &["a", "b"]));
+        let d = c.decide(0, 9);
+        let change = only(&d.place);
+        assert_eq!((change.event, &change.reason), (Some(JobEvent::Shrunk), &Reason::Shrunk { to: 1 }));
+        assert_eq!(change.record.shards.len(), 1);
+        assert_eq!((change.record.epoch, change.record.resized_unix_ms), (2, 9));
+        assert_eq!(change.record.state, JobState::Starting);
+    }
+
+    #[test]
+    fn a_shrunk_job_grows_back_once_its_cool_down_ran_out_and_nothing_else_changed() {
+        let mut c = Cluster::new(&["a", "b"]);
+        let mut job = record("elastic", 0, (1, 2), JobState::Running, &["a"]);
+        job.resized_unix_ms = 1_000;
+        c.jobs.push(job);
+
+        let d = c.decide(0, 1_000 + REGROW_AFTER_MS - 1);
+        assert!(d.place.is_empty(), "not during its cool-down: {:?}", d.place);
+        assert_eq!(d.regrow.due_unix_ms, 1_000 + REGROW_AFTER_MS, "a pass is due when it ends");
+
+        let d = c.decide(0, 1_000 + REGROW_AFTER_MS);
+        let change = only(&d.place);
+        assert_eq!((change.event, &change.reason), (Some(JobEvent::Grown), &Reason::Grown { from: 1, to: 2 }));
+        assert_eq!((change.record.shards.len(), change.record.epoch), (2, 2));
+        let allocation = d.admission.allocation.expect("admitted");
+        assert_eq!(allocation.jobs[0].shards, 2, "the caps are for the grown job");
+
+        // Something else changing in the same pass (a job placed) holds growth back.
+        c.nodes.push(NodeView {
+            name: "c".into(),
+            last_seen_ms: 0,
+            connected: true,
+            marked_lost: false,
+            gpus: (0..8).collect(),
+        });
+        c.jobs.push(record("other", 0, (1, 1), JobState::Pending, &[]));
+        let d = c.decide(0, 1_000 + REGROW_AFTER_MS);
+        assert!(d.place.iter().all(|ch| ch.event != Some(JobEvent::Grown)), "{:?}", d.place);
+    }
+
+    #[test]
+    fn growth_that_found_no_room_waits_before_trying_again() {
+        let mut c = Cluster::new(&["a"]);
+        c.jobs.push(record("elastic", 0, (1, 2), JobState::Running, &["a"]));
+        let d = c.decide(0, REGROW_AFTER_MS);
+        assert!(d.place.is_empty());
+        assert_eq!(d.regrow.next_attempt_unix_ms, REGROW_AFTER_MS + crate::regrow::RETRY_AFTER_MS);
+    }
+
+    #[test]
+    fn rank_zero_ports_differ_between_jobs_on_one_node() {
+        let used: HashSet<u16> = [29_500, 29_501].into();
+        assert_eq!(pick_master_port(&used), 29_502);
+        let a = record("a", 0, (1, 1), JobState::Running, &["n"]);
+        assert_eq!(free_master_port(&[&a], "n", "b"), 29_501);
+        assert_eq!(free_master_port(&[&a], "n", "a"), 29_500, "its own port is free to it");
+    }
+}

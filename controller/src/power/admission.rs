@@ -1,0 +1,143 @@
+//! Admission: which jobs the power budget can hold, and at how many shards. Pure: the budget's
+//! inputs come in a [`PowerView`] gathered once per pass, so admission can run many times in a
+//! pass (the decision, then growth's trials) without touching the registry.
+//!
+//! Every GPU counts (invariant 1, ARCHITECTURE.md): GPUs outside the jobs being allocated enter
+//! the allocator as what they will count once parked at their minimum cap, and the floor — the
+//! least the cluster can draw with every job paused — decides whether a limit is infeasible.
+
+use std::collections::HashMap;
+
+use crate::jobs::JobRecord;
+use crate::power::allocator::{allocate, Allocation, JobLoad};
+use crate::power::curve::Curve;
+use crate::power::planner::{GpuCap, GpuWork, NodeCaps};
+use crate::power::{gpu_budget_watts, safe_limit_watts, Site};
+use crate::scheduler::ShardAssignment;
+
+/// One GPU as admission sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuLimits {
+    pub index: u32,
+    pub min_watts: f64,
+    pub max_watts: f64,
+    /// What it counts parked (see [`parked_watts`]).
+    pub parked_watts: f64,
+}
+
+/// The budget's inputs, as of one moment.
+#[derive(Debug, Clone, Default)]
+pub struct PowerView {
+    /// What the sources supply now (ramps included); infinite when no source is configured.
+    pub available_watts: f64,
+    pub site: Site,
+    /// Every node's draw besides its GPUs.
+    pub non_gpu_watts: f64,
+    /// Every GPU of the cluster parked.
+    pub all_parked_watts: f64,
+    /// Per node, its GPUs.
+    pub nodes: HashMap<String, Vec<GpuLimits>>,
+}
+
+impl PowerView {
+    /// Add a node: its GPUs' limits, what each counts parked, and its non-GPU draw.
+    pub fn add_node(&mut self, caps: &NodeCaps, non_gpu_watts: f64) {
+        let idle = self.site.idle_gpu_watts;
+        let gpus: Vec<GpuLimits> = caps
+            .gpus
+            .iter()
+            .map(|g| GpuLimits {
+                index: g.index,
+                min_watts: g.min_watts,
+                max_watts: g.max_watts,
+                parked_watts: parked_watts(caps, g, idle),
+            })
+            .collect();
+        self.all_parked_watts += gpus.iter().map(|g| g.parked_watts).sum::<f64>();
+        self.non_gpu_watts += non_gpu_watts;
+        self.nodes.insert(caps.name.clone(), gpus);
+    }
+}
+
+/// What the budget holds: the allocation, and per job what to do about it.
+#[derive(Debug, Default, Clone)]
+pub struct Admission {
+    pub allocation: Option<Allocation>,
+    pub limit_watts: f64,
+    pub budget_watts: f64,
+    pub available_watts: f64,
+    pub non_gpu_watts: f64,
+    /// The least the cluster can draw: non-GPU draw, every job paused, every GPU at its floor.
+    pub floor_watts: f64,
+}
+
+/// What a GPU outside the jobs being allocated counts once parked: idle or foreign, at its
+/// minimum cap on a node that enforces, at the cap it runs under on one that does not.
+pub fn parked_watts(node: &NodeCaps, g: &GpuCap, idle: f64) -> f64 {
+    let cap = if node.enforcing { g.min_watts } else { g.upper() };
+    let work = if g.work == GpuWork::Foreign { GpuWork::Foreign } else { GpuWork::Idle };
+    g.counted_as(work, cap, idle)
+}
+
+/// The allocator over every job that would run, each with the shards it would run on.
+pub fn admit(power: &PowerView, runs: &[(&JobRecord, &[ShardAssignment])]) -> Admission {
+    let site = power.site;
+    let available = power.available_watts;
+    let limit = safe_limit_watts(available, &site);
+    let idle = site.idle_gpu_watts;
+    let mut in_jobs_parked = 0.0;
+    let mut loads: Vec<JobLoad> = Vec::with_capacity(runs.len());
+    for (record, shards) in runs {
+        let mut cap_min: f64 = 0.0;
+        let mut cap_max = f64::INFINITY;
+        let mut parked = 0.0;
+        let mut known = true;
+        'shards: for s in shards.iter() {
+            let Some(node) = power.nodes.get(&s.node) else {
+                known = false;
+                break;
+            };
+            for index in &s.gpus {
+                let Some(g) = node.iter().find(|g| g.index == *index) else {
+                    known = false;
+                    break 'shards;
+                };
+                cap_min = cap_min.max(g.min_watts);
+                cap_max = cap_max.min(g.max_watts);
+                parked += g.parked_watts;
+            }
+        }
+        // A job on a node whose inventory is not known yet (expected after a restart, not back)
+        // is not allocated: its GPUs are not in the view either.
+        if !known {
+            continue;
+        }
+        in_jobs_parked += parked;
+        if cap_min <= cap_max && cap_max.is_finite() {
+            loads.push(JobLoad {
+                name: record.spec.name.clone(),
+                priority: record.spec.priority,
+                sequence: record.sequence,
+                flex: record.spec.flex,
+                gpus_per_shard: record.spec.gpus_per_shard,
+                shards: shards.len() as u32,
+                min_shards: record.spec.shards.min.min(shards.len() as u32),
+                cap_min,
+                cap_max,
+                curve: Curve::default(),
+            });
+        }
+    }
+    let others = (power.all_parked_watts - in_jobs_parked).max(0.0);
+    let job_gpus: f64 = loads.iter().map(|l| f64::from(l.shards * l.gpus_per_shard)).sum();
+    let budget = gpu_budget_watts(available, &site, power.non_gpu_watts);
+    Admission {
+        allocation: Some(allocate(budget, &loads, others, idle)),
+        limit_watts: limit,
+        budget_watts: budget,
+        available_watts: available,
+        non_gpu_watts: power.non_gpu_watts,
+        // Paused, a job's GPUs draw what an idle GPU does.
+        floor_watts: power.non_gpu_watts + others + job_gpus * idle,
+    }
+}
