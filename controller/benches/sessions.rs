@@ -99,15 +99,23 @@ fn telemetry(i: usize) -> pb::AgentMessage {
     }
 }
 
+/// Sessions refused on a first try (the agent tried again, as the real one does).
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+
 async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(register(i)).await.unwrap();
-    let mut inbound = match AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => {
-            eprintln!("agent {i}: {e}");
-            return;
+    // Like the real agent: a refused or failed session is tried again after a jittered backoff.
+    let (tx, mut inbound) = loop {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(register(i)).await.unwrap();
+        if let Ok(r) = AgentServiceClient::new(channel.clone()).session(ReceiverStream::new(rx)).await {
+            let mut inbound = r.into_inner();
+            // The first answer is `Registered`.
+            if let Ok(Some(_)) = inbound.message().await {
+                break (tx, inbound);
+            }
         }
+        RETRIES.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1_000 + (i as u64 * 7_919) % 1_000)).await;
     };
     // Answer cap orders as an agent does: apply, then acknowledge what is in force.
     let acks = tx.clone();
@@ -191,6 +199,7 @@ fn main() {
         std::thread::park_timeout(Duration::from_millis(500));
     };
     let ramp_seconds = ramp.elapsed().as_secs_f64();
+    println!("sessions tried again after a refusal or failure: {}", RETRIES.load(Ordering::Relaxed));
     // Settle, then measure.
     std::thread::park_timeout(Duration::from_secs(3));
     let (cpu0, sent0, t0) = (cpu_seconds(pid), sent.load(Ordering::Relaxed), Instant::now());
@@ -240,23 +249,26 @@ fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16,
         runtime.block_on(power.set_source(pb::SetSourceRequest { source: Some(source) })).unwrap();
     };
     set(&mut power, full);
-    // Jobs of 25 shards × 8 GPUs fill every node.
+    // Jobs of 25 shards × 8 GPUs fill every node, submitted 100 at a time (as many users would).
     let jobs = agents / 25;
-    for i in 0..jobs {
-        let spec = pb::JobSpec {
-            name: format!("fill-{i:05}"),
-            priority: (i % 3) as i64,
-            shards: Some(pb::ShardRange { min: 25, max: 25 }),
-            gpus_per_shard: 8,
-            command: vec!["train".into()],
-            flex: 0.1 * (i % 4) as f64,
-            ..Default::default()
-        };
-        runtime
-            .block_on(
-                control.submit_job(pb::SubmitJobRequest { source: Some(pb::submit_job_request::Source::Spec(spec)) }),
-            )
-            .unwrap();
+    for batch in (0..jobs).collect::<Vec<_>>().chunks(100) {
+        let submits = batch.iter().map(|&i| {
+            let spec = pb::JobSpec {
+                name: format!("fill-{i:05}"),
+                priority: (i % 3) as i64,
+                shards: Some(pb::ShardRange { min: 25, max: 25 }),
+                gpus_per_shard: 8,
+                command: vec!["train".into()],
+                flex: 0.1 * (i % 4) as f64,
+                ..Default::default()
+            };
+            let mut control = control.clone();
+            async move {
+                let request = pb::SubmitJobRequest { source: Some(pb::submit_job_request::Source::Spec(spec)) };
+                control.submit_job(request).await.unwrap();
+            }
+        });
+        runtime.block_on(futures::future::join_all(submits));
     }
     let settle = |what: &str| {
         let start = Instant::now();
@@ -270,6 +282,49 @@ fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16,
         }
     };
     settle("placement");
+
+    // Passes with one change each: a one-GPU job submitted into the full cluster, every second
+    // (it waits for room: one stored decision per pass).
+    let phases = ["view", "decide", "store", "caps", "orders", "books"];
+    let read = || {
+        let mut v = vec![
+            metric(metrics_port, "watt_reconcile_duration_seconds_sum"),
+            metric(metrics_port, "watt_reconcile_duration_seconds_count"),
+        ];
+        for p in phases {
+            v.push(metric(metrics_port, &format!("watt_reconcile_phase_seconds_sum{{phase=\"{p}\"}}")));
+        }
+        v
+    };
+    let before = read();
+    for k in 0..10 {
+        let spec = pb::JobSpec {
+            name: format!("probe-{k}"),
+            shards: Some(pb::ShardRange { min: 1, max: 1 }),
+            gpus_per_shard: 1,
+            command: vec!["train".into()],
+            ..Default::default()
+        };
+        runtime
+            .block_on(
+                control.submit_job(pb::SubmitJobRequest { source: Some(pb::submit_job_request::Source::Spec(spec)) }),
+            )
+            .unwrap();
+        std::thread::park_timeout(Duration::from_secs(1));
+    }
+    let after = read();
+    let passes = (after[1] - before[1]).max(1.0);
+    let per_phase: Vec<String> = phases
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{p} {:.1} ms", (after[i + 2] - before[i + 2]) / passes * 1e3))
+        .collect();
+    println!(
+        "one change a pass: {passes} passes, mean {:.1} ms ({})",
+        (after[0] - before[0]) / passes * 1e3,
+        per_phase.join(", ")
+    );
+
     let mut cuts = Vec::new();
     let mut restores = Vec::new();
     for _ in 0..events {

@@ -71,15 +71,15 @@ pub struct ShardReport {
 }
 
 /// Everything [`decide`] reads.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct View<'a> {
     /// Every job not ended (pending or active), in name order.
     pub jobs: Vec<&'a JobRecord>,
     /// Every node the controller knows, in name order.
-    pub nodes: Vec<NodeView>,
+    pub nodes: &'a [NodeView],
     /// Per active job, per shard: what its node reported of it.
     pub reports: HashMap<String, Vec<Option<ShardReport>>>,
-    pub power: PowerView,
+    pub power: &'a PowerView,
     /// A node not heard from for longer is lost.
     pub lease_ms: i64,
     /// A job is resized at most once this often (see [`crate::regrow`]).
@@ -303,7 +303,7 @@ pub fn decide(view: &View, now: Now) -> Decisions {
             .map(|j| (j, j.shards.as_slice()))
             .collect();
         runs.extend(plan.starts.iter().filter_map(|s| Some((jobs.get(&s.job)?, s.shards.as_slice()))));
-        admit(&view.power, &runs)
+        admit(view.power, &runs)
     };
     let verdict: HashMap<&str, (bool, u32)> = admission
         .allocation
@@ -389,7 +389,7 @@ pub fn decide(view: &View, now: Now) -> Decisions {
     if quiet {
         let current: Vec<&JobRecord> = jobs.iter().collect();
         let growth =
-            regrow(&view.power, &current, &ready, &decisions.admission, view.regrow_after_ms, view.regrow, now.wall_ms);
+            regrow(view.power, &current, &ready, &decisions.admission, view.regrow_after_ms, view.regrow, now.wall_ms);
         decisions.regrow = growth.times;
         if let Some((record, from)) = growth.grown {
             let to = record.shards.len();
@@ -399,7 +399,7 @@ pub fn decide(view: &View, now: Now) -> Decisions {
                 .filter(|j| j.state.is_active())
                 .map(|j| (j, j.shards.as_slice()))
                 .collect();
-            decisions.admission = admit(&view.power, &runs);
+            decisions.admission = admit(view.power, &runs);
             decisions.place.push(JobChange {
                 record,
                 event: Some(JobEvent::Grown),
@@ -583,9 +583,9 @@ mod tests {
             }
             let view = View {
                 jobs: self.jobs.iter().collect(),
-                nodes: self.nodes.clone(),
+                nodes: &self.nodes,
                 reports: self.reports.clone(),
-                power,
+                power: &power,
                 lease_ms: LEASE_MS,
                 regrow_after_ms: REGROW_AFTER_MS,
                 regrow: self.regrow,

@@ -2,8 +2,8 @@
 //! scheduling and reconciling take.
 
 use prometheus::{
-    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 use tokio::time::Instant;
 
@@ -19,6 +19,8 @@ pub struct Metrics {
     pub sessions: IntGauge,
     pub scheduling_duration: Histogram,
     pub reconcile_duration: Histogram,
+    /// A pass's time by phase (see [`ReconcilePhase`]).
+    pub reconcile_phase: HistogramVec,
     pub placements: IntCounter,
     pub preemptions: IntCounter,
     /// By basis: `counted` (Watt's accounting) and `measured` (the meter).
@@ -65,12 +67,23 @@ impl Metrics {
         let jobs = IntGaugeVec::new(Opts::new("watt_jobs", "Jobs by state."), &["state"])?;
         let sessions = IntGauge::new("watt_controller_sessions", "Open agent sessions.")?;
         let scheduling_duration = Histogram::with_opts(
-            HistogramOpts::new("watt_scheduling_duration_seconds", "Time of one scheduler run.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "watt_scheduling_duration_seconds",
+                "Time of one decision: scheduler, power admission, growth.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new("watt_reconcile_duration_seconds", "Time of one reconcile pass, store writes included.")
                 .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let reconcile_phase = HistogramVec::new(
+            HistogramOpts::new(
+                "watt_reconcile_phase_seconds",
+                "Time of one reconcile pass by phase: view (gather), decide, store, caps, orders, books.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["phase"],
         )?;
         let placements = IntCounter::new("watt_shard_placements_total", "Shards placed by the scheduler.")?;
         let preemptions = IntCounter::new("watt_job_preemptions_total", "Jobs preempted for higher-priority ones.")?;
@@ -159,6 +172,7 @@ impl Metrics {
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(scheduling_duration.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(reconcile_phase.clone()))?;
         registry.register(Box::new(placements.clone()))?;
         registry.register(Box::new(preemptions.clone()))?;
         registry.register(Box::new(budget_violations.clone()))?;
@@ -183,6 +197,7 @@ impl Metrics {
             sessions,
             scheduling_duration,
             reconcile_duration,
+            reconcile_phase,
             placements,
             preemptions,
             budget_violations,

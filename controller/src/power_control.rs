@@ -16,7 +16,7 @@ use watt_proto::v1 as pb;
 
 use crate::jobs::JobTable;
 use crate::power::admission::Admission;
-use crate::power::allocator::{allocate, Allocation};
+use crate::power::allocator::allocate;
 use crate::power::epochs::Epochs;
 use crate::power::meter::{Reading, Verdict};
 use crate::power::planner::{self, plan, GpuWork, NodeCaps, Phase};
@@ -38,7 +38,8 @@ pub struct PowerState {
     pub epochs: Epochs,
     violating: bool,
     infeasible: bool,
-    pub last: Option<Allocation>,
+    /// What the last pass that moved caps admitted.
+    last: Option<Admission>,
 }
 
 impl PowerState {
@@ -53,7 +54,33 @@ impl PowerState {
 impl Controller {
     /// Move every node toward the allocation's caps through the planner, send the orders, and
     /// publish the power status.
-    pub fn enforce(&self, power: &mut PowerState, jobs: &JobTable, admission: Admission) {
+    ///
+    /// Cost follows change: when nothing it reads changed since the last time it ran — the
+    /// admission, the jobs' placements (`placements_changed`), the nodes' power state (sessions,
+    /// acknowledgements, shard states, GPU work), and no increase is waiting its turn — there is
+    /// nothing to order and the status stands; `full` runs it regardless (time-driven passes:
+    /// resends, failsafe deadlines, ramps).
+    pub fn enforce(
+        &self,
+        power: &mut PowerState,
+        jobs: &JobTable,
+        admission: Admission,
+        placements_changed: bool,
+        full: bool,
+    ) {
+        {
+            let mut nodes = self.registry.lock();
+            let power_changed = nodes.take_power_changed();
+            let unchanged = !full
+                && !power_changed
+                && !placements_changed
+                && !nodes.owed().more_to_order
+                && power.last.as_ref() == Some(&admission);
+            if unchanged {
+                return;
+            }
+        }
+        power.last = Some(admission.clone());
         let now = Instant::now();
         // Deadlines on the monotonic clock; sources' ramps and the status' time on the wall's.
         let now_ms = self.clock.ms(now);
@@ -64,18 +91,23 @@ impl Controller {
         let allocation = admission.allocation.unwrap_or_else(|| allocate(admission.budget_watts, &[], 0.0, idle));
         let caps: HashMap<&str, f64> =
             allocation.jobs.iter().filter(|j| !j.paused).map(|j| (j.name.as_str(), j.cap_watts)).collect();
-        // Node -> (GPU, cap of the job placed on it).
-        let mut placed: HashMap<&str, Vec<(u32, f64)>> = HashMap::new();
+        let mut nodes = self.registry.lock();
+        // Each GPU's target: the cap of the job placed on it (NaN: none), then below.
+        for e in nodes.values_mut() {
+            e.cap_targets.clear();
+            e.cap_targets.resize(e.power.gpus.len(), f64::NAN);
+        }
         for job in jobs.iter().filter(|j| j.state.is_active()) {
             let Some(&cap) = caps.get(job.spec.name.as_str()) else { continue };
             for s in &job.shards {
-                placed.entry(s.node.as_str()).or_default().extend(s.gpus.iter().map(|&g| (g, cap)));
+                let Some(e) = nodes.get_mut(&s.node) else { continue };
+                for &index in &s.gpus {
+                    if let Some(k) = e.gpu_position(index) {
+                        e.cap_targets[k] = cap;
+                    }
+                }
             }
         }
-
-        let mut nodes = self.registry.lock();
-        let mut snapshot: Vec<NodeCaps> = Vec::with_capacity(nodes.len());
-        let mut targets: Vec<Vec<f64>> = Vec::with_capacity(nodes.len());
         let mut failsafe_nodes = 0;
         // GPUs whose shard was taken off them and is still stopping: they count at their caps
         // until their agent says it stopped, above what the allocation gave them (idle).
@@ -86,32 +118,28 @@ impl Controller {
             e.power.failsafe_at_ms = self.clock.ms(e.last_seen) + e.failsafe_after_ms;
             e.power.overhead_watts = e.non_gpu_watts_or(site.node_overhead_watts);
             let reported = e.reported_busy();
-            let on_node = placed.get(e.name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-            let mut node_targets = Vec::with_capacity(e.power.gpus.len());
-            for ((g, above_idle_since), valid_from) in
-                e.power.gpus.iter_mut().zip(e.above_idle_since.iter_mut()).zip(e.readings_valid_from.iter_mut())
-            {
-                let cap = on_node.iter().find(|(i, _)| *i == g.index).map(|&(_, c)| c);
+            for (k, g) in e.power.gpus.iter_mut().enumerate() {
+                let cap = Some(e.cap_targets[k]).filter(|c| !c.is_nan());
                 if cap.is_some() || reported.contains(&g.index) {
                     g.work = GpuWork::Watt;
-                    *above_idle_since = None;
+                    e.above_idle_since[k] = None;
                     draining += usize::from(cap.is_none());
                 } else if g.work == GpuWork::Watt {
                     // Its shard ended: idle until telemetry taken from now on says otherwise (see
                     // FOREIGN_AFTER). What it drew under its shard is not its idle draw.
                     g.work = GpuWork::Idle;
                     g.measured_watts = 0.0;
-                    *valid_from = Some(now);
+                    e.readings_valid_from[k] = Some(now);
                 }
                 // GPUs without a Watt shard are parked at their minimum.
-                node_targets.push(cap.unwrap_or(g.min_watts).clamp(g.min_watts, g.max_watts));
+                e.cap_targets[k] = cap.unwrap_or(g.min_watts).clamp(g.min_watts, g.max_watts);
             }
             if e.power.failsafed(now_ms) {
                 failsafe_nodes += 1;
             }
-            targets.push(node_targets);
-            snapshot.push(e.power.clone());
         }
+        let (snapshot, targets): (Vec<&NodeCaps>, Vec<&[f64]>) =
+            nodes.values().map(|e| (&e.power, e.cap_targets.as_slice())).unzip();
         let orders = plan(&snapshot, &targets, admission.limit_watts, now_ms, idle, MAX_INCREASE_NODES_PER_PASS);
         for order in &orders {
             let Some(e) = nodes.get_mut(&order.node) else { continue };
@@ -134,32 +162,14 @@ impl Controller {
                 planner::mark_sent(&mut e.power, order, epoch, now_ms);
             }
         }
-        // The books, read in place after the orders went out.
-        let counted: f64 = nodes.values().map(|e| e.power.counted_watts(now_ms, idle)).sum();
+        // The books, read in place after the orders went out, in one walk.
+        let mut books = Books::default();
+        for e in nodes.values() {
+            books.add(e, now_ms, idle);
+        }
         let unenforced = Unenforced::of(nodes.values().map(|e| &e.power), idle);
-        let (foreign_gpus, foreign_watts) = nodes
-            .values()
-            .flat_map(|e| {
-                let failsafe = e.power.failsafed(now_ms);
-                e.power
-                    .gpus
-                    .iter()
-                    .filter(|g| g.work == GpuWork::Foreign)
-                    .map(move |g| g.counted_under(if failsafe { g.failsafe_watts } else { g.upper() }, idle))
-            })
-            .fold((0u32, 0.0), |(n, w), c| (n + 1, w + c));
-        let outstanding = nodes.values().any(|e| e.power.decrease_outstanding(now_ms));
-        let drawn: f64 = nodes.values().map(NodeEntry::drawn_gpu_watts).sum();
-        let unacknowledged = nodes.values().filter(|e| e.owes_ack()).count();
-        let owing = nodes.values().filter(|e| e.power.reachable && e.owes_ack()).count();
-        // Targets not yet ordered: increases that wait for headroom or their turn.
-        let more_to_order = nodes.values().zip(&targets).any(|(e, t)| {
-            e.power.reachable
-                && e.power.gpus.iter().zip(t).any(|(g, &t)| match g.in_flight {
-                    Some(f) => f.target != t,
-                    None => g.acked_watts != t,
-                })
-        });
+        let Books { counted, foreign_gpus, foreign_watts, outstanding, drawn, unacknowledged, owing, more_to_order } =
+            books;
         let owed = OwedAcks { nodes: owing, more_to_order };
         nodes.set_owed(owed);
         self.acks.after_pass(owed, &self.metrics);
@@ -276,8 +286,46 @@ impl Controller {
             ..self.meter_fields()
         };
         self.metrics.observe_power(&status);
-        power.last = Some(allocation);
         self.power_status.send_replace(status);
+    }
+}
+
+/// What the power status reports of the nodes, added up node by node.
+#[derive(Debug, Default)]
+struct Books {
+    counted: f64,
+    foreign_gpus: u32,
+    foreign_watts: f64,
+    /// A decrease is sent and not acknowledged somewhere.
+    outstanding: bool,
+    drawn: f64,
+    unacknowledged: usize,
+    /// Reachable nodes that owe an acknowledgement.
+    owing: usize,
+    /// Targets not yet ordered: increases that wait for headroom or their turn.
+    more_to_order: bool,
+}
+
+impl Books {
+    fn add(&mut self, e: &NodeEntry, now_ms: i64, idle: f64) {
+        let p = &e.power;
+        let failsafe = p.failsafed(now_ms);
+        self.counted += p.counted_watts(now_ms, idle);
+        for g in p.gpus.iter().filter(|g| g.work == GpuWork::Foreign) {
+            self.foreign_gpus += 1;
+            self.foreign_watts += g.counted_under(if failsafe { g.failsafe_watts } else { g.upper() }, idle);
+        }
+        self.outstanding |= p.decrease_outstanding(now_ms);
+        self.drawn += e.drawn_gpu_watts();
+        if e.owes_ack() {
+            self.unacknowledged += 1;
+            self.owing += usize::from(p.reachable);
+        }
+        self.more_to_order |= p.reachable
+            && p.gpus.iter().zip(&e.cap_targets).any(|(g, &t)| match g.in_flight {
+                Some(f) => f.target != t,
+                None => g.acked_watts != t,
+            });
     }
 }
 

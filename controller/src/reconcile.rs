@@ -8,7 +8,7 @@
 //! cancel, a registration, a shard status, a power change, the last acknowledgement owed); the
 //! periodic tick runs one only when time itself changes a decision, and at least every 30 ticks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -75,6 +75,8 @@ pub struct Controller {
     pub progress: crate::progress::ProgressBook,
     /// When growth may next be tried: see [`crate::regrow`].
     regrow: std::sync::Mutex<RegrowTimes>,
+    /// The nodes' part of the view, kept between passes (only the pass uses it).
+    kept_view: std::sync::Mutex<KeptView>,
     /// Measured draw against the limit: see [`crate::power::meter`].
     pub meter: std::sync::Mutex<crate::power::meter::Meter>,
     /// The clock every deadline is on (see [`crate::clock`]).
@@ -125,6 +127,7 @@ impl Controller {
             acks: AckTracker::default(),
             progress: crate::progress::ProgressBook::default(),
             regrow: std::sync::Mutex::new(RegrowTimes::default()),
+            kept_view: std::sync::Mutex::new(KeptView::default()),
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
             clock: crate::clock::Clock::new(Instant::now()),
         }))
@@ -212,6 +215,12 @@ impl Controller {
                 });
             }
             record.message = Reason::Cancelled.to_string();
+            {
+                let mut nodes = self.registry.lock();
+                for shard in jobs.get(name).map(|j| j.shards.as_slice()).unwrap_or_default() {
+                    nodes.orders_due(&shard.node);
+                }
+            }
             record.state = JobState::Cancelled;
             jobs.update(record.clone()).await?;
             self.emit("job", name, "cancelled", "cancelled by request".into());
@@ -324,9 +333,11 @@ impl Controller {
             };
             since_full += 1;
             // A full pass at least every 30 ticks regardless, as a backstop.
-            if woken || since_full >= 30 || self.time_changes_something().await {
+            // A pass that time calls for looks at everything; one an event woke, at what changed.
+            let full = since_full >= 30 || (!woken && self.time_changes_something().await);
+            if woken || full {
                 since_full = 0;
-                self.reconcile_once().await;
+                self.reconcile(full).await;
             }
         }
     }
@@ -364,52 +375,41 @@ impl Controller {
     }
 
     /// The snapshot [`decide`] reads, gathered under the registry lock (released before
-    /// deciding): the jobs not ended, every node with its lease, what each active shard's node
-    /// reported of it, and the budget's inputs.
-    fn view<'a>(&self, jobs: &'a JobTable, table: &PowerTable, now: Now) -> View<'a> {
+    /// deciding): the jobs not ended, every node with its lease (from `kept`, brought up to date),
+    /// what each active shard's node reported of it, and the budget's inputs.
+    fn view<'a>(&self, jobs: &'a JobTable, table: &PowerTable, kept: &'a mut KeptView, now: Now) -> View<'a> {
         let site = table.site();
         // No source configured: power is not managed, and nothing limits the budget.
         let available =
             if table.sources().next().is_none() { f64::INFINITY } else { table.available_watts(now.wall_ms) };
-        let mut power = PowerView { available_watts: available, site, ..PowerView::default() };
         let live: Vec<&JobRecord> = jobs.iter().filter(|j| !j.state.is_terminal()).collect();
-        let nodes = self.registry.lock();
-        let mut node_views: Vec<NodeView> = Vec::with_capacity(nodes.len());
-        for e in nodes.values() {
-            node_views.push(NodeView {
-                name: e.name.clone(),
-                last_seen_ms: self.clock.ms(e.last_seen),
-                connected: e.session.is_some(),
-                marked_lost: e.lost,
-                gpus: e.gpus.iter().map(|g| g.index).collect(),
-            });
-            power.add_node(&e.power, e.non_gpu_watts_or(site.node_overhead_watts));
-        }
-        node_views.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut nodes = self.registry.lock();
+        kept.bring_up_to_date(&mut nodes, available, site, &self.clock);
         let reports = live
             .iter()
             .filter(|j| j.state.is_active())
             .map(|j| {
+                let mut key: ShardKey = (j.spec.name.clone(), 0);
                 let shards = j
                     .shards
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
                         let e = nodes.get(&s.node)?;
-                        let key = (j.spec.name.clone(), i as u32);
+                        key.1 = i as u32;
                         let &(epoch, state) = e.shards.get(&key)?;
                         Some(ShardReport { epoch, state, status: e.shard_statuses.get(&key).cloned() })
                     })
                     .collect();
-                (j.spec.name.clone(), shards)
+                (key.0, shards)
             })
             .collect();
         drop(nodes);
         View {
             jobs: live,
-            nodes: node_views,
+            nodes: &kept.nodes,
             reports,
-            power,
+            power: &kept.power,
             lease_ms: self.settings.node_lease.as_millis() as i64,
             regrow_after_ms: self.settings.regrow_after.as_millis() as i64,
             regrow: *self.regrow.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
@@ -420,16 +420,26 @@ impl Controller {
     /// and retried on the next pass: nothing half-applied is lost, because every decision is
     /// stored before it is sent.
     pub async fn reconcile_once(&self) {
+        self.reconcile(true).await;
+    }
+
+    /// One pass; `full`: look at every node's shard orders, not only those that may have changed.
+    async fn reconcile(&self, full: bool) {
         let started = Instant::now();
         let mut jobs = self.jobs.lock().await;
         let mut power = self.power.lock().await;
+        let mut phase = Phases::new(&self.metrics);
         let now = Now { mono_ms: self.clock.ms(Instant::now()), wall_ms: unix_ms() };
-        let decided_at = Instant::now();
         let decisions = {
-            let view = self.view(&jobs, &power.table, now);
-            decide(&view, now)
+            let mut kept = self.kept_view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let view = self.view(&jobs, &power.table, &mut kept, now);
+            phase.done("view");
+            let decided_at = Instant::now();
+            let decisions = decide(&view, now);
+            self.metrics.scheduling_duration.observe(decided_at.elapsed().as_secs_f64());
+            decisions
         };
-        self.metrics.scheduling_duration.observe(decided_at.elapsed().as_secs_f64());
+        phase.done("decide");
         *self.regrow.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = decisions.regrow;
 
         // Nodes whose lease ran out: no session from now on, until they register again.
@@ -438,6 +448,20 @@ impl Controller {
             let lease = humantime::format_duration(self.settings.node_lease);
             for node in &decisions.newly_lost {
                 self.emit("node", node, "lost", format!("not heard from for {lease}"));
+            }
+        }
+        // A changed waiting reason moves no GPU; a placement, an end or a resize may.
+        let placements_changed = decisions.settle.iter().chain(&decisions.place).any(|c| {
+            jobs.get(&c.record.spec.name).is_none_or(|j| j.state != c.record.state || j.shards != c.record.shards)
+        });
+        // The nodes whose orders this pass may change: where changed jobs ran and will run.
+        let mut due = self.registry.lock().take_orders_due();
+        for change in decisions.settle.iter().chain(&decisions.place) {
+            let before = jobs.get(&change.record.spec.name).map(|j| j.shards.as_slice()).unwrap_or_default();
+            for shard in before.iter().chain(&change.record.shards) {
+                if !due.contains(&shard.node) {
+                    due.insert(shard.node.clone());
+                }
             }
         }
         // `place` was decided on top of `settle`: stored only once `settle` is.
@@ -454,14 +478,18 @@ impl Controller {
         if let Err(e) = power.epochs.reserve(self.store.as_ref(), wanted).await {
             tracing::warn!(error = %e, "Cannot reserve cap-order epochs in the store; orders wait for it.");
         }
-        self.enforce(&mut power, &jobs, decisions.admission);
+        phase.done("store");
+        self.enforce(&mut power, &jobs, decisions.admission, placements_changed, full);
         drop(power);
+        phase.done("caps");
 
         // Shard orders to agents.
-        self.send_orders(&jobs);
+        self.send_orders(&jobs, (!full).then_some(&due));
+        phase.done("orders");
         self.metrics.observe(&jobs, &self.registry, Instant::now(), self.settings.node_lease);
         self.metrics.observe_progress(&jobs, &self.progress);
         drop(jobs);
+        phase.done("books");
         self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     }
 
@@ -497,14 +525,17 @@ impl Controller {
         all
     }
 
-    /// Send every connected agent what it lacks: starts for shards it should run, stops for
-    /// shards it runs that it should not. Cheap when nothing changed: an order is built only for
-    /// a shard that is neither reported running at its epoch nor already sent.
-    fn send_orders(&self, jobs: &JobTable) {
+    /// Send connected agents what they lack: starts for shards they should run, stops for shards
+    /// they run that they should not. Cost follows change: only the nodes in `due` (or every node,
+    /// with `None`) are looked at, with every job that has a shard on one of them; an order is
+    /// built only for a shard that is neither reported running at its epoch nor already sent.
+    fn send_orders(&self, jobs: &JobTable, due: Option<&HashSet<String>>) {
+        let in_scope = |node: &str| due.is_none_or(|d| d.contains(node));
+        let scoped: Vec<&JobRecord> =
+            jobs.iter().filter(|j| j.state.is_active() && j.shards.iter().any(|s| in_scope(&s.node))).collect();
         let mut nodes = self.registry.lock();
-        let addresses: HashMap<String, String> = jobs
+        let addresses: HashMap<String, String> = scoped
             .iter()
-            .filter(|j| j.state.is_active())
             .filter_map(|j| j.shards.first())
             .filter_map(|s| {
                 // A node expected but not registered yet has no address to give.
@@ -512,9 +543,11 @@ impl Controller {
                 Some((s.node.clone(), e.address.map(|a| a.to_string()).unwrap_or_else(|| e.name.clone())))
             })
             .collect();
+        // Nodes whose queue was full: looked at again next pass.
+        let mut retry: Vec<String> = Vec::new();
         // (node, job, shard) -> epoch, for the stop pass below.
         let mut wanted: HashMap<&str, HashMap<ShardKey, u64>> = HashMap::new();
-        for job in jobs.iter().filter(|j| j.state.is_active()) {
+        for job in scoped {
             // Rank 0's node not registered (after a controller restart, before it is back): its
             // address is unknown, and ranks told an empty MASTER_ADDR could never meet. Starts
             // wait for it; what runs keeps running.
@@ -550,12 +583,17 @@ impl Controller {
                 // A full queue is retried next pass: it is not marked sent.
                 if session.tx.try_send(Ok(message)).is_ok() {
                     entry.sent.insert(key, (job.epoch, pb::ShardAction::Start));
+                } else {
+                    retry.push(shard.node.clone());
                 }
             }
         }
         // Stop what runs (or was ordered to) but should not: another epoch, or not placed here.
         let empty = HashMap::new();
         for entry in nodes.values_mut() {
+            if !in_scope(&entry.name) {
+                continue;
+            }
             let Some(session) = &entry.session else { continue };
             let want = wanted.get(entry.name.as_str()).unwrap_or(&empty);
             let is_stale = |key: &ShardKey, epoch: u64| {
@@ -591,8 +629,13 @@ impl Controller {
                 let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(stop)) };
                 if session.tx.try_send(Ok(message)).is_ok() {
                     entry.sent.insert(key, (epoch, pb::ShardAction::Stop));
+                } else {
+                    retry.push(entry.name.clone());
                 }
             }
+        }
+        for node in retry {
+            nodes.orders_due(&node);
         }
     }
 }
@@ -605,4 +648,75 @@ fn reported_state(nodes: &crate::registry::Nodes, job: &JobRecord, i: usize) -> 
         .get(&(job.spec.name.clone(), i as u32))
         .filter(|(epoch, _)| *epoch == job.epoch)
         .map(|(_, state)| *state)
+}
+
+/// Times a pass's phases into `watt_reconcile_phase_seconds`.
+struct Phases<'a> {
+    metrics: &'a Metrics,
+    since: Instant,
+}
+
+impl<'a> Phases<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        Phases { metrics, since: Instant::now() }
+    }
+
+    fn done(&mut self, phase: &str) {
+        let now = Instant::now();
+        self.metrics.reconcile_phase.with_label_values(&[phase]).observe((now - self.since).as_secs_f64());
+        self.since = now;
+    }
+}
+
+/// The nodes' part of [`View`], kept between passes so that a pass copies only what changes:
+/// rebuilt (in name order) when a node is added or replaced, otherwise brought up to date in
+/// place — leases, sessions, what each GPU counts parked, non-GPU draw — without allocating.
+#[derive(Debug, Default)]
+struct KeptView {
+    /// The registry's generation it was built at (`None`: never built).
+    generation: Option<u64>,
+    nodes: Vec<NodeView>,
+    power: PowerView,
+}
+
+impl KeptView {
+    fn bring_up_to_date(
+        &mut self,
+        registry: &mut crate::registry::Nodes,
+        available_watts: f64,
+        site: crate::power::Site,
+        clock: &crate::clock::Clock,
+    ) {
+        self.power.available_watts = available_watts;
+        self.power.site = site;
+        let node_view = |e: &crate::registry::NodeEntry| NodeView {
+            name: e.name.clone(),
+            last_seen_ms: clock.ms(e.last_seen),
+            connected: e.session.is_some(),
+            marked_lost: e.lost,
+            gpus: e.gpus.iter().map(|g| g.index).collect(),
+        };
+        if self.generation != Some(registry.generation()) {
+            let mut names: Vec<String> = registry.values().map(|e| e.name.clone()).collect();
+            names.sort();
+            self.nodes.clear();
+            self.power = PowerView { available_watts, site, ..PowerView::default() };
+            for (position, name) in names.iter().enumerate() {
+                let Some(e) = registry.get_mut(name) else { continue };
+                e.view_position = position;
+                self.nodes.push(node_view(e));
+                self.power.add_node(&e.power, e.non_gpu_watts_or(site.node_overhead_watts));
+            }
+            self.generation = Some(registry.generation());
+            return;
+        }
+        self.power.start_refresh();
+        for e in registry.values() {
+            let Some(node) = self.nodes.get_mut(e.view_position) else { continue };
+            node.last_seen_ms = clock.ms(e.last_seen);
+            node.connected = e.session.is_some();
+            node.marked_lost = e.lost;
+            self.power.refresh_node(e.view_position, &e.power, e.non_gpu_watts_or(site.node_overhead_watts));
+        }
+    }
 }

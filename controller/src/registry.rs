@@ -116,11 +116,15 @@ pub struct NodeEntry {
     pub shard_gpus: HashMap<ShardKey, Vec<u32>>,
     /// The node's own draw besides GPUs, as it reports it (0: not reported).
     pub non_gpu_watts: f64,
+    /// Per GPU (as in `power.gpus`): the cap it is moving to, as the last pass decided.
+    pub cap_targets: Vec<f64>,
+    /// Where it is in the view kept between passes (see `Nodes::generation`).
+    pub view_position: usize,
 }
 
 impl NodeEntry {
     /// GPUs of shards the agent reports running or starting: busy until it says they stopped.
-    pub fn reported_busy(&self) -> HashSet<u32> {
+    pub fn reported_busy(&self) -> Vec<u32> {
         self.shards
             .iter()
             .filter(|(_, (_, state))| matches!(state, pb::ShardState::Running | pb::ShardState::Starting))
@@ -128,6 +132,15 @@ impl NodeEntry {
             .flatten()
             .copied()
             .collect()
+    }
+
+    /// Where GPU `index` is in `power.gpus` (agents list them in index order, so usually there).
+    pub fn gpu_position(&self, index: u32) -> Option<usize> {
+        let gpus = &self.power.gpus;
+        match gpus.get(index as usize) {
+            Some(g) if g.index == index => Some(index as usize),
+            _ => gpus.iter().position(|g| g.index == index),
+        }
     }
 
     /// Record a telemetry message received at `now`: each GPU's draw, the node's non-GPU draw,
@@ -227,6 +240,17 @@ pub enum AckEffect {
 pub struct Nodes {
     map: HashMap<String, NodeEntry>,
     owed: OwedAcks,
+    /// Nodes whose shard orders may be due since the last look: a new session, a shard that
+    /// changed state, lost. The shell looks at these (and the nodes of jobs it changed) instead
+    /// of every node; a full look now and then catches anything else.
+    orders_due: HashSet<String>,
+    /// Counts nodes added or replaced (registered, expected): a view kept between passes is
+    /// rebuilt when it changes, refreshed in place otherwise.
+    generation: u64,
+    /// Something budget accounting reads changed since the last pass moved caps: a session came
+    /// or went, a node was lost, an acknowledgement, a shard's state, a GPU's work, what a node
+    /// that does not enforce runs under.
+    power_changed: bool,
 }
 
 impl Nodes {
@@ -261,6 +285,27 @@ impl Nodes {
 
     pub fn owed(&self) -> OwedAcks {
         self.owed
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether budget accounting's inputs changed since the last call.
+    pub fn take_power_changed(&mut self) -> bool {
+        std::mem::take(&mut self.power_changed)
+    }
+
+    /// The nodes whose orders may be due, emptied.
+    pub fn take_orders_due(&mut self) -> HashSet<String> {
+        std::mem::take(&mut self.orders_due)
+    }
+
+    /// Look at `node`'s orders again on the next pass (an order could not be queued).
+    pub fn orders_due(&mut self, node: &str) {
+        if !self.orders_due.contains(node) {
+            self.orders_due.insert(node.to_string());
+        }
     }
 }
 
@@ -360,8 +405,14 @@ impl Registry {
             readings_valid_from: vec![None; register.gpus.len()],
             shard_statuses: register.shards.iter().map(|s| ((s.job.clone(), s.shard), s.clone())).collect(),
             non_gpu_watts: register.non_gpu_power_watts,
+            cap_targets: Vec::new(),
+            view_position: usize::MAX,
         };
-        self.lock().map.insert(register.node_name.clone(), entry);
+        let mut nodes = self.lock();
+        nodes.map.insert(register.node_name.clone(), entry);
+        nodes.generation += 1;
+        nodes.power_changed = true;
+        nodes.orders_due(&register.node_name);
         id
     }
 
@@ -387,6 +438,7 @@ impl Registry {
     /// instead of staying "running" on a node nobody hears from.
     pub fn expect(&self, nodes: impl IntoIterator<Item = String>, now: Instant, now_unix_ms: i64) {
         let mut known = self.lock();
+        known.generation += 1;
         for name in nodes {
             known.map.entry(name.clone()).or_insert_with(|| NodeEntry {
                 power: NodeCaps {
@@ -418,6 +470,8 @@ impl Registry {
                 shard_statuses: HashMap::new(),
                 shard_gpus: HashMap::new(),
                 non_gpu_watts: 0.0,
+                cap_targets: Vec::new(),
+                view_position: usize::MAX,
             });
         }
     }
@@ -435,8 +489,9 @@ impl Registry {
         mode: pb::EnforceMode,
     ) -> Option<AckEffect> {
         let mut nodes = self.lock();
-        let Nodes { map, owed } = &mut *nodes;
+        let Nodes { map, owed, power_changed, .. } = &mut *nodes;
         let e = map.get_mut(node).filter(|e| e.session.as_ref().map(|s| s.id) == Some(session))?;
+        *power_changed = true;
         let owed_before = e.owes_ack();
         crate::power::planner::apply_ack(&mut e.power, epoch, applied, enforced);
         e.enforce_mode = mode;
@@ -451,6 +506,27 @@ impl Registry {
         })
     }
 
+    /// A shard status on `session`. Returns whether the shard's state changed (`None`: the
+    /// session was replaced).
+    pub fn report_shard(
+        &self,
+        node: &str,
+        session: u64,
+        status: pb::ShardStatus,
+        state: pb::ShardState,
+    ) -> Option<bool> {
+        let mut nodes = self.lock();
+        let e = nodes.map.get_mut(node).filter(|e| e.session.as_ref().map(|s| s.id) == Some(session))?;
+        let key = (status.job.clone(), status.shard);
+        let changed = e.shards.insert(key.clone(), (status.epoch, state)) != Some((status.epoch, state));
+        e.shard_statuses.insert(key, status);
+        if changed {
+            nodes.orders_due(node);
+            nodes.power_changed = true;
+        }
+        Some(changed)
+    }
+
     /// Nodes whose lease ran out (decided by [`crate::decide`]): lost, without a session, until
     /// they register again.
     pub fn mark_lost(&self, names: &[String]) {
@@ -459,16 +535,41 @@ impl Registry {
             if let Some(e) = nodes.get_mut(name) {
                 e.lost = true;
                 e.session = None;
+                nodes.orders_due(name);
+                nodes.power_changed = true;
             }
         }
     }
 
     /// The session ended. The node keeps its lease until it runs out.
     pub fn disconnect(&self, node: &str, session: u64) {
-        self.with_session(node, session, |e| {
-            e.session = None;
-            e.sent.clear();
-        });
+        let mut nodes = self.lock();
+        let Some(e) = nodes.map.get_mut(node).filter(|e| e.session.as_ref().map(|s| s.id) == Some(session)) else {
+            return;
+        };
+        e.session = None;
+        e.sent.clear();
+        nodes.power_changed = true;
+    }
+
+    /// Telemetry on `session` (see [`NodeEntry::observe_telemetry`]): the GPUs whose work it
+    /// changed. `None`: the session was replaced.
+    pub fn observe_telemetry(
+        &self,
+        node: &str,
+        session: u64,
+        t: pb::Telemetry,
+        now: Instant,
+        idle_allowance: f64,
+    ) -> Option<Vec<WorkChange>> {
+        let mut nodes = self.lock();
+        let e = nodes.map.get_mut(node).filter(|e| e.session.as_ref().map(|s| s.id) == Some(session))?;
+        let changes = e.observe_telemetry(t, now, idle_allowance);
+        // A node that does not enforce counts at the limits it reads back, which telemetry moves.
+        if !changes.is_empty() || !e.power.enforcing {
+            nodes.power_changed = true;
+        }
+        Some(changes)
     }
 
     /// The most GPUs any registered node has (0 with no nodes).

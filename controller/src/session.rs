@@ -200,10 +200,7 @@ async fn serve_inbound(
         match message.body {
             Some(Body::Telemetry(t)) => {
                 let idle = c.registry.idle_allowance();
-                let changes = c
-                    .registry
-                    .with_session(node, session, |e| e.observe_telemetry(t, Instant::now(), idle))
-                    .unwrap_or_default();
+                let changes = c.registry.observe_telemetry(node, session, t, Instant::now(), idle).unwrap_or_default();
                 if !changes.is_empty() {
                     for change in &changes {
                         c.emit_gpu_work(node, change);
@@ -215,16 +212,7 @@ async fn serve_inbound(
             }
             Some(Body::ShardStatus(s)) => {
                 let state = validate_shard_status(&s)?;
-                let changed = c
-                    .registry
-                    .with_session(node, session, |e| {
-                        let key = (s.job.clone(), s.shard);
-                        let changed = e.shards.insert(key.clone(), (s.epoch, state)) != Some((s.epoch, state));
-                        e.shard_statuses.insert(key, s);
-                        changed
-                    })
-                    .unwrap_or(false);
-                if changed {
+                if c.registry.report_shard(node, session, s, state) == Some(true) {
                     c.wake();
                 }
             }

@@ -63,11 +63,18 @@ impl Proc {
 
     /// Wait for a log line containing `needle`; returns it.
     pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        self.try_wait_line(needle, timeout)
+            .unwrap_or_else(|ended| panic!("{} did not log {needle:?} within {timeout:?}: {ended}", self.name))
+    }
+
+    /// Wait for a log line containing `needle`; `Err` says whether the process ended first.
+    pub fn try_wait_line(&self, needle: &str, timeout: Duration) -> Result<String, String> {
         loop {
             match self.lines.recv_timeout(timeout) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(_) => {}
-                Err(_) => panic!("{} did not log {needle:?} within {timeout:?}", self.name),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err("its output ended".into()),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Err("timed out".into()),
             }
         }
     }
@@ -170,16 +177,29 @@ pub struct ControllerProc {
 
 impl ControllerProc {
     /// Start on `port` (0: a free one) with `store` (`file:...` or `etcd://...`).
+    /// Ports it picks itself may be taken by another test between the pick and the bind: it then
+    /// tries again with new ones.
     pub fn start(store: &str, port: u16, extra: &[&str]) -> ControllerProc {
-        let port = if port == 0 { free_port() } else { port };
-        let metrics_port = free_port();
-        let mut cmd = Command::new(bin("watt-controller"));
-        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        for attempt in 1.. {
+            let port = if port == 0 { free_port() } else { port };
+            let metrics_port = free_port();
+            let mut cmd = Command::new(bin("watt-controller"));
+            cmd.args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+            ])
             .args(["--store", store])
             .args(extra);
-        let proc = Proc::spawn("controller", cmd);
-        proc.wait_line("Serving gRPC.", Duration::from_secs(30));
-        ControllerProc { proc, url: format!("http://127.0.0.1:{port}"), port, metrics_port }
+            let proc = Proc::spawn("controller", cmd);
+            match proc.try_wait_line("Serving gRPC.", Duration::from_secs(30)) {
+                Ok(_) => return ControllerProc { proc, url: format!("http://127.0.0.1:{port}"), port, metrics_port },
+                Err(why) if attempt < 3 => eprintln!("controller did not start ({why}); trying other ports"),
+                Err(why) => panic!("controller did not log \"Serving gRPC.\" in 3 attempts: {why}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// The controller's /metrics body.

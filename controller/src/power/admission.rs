@@ -35,8 +35,10 @@ pub struct PowerView {
     pub non_gpu_watts: f64,
     /// Every GPU of the cluster parked.
     pub all_parked_watts: f64,
+    /// Where each node's GPUs are in `gpus`.
+    pub nodes: HashMap<String, usize>,
     /// Per node, its GPUs.
-    pub nodes: HashMap<String, Vec<GpuLimits>>,
+    pub gpus: Vec<Vec<GpuLimits>>,
 }
 
 impl PowerView {
@@ -55,12 +57,34 @@ impl PowerView {
             .collect();
         self.all_parked_watts += gpus.iter().map(|g| g.parked_watts).sum::<f64>();
         self.non_gpu_watts += non_gpu_watts;
-        self.nodes.insert(caps.name.clone(), gpus);
+        self.nodes.insert(caps.name.clone(), self.gpus.len());
+        self.gpus.push(gpus);
+    }
+
+    /// Start adding the nodes up again, keeping where each one is.
+    pub fn start_refresh(&mut self) {
+        self.all_parked_watts = 0.0;
+        self.non_gpu_watts = 0.0;
+    }
+
+    /// Refresh the node at `position` (as added, same GPUs) in place: what its GPUs count parked
+    /// changes with their work, their draw and the node's enforcement.
+    pub fn refresh_node(&mut self, position: usize, caps: &NodeCaps, non_gpu_watts: f64) {
+        let idle = self.site.idle_gpu_watts;
+        for (limits, g) in self.gpus[position].iter_mut().zip(&caps.gpus) {
+            limits.parked_watts = parked_watts(caps, g, idle);
+            self.all_parked_watts += limits.parked_watts;
+        }
+        self.non_gpu_watts += non_gpu_watts;
+    }
+
+    fn node(&self, name: &str) -> Option<&[GpuLimits]> {
+        self.nodes.get(name).map(|&i| self.gpus[i].as_slice())
     }
 }
 
 /// What the budget holds: the allocation, and per job what to do about it.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Admission {
     pub allocation: Option<Allocation>,
     pub limit_watts: f64,
@@ -93,12 +117,13 @@ pub fn admit(power: &PowerView, runs: &[(&JobRecord, &[ShardAssignment])]) -> Ad
         let mut parked = 0.0;
         let mut known = true;
         'shards: for s in shards.iter() {
-            let Some(node) = power.nodes.get(&s.node) else {
+            let Some(node) = power.node(&s.node) else {
                 known = false;
                 break;
             };
             for index in &s.gpus {
-                let Some(g) = node.iter().find(|g| g.index == *index) else {
+                let found = node.get(*index as usize).filter(|g| g.index == *index);
+                let Some(g) = found.or_else(|| node.iter().find(|g| g.index == *index)) else {
                     known = false;
                     break 'shards;
                 };

@@ -20,6 +20,8 @@
 //! instant. Pure: state and time in, orders out. Times are milliseconds on the controller's
 //! monotonic [`crate::clock::Clock`].
 
+use std::borrow::Borrow;
+
 /// An order sent and not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct InFlight {
@@ -149,8 +151,8 @@ impl NodeCaps {
 }
 
 /// Σ counted watts of every node.
-pub fn counted_watts(nodes: &[NodeCaps], now_ms: i64, idle_allowance: f64) -> f64 {
-    nodes.iter().map(|n| n.counted_watts(now_ms, idle_allowance)).sum()
+pub fn counted_watts<N: Borrow<NodeCaps>>(nodes: &[N], now_ms: i64, idle_allowance: f64) -> f64 {
+    nodes.iter().map(|n| n.borrow().counted_watts(now_ms, idle_allowance)).sum()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,19 +171,20 @@ pub struct Order {
 
 /// The orders to send now. `targets[n][i]` is the target cap of `nodes[n].gpus[i]`;
 /// `limit_watts` is what counted draw must stay under (available × (1 − reserve) / PUE).
-pub fn plan(
-    nodes: &[NodeCaps],
-    targets: &[Vec<f64>],
+pub fn plan<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
+    nodes: &[N],
+    targets: &[T],
     limit_watts: f64,
     now_ms: i64,
     idle_allowance: f64,
     max_increase_nodes: usize,
 ) -> Vec<Order> {
     let mut orders = Vec::new();
-    let target_of = |n: usize, i: usize| targets.get(n).and_then(|t| t.get(i)).copied();
+    let target_of = |n: usize, i: usize| targets.get(n).and_then(|t| t.as_ref().get(i)).copied();
+    let reachable = || nodes.iter().map(Borrow::borrow).enumerate().filter(|(_, node)| node.reachable);
 
     // Phase 1: every decrease, at once.
-    for (n, node) in nodes.iter().enumerate().filter(|(_, node)| node.reachable) {
+    for (n, node) in reachable() {
         let caps: Vec<(u32, f64)> = node
             .gpus
             .iter()
@@ -192,26 +195,33 @@ pub fn plan(
             orders.push(Order { node: node.name.clone(), phase: Phase::Decrease, caps });
         }
     }
-    if !orders.is_empty() || nodes.iter().any(|n| n.decrease_outstanding(now_ms)) {
+    if !orders.is_empty() || nodes.iter().any(|n| n.borrow().decrease_outstanding(now_ms)) {
         return orders;
     }
 
     // Phase 2: increases, once no decrease is outstanding, within the headroom, staggered.
     let mut headroom = limit_watts - counted_watts(nodes, now_ms, idle_allowance);
-    for (n, node) in nodes.iter().enumerate().filter(|(_, node)| node.reachable) {
+    for (n, node) in reachable() {
         if orders.len() >= max_increase_nodes || headroom <= 0.0 {
             break;
         }
+        let caps: Vec<(u32, f64)> = node
+            .gpus
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| {
+                target_of(n, i).filter(|&t| t >= g.upper() && g.needs(t, now_ms)).map(|t| (g.index, t))
+            })
+            .collect();
+        if caps.is_empty() {
+            continue;
+        }
+        // What the node counts once the increase is sent: it counts from that moment.
         let mut raised = node.clone();
-        let mut caps = Vec::new();
         for (i, g) in raised.gpus.iter_mut().enumerate() {
             if let Some(t) = target_of(n, i).filter(|&t| t >= g.upper() && g.needs(t, now_ms)) {
                 g.in_flight = Some(InFlight { target: t, upper: t, epoch: 0, sent_ms: now_ms });
-                caps.push((g.index, t));
             }
-        }
-        if caps.is_empty() {
-            continue;
         }
         let cost = raised.counted_watts(now_ms, idle_allowance) - node.counted_watts(now_ms, idle_allowance);
         if cost <= headroom {
