@@ -73,7 +73,7 @@ pub struct ShardReport {
 /// Everything [`decide`] reads.
 #[derive(Debug, Clone)]
 pub struct View<'a> {
-    /// Every job not ended (pending or active), in name order.
+    /// Every job not ended (pending or active), in any order: `decide` orders them by name.
     pub jobs: Vec<&'a JobRecord>,
     /// Every node the controller knows, in name order.
     pub nodes: &'a [NodeView],
