@@ -77,25 +77,11 @@ fn bench(c: &mut Criterion) {
         .map(|name| {
             let gpus = (0..8)
                 .map(|index| GpuCap {
-                    index,
-                    min_watts: 200.0,
-                    max_watts: 700.0,
-                    failsafe_watts: 200.0,
-                    acked_watts: 700.0,
-                    in_flight: None,
-                    work: GpuWork::Watt,
                     measured_watts: 650.0,
-                    answered_watts: None,
+                    ..GpuCap::new(index, 200.0, 700.0, 200.0, 700.0, GpuWork::Watt)
                 })
                 .collect();
-            let caps = NodeCaps {
-                name: name.clone(),
-                gpus,
-                overhead_watts: 0.0,
-                reachable: true,
-                failsafe_at_ms: i64::MAX,
-                enforcing: true,
-            };
+            let caps = NodeCaps::new(name.clone(), gpus, 0.0);
             power.add_node(&caps, 0.0);
             NodeView {
                 name: name.clone(),

@@ -556,29 +556,9 @@ mod tests {
         fn decide(&self, mono_ms: i64, wall_ms: i64) -> Decisions {
             let mut power = PowerView { available_watts: self.available_watts, ..PowerView::default() };
             for n in &self.nodes {
-                let gpus = n
-                    .gpus
-                    .iter()
-                    .map(|&index| GpuCap {
-                        index,
-                        min_watts: 200.0,
-                        max_watts: 700.0,
-                        failsafe_watts: 200.0,
-                        acked_watts: 700.0,
-                        in_flight: None,
-                        work: GpuWork::Idle,
-                        measured_watts: 0.0,
-                        answered_watts: None,
-                    })
-                    .collect();
-                let caps = NodeCaps {
-                    name: n.name.clone(),
-                    gpus,
-                    overhead_watts: 0.0,
-                    reachable: true,
-                    failsafe_at_ms: i64::MAX,
-                    enforcing: true,
-                };
+                let gpus =
+                    n.gpus.iter().map(|&index| GpuCap::new(index, 200.0, 700.0, 200.0, 700.0, GpuWork::Idle)).collect();
+                let caps = NodeCaps::new(n.name.clone(), gpus, 0.0);
                 power.add_node(&caps, 0.0);
             }
             let view = View {

@@ -347,33 +347,18 @@ impl Registry {
             .iter()
             .map(|s| ((s.job.clone(), s.shard), (s.epoch, pb::ShardState::try_from(s.state).unwrap_or_default())))
             .collect();
-        let power = NodeCaps {
-            name: register.node_name.clone(),
-            gpus: register
-                .gpus
-                .iter()
-                .map(|g| {
-                    let range = g.power_limit.unwrap_or_default();
-                    // An agent that does not say what is in force counts at its maximum.
-                    let in_force = if g.current_limit_watts > 0.0 { g.current_limit_watts } else { range.max_watts };
-                    GpuCap {
-                        index: g.index,
-                        min_watts: range.min_watts,
-                        max_watts: range.max_watts,
-                        failsafe_watts: if g.failsafe_watts > 0.0 { g.failsafe_watts } else { range.min_watts },
-                        acked_watts: in_force,
-                        in_flight: None,
-                        work: GpuWork::Idle,
-                        measured_watts: 0.0,
-                        answered_watts: None,
-                    }
-                })
-                .collect(),
-            overhead_watts: register.non_gpu_power_watts,
-            reachable: true,
-            failsafe_at_ms: i64::MAX,
-            enforcing: true,
-        };
+        let gpus = register
+            .gpus
+            .iter()
+            .map(|g| {
+                let range = g.power_limit.unwrap_or_default();
+                // An agent that does not say what is in force counts at its maximum.
+                let in_force = if g.current_limit_watts > 0.0 { g.current_limit_watts } else { range.max_watts };
+                let failsafe = if g.failsafe_watts > 0.0 { g.failsafe_watts } else { range.min_watts };
+                GpuCap::new(g.index, range.min_watts, range.max_watts, failsafe, in_force, GpuWork::Idle)
+            })
+            .collect();
+        let power = NodeCaps::new(register.node_name.clone(), gpus, register.non_gpu_power_watts);
         // An agent too old to say counts as enforcing: the conservative reading of its caps.
         let enforce_mode = match register.enforce_mode() {
             pb::EnforceMode::Unspecified => pb::EnforceMode::On,
@@ -441,14 +426,7 @@ impl Registry {
         known.generation += 1;
         for name in nodes {
             known.map.entry(name.clone()).or_insert_with(|| NodeEntry {
-                power: NodeCaps {
-                    name: name.clone(),
-                    gpus: Vec::new(),
-                    overhead_watts: 0.0,
-                    reachable: false,
-                    failsafe_at_ms: i64::MAX,
-                    enforcing: true,
-                },
+                power: NodeCaps { reachable: false, ..NodeCaps::new(name.clone(), Vec::new(), 0.0) },
                 name,
                 gpus: Vec::new(),
                 agent_version: String::new(),

@@ -68,6 +68,28 @@ pub enum GpuWork {
 }
 
 impl GpuCap {
+    /// A GPU with `acked_watts` in force, nothing in flight, measured or answered yet.
+    pub fn new(
+        index: u32,
+        min_watts: f64,
+        max_watts: f64,
+        failsafe_watts: f64,
+        acked_watts: f64,
+        work: GpuWork,
+    ) -> Self {
+        GpuCap {
+            index,
+            min_watts,
+            max_watts,
+            failsafe_watts,
+            acked_watts,
+            in_flight: None,
+            work,
+            measured_watts: 0.0,
+            answered_watts: None,
+        }
+    }
+
     /// The highest cap this GPU may be drawing under.
     pub fn upper(&self) -> f64 {
         self.acked_watts.max(self.in_flight.map_or(0.0, |f| f.upper))
@@ -119,6 +141,11 @@ pub struct NodeCaps {
 }
 
 impl NodeCaps {
+    /// A reachable node that enforces, with no failsafe deadline yet.
+    pub fn new(name: String, gpus: Vec<GpuCap>, overhead_watts: f64) -> Self {
+        NodeCaps { name, gpus, overhead_watts, reachable: true, failsafe_at_ms: i64::MAX, enforcing: true }
+    }
+
     /// Unreachable for longer than its failsafe deadline: at failsafe caps by now. A node that
     /// does not enforce sets no failsafe caps either.
     pub fn failsafed(&self, now_ms: i64) -> bool {
@@ -281,26 +308,8 @@ mod tests {
     const IDLE: f64 = 100.0;
 
     fn node(name: &str, gpus: u32, cap: f64) -> NodeCaps {
-        NodeCaps {
-            name: name.into(),
-            gpus: (0..gpus)
-                .map(|index| GpuCap {
-                    index,
-                    min_watts: 200.0,
-                    max_watts: 700.0,
-                    failsafe_watts: 200.0,
-                    acked_watts: cap,
-                    in_flight: None,
-                    work: GpuWork::Watt,
-                    measured_watts: 0.0,
-                    answered_watts: None,
-                })
-                .collect(),
-            overhead_watts: 0.0,
-            reachable: true,
-            failsafe_at_ms: i64::MAX,
-            enforcing: true,
-        }
+        let gpus = (0..gpus).map(|index| GpuCap::new(index, 200.0, 700.0, 200.0, cap, GpuWork::Watt)).collect();
+        NodeCaps::new(name.into(), gpus, 0.0)
     }
 
     #[test]
