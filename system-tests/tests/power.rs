@@ -80,7 +80,13 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
         let p = power(&url);
         (f(&p, "drawn_watts") <= limit && f(&p, "drawn_watts") > 0.0).then_some(p)
     });
-    let gpus = wattctl_json(&url, &["gpus"]);
+    // A GPU's draw falls to a new cap within the driver's period, and a telemetry message can
+    // carry the new limit with a reading taken just before: every GPU under its cap within a few
+    // telemetry rounds.
+    let gpus = wait_for(Duration::from_secs(5), "no GPU drawing above its cap", || {
+        let gpus = wattctl_json(&url, &["gpus"]);
+        gpus.as_array().unwrap().iter().all(|g| f(g, "power_watts") <= f(g, "power_limit_watts") + 1e-6).then_some(gpus)
+    });
     for g in gpus.as_array().unwrap() {
         let l = f(g, "power_limit_watts");
         assert!((200.0..=700.0).contains(&l), "{g}");
