@@ -95,7 +95,7 @@ fn bench(c: &mut Criterion) {
     let view = View {
         jobs: jobs.iter().collect(),
         nodes: &nodes,
-        reports,
+        reports: &reports,
         power: &power,
         lease_ms: 15_000,
         regrow_after_ms: 30_000,

@@ -78,7 +78,7 @@ pub struct View<'a> {
     /// Every node the controller knows, in name order.
     pub nodes: &'a [NodeView],
     /// Per active job, per shard: what its node reported of it.
-    pub reports: HashMap<String, Vec<Option<ShardReport>>>,
+    pub reports: &'a HashMap<String, Vec<Option<ShardReport>>>,
     pub power: &'a PowerView,
     /// A node not heard from for longer is lost.
     pub lease_ms: i64,
@@ -564,7 +564,7 @@ mod tests {
             let view = View {
                 jobs: self.jobs.iter().collect(),
                 nodes: &self.nodes,
-                reports: self.reports.clone(),
+                reports: &self.reports,
                 power: &power,
                 lease_ms: LEASE_MS,
                 regrow_after_ms: REGROW_AFTER_MS,

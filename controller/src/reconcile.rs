@@ -375,40 +375,31 @@ impl Controller {
     }
 
     /// The snapshot [`decide`] reads, gathered under the registry lock (released before
-    /// deciding): the jobs not ended, every node with its lease (from `kept`, brought up to date),
-    /// what each active shard's node reported of it, and the budget's inputs.
-    fn view<'a>(&self, jobs: &'a JobTable, table: &PowerTable, kept: &'a mut KeptView, now: Now) -> View<'a> {
+    /// deciding): the jobs not ended, and, from `kept` brought up to date, every node with its
+    /// lease, what each active shard's node reported of it, and the budget's inputs. `full`:
+    /// read every job's reports again, not only those that changed.
+    fn view<'a>(
+        &self,
+        jobs: &'a JobTable,
+        table: &PowerTable,
+        kept: &'a mut KeptView,
+        now: Now,
+        full: bool,
+    ) -> View<'a> {
         let site = table.site();
         // No source configured: power is not managed, and nothing limits the budget.
         let available =
             if table.sources().next().is_none() { f64::INFINITY } else { table.available_watts(now.wall_ms) };
         let live: Vec<&JobRecord> = jobs.iter().filter(|j| !j.state.is_terminal()).collect();
         let mut nodes = self.registry.lock();
-        kept.bring_up_to_date(&mut nodes, available, site, &self.clock);
-        let reports = live
-            .iter()
-            .filter(|j| j.state.is_active())
-            .map(|j| {
-                let mut key: ShardKey = (j.spec.name.clone(), 0);
-                let shards = j
-                    .shards
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        let e = nodes.get(&s.node)?;
-                        key.1 = i as u32;
-                        let &(epoch, state) = e.shards.get(&key)?;
-                        Some(ShardReport { epoch, state, status: e.shard_statuses.get(&key).cloned() })
-                    })
-                    .collect();
-                (key.0, shards)
-            })
-            .collect();
+        let rebuilt = kept.bring_up_to_date(&mut nodes, available, site, &self.clock);
+        let changed = nodes.take_reports_changed();
+        kept.read_reports(&nodes, &live, (!full && !rebuilt).then_some(&changed));
         drop(nodes);
         View {
             jobs: live,
             nodes: &kept.nodes,
-            reports,
+            reports: &kept.reports,
             power: &kept.power,
             lease_ms: self.settings.node_lease.as_millis() as i64,
             regrow_after_ms: self.settings.regrow_after.as_millis() as i64,
@@ -432,7 +423,7 @@ impl Controller {
         let now = Now { mono_ms: self.clock.ms(Instant::now()), wall_ms: unix_ms() };
         let decisions = {
             let mut kept = self.kept_view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let view = self.view(&jobs, &power.table, &mut kept, now);
+            let view = self.view(&jobs, &power.table, &mut kept, now, full);
             phase.done("view");
             let decided_at = Instant::now();
             let decisions = decide(&view, now);
@@ -671,22 +662,61 @@ impl<'a> Phases<'a> {
 /// The nodes' part of [`View`], kept between passes so that a pass copies only what changes:
 /// rebuilt (in name order) when a node is added or replaced, otherwise brought up to date in
 /// place — leases, sessions, what each GPU counts parked, non-GPU draw — without allocating.
+/// Shard reports are read again only for jobs that are new, placed anew, or reported since.
 #[derive(Debug, Default)]
 struct KeptView {
     /// The registry's generation it was built at (`None`: never built).
     generation: Option<u64>,
     nodes: Vec<NodeView>,
     power: PowerView,
+    reports: HashMap<String, Vec<Option<ShardReport>>>,
+    /// The epoch each job's reports were read at.
+    report_epochs: HashMap<String, u64>,
 }
 
 impl KeptView {
+    /// Every active job's reports, read again where `changed` (every job with `None`) names the
+    /// job or its placement changed since they were read.
+    fn read_reports(
+        &mut self,
+        registry: &crate::registry::Nodes,
+        live: &[&JobRecord],
+        changed: Option<&HashSet<String>>,
+    ) {
+        let active: HashMap<&str, &JobRecord> =
+            live.iter().filter(|j| j.state.is_active()).map(|j| (j.spec.name.as_str(), *j)).collect();
+        self.reports.retain(|name, _| active.contains_key(name.as_str()));
+        self.report_epochs.retain(|name, _| active.contains_key(name.as_str()));
+        for (name, job) in active {
+            let fresh = self.report_epochs.get(name) == Some(&job.epoch) && changed.is_some_and(|c| !c.contains(name));
+            if fresh {
+                continue;
+            }
+            let mut key: ShardKey = (job.spec.name.clone(), 0);
+            let shards = job
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let e = registry.get(&s.node)?;
+                    key.1 = i as u32;
+                    let &(epoch, state) = e.shards.get(&key)?;
+                    Some(ShardReport { epoch, state, status: e.shard_statuses.get(&key).cloned() })
+                })
+                .collect();
+            self.report_epochs.insert(key.0.clone(), job.epoch);
+            self.reports.insert(key.0, shards);
+        }
+    }
+
+    /// Returns whether it was rebuilt.
     fn bring_up_to_date(
         &mut self,
         registry: &mut crate::registry::Nodes,
         available_watts: f64,
         site: crate::power::Site,
         clock: &crate::clock::Clock,
-    ) {
+    ) -> bool {
         self.power.available_watts = available_watts;
         self.power.site = site;
         let node_view = |e: &crate::registry::NodeEntry| NodeView {
@@ -708,7 +738,7 @@ impl KeptView {
                 self.power.add_node(&e.power, e.non_gpu_watts_or(site.node_overhead_watts));
             }
             self.generation = Some(registry.generation());
-            return;
+            return true;
         }
         self.power.start_refresh();
         for e in registry.values() {
@@ -718,5 +748,6 @@ impl KeptView {
             node.marked_lost = e.lost;
             self.power.refresh_node(e.view_position, &e.power, e.non_gpu_watts_or(site.node_overhead_watts));
         }
+        false
     }
 }

@@ -251,6 +251,8 @@ pub struct Nodes {
     /// or went, a node was lost, an acknowledgement, a shard's state, a GPU's work, what a node
     /// that does not enforce runs under.
     power_changed: bool,
+    /// Jobs whose shards' reports came in since the last pass read them.
+    reports_changed: HashSet<String>,
 }
 
 impl Nodes {
@@ -294,6 +296,11 @@ impl Nodes {
     /// Whether budget accounting's inputs changed since the last call.
     pub fn take_power_changed(&mut self) -> bool {
         std::mem::take(&mut self.power_changed)
+    }
+
+    /// The jobs whose shards reported since the last call.
+    pub fn take_reports_changed(&mut self) -> HashSet<String> {
+        std::mem::take(&mut self.reports_changed)
     }
 
     /// The nodes whose orders may be due, emptied.
@@ -496,8 +503,12 @@ impl Registry {
         let mut nodes = self.lock();
         let e = nodes.map.get_mut(node).filter(|e| e.session.as_ref().map(|s| s.id) == Some(session))?;
         let key = (status.job.clone(), status.shard);
+        let key_job = status.job.clone();
         let changed = e.shards.insert(key.clone(), (status.epoch, state)) != Some((status.epoch, state));
         e.shard_statuses.insert(key, status);
+        if !nodes.reports_changed.contains(&key_job) {
+            nodes.reports_changed.insert(key_job);
+        }
         if changed {
             nodes.orders_due(node);
             nodes.power_changed = true;
