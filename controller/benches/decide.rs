@@ -71,7 +71,7 @@ fn bench(c: &mut Criterion) {
             (j.spec.name.clone(), vec![Some(running); SHARDS])
         })
         .collect();
-    let mut power = PowerView { available_watts: NODES as f64 * 8.0 * 700.0 * 1.2, ..PowerView::default() };
+    let mut power = PowerView::new(NODES as f64 * 8.0 * 700.0 * 1.2, Default::default());
     let nodes: Vec<NodeView> = names
         .iter()
         .map(|name| {
@@ -92,10 +92,18 @@ fn bench(c: &mut Criterion) {
             }
         })
         .collect();
+    // Where each shard's node is, as the shell keeps it with the reports.
+    let position: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let placed_at: HashMap<String, Vec<Option<usize>>> = jobs
+        .iter()
+        .filter(|j| j.state.is_active())
+        .map(|j| (j.spec.name.clone(), j.shards.iter().map(|s| position.get(s.node.as_str()).copied()).collect()))
+        .collect();
     let view = View {
         jobs: jobs.iter().collect(),
         nodes: &nodes,
         reports: &reports,
+        placed_at: &placed_at,
         power: &power,
         lease_ms: 15_000,
         regrow_after_ms: 30_000,

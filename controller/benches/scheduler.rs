@@ -62,7 +62,8 @@ fn bench(c: &mut Criterion) {
             .into_iter()
             .map(|s| RunningJob {
                 request: filler.iter().find(|j| j.name == s.job).cloned().unwrap_or_else(|| filler[0].clone()),
-                shards: s.shards,
+                shards: s.shards.into(),
+                at: None,
             })
             .collect();
         let urgent = queue(1_000, 1_000_000, 100);

@@ -19,9 +19,10 @@ use std::fmt;
 use watt_proto::v1 as pb;
 
 use crate::jobs::{Hold, JobRecord, JobState, ShardOutcome};
-use crate::power::admission::{admit, Admission, PowerView};
+use crate::power::admission::{admit, Admission, PowerView, Run};
 use crate::regrow::{regrow, RegrowTimes};
-use crate::scheduler::{self, RunningJob, ShardAssignment, WaitReason};
+use crate::scheduler::{self, RunningJob, Schedulable, ShardAssignment, WaitReason};
+use crate::{NameMap, NameSet};
 
 /// Rendezvous ports handed to jobs' rank 0, as torchrun's default 29500 and up.
 const MASTER_PORTS: std::ops::Range<u16> = 29_500..30_500;
@@ -61,6 +62,27 @@ impl NodeView {
     }
 }
 
+/// A node as the scheduler sees it in one pass: every node of the view, at its position there
+/// (so the shell's positions hold), offering its GPUs only while it is ready.
+#[derive(Debug, Clone, Copy)]
+struct Offer<'a> {
+    node: &'a NodeView,
+    ready: bool,
+}
+
+impl Schedulable for Offer<'_> {
+    fn name(&self) -> &str {
+        &self.node.name
+    }
+    fn gpus(&self) -> &[u32] {
+        if self.ready {
+            &self.node.gpus
+        } else {
+            &[]
+        }
+    }
+}
+
 /// What the node a shard is placed on last reported of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardReport {
@@ -79,6 +101,10 @@ pub struct View<'a> {
     pub nodes: &'a [NodeView],
     /// Per active job, per shard: what its node reported of it.
     pub reports: &'a HashMap<String, Vec<Option<ShardReport>>>,
+    /// Per active job, where each shard's node is in `nodes` (the same position as in `power`),
+    /// kept by the shell with the reports, so a pass looks up by name only the jobs that moved.
+    /// A job missing here, or a `None`, is looked up by name.
+    pub placed_at: &'a HashMap<String, Vec<Option<usize>>>,
     pub power: &'a PowerView,
     /// A node not heard from for longer is lost.
     pub lease_ms: i64,
@@ -220,7 +246,7 @@ pub struct Decisions {
 /// The jobs as this pass has decided them so far: the view's, with this pass's changes over them.
 struct Jobs<'a> {
     order: &'a [&'a JobRecord],
-    changed: HashMap<String, JobRecord>,
+    changed: NameMap<String, JobRecord>,
 }
 
 impl<'a> Jobs<'a> {
@@ -244,11 +270,11 @@ impl<'a> Jobs<'a> {
 pub fn decide(view: &View, now: Now) -> Decisions {
     let mut jobs_sorted: Vec<&JobRecord> = view.jobs.clone();
     jobs_sorted.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-    let mut jobs = Jobs { order: &jobs_sorted, changed: HashMap::new() };
+    let mut jobs = Jobs { order: &jobs_sorted, changed: NameMap::default() };
 
     // 1. Nodes whose lease ran out: every job with a shard on one goes back to waiting (all its
     // shards: gang). The others move along by what their shards reported.
-    let lost: HashSet<&str> = view
+    let lost: NameSet<&str> = view
         .nodes
         .iter()
         .filter(|n| n.state(now.mono_ms, view.lease_ms) == crate::registry::NodeState::Lost)
@@ -262,7 +288,8 @@ pub fn decide(view: &View, now: Now) -> Decisions {
         .collect();
     let mut settle = Vec::new();
     for job in jobs.iter().filter(|j| j.state.is_active()) {
-        if let Some(shard) = job.shards.iter().find(|s| lost.contains(s.node.as_str())) {
+        let on_lost = if lost.is_empty() { None } else { job.shards.iter().find(|s| lost.contains(s.node.as_str())) };
+        if let Some(shard) = on_lost {
             let mut record = job.clone();
             unplace(&mut record, Some(Hold::NodeLost), view, now);
             settle.push(JobChange {
@@ -279,33 +306,35 @@ pub fn decide(view: &View, now: Now) -> Decisions {
     }
 
     // 2. Schedule what waits onto the ready nodes.
-    let ready: Vec<scheduler::Node> = view
+    let offers: Vec<Offer> = view
         .nodes
         .iter()
-        .filter(|n| n.state(now.mono_ms, view.lease_ms) == crate::registry::NodeState::Ready)
-        .map(|n| scheduler::Node { name: n.name.clone(), gpus: n.gpus.clone() })
+        .map(|node| Offer { node, ready: node.state(now.mono_ms, view.lease_ms) == crate::registry::NodeState::Ready })
         .collect();
+    let at = |j: &JobRecord| view.placed_at.get(&j.spec.name).map(Vec::as_slice);
     let running: Vec<RunningJob> = jobs
         .iter()
         .filter(|j| j.state.is_active())
-        .map(|j| RunningJob { request: j.request(), shards: j.shards.clone() })
+        .map(|j| RunningJob { request: j.request(), shards: j.shards.as_slice().into(), at: at(j) })
         .collect();
     let pending: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Pending).map(JobRecord::request).collect();
-    let plan = scheduler::schedule(&ready, &running, &pending);
+    let plan = scheduler::schedule(&offers, &running, &pending);
 
     // 3. Power admission over what would run: new starts the budget cannot hold wait, running
     // jobs it cannot hold shrink or pause.
-    let preempted: HashSet<&str> = plan.preemptions.iter().map(|p| p.job.as_str()).collect();
+    let preempted: NameSet<&str> = plan.preemptions.iter().map(|p| p.job.as_str()).collect();
     let admission = {
-        let mut runs: Vec<(&JobRecord, &[ShardAssignment])> = jobs
+        let mut runs: Vec<Run> = jobs
             .iter()
             .filter(|j| j.state.is_active() && !preempted.contains(j.spec.name.as_str()))
-            .map(|j| (j, j.shards.as_slice()))
+            .map(|j| Run::as_placed(j, at(j)))
             .collect();
-        runs.extend(plan.starts.iter().filter_map(|s| Some((jobs.get(&s.job)?, s.shards.as_slice()))));
+        runs.extend(
+            plan.starts.iter().filter_map(|s| Some(Run { job: jobs.get(&s.job)?, shards: &s.shards, at: None })),
+        );
         admit(view.power, &runs)
     };
-    let verdict: HashMap<&str, (bool, u32)> = admission
+    let verdict: NameMap<&str, (bool, u32)> = admission
         .allocation
         .as_ref()
         .map(|a| a.jobs.iter().map(|j| (j.name.as_str(), (j.paused, j.shards))).collect())
@@ -344,7 +373,7 @@ pub fn decide(view: &View, now: Now) -> Decisions {
     }
     // Nothing started, stopped, paused or shrunk: a shrunk job may grow back.
     let quiet = place.is_empty() && plan.starts.is_empty();
-    let mut ports: HashMap<&str, HashSet<u16>> = HashMap::new();
+    let mut ports: NameMap<&str, HashSet<u16>> = NameMap::default();
     for job in jobs.iter().filter(|j| j.state.is_active()) {
         if let Some(first) = job.shards.first() {
             ports.entry(first.node.as_str()).or_default().insert(job.master_port);
@@ -389,15 +418,15 @@ pub fn decide(view: &View, now: Now) -> Decisions {
     if quiet {
         let current: Vec<&JobRecord> = jobs.iter().collect();
         let growth =
-            regrow(view.power, &current, &ready, &decisions.admission, view.regrow_after_ms, view.regrow, now.wall_ms);
+            regrow(view.power, &current, &offers, &decisions.admission, view.regrow_after_ms, view.regrow, now.wall_ms);
         decisions.regrow = growth.times;
         if let Some((record, from)) = growth.grown {
             let to = record.shards.len();
-            let runs: Vec<(&JobRecord, &[ShardAssignment])> = current
+            let runs: Vec<Run> = current
                 .iter()
-                .map(|j| if j.spec.name == record.spec.name { &record } else { *j })
-                .filter(|j| j.state.is_active())
-                .map(|j| (j, j.shards.as_slice()))
+                .map(|j| if j.spec.name == record.spec.name { (&record, None) } else { (*j, at(j)) })
+                .filter(|(j, _)| j.state.is_active())
+                .map(|(j, at)| Run::as_placed(j, at))
                 .collect();
             decisions.admission = admit(view.power, &runs);
             decisions.place.push(JobChange {
@@ -412,7 +441,8 @@ pub fn decide(view: &View, now: Now) -> Decisions {
 
 /// The next state of an active job from its shards' reports, if it changes.
 fn advance(job: &JobRecord, view: &View, now: Now) -> Option<(JobRecord, Reason)> {
-    let states: Vec<Option<pb::ShardState>> = (0..job.shards.len()).map(|i| reported(view, job, i)).collect();
+    let reports = view.reports.get(&job.spec.name);
+    let states: Vec<Option<pb::ShardState>> = (0..job.shards.len()).map(|i| reported(reports, job, i)).collect();
     let all = |want: pb::ShardState| states.iter().all(|s| *s == Some(want));
     let mut next = job.clone();
     if let Some(i) = states.iter().position(|s| *s == Some(pb::ShardState::Failed)) {
@@ -432,9 +462,10 @@ fn advance(job: &JobRecord, view: &View, now: Now) -> Option<(JobRecord, Reason)
     }
 }
 
-/// What the node running shard `i` of `job` last reported of it at the job's current epoch.
-fn reported(view: &View, job: &JobRecord, i: usize) -> Option<pb::ShardState> {
-    let report = view.reports.get(&job.spec.name)?.get(i)?.as_ref()?;
+/// What the node running shard `i` of `job` last reported of it (`reports`: the job's) at the
+/// job's current epoch.
+fn reported(reports: Option<&Vec<Option<ShardReport>>>, job: &JobRecord, i: usize) -> Option<pb::ShardState> {
+    let report = reports?.get(i)?.as_ref()?;
     (report.epoch == job.epoch).then_some(report.state)
 }
 
@@ -483,6 +514,7 @@ fn placement_summary(shards: &[ShardAssignment]) -> String {
 mod tests {
     use super::*;
     use crate::power::planner::{GpuCap, GpuWork, NodeCaps};
+    use crate::power::Site;
     use crate::spec::{JobSpec, ShardRange};
 
     const LEASE_MS: i64 = 10_000;
@@ -522,6 +554,7 @@ mod tests {
         jobs: Vec<JobRecord>,
         nodes: Vec<NodeView>,
         reports: HashMap<String, Vec<Option<ShardReport>>>,
+        placed_at: HashMap<String, Vec<Option<usize>>>,
         available_watts: f64,
         regrow: RegrowTimes,
     }
@@ -541,6 +574,7 @@ mod tests {
                     })
                     .collect(),
                 reports: HashMap::new(),
+                placed_at: HashMap::new(),
                 available_watts: f64::INFINITY,
                 regrow: RegrowTimes::default(),
             }
@@ -554,7 +588,7 @@ mod tests {
         }
 
         fn decide(&self, mono_ms: i64, wall_ms: i64) -> Decisions {
-            let mut power = PowerView { available_watts: self.available_watts, ..PowerView::default() };
+            let mut power = PowerView::new(self.available_watts, Site::default());
             for n in &self.nodes {
                 let gpus =
                     n.gpus.iter().map(|&index| GpuCap::new(index, 200.0, 700.0, 200.0, 700.0, GpuWork::Idle)).collect();
@@ -565,12 +599,26 @@ mod tests {
                 jobs: self.jobs.iter().collect(),
                 nodes: &self.nodes,
                 reports: &self.reports,
+                placed_at: &self.placed_at,
                 power: &power,
                 lease_ms: LEASE_MS,
                 regrow_after_ms: REGROW_AFTER_MS,
                 regrow: self.regrow,
             };
             decide(&view, Now { mono_ms, wall_ms })
+        }
+    }
+
+    impl Cluster {
+        /// Where each active job's shards' nodes are, as the shell keeps it.
+        fn locate_placements(&mut self) {
+            let at = |node: &str| self.nodes.iter().position(|n| n.name == node);
+            self.placed_at = self
+                .jobs
+                .iter()
+                .filter(|j| j.state.is_active())
+                .map(|j| (j.spec.name.clone(), j.shards.iter().map(|s| at(&s.node)).collect()))
+                .collect();
         }
     }
 
@@ -773,6 +821,25 @@ mod tests {
         c.jobs.push(record("other", 0, (1, 1), JobState::Pending, &[]));
         let d = c.decide(0, 1_000 + REGROW_AFTER_MS);
         assert!(d.place.iter().all(|ch| ch.event != Some(JobEvent::Grown)), "{:?}", d.place);
+    }
+
+    #[test]
+    fn where_shards_are_is_a_shortcut_that_never_changes_a_decision() {
+        // Preemption, a lost node, a shrink and a start in one pass, decided with and without
+        // the positions the shell keeps.
+        let mut c = Cluster::new(&["a", "b", "c", "d", "e"]);
+        c.nodes[3].last_seen_ms = -LEASE_MS - 1; // d: lease ran out
+        c.available_watts = 16_000.0;
+        c.jobs.push(record("low", 0, (1, 1), JobState::Running, &["a"]));
+        c.jobs.push(record("elastic", 1, (1, 2), JobState::Running, &["b", "c"]));
+        c.jobs.push(record("on-lost", 1, (1, 1), JobState::Running, &["d"]));
+        c.jobs.push(record("urgent", 5, (2, 2), JobState::Pending, &[]));
+        let by_name = format!("{:?}", c.decide(0, 0));
+        c.locate_placements();
+        assert_eq!(c.placed_at["elastic"], vec![Some(1), Some(2)]);
+        let by_position = format!("{:?}", c.decide(0, 0));
+        assert_eq!(by_name, by_position);
+        assert!(by_name.contains("Preempted") && by_name.contains("NodeLost"), "{by_name}");
     }
 
     #[test]

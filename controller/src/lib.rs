@@ -27,3 +27,11 @@ pub mod spec;
 pub mod store;
 
 pub use error::ControllerError;
+
+/// A map keyed by node or job names, rebuilt or probed hundreds of thousands of times a pass on a
+/// large cluster: foldhash, several times faster than SipHash on short keys, and still seeded
+/// per process, so names an agent chooses cannot be picked to collide.
+pub type NameMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A set of node or job names (see [`NameMap`]).
+pub type NameSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

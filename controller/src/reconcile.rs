@@ -400,6 +400,7 @@ impl Controller {
             jobs: live,
             nodes: &kept.nodes,
             reports: &kept.reports,
+            placed_at: &kept.placed_at,
             power: &kept.power,
             lease_ms: self.settings.node_lease.as_millis() as i64,
             regrow_after_ms: self.settings.regrow_after.as_millis() as i64,
@@ -670,8 +671,11 @@ struct KeptView {
     nodes: Vec<NodeView>,
     power: PowerView,
     reports: HashMap<String, Vec<Option<ShardReport>>>,
-    /// The epoch each job's reports were read at.
-    report_epochs: HashMap<String, u64>,
+    /// Per active job, where each shard's node is in `nodes`, read with its reports.
+    placed_at: HashMap<String, Vec<Option<usize>>>,
+    /// The submission and epoch each job's reports and positions were read at: a placement
+    /// never changes within one (every start, shrink and growth takes a new epoch).
+    report_epochs: HashMap<String, (u64, u64)>,
 }
 
 impl KeptView {
@@ -686,25 +690,30 @@ impl KeptView {
         let active: HashMap<&str, &JobRecord> =
             live.iter().filter(|j| j.state.is_active()).map(|j| (j.spec.name.as_str(), *j)).collect();
         self.reports.retain(|name, _| active.contains_key(name.as_str()));
+        self.placed_at.retain(|name, _| active.contains_key(name.as_str()));
         self.report_epochs.retain(|name, _| active.contains_key(name.as_str()));
         for (name, job) in active {
-            let fresh = self.report_epochs.get(name) == Some(&job.epoch) && changed.is_some_and(|c| !c.contains(name));
+            let read_at = (job.sequence, job.epoch);
+            let fresh = self.report_epochs.get(name) == Some(&read_at) && changed.is_some_and(|c| !c.contains(name));
             if fresh {
                 continue;
             }
             let mut key: ShardKey = (job.spec.name.clone(), 0);
+            let mut at = Vec::with_capacity(job.shards.len());
             let shards = job
                 .shards
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
-                    let e = registry.get(&s.node)?;
+                    let e = registry.get(&s.node);
+                    at.push(e.map(|e| e.view_position));
                     key.1 = i as u32;
-                    let &(epoch, state) = e.shards.get(&key)?;
-                    Some(ShardReport { epoch, state, status: e.shard_statuses.get(&key).cloned() })
+                    let &(epoch, state) = e?.shards.get(&key)?;
+                    Some(ShardReport { epoch, state, status: e?.shard_statuses.get(&key).cloned() })
                 })
                 .collect();
-            self.report_epochs.insert(key.0.clone(), job.epoch);
+            self.report_epochs.insert(key.0.clone(), read_at);
+            self.placed_at.insert(key.0.clone(), at);
             self.reports.insert(key.0, shards);
         }
     }

@@ -13,9 +13,9 @@
 //! is waiting for the GPUs it would take. Pure: [`crate::decide`] calls it with its view.
 
 use crate::jobs::{JobRecord, JobState};
-use crate::power::admission::{admit, Admission, PowerView};
+use crate::power::admission::{admit, Admission, PowerView, Run};
 use crate::power::curve::Curve;
-use crate::scheduler::{self, Node, RunningJob, ShardAssignment};
+use crate::scheduler::{self, RunningJob, Schedulable, ShardAssignment};
 
 /// After an attempt that found no room, wait this long before trying again: an attempt runs the
 /// scheduler and the allocator, which is not free on a large cluster.
@@ -41,10 +41,10 @@ pub struct Growth {
 
 /// The job to grow now, if any. `jobs` are the jobs as this pass decided them; `admission` this
 /// pass's allocation of what runs; `nodes` what the scheduler may place on.
-pub fn regrow(
+pub fn regrow<N: Schedulable>(
     power: &PowerView,
     jobs: &[&JobRecord],
-    nodes: &[Node],
+    nodes: &[N],
     admission: &Admission,
     regrow_after_ms: i64,
     times: RegrowTimes,
@@ -97,12 +97,19 @@ pub fn regrow(
 
 /// The largest placement of `job` above its current size that the GPUs and the budget hold with
 /// nothing else paused, shrunk or slowed beyond its flex.
-fn try_grow(power: &PowerView, jobs: &[&JobRecord], nodes: &[Node], job: &JobRecord) -> Option<Vec<ShardAssignment>> {
+fn try_grow<N: Schedulable>(
+    power: &PowerView,
+    jobs: &[&JobRecord],
+    nodes: &[N],
+    job: &JobRecord,
+) -> Option<Vec<ShardAssignment>> {
     let current = job.shards.len() as u32;
     let others: Vec<&JobRecord> =
         jobs.iter().copied().filter(|j| j.state.is_active() && j.spec.name != job.spec.name).collect();
-    let running: Vec<RunningJob> =
-        others.iter().map(|j| RunningJob { request: j.request(), shards: j.shards.clone() }).collect();
+    let running: Vec<RunningJob> = others
+        .iter()
+        .map(|j| RunningJob { request: j.request(), shards: j.shards.as_slice().into(), at: None })
+        .collect();
     let mut request = job.request();
     request.shards.min = current + 1;
     let plan = scheduler::schedule(nodes, &running, &[request]);
@@ -114,9 +121,8 @@ fn try_grow(power: &PowerView, jobs: &[&JobRecord], nodes: &[Node], job: &JobRec
     let sizes: std::collections::HashMap<&str, usize> =
         others.iter().map(|j| (j.spec.name.as_str(), j.shards.len())).collect();
     let holds = |n: usize| {
-        let mut runs: Vec<(&JobRecord, &[ShardAssignment])> =
-            others.iter().map(|j| (*j, j.shards.as_slice())).collect();
-        runs.push((job, &placed[..n]));
+        let mut runs: Vec<Run> = others.iter().map(|j| Run::as_placed(j, None)).collect();
+        runs.push(Run { job, shards: &placed[..n], at: None });
         let admission = admit(power, &runs);
         admission.allocation.is_some_and(|a| {
             a.fits

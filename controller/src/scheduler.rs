@@ -19,15 +19,42 @@
 //! Capacity is indexed by free-GPU count per node, so one placement costs O(GPUs per node), not
 //! O(nodes): the scheduler places thousands of shards a second at 25,000 nodes.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 
 use crate::spec::ShardRange;
+use crate::NameMap;
 
 /// A schedulable node: its name and the GPU indices jobs may use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     pub name: String,
     pub gpus: Vec<u32>,
+}
+
+/// Anything the scheduler can place on: a [`Node`], or the decision's own view of a node, read
+/// where it lies rather than copied into a `Node` each pass.
+pub trait Schedulable {
+    fn name(&self) -> &str;
+    /// The GPU indices jobs may use (any order; duplicates count once).
+    fn gpus(&self) -> &[u32];
+}
+
+impl Schedulable for Node {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn gpus(&self) -> &[u32] {
+        &self.gpus
+    }
+}
+
+impl<T: Schedulable + ?Sized> Schedulable for &T {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn gpus(&self) -> &[u32] {
+        (**self).gpus()
+    }
 }
 
 /// What the scheduler needs to know of a job.
@@ -48,10 +75,44 @@ pub struct ShardAssignment {
     pub gpus: Vec<u32>,
 }
 
+/// A job holding GPUs: its shards borrowed from its record where the caller has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunningJob {
+pub struct RunningJob<'a> {
     pub request: JobRequest,
-    pub shards: Vec<ShardAssignment>,
+    pub shards: Cow<'a, [ShardAssignment]>,
+    /// Where each shard's node is in the `nodes` given to [`schedule`], when the caller knows it
+    /// (then no shard is looked up by name: at 25,000 nodes that lookup is most of a call).
+    pub at: Option<&'a [Option<usize>]>,
+}
+
+impl RunningJob<'_> {
+    /// Where shard `i`'s node is in `nodes` (`None`: not one of them).
+    fn node_of<N: Schedulable>(&self, i: usize, nodes: &Locator<'_, N>) -> Option<usize> {
+        let hint = self.at.and_then(|at| at.get(i).copied().flatten());
+        nodes.find(&self.shards[i].node, hint)
+    }
+}
+
+/// Finds a node's position in `nodes`: from the caller's hint when it has one, by name otherwise
+/// (the index by name is built on first need only).
+struct Locator<'a, N> {
+    nodes: &'a [N],
+    by_name: std::cell::OnceCell<NameMap<&'a str, usize>>,
+}
+
+impl<'a, N: Schedulable> Locator<'a, N> {
+    fn new(nodes: &'a [N]) -> Self {
+        Locator { nodes, by_name: std::cell::OnceCell::new() }
+    }
+
+    fn find(&self, name: &str, hint: Option<usize>) -> Option<usize> {
+        if let Some(at) = hint.filter(|&at| at < self.nodes.len()) {
+            debug_assert_eq!(self.nodes[at].name(), name, "a position hint names another node");
+            return Some(at);
+        }
+        let by_name = self.by_name.get_or_init(|| self.nodes.iter().enumerate().map(|(i, n)| (n.name(), i)).collect());
+        by_name.get(name).copied()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,36 +162,69 @@ pub struct Plan {
     pub waiting: Vec<Waiting>,
 }
 
-/// Free GPUs per node, indexed by how many each node has free.
-struct Capacity<'a> {
-    nodes: &'a [Node],
-    /// Free GPU indices per node, ascending.
-    free: Vec<Vec<u32>>,
+/// Free GPUs per node, indexed by how many each node has free. Built once per call in two flat
+/// buffers (no allocation per node): at 25,000 nodes that is most of what a call costs.
+struct Capacity<'a, N> {
+    nodes: &'a [N],
+    /// Every node's GPUs, ascending and distinct: node `i`'s are `all[start[i]..start[i + 1]]`.
+    all: Vec<u32>,
+    start: Vec<usize>,
+    /// Node `i`'s free GPUs, ascending: `free[start[i]..start[i] + free_len[i]]`, a subset of its
+    /// GPUs, so it always fits in the same room.
+    free: Vec<u32>,
+    free_len: Vec<usize>,
     /// buckets[f] = nodes with exactly f free GPUs.
     buckets: Vec<Vec<usize>>,
     /// Where each node sits in its bucket.
     slot: Vec<usize>,
 }
 
-impl<'a> Capacity<'a> {
-    fn new(nodes: &'a [Node]) -> Self {
-        let most = nodes.iter().map(|n| n.gpus.len()).max().unwrap_or(0);
+impl<'a, N: Schedulable> Capacity<'a, N> {
+    fn new(nodes: &'a [N]) -> Self {
+        let mut all = Vec::with_capacity(nodes.iter().map(|n| n.gpus().len()).sum());
+        let mut start = Vec::with_capacity(nodes.len() + 1);
+        for n in nodes {
+            let from = all.len();
+            start.push(from);
+            all.extend_from_slice(n.gpus());
+            let gpus = &mut all[from..];
+            if !gpus.windows(2).all(|w| w[0] < w[1]) {
+                gpus.sort_unstable();
+                let mut kept = 0;
+                for i in 0..gpus.len() {
+                    if i == 0 || gpus[i] != gpus[kept - 1] {
+                        gpus[kept] = gpus[i];
+                        kept += 1;
+                    }
+                }
+                all.truncate(from + kept);
+            }
+        }
+        start.push(all.len());
+        let free_len: Vec<usize> = start.windows(2).map(|w| w[1] - w[0]).collect();
+        let most = free_len.iter().copied().max().unwrap_or(0);
         let mut capacity = Capacity {
             nodes,
-            free: nodes.iter().map(|n| sorted(n.gpus.clone())).collect(),
+            free: all.clone(),
+            all,
+            start,
+            free_len,
             buckets: vec![Vec::new(); most + 1],
             slot: vec![0; nodes.len()],
         };
         for i in 0..nodes.len() {
-            let f = capacity.free[i].len();
-            capacity.slot[i] = capacity.buckets[f].len();
-            capacity.buckets[f].push(i);
+            capacity.link(i);
         }
         capacity
     }
 
+    fn free_of(&self, node: usize) -> &[u32] {
+        let from = self.start[node];
+        &self.free[from..from + self.free_len[node]]
+    }
+
     fn unlink(&mut self, node: usize) {
-        let bucket = &mut self.buckets[self.free[node].len()];
+        let bucket = &mut self.buckets[self.free_len[node]];
         let at = self.slot[node];
         bucket.swap_remove(at);
         if let Some(&moved) = bucket.get(at) {
@@ -139,27 +233,46 @@ impl<'a> Capacity<'a> {
     }
 
     fn link(&mut self, node: usize) {
-        let f = self.free[node].len();
+        let f = self.free_len[node];
         self.slot[node] = self.buckets[f].len();
         self.buckets[f].push(node);
     }
 
     /// Mark `gpus` on `node` used. Returns false (and changes nothing) if any is not free.
     fn take(&mut self, node: usize, gpus: &[u32]) -> bool {
-        if !gpus.iter().all(|g| self.free[node].binary_search(g).is_ok()) {
+        if !gpus.iter().all(|g| self.free_of(node).binary_search(g).is_ok()) {
             return false;
         }
         self.unlink(node);
-        self.free[node].retain(|g| !gpus.contains(g));
+        let from = self.start[node];
+        let mut kept = 0;
+        for i in 0..self.free_len[node] {
+            let g = self.free[from + i];
+            if !gpus.contains(&g) {
+                self.free[from + kept] = g;
+                kept += 1;
+            }
+        }
+        self.free_len[node] = kept;
         self.link(node);
         true
     }
 
+    /// Mark `gpus` on `node` free again: those the node has and that are not free already.
     fn give_back(&mut self, node: usize, gpus: &[u32]) {
         self.unlink(node);
-        self.free[node].extend_from_slice(gpus);
-        self.free[node].sort_unstable();
-        self.free[node].dedup();
+        let (from, to) = (self.start[node], self.start[node + 1]);
+        for g in gpus {
+            let len = self.free_len[node];
+            let free = &mut self.free[from..to];
+            let Err(at) = free[..len].binary_search(g) else { continue };
+            if self.all[from..to].binary_search(g).is_err() {
+                continue; // Not one of its GPUs.
+            }
+            free.copy_within(at..len, at + 1);
+            free[at] = *g;
+            self.free_len[node] = len + 1;
+        }
         self.link(node);
     }
 
@@ -193,10 +306,10 @@ impl<'a> Capacity<'a> {
                     (self.buckets[f][self.buckets[f].len() - 1], f / g)
                 }
             };
-            let gpus: Vec<u32> = self.free[node][..count * g].to_vec();
+            let gpus: Vec<u32> = self.free_of(node)[..count * g].to_vec();
             self.take(node, &gpus);
             for chunk in gpus.chunks(g) {
-                shards.push(ShardAssignment { node: self.nodes[node].name.clone(), gpus: chunk.to_vec() });
+                shards.push(ShardAssignment { node: self.nodes[node].name().to_owned(), gpus: chunk.to_vec() });
             }
             remaining -= count;
         }
@@ -204,28 +317,22 @@ impl<'a> Capacity<'a> {
     }
 }
 
-fn sorted(mut v: Vec<u32>) -> Vec<u32> {
-    v.sort_unstable();
-    v.dedup();
-    v
-}
-
 /// Decide which pending jobs start where, and which running jobs are preempted for them.
 ///
 /// Running jobs whose shards name unknown nodes or GPUs are taken as they are (their GPUs are
 /// not free); the caller moves jobs off lost nodes before calling.
-pub fn schedule(nodes: &[Node], running: &[RunningJob], pending: &[JobRequest]) -> Plan {
+pub fn schedule<N: Schedulable>(nodes: &[N], running: &[RunningJob], pending: &[JobRequest]) -> Plan {
     let mut capacity = Capacity::new(nodes);
-    let index: HashMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
+    let locate = Locator::new(nodes);
     for job in running {
-        for shard in &job.shards {
-            if let Some(&node) = index.get(shard.node.as_str()) {
+        for (i, shard) in job.shards.iter().enumerate() {
+            if let Some(node) = job.node_of(i, &locate) {
                 capacity.take(node, &shard.gpus);
             }
         }
     }
     // Preemption candidates: lowest priority first, newest first among equals.
-    let mut victims: Vec<&RunningJob> = running.iter().collect();
+    let mut victims: Vec<&RunningJob<'_>> = running.iter().collect();
     victims
         .sort_by(|a, b| a.request.priority.cmp(&b.request.priority).then(b.request.sequence.cmp(&a.request.sequence)));
     let mut preempted = vec![false; victims.len()];
@@ -242,7 +349,7 @@ pub fn schedule(nodes: &[Node], running: &[RunningJob], pending: &[JobRequest]) 
             continue;
         }
         if capacity.shards_that_fit(g, min) < min {
-            let freed = preempt_for(job, &mut capacity, &index, &victims, &mut preempted);
+            let freed = preempt_for(job, &mut capacity, &locate, &victims, &mut preempted);
             if freed.is_empty() {
                 let free_shards = capacity.shards_that_fit(g, usize::MAX);
                 plan.waiting.push(Waiting {
@@ -263,24 +370,24 @@ pub fn schedule(nodes: &[Node], running: &[RunningJob], pending: &[JobRequest]) 
 
 /// Preempt the fewest lower-priority jobs that make `job` fit at its minimum. Returns their
 /// names (empty: preempting cannot make it fit, and nothing was changed).
-fn preempt_for(
+fn preempt_for<N: Schedulable>(
     job: &JobRequest,
-    capacity: &mut Capacity<'_>,
-    index: &HashMap<&str, usize>,
-    victims: &[&RunningJob],
+    capacity: &mut Capacity<'_, N>,
+    locate: &Locator<'_, N>,
+    victims: &[&RunningJob<'_>],
     preempted: &mut [bool],
 ) -> Vec<String> {
     let (g, min) = (job.gpus_per_shard as usize, job.shards.min as usize);
-    let release = |capacity: &mut Capacity<'_>, victim: &RunningJob| {
-        for shard in &victim.shards {
-            if let Some(&node) = index.get(shard.node.as_str()) {
+    let release = |capacity: &mut Capacity<'_, N>, victim: &RunningJob<'_>| {
+        for (i, shard) in victim.shards.iter().enumerate() {
+            if let Some(node) = victim.node_of(i, locate) {
                 capacity.give_back(node, &shard.gpus);
             }
         }
     };
-    let retake = |capacity: &mut Capacity<'_>, victim: &RunningJob| {
-        for shard in &victim.shards {
-            if let Some(&node) = index.get(shard.node.as_str()) {
+    let retake = |capacity: &mut Capacity<'_, N>, victim: &RunningJob<'_>| {
+        for (i, shard) in victim.shards.iter().enumerate() {
+            if let Some(node) = victim.node_of(i, locate) {
                 capacity.take(node, &shard.gpus);
             }
         }
@@ -341,12 +448,13 @@ mod tests {
         JobRequest { name: name.into(), priority, sequence, shards: ShardRange { min, max }, gpus_per_shard: g }
     }
 
-    fn run(plan: &Plan, pending: &[JobRequest]) -> Vec<RunningJob> {
+    fn run(plan: &Plan, pending: &[JobRequest]) -> Vec<RunningJob<'static>> {
         plan.starts
             .iter()
             .map(|s| RunningJob {
                 request: pending.iter().find(|j| j.name == s.job).unwrap().clone(),
-                shards: s.shards.clone(),
+                shards: s.shards.clone().into(),
+                at: None,
             })
             .collect()
     }
@@ -376,11 +484,13 @@ mod tests {
         let running = vec![
             RunningJob {
                 request: job("old-low", 1, 1, 1, 1, 8),
-                shards: vec![ShardAssignment { node: "n0".into(), gpus: (0..8).collect() }],
+                shards: vec![ShardAssignment { node: "n0".into(), gpus: (0..8).collect() }].into(),
+                at: None,
             },
             RunningJob {
                 request: job("new-low", 1, 2, 1, 1, 8),
-                shards: vec![ShardAssignment { node: "n1".into(), gpus: (0..8).collect() }],
+                shards: vec![ShardAssignment { node: "n1".into(), gpus: (0..8).collect() }].into(),
+                at: None,
             },
         ];
         let plan = schedule(&cluster, &running, &[job("urgent", 5, 3, 1, 1, 8)]);
@@ -392,6 +502,26 @@ mod tests {
         // Preemption that cannot make room preempts nothing.
         let plan = schedule(&cluster, &running, &[job("huge", 9, 3, 3, 3, 8)]);
         assert!(plan.preemptions.is_empty() && plan.starts.is_empty() && plan.waiting.len() == 1);
+    }
+
+    #[test]
+    fn a_nodes_gpus_count_once_in_any_order_and_a_preempted_job_frees_only_gpus_the_node_has() {
+        let cluster = vec![Node { name: "n0".into(), gpus: vec![3, 1, 1, 2, 0] }];
+        let plan = schedule(&cluster, &[], &[job("a", 0, 0, 1, 1, 4)]);
+        assert_eq!(plan.starts[0].shards[0].gpus, vec![0, 1, 2, 3]);
+        assert!(schedule(&cluster, &[], &[job("b", 0, 0, 1, 1, 5)]).starts.is_empty(), "4 distinct GPUs");
+
+        // Preempting a job whose record names a GPU the node lacks (9) frees no GPU 9.
+        let cluster = vec![Node { name: "n0".into(), gpus: vec![0, 1, 2, 3] }];
+        let holding = |name: &str, sequence, gpus: Vec<u32>| RunningJob {
+            request: job(name, 0, sequence, 1, 1, gpus.len() as u32),
+            shards: vec![ShardAssignment { node: "n0".into(), gpus }].into(),
+            at: None,
+        };
+        let running = vec![holding("low", 0, vec![0, 1, 2, 3]), holding("ghost", 1, vec![9])];
+        let plan = schedule(&cluster, &running, &[job("high", 5, 2, 1, 1, 1)]);
+        assert_eq!(plan.preemptions, vec![Preemption { job: "low".into(), by: "high".into() }]);
+        assert_eq!(plan.starts[0].shards[0].gpus, vec![0]);
     }
 
     #[test]
@@ -427,7 +557,7 @@ mod tests {
     }
 
     /// Place the first wave on an empty cluster, then schedule the second wave against it.
-    fn two_waves(nodes: &[Node], first: &[JobRequest], second: &[JobRequest]) -> (Vec<RunningJob>, Plan) {
+    fn two_waves(nodes: &[Node], first: &[JobRequest], second: &[JobRequest]) -> (Vec<RunningJob<'static>>, Plan) {
         let initial = schedule(nodes, &[], first);
         let running = run(&initial, first);
         let plan = schedule(nodes, &running, second);

@@ -6,7 +6,7 @@
 //! the allocator as what they will count once parked at their minimum cap, and the floor — the
 //! least the cluster can draw with every job paused — decides whether a limit is infeasible.
 
-use std::collections::HashMap;
+use crate::NameMap;
 
 use crate::jobs::JobRecord;
 use crate::power::allocator::{allocate, Allocation, JobLoad};
@@ -36,12 +36,17 @@ pub struct PowerView {
     /// Every GPU of the cluster parked.
     pub all_parked_watts: f64,
     /// Where each node's GPUs are in `gpus`.
-    pub nodes: HashMap<String, usize>,
+    pub nodes: NameMap<String, usize>,
     /// Per node, its GPUs.
     pub gpus: Vec<Vec<GpuLimits>>,
 }
 
 impl PowerView {
+    /// No node yet.
+    pub fn new(available_watts: f64, site: Site) -> Self {
+        PowerView { available_watts, site, ..PowerView::default() }
+    }
+
     /// Add a node: its GPUs' limits, what each counts parked, and its non-GPU draw.
     pub fn add_node(&mut self, caps: &NodeCaps, non_gpu_watts: f64) {
         let idle = self.site.idle_gpu_watts;
@@ -78,8 +83,10 @@ impl PowerView {
         self.non_gpu_watts += non_gpu_watts;
     }
 
-    fn node(&self, name: &str) -> Option<&[GpuLimits]> {
-        self.nodes.get(name).map(|&i| self.gpus[i].as_slice())
+    /// The GPUs of the node `name`, at `hint` when the caller knows where it is.
+    fn node(&self, name: &str, hint: Option<usize>) -> Option<&[GpuLimits]> {
+        let at = hint.or_else(|| self.nodes.get(name).copied())?;
+        self.gpus.get(at).map(Vec::as_slice)
     }
 }
 
@@ -103,21 +110,39 @@ pub fn parked_watts(node: &NodeCaps, g: &GpuCap, idle: f64) -> f64 {
     g.counted_as(work, cap, idle)
 }
 
+/// A job that would run, on these shards.
+#[derive(Debug, Clone, Copy)]
+pub struct Run<'a> {
+    pub job: &'a JobRecord,
+    pub shards: &'a [ShardAssignment],
+    /// Where each shard's node is in the [`PowerView`], when the caller knows it (then no shard
+    /// is looked up by name).
+    pub at: Option<&'a [Option<usize>]>,
+}
+
+impl<'a> Run<'a> {
+    /// `job` on the shards it holds.
+    pub fn as_placed(job: &'a JobRecord, at: Option<&'a [Option<usize>]>) -> Self {
+        Run { job, shards: &job.shards, at }
+    }
+}
+
 /// The allocator over every job that would run, each with the shards it would run on.
-pub fn admit(power: &PowerView, runs: &[(&JobRecord, &[ShardAssignment])]) -> Admission {
+pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
     let site = power.site;
     let available = power.available_watts;
     let limit = safe_limit_watts(available, &site);
     let idle = site.idle_gpu_watts;
     let mut in_jobs_parked = 0.0;
     let mut loads: Vec<JobLoad> = Vec::with_capacity(runs.len());
-    for (record, shards) in runs {
+    for &Run { job: record, shards, at } in runs {
         let mut cap_min: f64 = 0.0;
         let mut cap_max = f64::INFINITY;
         let mut parked = 0.0;
         let mut known = true;
-        'shards: for s in shards.iter() {
-            let Some(node) = power.node(&s.node) else {
+        'shards: for (i, s) in shards.iter().enumerate() {
+            let hint = at.and_then(|at| at.get(i).copied().flatten());
+            let Some(node) = power.node(&s.node, hint) else {
                 known = false;
                 break;
             };
