@@ -85,6 +85,8 @@ impl PowerView {
 
     /// The GPUs of the node `name`, at `hint` when the caller knows where it is.
     fn node(&self, name: &str, hint: Option<usize>) -> Option<&[GpuLimits]> {
+        let hint = hint.filter(|&at| at < self.gpus.len());
+        debug_assert!(hint.is_none() || self.nodes.get(name) == hint.as_ref(), "a position hint names another node");
         let at = hint.or_else(|| self.nodes.get(name).copied())?;
         self.gpus.get(at).map(Vec::as_slice)
     }
