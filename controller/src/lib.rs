@@ -29,8 +29,10 @@ pub mod store;
 pub use error::ControllerError;
 
 /// A map keyed by node or job names, rebuilt or probed hundreds of thousands of times a pass on a
-/// large cluster: foldhash, several times faster than SipHash on short keys, and still seeded
-/// per process, so names an agent chooses cannot be picked to collide.
+/// large cluster: foldhash, several times faster than SipHash on short keys. Its seed is random
+/// per process, which its authors call minimally DoS-resistant — not proof against a caller who
+/// studies the running controller to pick colliding names; only those who may register a node
+/// or submit a job choose names.
 pub type NameMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A set of node or job names (see [`NameMap`]).

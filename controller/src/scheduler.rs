@@ -184,20 +184,15 @@ impl<'a, N: Schedulable> Capacity<'a, N> {
         let mut all = Vec::with_capacity(nodes.iter().map(|n| n.gpus().len()).sum());
         let mut start = Vec::with_capacity(nodes.len() + 1);
         for n in nodes {
-            let from = all.len();
-            start.push(from);
-            all.extend_from_slice(n.gpus());
-            let gpus = &mut all[from..];
-            if !gpus.windows(2).all(|w| w[0] < w[1]) {
-                gpus.sort_unstable();
-                let mut kept = 0;
-                for i in 0..gpus.len() {
-                    if i == 0 || gpus[i] != gpus[kept - 1] {
-                        gpus[kept] = gpus[i];
-                        kept += 1;
-                    }
-                }
-                all.truncate(from + kept);
+            start.push(all.len());
+            let gpus = n.gpus();
+            if gpus.windows(2).all(|w| w[0] < w[1]) {
+                all.extend_from_slice(gpus); // As agents list them: ascending, no copy to sort.
+            } else {
+                let mut sorted = gpus.to_vec();
+                sorted.sort_unstable();
+                sorted.dedup();
+                all.extend(sorted);
             }
         }
         start.push(all.len());
