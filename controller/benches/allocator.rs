@@ -25,6 +25,7 @@ fn jobs() -> Vec<JobLoad> {
                 cap_min: 200.0,
                 cap_max: 700.0,
                 curve: Curve::default(),
+                given_up_watts: Vec::new(),
             }
         })
         .collect()

@@ -37,6 +37,7 @@ fn cluster(flex: &[f64]) -> Vec<JobLoad> {
             cap_min: 200.0,
             cap_max: 700.0,
             curve: Curve::default(),
+            given_up_watts: Vec::new(),
         });
         gpus += shards * GPUS_PER_NODE;
         i += 1;

@@ -555,6 +555,8 @@ mod tests {
         nodes: Vec<NodeView>,
         reports: HashMap<String, Vec<Option<ShardReport>>>,
         placed_at: HashMap<String, Vec<Option<usize>>>,
+        /// Per node, what each of its GPUs draws (0 W when not listed).
+        drawing: HashMap<String, f64>,
         available_watts: f64,
         regrow: RegrowTimes,
     }
@@ -575,6 +577,7 @@ mod tests {
                     .collect(),
                 reports: HashMap::new(),
                 placed_at: HashMap::new(),
+                drawing: HashMap::new(),
                 available_watts: f64::INFINITY,
                 regrow: RegrowTimes::default(),
             }
@@ -590,8 +593,10 @@ mod tests {
         fn decide(&self, mono_ms: i64, wall_ms: i64) -> Decisions {
             let mut power = PowerView::new(self.available_watts, Site::default());
             for n in &self.nodes {
-                let gpus =
-                    n.gpus.iter().map(|&index| GpuCap::new(index, 200.0, 700.0, 200.0, 700.0, GpuWork::Idle)).collect();
+                let measured_watts = self.drawing.get(&n.name).copied().unwrap_or(0.0);
+                let gpu =
+                    |index| GpuCap { measured_watts, ..GpuCap::new(index, 200.0, 700.0, 200.0, 700.0, GpuWork::Idle) };
+                let gpus = n.gpus.iter().map(|&index| gpu(index)).collect();
                 let caps = NodeCaps::new(n.name.clone(), gpus, 0.0);
                 power.add_node(&caps, 0.0);
             }
@@ -775,6 +780,30 @@ mod tests {
         c.jobs[0] = change.record.clone();
         let d = c.decide(0, 0);
         assert!(d.place.is_empty(), "a job already held for power is not changed again: {:?}", d.place);
+    }
+
+    #[test]
+    fn a_job_paused_for_power_is_not_started_again_on_the_same_figures() {
+        // a's GPUs still draw 200 W (a shard just left them): parked, they count 200 W each. The
+        // scheduler proposes the elastic job on b then a; power keeps one shard, on b, and the
+        // one it leaves on a counts what a's GPUs count now, as it would once the job runs on b
+        // alone: 1,600 + 1,600 W, above the 2,850 W limit. Counting the left shard at the 100 W
+        // idle allowance (2,400 W) started it, and the next pass paused it again, and again.
+        let mut c = Cluster::new(&["a", "b"]);
+        c.available_watts = 3_000.0;
+        c.drawing.insert("a".into(), 200.0);
+        let mut job = record("elastic", 0, (1, 2), JobState::Pending, &[]);
+        job.hold = Some(Hold::PowerPaused);
+        c.jobs.push(job);
+        let d = c.decide(0, 0);
+        let change = only(&d.place);
+        assert_eq!((change.event, &change.reason), (None, &Reason::PowerWaiting), "{change:?}");
+        assert_eq!(change.record.state, JobState::Pending);
+
+        // As running on b alone, the same budget pauses it: the two figures agree.
+        c.jobs[0] = record("elastic", 0, (1, 2), JobState::Running, &["b"]);
+        let d = c.decide(0, 0);
+        assert_eq!(only(&d.place).reason, Reason::PowerPaused);
     }
 
     #[test]

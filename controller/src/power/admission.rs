@@ -142,12 +142,16 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
         let mut cap_max = f64::INFINITY;
         let mut parked = 0.0;
         let mut known = true;
+        // Given up, a shard the job runs on now leaves GPUs with no process (the idle allowance);
+        // one only proposed leaves its GPUs as they count now.
+        let mut given_up_watts = Vec::with_capacity(shards.len());
         'shards: for (i, s) in shards.iter().enumerate() {
             let hint = at.and_then(|at| at.get(i).copied().flatten());
             let Some(node) = power.node(&s.node, hint) else {
                 known = false;
                 break;
             };
+            let mut shard_parked = 0.0;
             for index in &s.gpus {
                 let found = node.get(*index as usize).filter(|g| g.index == *index);
                 let Some(g) = found.or_else(|| node.iter().find(|g| g.index == *index)) else {
@@ -156,8 +160,11 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
                 };
                 cap_min = cap_min.max(g.min_watts);
                 cap_max = cap_max.min(g.max_watts);
-                parked += g.parked_watts;
+                shard_parked += g.parked_watts;
             }
+            parked += shard_parked;
+            let runs_there = record.state.is_active() && record.shards.get(i) == Some(s);
+            given_up_watts.push(if runs_there { s.gpus.len() as f64 * idle } else { shard_parked });
         }
         // A job on a node whose inventory is not known yet (expected after a restart, not back)
         // is not allocated: its GPUs are not in the view either.
@@ -177,11 +184,12 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
                 cap_min,
                 cap_max,
                 curve: Curve::default(),
+                given_up_watts,
             });
         }
     }
     let others = (power.all_parked_watts - in_jobs_parked).max(0.0);
-    let job_gpus: f64 = loads.iter().map(|l| f64::from(l.shards * l.gpus_per_shard)).sum();
+    let given_up: f64 = loads.iter().flat_map(|l| &l.given_up_watts).sum();
     let budget = gpu_budget_watts(available, &site, power.non_gpu_watts);
     Admission {
         allocation: Some(allocate(budget, &loads, others, idle)),
@@ -189,7 +197,7 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
         budget_watts: budget,
         available_watts: available,
         non_gpu_watts: power.non_gpu_watts,
-        // Paused, a job's GPUs draw what an idle GPU does.
-        floor_watts: power.non_gpu_watts + others + job_gpus * idle,
+        // Every job paused: every shard given up.
+        floor_watts: power.non_gpu_watts + others + given_up,
     }
 }

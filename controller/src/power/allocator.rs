@@ -18,8 +18,12 @@
 //! Every GPU counts. GPUs outside these jobs come in as one number, `others_watts`: idle ones at
 //! the larger of the idle allowance and their measured draw, ones busy with someone else's
 //! process at their cap. GPUs a job gives up (shrunk or paused) count at `idle_gpu_watts`, what
-//! such a GPU can draw with no process on it. When even every job paused does not fit, the
-//! allocation says so (`fits: false`): the limit is infeasible.
+//! such a GPU can draw with no process on it — unless the caller says what a shard's GPUs count
+//! given up (`JobLoad::given_up_watts`): a shard proposed on GPUs the job does not run on yet
+//! counts, left out, what those GPUs count now, exactly as they would among the others. So a job
+//! weighs the same proposed as started, and one paused for power is not started again on the same
+//! figures. When even every job paused does not fit, the allocation says so (`fits: false`): the
+//! limit is infeasible.
 //!
 //! Weights: each distinct priority among the running jobs is a level; the lowest level weighs 1,
 //! the next 2, and so on. Levels rather than raw priorities keep weights bounded whatever numbers
@@ -44,6 +48,9 @@ pub struct JobLoad {
     pub cap_min: f64,
     pub cap_max: f64,
     pub curve: Curve,
+    /// Per shard placed, what its GPUs count together once the job gives it up (shrunk or
+    /// paused); a shard not listed counts its GPUs at the idle allowance.
+    pub given_up_watts: Vec<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -88,9 +95,16 @@ impl Work {
         }
     }
 
-    /// GPUs placed for the job that it does not use now (shrunk or paused): idle.
-    fn given_up(&self) -> f64 {
-        f64::from(self.load.shards * self.load.gpus_per_shard) - self.gpus()
+    /// What shard `i`'s GPUs count once given up.
+    fn shard_given_up(&self, i: u32, idle: f64) -> f64 {
+        let default = f64::from(self.load.gpus_per_shard) * idle;
+        self.load.given_up_watts.get(i as usize).copied().unwrap_or(default)
+    }
+
+    /// What the GPUs placed for the job that it does not use now (shrunk or paused) count.
+    fn given_up(&self, idle: f64) -> f64 {
+        let kept = if self.paused { 0 } else { self.shards };
+        (kept..self.load.shards).map(|i| self.shard_given_up(i, idle)).sum()
     }
 
     fn flex_floor(&self) -> f64 {
@@ -100,9 +114,9 @@ impl Work {
             .clamp(self.load.cap_min, self.load.cap_max)
     }
 
-    /// Power saved per shard removed at the minimum cap.
-    fn saving_per_shard(&self, idle: f64) -> f64 {
-        f64::from(self.load.gpus_per_shard) * (self.load.cap_min - idle)
+    /// Power saved by giving up shard `i` at the minimum cap.
+    fn saving_of_shard(&self, i: u32, idle: f64) -> f64 {
+        f64::from(self.load.gpus_per_shard) * self.load.cap_min - self.shard_given_up(i, idle)
     }
 }
 
@@ -122,7 +136,7 @@ pub fn allocate(budget_watts: f64, jobs: &[JobLoad], others_watts: f64, idle_gpu
         })
         .collect();
     let mut notes = Vec::new();
-    let idle_watts = |work: &[Work]| others_watts + work.iter().map(Work::given_up).sum::<f64>() * idle_gpu_watts;
+    let idle_watts = |work: &[Work]| others_watts + work.iter().map(|w| w.given_up(idle_gpu_watts)).sum::<f64>();
     let at_min = |work: &[Work]| work.iter().map(|w| w.gpus() * w.load.cap_min).sum::<f64>() + idle_watts(work);
 
     // Shedding order: lowest priority first, newest first among equals.
@@ -133,29 +147,28 @@ pub fn allocate(budget_watts: f64, jobs: &[JobLoad], others_watts: f64, idle_gpu
     });
 
     if at_min(&work) > budget_watts {
-        // Running sums, so each step below is O(1): GPUs with work, and their power at minimum.
-        let idle_share = |w: &Work| w.load.cap_min - idle_gpu_watts;
+        // A running deficit, so each step below costs one shard's figures.
         let mut deficit = at_min(&work) - budget_watts;
-        // 3. Shrink elastic jobs toward their minimum.
+        // 3. Shrink elastic jobs toward their minimum, last shard first.
         for &i in &order {
-            if deficit <= 0.0 {
-                break;
+            let w = &mut work[i];
+            let least = w.load.min_shards.min(w.shards);
+            while deficit > 0.0 && w.shards > least {
+                let saving = w.saving_of_shard(w.shards - 1, idle_gpu_watts);
+                if saving <= 0.0 {
+                    break;
+                }
+                w.shards -= 1;
+                deficit -= saving;
             }
-            let saving = work[i].saving_per_shard(idle_gpu_watts);
-            let spare = work[i].shards - work[i].load.min_shards.min(work[i].shards);
-            if saving <= 0.0 || spare == 0 {
-                continue;
-            }
-            let k = ((deficit / saving).ceil() as u32).min(spare);
-            work[i].shards -= k;
-            deficit -= f64::from(k) * saving;
         }
         // 4. Pause whole jobs, as few as needed.
         for &i in &order {
             if deficit <= 0.0 {
                 break;
             }
-            let saving = work[i].gpus() * idle_share(&work[i]);
+            let w = &work[i];
+            let saving: f64 = (0..w.shards).map(|k| w.saving_of_shard(k, idle_gpu_watts)).sum();
             if saving > 0.0 {
                 work[i].paused = true;
                 deficit -= saving;
@@ -163,17 +176,18 @@ pub fn allocate(budget_watts: f64, jobs: &[JobLoad], others_watts: f64, idle_gpu
         }
         // Shrunk jobs grow back into what the pauses freed, highest priority first.
         for &i in order.iter().rev() {
-            if work[i].paused {
+            let w = &mut work[i];
+            if w.paused {
                 continue;
             }
-            let per_shard = work[i].saving_per_shard(idle_gpu_watts);
-            let room = work[i].load.shards - work[i].shards;
-            if room == 0 || per_shard <= 0.0 {
-                continue;
+            while w.shards < w.load.shards {
+                let cost = w.saving_of_shard(w.shards, idle_gpu_watts);
+                if cost <= 0.0 || -deficit < cost {
+                    break;
+                }
+                w.shards += 1;
+                deficit += cost;
             }
-            let k = ((-deficit / per_shard).floor().max(0.0) as u32).min(room);
-            work[i].shards += k;
-            deficit += f64::from(k) * per_shard;
         }
         for w in &work {
             if w.paused {
@@ -274,6 +288,7 @@ mod tests {
             cap_min: 200.0,
             cap_max: 700.0,
             curve: Curve::default(),
+            given_up_watts: Vec::new(),
         }
     }
 

@@ -497,7 +497,7 @@ mod tests {
             // Three 2-node jobs of 1×4 GPUs... each node holds one 4-GPU shard of some job.
             let jobs: Vec<JobLoad> = (0..3).map(|j| JobLoad {
                 name: format!("j{j}"), priority: j, sequence: j as u64, flex: 0.1 * j as f64, gpus_per_shard: 4,
-                shards: 2, min_shards: 1, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(),
+                shards: 2, min_shards: 1, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(), given_up_watts: Vec::new(),
             }).collect();
             let mut present = [true; 3];
             let full = 24.0 * 700.0;
