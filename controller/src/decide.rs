@@ -439,22 +439,25 @@ pub fn decide(view: &View, now: Now) -> Decisions {
     decisions
 }
 
-/// The next state of an active job from its shards' reports, if it changes.
+/// The next state of an active job from its shards' reports, if it changes. The record is
+/// copied only then: every pass asks this of every active job.
 fn advance(job: &JobRecord, view: &View, now: Now) -> Option<(JobRecord, Reason)> {
     let reports = view.reports.get(&job.spec.name);
-    let states: Vec<Option<pb::ShardState>> = (0..job.shards.len()).map(|i| reported(reports, job, i)).collect();
-    let all = |want: pb::ShardState| states.iter().all(|s| *s == Some(want));
-    let mut next = job.clone();
-    if let Some(i) = states.iter().position(|s| *s == Some(pb::ShardState::Failed)) {
+    let state = |i: usize| reported(reports, job, i);
+    let all = |want: pb::ShardState| (0..job.shards.len()).all(|i| state(i) == Some(want));
+    if let Some(i) = (0..job.shards.len()).find(|&i| state(i) == Some(pb::ShardState::Failed)) {
+        let mut next = job.clone();
         unplace(&mut next, None, view, now);
         next.state = JobState::Failed;
         let end = next.last_run.get(i).map(describe_end).filter(|w| !w.is_empty());
         Some((next, Reason::ShardFailed { shard: i, node: job.shards[i].node.clone(), end }))
     } else if all(pb::ShardState::Succeeded) {
+        let mut next = job.clone();
         unplace(&mut next, None, view, now);
         next.state = JobState::Succeeded;
         Some((next, Reason::Finished))
     } else if job.state == JobState::Starting && all(pb::ShardState::Running) {
+        let mut next = job.clone();
         next.state = JobState::Running;
         Some((next, Reason::Running { shards: job.shards.len() }))
     } else {

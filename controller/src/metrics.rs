@@ -44,6 +44,9 @@ pub struct Metrics {
     pub job_cap: GaugeVec,
     /// 1 for each job that has not ended, labelled with its state (ended jobs leave the metric).
     pub job_state: IntGaugeVec,
+    /// The state `job_state` shows for each job: a pass changes only the jobs that moved (a
+    /// thousand label lookups every pass cost more than the rest of the books).
+    job_state_shown: std::sync::Arc<std::sync::Mutex<crate::NameMap<String, JobState>>>,
 }
 
 /// The per-job progress metrics, in the order of [`Metrics::job_progress`].
@@ -216,6 +219,7 @@ impl Metrics {
             job_shards,
             job_cap,
             job_state,
+            job_state_shown: Default::default(),
         })
     }
 
@@ -281,9 +285,31 @@ impl Metrics {
         for state in JobState::ALL {
             self.jobs.with_label_values(&[state.as_str()]).set(jobs.iter().filter(|j| j.state == state).count() as i64);
         }
-        self.job_state.reset();
-        for job in jobs.iter().filter(|j| !j.state.is_terminal()) {
-            self.job_state.with_label_values(&[job.spec.name.as_str(), job.state.as_str()]).set(1);
+        {
+            let mut shown = self.job_state_shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut live = 0;
+            for job in jobs.iter().filter(|j| !j.state.is_terminal()) {
+                live += 1;
+                let name = job.spec.name.as_str();
+                if let Some(&before) = shown.get(name) {
+                    if before == job.state {
+                        continue;
+                    }
+                    let _ = self.job_state.remove_label_values(&[name, before.as_str()]);
+                }
+                self.job_state.with_label_values(&[name, job.state.as_str()]).set(1);
+                shown.insert(name.to_owned(), job.state);
+            }
+            if shown.len() > live {
+                // Some ended (or are gone): they leave the metric.
+                shown.retain(|name, state| {
+                    let still = jobs.get(name).is_some_and(|j| j.state == *state && !j.state.is_terminal());
+                    if !still {
+                        let _ = self.job_state.remove_label_values(&[name.as_str(), state.as_str()]);
+                    }
+                    still
+                });
+            }
         }
         let allocated: usize =
             jobs.iter().filter(|j| j.state.is_active()).flat_map(|j| j.shards.iter()).map(|s| s.gpus.len()).sum();
@@ -314,5 +340,58 @@ impl Metrics {
         self.gpus.with_label_values(&["allocated"]).set(allocated as i64);
         self.gpus.with_label_values(&["free"]).set(ready_gpus.saturating_sub(allocated) as i64);
         self.sessions.set(sessions as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::jobs::JobRecord;
+    use crate::spec::JobSpec;
+    use crate::store::file::FileStore;
+
+    /// The jobs `watt_job_state` shows, as (job, state).
+    fn shown(metrics: &Metrics) -> Vec<(String, String)> {
+        let mut shown: Vec<(String, String)> = prometheus::core::Collector::collect(&metrics.job_state)[0]
+            .get_metric()
+            .iter()
+            .map(|m| {
+                let label = |name: &str| m.get_label().iter().find(|l| l.name() == name).unwrap().value().to_string();
+                (label("job"), label("state"))
+            })
+            .collect();
+        shown.sort();
+        shown
+    }
+
+    #[tokio::test]
+    async fn job_state_shows_each_live_job_once_in_its_state_and_ended_jobs_leave() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path().join("s.redb")).unwrap());
+        let mut jobs = JobTable::load(store).await.unwrap();
+        let spec = |name: &str| {
+            JobSpec::from_manifest(&format!(
+                "name: {name}\nshards: {{min: 1, max: 1}}\ngpus_per_shard: 1\ncommand: [x]\n"
+            ))
+            .unwrap()
+        };
+        let a = jobs.create(spec("a"), 0).await.unwrap();
+        let b = jobs.create(spec("b"), 0).await.unwrap();
+        let metrics = Metrics::new().unwrap();
+        let registry = NodeRegistry::default();
+        let observe =
+            |jobs: &JobTable| metrics.observe(jobs, &registry, Instant::now(), std::time::Duration::from_secs(10));
+        observe(&jobs);
+        let pending = |job: &str| (job.to_string(), "pending".to_string());
+        assert_eq!(shown(&metrics), vec![pending("a"), pending("b")]);
+
+        jobs.update(JobRecord { state: JobState::Running, ..a }).await.unwrap();
+        jobs.update(JobRecord { state: JobState::Cancelled, ..b }).await.unwrap();
+        observe(&jobs);
+        assert_eq!(shown(&metrics), vec![("a".to_string(), "running".to_string())], "a moved; b ended");
+        observe(&jobs);
+        assert_eq!(shown(&metrics).len(), 1, "a pass with no change changes nothing");
     }
 }

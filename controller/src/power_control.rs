@@ -92,6 +92,8 @@ impl Controller {
         let caps: HashMap<&str, f64> =
             allocation.jobs.iter().filter(|j| !j.paused).map(|j| (j.name.as_str(), j.cap_watts)).collect();
         let mut nodes = self.registry.lock();
+        // Work, caps in flight and overheads move on every node below.
+        nodes.every_budget_changed();
         // Each GPU's target: the cap of the job placed on it (NaN: none), then below.
         for e in nodes.values_mut() {
             e.cap_targets.clear();

@@ -391,6 +391,9 @@ impl Controller {
         let available =
             if table.sources().next().is_none() { f64::INFINITY } else { table.available_watts(now.wall_ms) };
         let live: Vec<&JobRecord> = jobs.iter().filter(|j| !j.state.is_terminal()).collect();
+        // Telemetry judges idle draw by the allowance it reads under the registry lock: set
+        // before the view reads the nodes, so no reading is judged by a stale one after it.
+        self.registry.set_idle_allowance(site.idle_gpu_watts);
         let mut nodes = self.registry.lock();
         let rebuilt = kept.bring_up_to_date(&mut nodes, available, site, &self.clock);
         let changed = nodes.take_reports_changed();
@@ -718,7 +721,10 @@ impl KeptView {
         }
     }
 
-    /// Returns whether it was rebuilt.
+    /// Returns whether it was rebuilt. Otherwise every node's lease and session are copied, and
+    /// its budget figures read again only where they may have changed (see
+    /// [`crate::registry::NodeEntry::take_budget_changed`]): at 25,000 nodes that read is most
+    /// of what a view costs.
     fn bring_up_to_date(
         &mut self,
         registry: &mut crate::registry::Nodes,
@@ -726,6 +732,7 @@ impl KeptView {
         site: crate::power::Site,
         clock: &crate::clock::Clock,
     ) -> bool {
+        let every_budget_changed = registry.take_every_budget_changed() || self.power.site != site;
         self.power.available_watts = available_watts;
         self.power.site = site;
         let node_view = |e: &crate::registry::NodeEntry| NodeView {
@@ -739,23 +746,37 @@ impl KeptView {
             let mut names: Vec<String> = registry.values().map(|e| e.name.clone()).collect();
             names.sort();
             self.nodes.clear();
-            self.power = PowerView { available_watts, site, ..PowerView::default() };
+            self.power = PowerView::new(available_watts, site);
             for (position, name) in names.iter().enumerate() {
                 let Some(e) = registry.get_mut(name) else { continue };
                 e.view_position = position;
+                e.take_budget_changed();
                 self.nodes.push(node_view(e));
                 self.power.add_node(&e.power, e.non_gpu_watts_or(site.node_overhead_watts));
             }
             self.generation = Some(registry.generation());
             return true;
         }
-        self.power.start_refresh();
-        for e in registry.values() {
+        for e in registry.values_mut() {
             let Some(node) = self.nodes.get_mut(e.view_position) else { continue };
             node.last_seen_ms = clock.ms(e.last_seen);
             node.connected = e.session.is_some();
             node.marked_lost = e.lost;
-            self.power.refresh_node(e.view_position, &e.power, e.non_gpu_watts_or(site.node_overhead_watts));
+            if e.take_budget_changed() || every_budget_changed {
+                self.power.refresh_node(e.view_position, &e.power, e.non_gpu_watts_or(site.node_overhead_watts));
+            }
+        }
+        self.power.add_up();
+        #[cfg(debug_assertions)]
+        {
+            // What was not read again must be what reading it would give.
+            let mut fresh = PowerView::new(available_watts, site);
+            let mut by_position: Vec<&crate::registry::NodeEntry> = registry.values().collect();
+            by_position.sort_by_key(|e| e.view_position);
+            for e in by_position {
+                fresh.add_node(&e.power, e.non_gpu_watts_or(site.node_overhead_watts));
+            }
+            assert!(fresh.same_figures(&self.power), "a node's budget figures changed without it being marked");
         }
         false
     }

@@ -120,6 +120,9 @@ pub struct NodeEntry {
     pub cap_targets: Vec<f64>,
     /// Where it is in the view kept between passes (see `Nodes::generation`).
     pub view_position: usize,
+    /// What its GPUs count parked or its non-GPU draw may have changed since the view kept
+    /// between passes last read them (see [`NodeEntry::take_budget_changed`]).
+    budget_changed: bool,
 }
 
 impl NodeEntry {
@@ -147,6 +150,10 @@ impl NodeEntry {
     /// what a node that does not enforce really runs under; then which GPUs without a Watt shard
     /// draw above `idle_allowance` (foreign) or stopped doing so.
     pub fn observe_telemetry(&mut self, t: pb::Telemetry, now: Instant, idle_allowance: f64) -> Vec<WorkChange> {
+        // What each GPU counts parked and the node's other draw, before: readings move them only
+        // now and then (an idle GPU drawing above its allowance, a node that does not enforce),
+        // and only then does the view kept between passes read this node again.
+        let parked_before = self.parked_fingerprint(idle_allowance);
         self.telemetry_taken_at =
             Some(now.checked_sub(Duration::from_millis(u64::from(t.sample_age_ms))).unwrap_or(now));
         if let Some(w) = t.non_gpu_power_watts.filter(|w| w.is_finite() && *w >= 0.0) {
@@ -181,7 +188,28 @@ impl NodeEntry {
             }
         }
         self.telemetry = Some(t);
+        if self.parked_fingerprint(idle_allowance) != parked_before || !changes.is_empty() {
+            self.budget_changed = true;
+        }
         changes
+    }
+
+    /// Every GPU's parked figure and the non-GPU draw, bit for bit, folded into one number that
+    /// changes when any of them does (FNV-1a over the bits: no allocation on a path taken 25,000
+    /// times a second; a collision would only delay a refresh to the next full pass).
+    fn parked_fingerprint(&self, idle_allowance: f64) -> u64 {
+        let figures = self
+            .power
+            .gpus
+            .iter()
+            .map(|g| crate::power::admission::parked_watts(&self.power, g, idle_allowance))
+            .chain([self.non_gpu_watts]);
+        figures.fold(0xcbf2_9ce4_8422_2325, |hash, w| (hash ^ w.to_bits()).wrapping_mul(0x0100_0000_01b3))
+    }
+
+    /// Whether its budget figures may have changed since the last call (cleared).
+    pub fn take_budget_changed(&mut self) -> bool {
+        std::mem::take(&mut self.budget_changed)
     }
 
     /// An order to it has not been acknowledged yet.
@@ -253,6 +281,9 @@ pub struct Nodes {
     power_changed: bool,
     /// Jobs whose shards' reports came in since the last pass read them.
     reports_changed: HashSet<String>,
+    /// Every node's budget figures may have changed (the pass moved caps and work on all of
+    /// them): the view kept between passes reads every node again.
+    every_budget_changed: bool,
 }
 
 impl Nodes {
@@ -296,6 +327,17 @@ impl Nodes {
     /// Whether budget accounting's inputs changed since the last call.
     pub fn take_power_changed(&mut self) -> bool {
         std::mem::take(&mut self.power_changed)
+    }
+
+    /// The pass changed caps, orders or work on every node: each one's budget figures are read
+    /// again by the next view.
+    pub fn every_budget_changed(&mut self) {
+        self.every_budget_changed = true;
+    }
+
+    /// Whether [`Nodes::every_budget_changed`] was called since the last call (cleared).
+    pub fn take_every_budget_changed(&mut self) -> bool {
+        std::mem::take(&mut self.every_budget_changed)
     }
 
     /// The jobs whose shards reported since the last call.
@@ -399,6 +441,7 @@ impl Registry {
             non_gpu_watts: register.non_gpu_power_watts,
             cap_targets: Vec::new(),
             view_position: usize::MAX,
+            budget_changed: true,
         };
         let mut nodes = self.lock();
         nodes.map.insert(register.node_name.clone(), entry);
@@ -457,6 +500,7 @@ impl Registry {
                 non_gpu_watts: 0.0,
                 cap_targets: Vec::new(),
                 view_position: usize::MAX,
+                budget_changed: true,
             });
         }
     }
@@ -479,6 +523,7 @@ impl Registry {
         *power_changed = true;
         let owed_before = e.owes_ack();
         crate::power::planner::apply_ack(&mut e.power, epoch, applied, enforced);
+        e.budget_changed = true;
         e.enforce_mode = mode;
         if !(owed_before && !e.owes_ack() && e.power.reachable) || owed.nodes == 0 {
             return Some(AckEffect::Nothing);
@@ -549,9 +594,11 @@ impl Registry {
         session: u64,
         t: pb::Telemetry,
         now: Instant,
-        idle_allowance: f64,
     ) -> Option<Vec<WorkChange>> {
         let mut nodes = self.lock();
+        // Read under the lock: a pass that changes the allowance sets it before it reads the
+        // nodes, so a reading either comes before that pass's view or is judged by the new one.
+        let idle_allowance = self.idle_allowance();
         let e = nodes.map.get_mut(node).filter(|e| e.session.as_ref().map(|s| s.id) == Some(session))?;
         let changes = e.observe_telemetry(t, now, idle_allowance);
         // A node that does not enforce counts at the limits it reads back, which telemetry moves.
@@ -630,5 +677,42 @@ mod tests {
         let a = nodes.get("a").unwrap();
         assert!(a.lost && a.session.is_none());
         assert_eq!(a.state(Instant::now(), Duration::from_secs(60)), NodeState::Lost);
+    }
+    fn telemetry(watts: f64, non_gpu: Option<f64>) -> pb::Telemetry {
+        pb::Telemetry {
+            gpus: vec![pb::GpuTelemetry { index: 0, up: true, power_watts: watts, ..Default::default() }],
+            non_gpu_power_watts: non_gpu,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn telemetry_has_the_view_read_a_node_again_only_when_what_it_counts_moved() {
+        let registry = Registry::default();
+        registry.set_idle_allowance(100.0);
+        let a = register(&registry, "a");
+        let changed = |registry: &Registry| registry.lock().get_mut("a").unwrap().take_budget_changed();
+        assert!(changed(&registry), "a new node is read");
+        assert!(!changed(&registry), "read once");
+        // An idle GPU counts parked what it draws, but never less than its 100 W allowance: draw
+        // that stays under the allowance leaves that figure where it is...
+        for watts in [40.0, 95.0, 60.0] {
+            registry.observe_telemetry("a", a, telemetry(watts, None), Instant::now()).unwrap();
+            assert!(!changed(&registry), "{watts} W moves nothing the budget counts");
+        }
+        // ...its non-GPU draw does not.
+        registry.observe_telemetry("a", a, telemetry(60.0, Some(350.0)), Instant::now()).unwrap();
+        assert!(changed(&registry), "the node's draw besides its GPUs moved");
+        // Nor does an acknowledgement's.
+        order(&registry, "a", 1);
+        registry.acknowledge("a", a, 1, &[(0, 300.0)], true, pb::EnforceMode::On).unwrap();
+        assert!(changed(&registry), "an acknowledged cap is read again");
+        // A GPU that does not enforce counts what it draws above its allowance, parked.
+        registry.lock().get_mut("a").unwrap().power.enforcing = false;
+        changed(&registry);
+        registry.observe_telemetry("a", a, telemetry(150.0, Some(350.0)), Instant::now()).unwrap();
+        assert!(changed(&registry), "150 W counts on a node that does not enforce");
+        registry.observe_telemetry("a", a, telemetry(150.0, Some(350.0)), Instant::now()).unwrap();
+        assert!(!changed(&registry), "the same reading again moves nothing");
     }
 }

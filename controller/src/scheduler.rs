@@ -162,10 +162,21 @@ pub struct Plan {
     pub waiting: Vec<Waiting>,
 }
 
-/// Free GPUs per node, indexed by how many each node has free. Built once per call in two flat
+/// Free GPUs per node, indexed by how many each node has free. Built once per call in flat
 /// buffers (no allocation per node): at 25,000 nodes that is most of what a call costs.
 struct Capacity<'a, N> {
     nodes: &'a [N],
+    buf: Buffers,
+    /// Whether nodes are in their buckets yet: the running jobs' GPUs are taken first, and the
+    /// buckets filled once after, not moved between buckets for every shard.
+    linked: bool,
+}
+
+/// A [`Capacity`]'s buffers. Those of the last one dropped on a thread are kept for the next:
+/// a pass builds one over every node (megabytes at 25,000 nodes), and memory the allocator
+/// handed back to the system between passes is faulted in again, page by page, on the next.
+#[derive(Default)]
+struct Buffers {
     /// Every node's GPUs, ascending and distinct: node `i`'s are `all[start[i]..start[i + 1]]`.
     all: Vec<u32>,
     start: Vec<usize>,
@@ -179,10 +190,27 @@ struct Capacity<'a, N> {
     slot: Vec<usize>,
 }
 
+thread_local! {
+    static SPARE: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
+}
+
+impl<N> Drop for Capacity<'_, N> {
+    fn drop(&mut self) {
+        let spare = std::mem::take(&mut self.buf);
+        SPARE.with(|cell| {
+            if let Ok(mut kept) = cell.try_borrow_mut() {
+                *kept = spare;
+            }
+        });
+    }
+}
+
 impl<'a, N: Schedulable> Capacity<'a, N> {
     fn new(nodes: &'a [N]) -> Self {
-        let mut all = Vec::with_capacity(nodes.iter().map(|n| n.gpus().len()).sum());
-        let mut start = Vec::with_capacity(nodes.len() + 1);
+        let Buffers { mut all, mut start, mut free, mut free_len, mut buckets, mut slot } =
+            SPARE.with(|cell| cell.try_borrow_mut().map(|mut kept| std::mem::take(&mut *kept)).unwrap_or_default());
+        all.clear();
+        start.clear();
         for n in nodes {
             start.push(all.len());
             let gpus = n.gpus();
@@ -196,59 +224,79 @@ impl<'a, N: Schedulable> Capacity<'a, N> {
             }
         }
         start.push(all.len());
-        let free_len: Vec<usize> = start.windows(2).map(|w| w[1] - w[0]).collect();
+        free_len.clear();
+        free_len.extend(start.windows(2).map(|w| w[1] - w[0]));
         let most = free_len.iter().copied().max().unwrap_or(0);
-        let mut capacity = Capacity {
-            nodes,
-            free: all.clone(),
-            all,
-            start,
-            free_len,
-            buckets: vec![Vec::new(); most + 1],
-            slot: vec![0; nodes.len()],
-        };
-        for i in 0..nodes.len() {
-            capacity.link(i);
+        free.clear();
+        free.extend_from_slice(&all);
+        buckets.iter_mut().for_each(Vec::clear);
+        buckets.resize_with(most + 1, Vec::new);
+        slot.clear();
+        slot.resize(nodes.len(), 0);
+        Capacity { nodes, buf: Buffers { all, start, free, free_len, buckets, slot }, linked: false }
+    }
+
+    /// Put every node in the bucket of its free GPUs: from now on every change moves it.
+    fn link_all(&mut self) {
+        self.linked = true;
+        for i in 0..self.nodes.len() {
+            self.link(i);
         }
-        capacity
     }
 
     fn free_of(&self, node: usize) -> &[u32] {
-        let from = self.start[node];
-        &self.free[from..from + self.free_len[node]]
+        let from = self.buf.start[node];
+        &self.buf.free[from..from + self.buf.free_len[node]]
     }
 
     fn unlink(&mut self, node: usize) {
-        let bucket = &mut self.buckets[self.free_len[node]];
-        let at = self.slot[node];
+        if !self.linked {
+            return;
+        }
+        let bucket = &mut self.buf.buckets[self.buf.free_len[node]];
+        let at = self.buf.slot[node];
         bucket.swap_remove(at);
         if let Some(&moved) = bucket.get(at) {
-            self.slot[moved] = at;
+            self.buf.slot[moved] = at;
         }
     }
 
     fn link(&mut self, node: usize) {
-        let f = self.free_len[node];
-        self.slot[node] = self.buckets[f].len();
-        self.buckets[f].push(node);
+        if !self.linked {
+            return;
+        }
+        let f = self.buf.free_len[node];
+        self.buf.slot[node] = self.buf.buckets[f].len();
+        self.buf.buckets[f].push(node);
     }
 
     /// Mark `gpus` on `node` used. Returns false (and changes nothing) if any is not free.
     fn take(&mut self, node: usize, gpus: &[u32]) -> bool {
-        if !gpus.iter().all(|g| self.free_of(node).binary_search(g).is_ok()) {
+        let from = self.buf.start[node];
+        let len = self.buf.free_len[node];
+        // Shards list their GPUs ascending, as the free ones are: one merge checks them all.
+        let ascending = gpus.windows(2).all(|w| w[0] < w[1]);
+        let free = &self.buf.free[from..from + len];
+        let all_free = if ascending {
+            let mut rest = free.iter();
+            gpus.iter().all(|g| rest.by_ref().any(|f| f == g))
+        } else {
+            gpus.iter().all(|g| free.binary_search(g).is_ok())
+        };
+        if !all_free {
             return false;
         }
         self.unlink(node);
-        let from = self.start[node];
         let mut kept = 0;
-        for i in 0..self.free_len[node] {
-            let g = self.free[from + i];
-            if !gpus.contains(&g) {
-                self.free[from + kept] = g;
+        for i in from..from + len {
+            let g = self.buf.free[i];
+            let taken = if ascending { gpus.binary_search(&g).is_ok() } else { gpus.contains(&g) };
+            if !taken {
+                self.buf.free[from + kept] = g;
                 kept += 1;
             }
         }
-        self.free_len[node] = kept;
+        self.buf.free_len[node] = kept;
         self.link(node);
         true
     }
@@ -256,17 +304,17 @@ impl<'a, N: Schedulable> Capacity<'a, N> {
     /// Mark `gpus` on `node` free again: those the node has and that are not free already.
     fn give_back(&mut self, node: usize, gpus: &[u32]) {
         self.unlink(node);
-        let (from, to) = (self.start[node], self.start[node + 1]);
+        let (from, to) = (self.buf.start[node], self.buf.start[node + 1]);
         for g in gpus {
-            let len = self.free_len[node];
-            let free = &mut self.free[from..to];
+            let len = self.buf.free_len[node];
+            let free = &mut self.buf.free[from..to];
             let Err(at) = free[..len].binary_search(g) else { continue };
-            if self.all[from..to].binary_search(g).is_err() {
+            if self.buf.all[from..to].binary_search(g).is_err() {
                 continue; // Not one of its GPUs.
             }
             free.copy_within(at..len, at + 1);
             free[at] = *g;
-            self.free_len[node] = len + 1;
+            self.buf.free_len[node] = len + 1;
         }
         self.link(node);
     }
@@ -274,8 +322,8 @@ impl<'a, N: Schedulable> Capacity<'a, N> {
     /// How many shards of `g` GPUs fit right now, counted up to `cap`.
     fn shards_that_fit(&self, g: usize, cap: usize) -> usize {
         let mut total = 0;
-        for f in (g..self.buckets.len()).rev() {
-            total += self.buckets[f].len() * (f / g);
+        for f in (g..self.buf.buckets.len()).rev() {
+            total += self.buf.buckets[f].len() * (f / g);
             if total >= cap {
                 return cap;
             }
@@ -289,16 +337,16 @@ impl<'a, N: Schedulable> Capacity<'a, N> {
         let mut remaining = k;
         while remaining > 0 {
             // One node that holds the rest: the fullest such (best fit).
-            let best_fit = (remaining * g..self.buckets.len()).find(|&f| !self.buckets[f].is_empty());
+            let best_fit = (remaining * g..self.buf.buckets.len()).find(|&f| !self.buf.buckets[f].is_empty());
             let (node, count) = match best_fit {
-                Some(f) => (self.buckets[f][self.buckets[f].len() - 1], remaining),
+                Some(f) => (self.buf.buckets[f][self.buf.buckets[f].len() - 1], remaining),
                 None => {
                     // Otherwise the emptiest node, filled completely.
-                    let f = (g..self.buckets.len()).rev().find(|&f| !self.buckets[f].is_empty()).unwrap_or(0);
+                    let f = (g..self.buf.buckets.len()).rev().find(|&f| !self.buf.buckets[f].is_empty()).unwrap_or(0);
                     if f < g {
                         break; // Unreachable when the caller checked capacity.
                     }
-                    (self.buckets[f][self.buckets[f].len() - 1], f / g)
+                    (self.buf.buckets[f][self.buf.buckets[f].len() - 1], f / g)
                 }
             };
             let gpus: Vec<u32> = self.free_of(node)[..count * g].to_vec();
@@ -317,6 +365,9 @@ impl<'a, N: Schedulable> Capacity<'a, N> {
 /// Running jobs whose shards name unknown nodes or GPUs are taken as they are (their GPUs are
 /// not free); the caller moves jobs off lost nodes before calling.
 pub fn schedule<N: Schedulable>(nodes: &[N], running: &[RunningJob], pending: &[JobRequest]) -> Plan {
+    if pending.is_empty() {
+        return Plan::default(); // Nothing to place, so nothing to preempt for.
+    }
     let mut capacity = Capacity::new(nodes);
     let locate = Locator::new(nodes);
     for job in running {
@@ -326,6 +377,7 @@ pub fn schedule<N: Schedulable>(nodes: &[N], running: &[RunningJob], pending: &[
             }
         }
     }
+    capacity.link_all();
     // Preemption candidates: lowest priority first, newest first among equals.
     let mut victims: Vec<&RunningJob<'_>> = running.iter().collect();
     victims
@@ -517,6 +569,36 @@ mod tests {
         let plan = schedule(&cluster, &running, &[job("high", 5, 2, 1, 1, 1)]);
         assert_eq!(plan.preemptions, vec![Preemption { job: "low".into(), by: "high".into() }]);
         assert_eq!(plan.starts[0].shards[0].gpus, vec![0]);
+    }
+
+    #[test]
+    fn running_shards_take_their_gpus_in_any_order_and_never_a_gpu_taken_already() {
+        let cluster = nodes(1, 8);
+        let holding = |name: &str, gpus: Vec<u32>| RunningJob {
+            request: job(name, 9, 0, 1, 1, gpus.len() as u32),
+            shards: vec![ShardAssignment { node: "n0".into(), gpus }].into(),
+            at: Some(&[Some(0)]),
+        };
+        // Ascending (one merge), out of order (one search each), and one asking for a GPU the
+        // first took: it takes nothing, not even its free GPU 7.
+        let running = vec![holding("a", vec![0, 2, 4]), holding("b", vec![5, 1]), holding("c", vec![4, 7])];
+        let plan = schedule(&cluster, &running, &[job("next", 0, 1, 1, 1, 3)]);
+        assert_eq!(plan.starts[0].shards[0].gpus, vec![3, 6, 7]);
+        assert!(schedule(&cluster, &running, &[job("more", 0, 1, 1, 1, 4)]).starts.is_empty(), "three free");
+    }
+
+    #[test]
+    fn a_call_after_a_larger_one_sees_only_its_own_cluster() {
+        // Calls on one thread reuse their buffers: nothing of the last cluster may be left.
+        let first = schedule(&nodes(40, 8), &[], &[job("wide", 0, 0, 40, 40, 8)]);
+        assert_eq!(first.starts[0].shards.len(), 40);
+        let plan = schedule(&nodes(2, 4), &[], &[job("big", 0, 0, 1, 1, 8), job("fits", 0, 1, 2, 2, 4)]);
+        assert_eq!(plan.waiting.len(), 1, "no 8-GPU node in a cluster of two 4-GPU nodes");
+        let fits = &plan.starts[0].shards;
+        assert_eq!(
+            fits.iter().map(|s| (s.node.as_str(), s.gpus.clone())).collect::<Vec<_>>(),
+            vec![("n1", vec![0, 1, 2, 3]), ("n0", vec![0, 1, 2, 3])]
+        );
     }
 
     #[test]

@@ -199,8 +199,7 @@ async fn serve_inbound(
         }
         match message.body {
             Some(Body::Telemetry(t)) => {
-                let idle = c.registry.idle_allowance();
-                let changes = c.registry.observe_telemetry(node, session, t, Instant::now(), idle).unwrap_or_default();
+                let changes = c.registry.observe_telemetry(node, session, t, Instant::now()).unwrap_or_default();
                 if !changes.is_empty() {
                     for change in &changes {
                         c.emit_gpu_work(node, change);

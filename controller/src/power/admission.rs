@@ -26,6 +26,11 @@ pub struct GpuLimits {
 }
 
 /// The budget's inputs, as of one moment.
+///
+/// Kept between passes by the shell: a node's figures are refreshed in place when its inputs
+/// change ([`PowerView::refresh_node`]), and the cluster's totals are added up again from the
+/// per-node figures in node order ([`PowerView::add_up`]), so a view refreshed in place adds up
+/// to exactly what one built from scratch does.
 #[derive(Debug, Clone, Default)]
 pub struct PowerView {
     /// What the sources supply now (ramps included); infinite when no source is configured.
@@ -35,60 +40,93 @@ pub struct PowerView {
     pub non_gpu_watts: f64,
     /// Every GPU of the cluster parked.
     pub all_parked_watts: f64,
-    /// Where each node's GPUs are in `gpus`.
+    /// Where each node is, by name.
     pub nodes: NameMap<String, usize>,
-    /// Per node, its GPUs.
-    pub gpus: Vec<Vec<GpuLimits>>,
+    /// Every node's GPUs, in one buffer: node `i`'s are `gpus[start[i]..start[i + 1]]`.
+    gpus: Vec<GpuLimits>,
+    start: Vec<usize>,
+    /// Per node: its GPUs parked, and its draw besides them.
+    node_parked_watts: Vec<f64>,
+    node_non_gpu_watts: Vec<f64>,
 }
 
 impl PowerView {
     /// No node yet.
     pub fn new(available_watts: f64, site: Site) -> Self {
-        PowerView { available_watts, site, ..PowerView::default() }
+        PowerView { available_watts, site, start: vec![0], ..PowerView::default() }
     }
 
     /// Add a node: its GPUs' limits, what each counts parked, and its non-GPU draw.
     pub fn add_node(&mut self, caps: &NodeCaps, non_gpu_watts: f64) {
+        if self.start.is_empty() {
+            self.start.push(0);
+        }
         let idle = self.site.idle_gpu_watts;
-        let gpus: Vec<GpuLimits> = caps
-            .gpus
-            .iter()
-            .map(|g| GpuLimits {
+        let mut parked = 0.0;
+        for g in &caps.gpus {
+            let limits = GpuLimits {
                 index: g.index,
                 min_watts: g.min_watts,
                 max_watts: g.max_watts,
                 parked_watts: parked_watts(caps, g, idle),
-            })
-            .collect();
-        self.all_parked_watts += gpus.iter().map(|g| g.parked_watts).sum::<f64>();
+            };
+            parked += limits.parked_watts;
+            self.gpus.push(limits);
+        }
+        self.nodes.insert(caps.name.clone(), self.node_parked_watts.len());
+        self.start.push(self.gpus.len());
+        self.node_parked_watts.push(parked);
+        self.node_non_gpu_watts.push(non_gpu_watts);
+        // The same sums, in the same order, as `add_up`.
+        self.all_parked_watts += parked;
         self.non_gpu_watts += non_gpu_watts;
-        self.nodes.insert(caps.name.clone(), self.gpus.len());
-        self.gpus.push(gpus);
-    }
-
-    /// Start adding the nodes up again, keeping where each one is.
-    pub fn start_refresh(&mut self) {
-        self.all_parked_watts = 0.0;
-        self.non_gpu_watts = 0.0;
     }
 
     /// Refresh the node at `position` (as added, same GPUs) in place: what its GPUs count parked
-    /// changes with their work, their draw and the node's enforcement.
+    /// changes with their work, their draw and the node's enforcement. The totals wait for
+    /// [`PowerView::add_up`].
     pub fn refresh_node(&mut self, position: usize, caps: &NodeCaps, non_gpu_watts: f64) {
         let idle = self.site.idle_gpu_watts;
-        for (limits, g) in self.gpus[position].iter_mut().zip(&caps.gpus) {
+        let (Some(&from), Some(&to)) = (self.start.get(position), self.start.get(position + 1)) else { return };
+        let mut parked = 0.0;
+        for (limits, g) in self.gpus[from..to].iter_mut().zip(&caps.gpus) {
             limits.parked_watts = parked_watts(caps, g, idle);
-            self.all_parked_watts += limits.parked_watts;
+            parked += limits.parked_watts;
         }
-        self.non_gpu_watts += non_gpu_watts;
+        self.node_parked_watts[position] = parked;
+        self.node_non_gpu_watts[position] = non_gpu_watts;
+    }
+
+    /// Add the cluster's totals up again from every node's figures, in node order.
+    pub fn add_up(&mut self) {
+        self.all_parked_watts = self.node_parked_watts.iter().fold(0.0, |sum, w| sum + w);
+        self.non_gpu_watts = self.node_non_gpu_watts.iter().fold(0.0, |sum, w| sum + w);
+    }
+
+    /// How many nodes it holds.
+    pub fn len(&self) -> usize {
+        self.node_parked_watts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.node_parked_watts.is_empty()
     }
 
     /// The GPUs of the node `name`, at `hint` when the caller knows where it is.
     fn node(&self, name: &str, hint: Option<usize>) -> Option<&[GpuLimits]> {
-        let hint = hint.filter(|&at| at < self.gpus.len());
+        let hint = hint.filter(|&at| at < self.len());
         debug_assert!(hint.is_none() || self.nodes.get(name) == hint.as_ref(), "a position hint names another node");
         let at = hint.or_else(|| self.nodes.get(name).copied())?;
-        self.gpus.get(at).map(Vec::as_slice)
+        Some(&self.gpus[self.start[at]..self.start[at + 1]])
+    }
+
+    /// Every figure admission reads, for comparing two views.
+    pub fn same_figures(&self, other: &PowerView) -> bool {
+        self.gpus == other.gpus
+            && self.node_parked_watts == other.node_parked_watts
+            && self.node_non_gpu_watts == other.node_non_gpu_watts
+            && self.all_parked_watts == other.all_parked_watts
+            && self.non_gpu_watts == other.non_gpu_watts
     }
 }
 
@@ -163,7 +201,10 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
                 shard_parked += g.parked_watts;
             }
             parked += shard_parked;
-            let runs_there = record.state.is_active() && record.shards.get(i) == Some(s);
+            // On the shards it holds (the same slice: no comparison needed), or on a proposal that
+            // keeps this one where it is.
+            let runs_there = record.state.is_active()
+                && (std::ptr::eq(shards, record.shards.as_slice()) || record.shards.get(i) == Some(s));
             given_up_watts.push(if runs_there { s.gpus.len() as f64 * idle } else { shard_parked });
         }
         // A job on a node whose inventory is not known yet (expected after a restart, not back)
@@ -199,5 +240,52 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
         non_gpu_watts: power.non_gpu_watts,
         // Every job paused: every shard given up.
         floor_watts: power.non_gpu_watts + others + given_up,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, watts: [f64; 2]) -> NodeCaps {
+        let gpus = (0..2).map(|i| GpuCap {
+            measured_watts: watts[i],
+            ..GpuCap::new(i as u32, 200.0, 700.0, 200.0, 700.0, GpuWork::Idle)
+        });
+        NodeCaps::new(name.into(), gpus.collect(), 0.0)
+    }
+
+    fn view(nodes: &[(NodeCaps, f64)]) -> PowerView {
+        let site = Site { idle_gpu_watts: 100.0, ..Site::default() };
+        let mut view = PowerView::new(10_000.0, site);
+        for (caps, non_gpu) in nodes {
+            view.add_node(caps, *non_gpu);
+        }
+        view
+    }
+
+    #[test]
+    fn a_view_refreshed_in_place_adds_up_to_exactly_one_built_anew() {
+        let mut nodes =
+            vec![(node("a", [50.0, 50.0]), 300.0), (node("b", [50.0, 50.0]), 300.0), (node("c", [50.0, 50.0]), 300.0)];
+        let mut kept = view(&nodes);
+        assert_eq!(kept.all_parked_watts, 600.0, "six idle GPUs at their 100 W allowance");
+        // One GPU of b draws above its allowance, b's other draw moves, c stops enforcing.
+        nodes[1].0.gpus[1].measured_watts = 180.0;
+        nodes[1].1 = 420.5;
+        nodes[2].0.enforcing = false;
+        nodes[2].0.gpus[0].work = GpuWork::Foreign;
+        for (position, (caps, non_gpu)) in nodes.iter().enumerate().skip(1) {
+            kept.refresh_node(position, caps, *non_gpu);
+        }
+        assert_eq!(kept.all_parked_watts, 600.0, "not added up yet");
+        kept.add_up();
+        let anew = view(&nodes);
+        assert!(kept.same_figures(&anew), "{kept:?} vs {anew:?}");
+        // A foreign GPU on a node that does not enforce counts at its 700 W cap.
+        assert_eq!(kept.all_parked_watts, 100.0 + 100.0 + 100.0 + 180.0 + 700.0 + 100.0);
+        assert_eq!(kept.non_gpu_watts, 300.0 + 420.5 + 300.0);
+        assert_eq!(kept.node("b", Some(1)).map(|g| g[1].parked_watts), Some(180.0));
+        assert_eq!(kept.node("c", None).map(|g| g[0].parked_watts), Some(700.0));
     }
 }
