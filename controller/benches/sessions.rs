@@ -312,18 +312,17 @@ fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16,
             .unwrap();
         std::thread::park_timeout(Duration::from_secs(1));
     }
-    let after = read();
-    let passes = (after[1] - before[1]).max(1.0);
-    let per_phase: Vec<String> = phases
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{p} {:.1} ms", (after[i + 2] - before[i + 2]) / passes * 1e3))
-        .collect();
-    println!(
-        "one change a pass: {passes} passes, mean {:.1} ms ({})",
-        (after[0] - before[0]) / passes * 1e3,
-        per_phase.join(", ")
-    );
+    // The passes between two readings: how many, and their mean by phase.
+    let passes_between = |before: &[f64], after: &[f64]| {
+        let passes = (after[1] - before[1]).max(1.0);
+        let per_phase: Vec<String> = phases
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{p} {:.1} ms", (after[i + 2] - before[i + 2]) / passes * 1e3))
+            .collect();
+        format!("{passes} passes, mean {:.1} ms ({})", (after[0] - before[0]) / passes * 1e3, per_phase.join(", "))
+    };
+    println!("one change a pass: {}", passes_between(&before, &read()));
 
     let mut cuts = Vec::new();
     let mut restores = Vec::new();
@@ -333,6 +332,7 @@ fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16,
                 metric(metrics_port, "watt_power_event_to_ack_seconds_sum"),
                 metric(metrics_port, "watt_power_event_to_ack_seconds_count"),
             );
+            let before = read();
             set(&mut power, full * share);
             let start = Instant::now();
             while metric(metrics_port, "watt_power_event_to_ack_seconds_count") <= count0 {
@@ -340,6 +340,11 @@ fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16,
                 assert!(start.elapsed() < Duration::from_secs(300), "event never acknowledged");
             }
             out.push(metric(metrics_port, "watt_power_event_to_ack_seconds_sum") - sum0);
+            if share < 1.0 {
+                // Where a cut's time goes: its passes, and the rest is orders and answers on
+                // the wire.
+                println!("cut, event to acknowledged: {}", passes_between(&before, &read()));
+            }
             settle("event");
         }
     }

@@ -47,6 +47,9 @@ pub struct Metrics {
     /// The state `job_state` shows for each job: a pass changes only the jobs that moved (a
     /// thousand label lookups every pass cost more than the rest of the books).
     job_state_shown: std::sync::Arc<std::sync::Mutex<crate::NameMap<String, JobState>>>,
+    /// The jobs `job_shards` and `job_cap` show: set in place each time, and only the jobs the
+    /// allocation no longer holds removed (not every one cleared and made again).
+    job_power_shown: std::sync::Arc<std::sync::Mutex<crate::NameSet<String>>>,
 }
 
 /// The per-job progress metrics, in the order of [`Metrics::job_progress`].
@@ -220,6 +223,7 @@ impl Metrics {
             job_cap,
             job_state,
             job_state_shown: Default::default(),
+            job_power_shown: Default::default(),
         })
     }
 
@@ -246,11 +250,24 @@ impl Metrics {
             let kind = kind.trim_start_matches("source_kind_").to_string();
             self.source_watts.with_label_values(&[source.name.as_str(), kind.as_str()]).set(source.effective_watts);
         }
-        self.job_shards.reset();
-        self.job_cap.reset();
-        for job in &s.jobs {
-            self.job_shards.with_label_values(&[job.name.as_str()]).set(f64::from(job.shards));
-            self.job_cap.with_label_values(&[job.name.as_str()]).set(job.cap_watts);
+        {
+            let mut shown = self.job_power_shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let listed: crate::NameSet<&str> = s.jobs.iter().map(|j| j.name.as_str()).collect();
+            shown.retain(|name| {
+                let keep = listed.contains(name.as_str());
+                if !keep {
+                    let _ = self.job_shards.remove_label_values(&[name]);
+                    let _ = self.job_cap.remove_label_values(&[name]);
+                }
+                keep
+            });
+            for job in &s.jobs {
+                self.job_shards.with_label_values(&[job.name.as_str()]).set(f64::from(job.shards));
+                self.job_cap.with_label_values(&[job.name.as_str()]).set(job.cap_watts);
+                if !shown.contains(job.name.as_str()) {
+                    shown.insert(job.name.clone());
+                }
+            }
         }
         self.failsafe_nodes.set(i64::from(s.failsafe_nodes));
         self.infeasible.set(i64::from(s.infeasible));
@@ -393,5 +410,32 @@ mod tests {
         assert_eq!(shown(&metrics), vec![("a".to_string(), "running".to_string())], "a moved; b ended");
         observe(&jobs);
         assert_eq!(shown(&metrics).len(), 1, "a pass with no change changes nothing");
+    }
+
+    #[test]
+    fn job_power_gauges_follow_the_allocation_and_jobs_it_no_longer_holds_leave() {
+        let metrics = Metrics::new().unwrap();
+        let job = |name: &str, cap_watts: f64| watt_proto::v1::JobPower {
+            name: name.into(),
+            cap_watts,
+            shards: 2,
+            ..Default::default()
+        };
+        let caps = |metrics: &Metrics| {
+            let mut caps: Vec<(String, f64)> = prometheus::core::Collector::collect(&metrics.job_cap)[0]
+                .get_metric()
+                .iter()
+                .map(|m| (m.get_label()[0].value().to_string(), m.get_gauge().get_value()))
+                .collect();
+            caps.sort_by(|a, b| a.0.cmp(&b.0));
+            caps
+        };
+        let status = |jobs| watt_proto::v1::PowerStatus { jobs, ..Default::default() };
+        metrics.observe_power(&status(vec![job("a", 500.0), job("b", 600.0)]));
+        assert_eq!(caps(&metrics), vec![("a".into(), 500.0), ("b".into(), 600.0)]);
+        metrics.observe_power(&status(vec![job("b", 450.0)]));
+        assert_eq!(caps(&metrics), vec![("b".into(), 450.0)], "b's cap moved; a left");
+        let shards = prometheus::core::Collector::collect(&metrics.job_shards)[0].get_metric().len();
+        assert_eq!(shards, 1, "job_shards follows the same jobs");
     }
 }

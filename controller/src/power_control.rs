@@ -9,8 +9,6 @@
 //! what they run under; their draw above their orders is reported apart and is not Watt's
 //! violation.
 
-use std::collections::HashMap;
-
 use tokio::time::Instant;
 use watt_proto::v1 as pb;
 
@@ -89,7 +87,7 @@ impl Controller {
         let idle = site.idle_gpu_watts;
         self.registry.set_idle_allowance(idle);
         let allocation = admission.allocation.unwrap_or_else(|| allocate(admission.budget_watts, &[], 0.0, idle));
-        let caps: HashMap<&str, f64> =
+        let caps: crate::NameMap<&str, f64> =
             allocation.jobs.iter().filter(|j| !j.paused).map(|j| (j.name.as_str(), j.cap_watts)).collect();
         let mut nodes = self.registry.lock();
         // Work, caps in flight and overheads move on every node below.

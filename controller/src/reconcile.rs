@@ -8,7 +8,7 @@
 //! cancel, a registration, a shard status, a power change, the last acknowledgement owed); the
 //! periodic tick runs one only when time itself changes a decision, and at least every 30 ticks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -56,31 +56,31 @@ pub enum RequestError {
 
 #[derive(Debug)]
 pub struct Controller {
-    pub store: Arc<dyn Store>,
-    pub jobs: Mutex<JobTable>,
-    pub registry: Registry,
-    pub events: broadcast::Sender<pb::Event>,
-    pub metrics: Metrics,
-    pub settings: Settings,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) jobs: Mutex<JobTable>,
+    pub(crate) registry: Registry,
+    pub(crate) events: broadcast::Sender<pb::Event>,
+    pub(crate) metrics: Metrics,
+    pub(crate) settings: Settings,
     /// The most recent events, for `ListEvents`.
     history: std::sync::Mutex<std::collections::VecDeque<pb::Event>>,
     /// Sources, site, and the bookkeeping of cap orders. Locked after `jobs`.
-    pub power: Mutex<PowerState>,
+    pub(crate) power: Mutex<PowerState>,
     /// The latest power status, for `GetPowerStatus` and `WatchPower`.
-    pub power_status: tokio::sync::watch::Sender<pb::PowerStatus>,
+    pub(crate) power_status: tokio::sync::watch::Sender<pb::PowerStatus>,
     wake: Notify,
     /// Acknowledgements owed since the last pass: see [`crate::power::acks`].
-    pub acks: AckTracker,
+    pub(crate) acks: AckTracker,
     /// Workers' progress by job.
-    pub progress: crate::progress::ProgressBook,
+    pub(crate) progress: crate::progress::ProgressBook,
     /// When growth may next be tried: see [`crate::regrow`].
     regrow: std::sync::Mutex<RegrowTimes>,
     /// The nodes' part of the view, kept between passes (only the pass uses it).
     kept_view: std::sync::Mutex<KeptView>,
     /// Measured draw against the limit: see [`crate::power::meter`].
-    pub meter: std::sync::Mutex<crate::power::meter::Meter>,
+    pub(crate) meter: std::sync::Mutex<crate::power::meter::Meter>,
     /// The clock every deadline is on (see [`crate::clock`]).
-    pub clock: crate::clock::Clock,
+    pub(crate) clock: crate::clock::Clock,
 }
 
 /// How many recent events `ListEvents` can return.
@@ -524,7 +524,7 @@ impl Controller {
     /// they run that they should not. Cost follows change: only the nodes in `due` (or every node,
     /// with `None`) are looked at, with every job that has a shard on one of them; an order is
     /// built only for a shard that is neither reported running at its epoch nor already sent.
-    fn send_orders(&self, jobs: &JobTable, due: Option<&HashSet<String>>) {
+    fn send_orders(&self, jobs: &JobTable, due: Option<&crate::NameSet<String>>) {
         let in_scope = |node: &str| due.is_none_or(|d| d.contains(node));
         let scoped: Vec<&JobRecord> =
             jobs.iter().filter(|j| j.state.is_active() && j.shards.iter().any(|s| in_scope(&s.node))).collect();
@@ -540,16 +540,18 @@ impl Controller {
             .collect();
         // Nodes whose queue was full: looked at again next pass.
         let mut retry: Vec<String> = Vec::new();
-        // (node, job, shard) -> epoch, for the stop pass below.
-        let mut wanted: HashMap<&str, HashMap<ShardKey, u64>> = HashMap::new();
+        // Per node, the (job, shard, epoch) it should run, for the stop pass below: borrowed, and
+        // a short list (a node runs a shard or a few), so a full pass allocates no key per shard.
+        let mut wanted: crate::NameMap<&str, Vec<(&str, u32, u64)>> = crate::NameMap::default();
         for job in scoped {
             // Rank 0's node not registered (after a controller restart, before it is back): its
             // address is unknown, and ranks told an empty MASTER_ADDR could never meet. Starts
             // wait for it; what runs keeps running.
             let master = addresses.get(&job.shards[0].node);
+            let mut key: ShardKey = (job.spec.name.clone(), 0);
             for (i, shard) in job.shards.iter().enumerate() {
-                let key = (job.spec.name.clone(), i as u32);
-                wanted.entry(shard.node.as_str()).or_default().insert(key.clone(), job.epoch);
+                key.1 = i as u32;
+                wanted.entry(shard.node.as_str()).or_default().push((job.spec.name.as_str(), key.1, job.epoch));
                 let Some(master) = master else { continue };
                 let Some(entry) = nodes.get_mut(&shard.node) else { continue };
                 let Some(session) = &entry.session else { continue };
@@ -577,22 +579,21 @@ impl Controller {
                 let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(order)) };
                 // A full queue is retried next pass: it is not marked sent.
                 if session.tx.try_send(Ok(message)).is_ok() {
-                    entry.sent.insert(key, (job.epoch, pb::ShardAction::Start));
+                    entry.sent.insert(key.clone(), (job.epoch, pb::ShardAction::Start));
                 } else {
                     retry.push(shard.node.clone());
                 }
             }
         }
         // Stop what runs (or was ordered to) but should not: another epoch, or not placed here.
-        let empty = HashMap::new();
         for entry in nodes.values_mut() {
             if !in_scope(&entry.name) {
                 continue;
             }
             let Some(session) = &entry.session else { continue };
-            let want = wanted.get(entry.name.as_str()).unwrap_or(&empty);
+            let want = wanted.get(entry.name.as_str()).map(Vec::as_slice).unwrap_or_default();
             let is_stale = |key: &ShardKey, epoch: u64| {
-                want.get(key) != Some(&epoch) && entry.sent.get(key) != Some(&(epoch, pb::ShardAction::Stop))
+                !wants(want, key, epoch) && entry.sent.get(key) != Some(&(epoch, pb::ShardAction::Stop))
             };
             let any_stale =
                 entry.shards.iter().any(|(k, (e, s))| {
@@ -611,7 +612,7 @@ impl Controller {
                 entry.sent.iter().filter(|(_, (_, a))| *a == pb::ShardAction::Start).map(|(k, (e, _))| (k.clone(), *e)),
             );
             for (key, epoch) in stale {
-                if want.get(&key) == Some(&epoch) || entry.sent.get(&key) == Some(&(epoch, pb::ShardAction::Stop)) {
+                if wants(want, &key, epoch) || entry.sent.get(&key) == Some(&(epoch, pb::ShardAction::Stop)) {
                     continue;
                 }
                 let stop = pb::ShardOrder {
@@ -633,6 +634,11 @@ impl Controller {
             nodes.orders_due(&node);
         }
     }
+}
+
+/// Whether a node that should run `want` (job, shard, epoch) should run shard `key` at `epoch`.
+fn wants(want: &[(&str, u32, u64)], key: &ShardKey, epoch: u64) -> bool {
+    want.contains(&(key.0.as_str(), key.1, epoch))
 }
 
 /// What the agent running shard `i` of `job` last reported of it at the job's current epoch.
@@ -688,7 +694,7 @@ impl KeptView {
         &mut self,
         registry: &crate::registry::Nodes,
         live: &[&JobRecord],
-        changed: Option<&HashSet<String>>,
+        changed: Option<&crate::NameSet<String>>,
     ) {
         let active: HashMap<&str, &JobRecord> =
             live.iter().filter(|j| j.state.is_active()).map(|j| (j.spec.name.as_str(), *j)).collect();

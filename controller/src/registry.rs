@@ -5,7 +5,7 @@
 //! whether its TCP connection dropped or silently hung. Behind one `std::sync::Mutex`, held only
 //! for map updates, never across an await: telemetry from 25,000 agents a second goes through it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -266,12 +266,12 @@ pub enum AckEffect {
 /// expected at start) and never removed; what the lock guards is reached through these methods.
 #[derive(Debug, Default)]
 pub struct Nodes {
-    map: HashMap<String, NodeEntry>,
+    map: crate::NameMap<String, NodeEntry>,
     owed: OwedAcks,
     /// Nodes whose shard orders may be due since the last look: a new session, a shard that
     /// changed state, lost. The shell looks at these (and the nodes of jobs it changed) instead
     /// of every node; a full look now and then catches anything else.
-    orders_due: HashSet<String>,
+    orders_due: crate::NameSet<String>,
     /// Counts nodes added or replaced (registered, expected): a view kept between passes is
     /// rebuilt when it changes, refreshed in place otherwise.
     generation: u64,
@@ -280,7 +280,7 @@ pub struct Nodes {
     /// that does not enforce runs under.
     power_changed: bool,
     /// Jobs whose shards' reports came in since the last pass read them.
-    reports_changed: HashSet<String>,
+    reports_changed: crate::NameSet<String>,
     /// Every node's budget figures may have changed (the pass moved caps and work on all of
     /// them): the view kept between passes reads every node again.
     every_budget_changed: bool,
@@ -341,12 +341,12 @@ impl Nodes {
     }
 
     /// The jobs whose shards reported since the last call.
-    pub fn take_reports_changed(&mut self) -> HashSet<String> {
+    pub fn take_reports_changed(&mut self) -> crate::NameSet<String> {
         std::mem::take(&mut self.reports_changed)
     }
 
     /// The nodes whose orders may be due, emptied.
-    pub fn take_orders_due(&mut self) -> HashSet<String> {
+    pub fn take_orders_due(&mut self) -> crate::NameSet<String> {
         std::mem::take(&mut self.orders_due)
     }
 
