@@ -141,8 +141,12 @@ impl Controller {
         let (snapshot, targets): (Vec<&NodeCaps>, Vec<&[f64]>) =
             nodes.values().map(|e| (&e.power, e.cap_targets.as_slice())).unzip();
         let orders = plan(&snapshot, &targets, admission.limit_watts, now_ms, idle, MAX_INCREASE_NODES_PER_PASS);
+        drop((snapshot, targets));
+        // The same walk as the snapshot's (the map is not changed in between): an order's node
+        // is found by its position, not looked up by name.
+        let mut entries: Vec<&mut NodeEntry> = nodes.values_mut().collect();
         for order in &orders {
-            let Some(e) = nodes.get_mut(&order.node) else { continue };
+            let Some(e) = entries.get_mut(order.node) else { continue };
             let Some(session) = &e.session else { continue };
             // None reserved (the store refused the mark): sent on a later pass.
             let Some(epoch) = power.epochs.take() else { break };

@@ -191,7 +191,8 @@ pub enum Phase {
 /// Caps to order on one node: (GPU index, watts).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Order {
-    pub node: String,
+    /// Where the node is in the `nodes` given to [`plan`].
+    pub node: usize,
     pub phase: Phase,
     pub caps: Vec<(u32, f64)>,
 }
@@ -210,16 +211,16 @@ pub fn plan<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
     let target_of = |n: usize, i: usize| targets.get(n).and_then(|t| t.as_ref().get(i)).copied();
     let reachable = || nodes.iter().map(Borrow::borrow).enumerate().filter(|(_, node)| node.reachable);
 
-    // Phase 1: every decrease, at once.
+    // Phase 1: every decrease, at once. Each node's caps are gathered in one buffer and copied
+    // out at their size: at a cut that is one allocation per node ordered, none per node not.
+    let mut caps: Vec<(u32, f64)> = Vec::new();
     for (n, node) in reachable() {
-        let caps: Vec<(u32, f64)> = node
-            .gpus
-            .iter()
-            .enumerate()
-            .filter_map(|(i, g)| target_of(n, i).filter(|&t| t < g.upper() && g.needs(t, now_ms)).map(|t| (g.index, t)))
-            .collect();
+        caps.clear();
+        caps.extend(node.gpus.iter().enumerate().filter_map(|(i, g)| {
+            target_of(n, i).filter(|&t| t < g.upper() && g.needs(t, now_ms)).map(|t| (g.index, t))
+        }));
         if !caps.is_empty() {
-            orders.push(Order { node: node.name.clone(), phase: Phase::Decrease, caps });
+            orders.push(Order { node: n, phase: Phase::Decrease, caps: caps.clone() });
         }
     }
     if !orders.is_empty() || nodes.iter().any(|n| n.borrow().decrease_outstanding(now_ms)) {
@@ -253,7 +254,7 @@ pub fn plan<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
         let cost = raised.counted_watts(now_ms, idle_allowance) - node.counted_watts(now_ms, idle_allowance);
         if cost <= headroom {
             headroom -= cost;
-            orders.push(Order { node: node.name.clone(), phase: Phase::Increase, caps });
+            orders.push(Order { node: n, phase: Phase::Increase, caps });
         }
     }
     orders
@@ -317,10 +318,7 @@ mod tests {
         let mut nodes = vec![node("a", 2, 700.0), node("b", 2, 300.0)];
         let targets = vec![vec![400.0, 400.0], vec![600.0, 600.0]];
         let orders = plan(&nodes, &targets, 10_000.0, 0, IDLE, 100);
-        assert_eq!(
-            orders,
-            vec![Order { node: "a".into(), phase: Phase::Decrease, caps: vec![(0, 400.0), (1, 400.0)] }]
-        );
+        assert_eq!(orders, vec![Order { node: 0, phase: Phase::Decrease, caps: vec![(0, 400.0), (1, 400.0)] }]);
         mark_sent(&mut nodes[0], &orders[0], 1, 0);
         assert_eq!(counted_watts(&nodes, 0, IDLE), 2_000.0, "a counts at 700 W until it acknowledges");
         assert!(plan(&nodes, &targets, 10_000.0, 0, IDLE, 100).is_empty(), "no increase while a decrease is out");
@@ -342,7 +340,7 @@ mod tests {
         assert!(plan(&nodes, &targets, 1_000.0, 9_999, IDLE, 100).is_empty(), "its decrease is still outstanding");
         assert_eq!(counted_watts(&nodes, 10_000, IDLE), 400.0, "past the deadline: at its failsafe cap");
         let orders = plan(&nodes, &targets, 1_000.0, 10_000, IDLE, 100);
-        assert_eq!(orders, vec![Order { node: "b".into(), phase: Phase::Increase, caps: vec![(0, 600.0)] }]);
+        assert_eq!(orders, vec![Order { node: 1, phase: Phase::Increase, caps: vec![(0, 600.0)] }]);
     }
 
     #[test]
@@ -556,7 +554,7 @@ mod tests {
                 let outstanding = nodes.iter().any(|n| n.decrease_outstanding(now));
                 let orders = plan(&nodes, &targets, limit, now, IDLE, 2);
                 for order in &orders {
-                    let i = nodes.iter().position(|n| n.name == order.node).unwrap();
+                    let i = order.node;
                     for &(gpu, w) in &order.caps {
                         let g = nodes[i].gpus.iter().find(|g| g.index == gpu).unwrap();
                         prop_assert!(w >= g.min_watts && w <= g.max_watts, "cap {w} outside [{}, {}]", g.min_watts, g.max_watts);
@@ -600,7 +598,7 @@ mod tests {
                 fits = allocation.fits;
                 let targets = targets_for(&mut nodes, &allocation);
                 for order in plan(&nodes, &targets, limit, now, IDLE, 6) {
-                    let i = nodes.iter().position(|n| n.name == order.node).unwrap();
+                    let i = order.node;
                     epoch += 1;
                     mark_sent(&mut nodes[i], &order, epoch, now);
                     for &(gpu, w) in &order.caps { in_force[i][gpu as usize] = w; }
