@@ -5,8 +5,10 @@
 //! and announce them; move caps toward the admission's allocation ([`crate::power_control`]);
 //! then send each agent the difference between what it should run and what it said it runs.
 //! Passes run on every event that can change a decision (a submit, a
-//! cancel, a registration, a shard status, a power change, the last acknowledgement owed); the
-//! periodic tick runs one only when time itself changes a decision, and at least every 30 ticks.
+//! cancel, a registration, a shard status, a power change, the last acknowledgement owed), but
+//! never back to back: after a pass the loop rests as long as it took, and the events meanwhile
+//! make one pass. The periodic tick runs one only when time itself changes a decision, and at
+//! least every 30 ticks.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -337,7 +339,18 @@ impl Controller {
             let full = since_full >= 30 || (!woken && self.time_changes_something().await);
             if woken || full {
                 since_full = 0;
+                let started = Instant::now();
                 self.reconcile(full).await;
+                // Passes never run back to back: after one, the loop rests as long as it took, and
+                // events meanwhile are taken together by the next. A pass holds the registry for
+                // most of its time, and every session message needs it: in a registration storm
+                // at 100,000 nodes, back-to-back passes would leave the sessions little of it.
+                // A power call does not wait on this: it runs its own pass.
+                let rest = tokio::time::sleep(started.elapsed());
+                tokio::select! {
+                    () = rest => {}
+                    () = &mut shutdown => return,
+                }
             }
         }
     }
