@@ -196,7 +196,8 @@ impl NodeEntry {
 
     /// Every GPU's parked figure and the non-GPU draw, bit for bit, folded into one number that
     /// changes when any of them does (FNV-1a over the bits: no allocation on a path taken 25,000
-    /// times a second; a collision would only delay a refresh to the next full pass).
+    /// times a second). A collision would leave the node unread until a pass moves caps, which
+    /// marks every node — a time-driven pass does so at least every 30 ticks.
     fn parked_fingerprint(&self, idle_allowance: f64) -> u64 {
         let figures = self
             .power
