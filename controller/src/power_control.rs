@@ -85,7 +85,6 @@ impl Controller {
         let wall_ms = unix_ms();
         let site = power.table.site();
         let idle = site.idle_gpu_watts;
-        self.registry.set_idle_allowance(idle);
         let allocation = admission.allocation.unwrap_or_else(|| allocate(admission.budget_watts, &[], 0.0, idle));
         let caps: crate::NameMap<&str, f64> =
             allocation.jobs.iter().filter(|j| !j.paused).map(|j| (j.name.as_str(), j.cap_watts)).collect();
