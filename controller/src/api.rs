@@ -122,7 +122,7 @@ impl PowerApi {
     /// Run a reconcile pass now, so the answer reflects the change (and its notes, such as a
     /// budget below the minimum caps).
     async fn status_after_change(&self) -> pb::PowerStatus {
-        self.controller.reconcile_once().await;
+        self.controller.reconcile_after_change().await;
         self.controller.power_status_now()
     }
 }

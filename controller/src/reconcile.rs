@@ -431,6 +431,13 @@ impl Controller {
         self.reconcile(true).await;
     }
 
+    /// A pass for a change its caller waits on (a power call answers with the status after it).
+    /// Like a pass an event wakes, it looks at what changed: a cut's pass at 50,000 nodes does
+    /// not also walk every node's shard orders.
+    pub async fn reconcile_after_change(&self) {
+        self.reconcile(false).await;
+    }
+
     /// One pass; `full`: look at every node's shard orders, not only those that may have changed.
     async fn reconcile(&self, full: bool) {
         let started = Instant::now();

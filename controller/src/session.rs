@@ -17,7 +17,7 @@ use watt_proto::v1 as pb;
 use watt_proto::v1::agent_message::Body;
 
 use crate::reconcile::{unix_ms, Controller};
-use crate::registry::AckEffect;
+use crate::registry::{AckEffect, Heard};
 
 /// How many orders may wait for one agent before the reconcile loop holds back.
 const SESSION_QUEUE: usize = 256;
@@ -194,12 +194,12 @@ async fn serve_inbound(
                 return Ok(());
             }
         };
-        if !c.registry.touch(node, session, Instant::now(), unix_ms()) {
-            return Ok(()); // Replaced by a newer session of the same node.
-        }
+        // Every message renews the node's lease, in the call that takes it in. `None` from one
+        // of them: replaced by a newer session of the same node.
+        let heard = Heard { session, at: Instant::now(), unix_ms: unix_ms() };
         match message.body {
             Some(Body::Telemetry(t)) => {
-                let changes = c.registry.observe_telemetry(node, session, t, Instant::now()).unwrap_or_default();
+                let Some(changes) = c.registry.observe_telemetry(node, heard, t) else { return Ok(()) };
                 if !changes.is_empty() {
                     for change in &changes {
                         c.emit_gpu_work(node, change);
@@ -211,8 +211,10 @@ async fn serve_inbound(
             }
             Some(Body::ShardStatus(s)) => {
                 let state = validate_shard_status(&s)?;
-                if c.registry.report_shard(node, session, s, state) == Some(true) {
-                    c.wake();
+                match c.registry.report_shard(node, heard, s, state) {
+                    None => return Ok(()),
+                    Some(true) => c.wake(),
+                    Some(false) => {}
                 }
             }
             Some(Body::CapAck(ack)) => {
@@ -226,13 +228,15 @@ async fn serve_inbound(
                 // The agent's mode, not the outcome: a stale answer from a dry-run agent does not
                 // make it enforce.
                 let enforced = mode == pb::EnforceMode::On && outcome != pb::CapOutcome::NotEnforced;
-                let effect = c.registry.acknowledge(node, session, ack.epoch, &applied, enforced, mode);
+                let Some(effect) = c.registry.acknowledge(node, heard, ack.epoch, &applied, enforced, mode) else {
+                    return Ok(());
+                };
                 let last = match effect {
-                    Some(AckEffect::LastOwed { more_to_order }) => {
+                    AckEffect::LastOwed { more_to_order } => {
                         c.acks.last_owed_settled(more_to_order, &c.metrics);
                         true
                     }
-                    Some(AckEffect::Nothing) | None => false,
+                    AckEffect::Nothing => false,
                 };
                 // Applied, answered by a node that does not enforce, or overtaken by a newer
                 // order: nothing went wrong.
@@ -250,6 +254,9 @@ async fn serve_inbound(
             }
             Some(Body::ShardProgress(p)) => {
                 validate_progress(&p)?;
+                if !c.registry.touch(node, heard) {
+                    return Ok(());
+                }
                 let rank0 = (p.shard == 0).then(|| p.job.clone());
                 c.progress.record(p);
                 if let Some(progress) = rank0.and_then(|job| c.progress.job(&job).map(|p| (job, p))) {

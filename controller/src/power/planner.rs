@@ -199,6 +199,10 @@ pub struct Order {
 
 /// The orders to send now. `targets[n][i]` is the target cap of `nodes[n].gpus[i]`;
 /// `limit_watts` is what counted draw must stay under (available × (1 − reserve) / PUE).
+///
+/// Phase 1 ([`decreases`]) on every node; phase 2 ([`increases`]) only when phase 1 orders
+/// nothing and no decrease is outstanding anywhere. The shell runs the same two phases fused
+/// with its walk over the registry (see `Controller::enforce`).
 pub fn plan<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
     nodes: &[N],
     targets: &[T],
@@ -208,46 +212,72 @@ pub fn plan<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
     max_increase_nodes: usize,
 ) -> Vec<Order> {
     let mut orders = Vec::new();
-    let target_of = |n: usize, i: usize| targets.get(n).and_then(|t| t.as_ref().get(i)).copied();
-    let reachable = || nodes.iter().map(Borrow::borrow).enumerate().filter(|(_, node)| node.reachable);
-
-    // Phase 1: every decrease, at once. Each node's caps are gathered in one buffer and copied
-    // out at their size: at a cut that is one allocation per node ordered, none per node not.
-    let mut caps: Vec<(u32, f64)> = Vec::new();
-    for (n, node) in reachable() {
-        caps.clear();
-        caps.extend(node.gpus.iter().enumerate().filter_map(|(i, g)| {
-            target_of(n, i).filter(|&t| t < g.upper() && g.needs(t, now_ms)).map(|t| (g.index, t))
-        }));
-        if !caps.is_empty() {
-            orders.push(Order { node: n, phase: Phase::Decrease, caps: caps.clone() });
+    let mut buffer = Vec::new();
+    for (n, node) in nodes.iter().map(Borrow::borrow).enumerate() {
+        if let Some(caps) = decreases(node, row(targets, n), now_ms, &mut buffer) {
+            orders.push(Order { node: n, phase: Phase::Decrease, caps });
         }
     }
     if !orders.is_empty() || nodes.iter().any(|n| n.borrow().decrease_outstanding(now_ms)) {
         return orders;
     }
+    increases(nodes, targets, limit_watts, now_ms, idle_allowance, max_increase_nodes)
+}
 
-    // Phase 2: increases, once no decrease is outstanding, within the headroom, staggered.
+/// `targets[n]`, or no targets.
+fn row<T: AsRef<[f64]>>(targets: &[T], n: usize) -> &[f64] {
+    targets.get(n).map_or(&[], AsRef::as_ref)
+}
+
+/// Phase 1 on one node: the caps to lower now, every one at once — `None` if there are none or
+/// the node cannot be reached. `buffer` gathers them, so that a pass that orders nothing on a node
+/// allocates nothing for it.
+pub fn decreases(
+    node: &NodeCaps,
+    targets: &[f64],
+    now_ms: i64,
+    buffer: &mut Vec<(u32, f64)>,
+) -> Option<Vec<(u32, f64)>> {
+    if !node.reachable {
+        return None;
+    }
+    buffer.clear();
+    buffer.extend(
+        node.gpus
+            .iter()
+            .zip(targets)
+            .filter_map(|(g, &t)| (t < g.upper() && g.needs(t, now_ms)).then_some((g.index, t))),
+    );
+    (!buffer.is_empty()).then(|| buffer.clone())
+}
+
+/// Phase 2: increases, within the headroom under `limit_watts`, on at most `max_increase_nodes`
+/// nodes, in node order. Only once no decrease is planned or outstanding anywhere (see [`plan`]).
+pub fn increases<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
+    nodes: &[N],
+    targets: &[T],
+    limit_watts: f64,
+    now_ms: i64,
+    idle_allowance: f64,
+    max_increase_nodes: usize,
+) -> Vec<Order> {
+    let mut orders = Vec::new();
     let mut headroom = limit_watts - counted_watts(nodes, now_ms, idle_allowance);
-    for (n, node) in reachable() {
+    for (n, node) in nodes.iter().map(Borrow::borrow).enumerate().filter(|(_, node)| node.reachable) {
         if orders.len() >= max_increase_nodes || headroom <= 0.0 {
             break;
         }
-        let caps: Vec<(u32, f64)> = node
-            .gpus
-            .iter()
-            .enumerate()
-            .filter_map(|(i, g)| {
-                target_of(n, i).filter(|&t| t >= g.upper() && g.needs(t, now_ms)).map(|t| (g.index, t))
-            })
-            .collect();
+        let targets = row(targets, n);
+        let raise = |(g, &t): (&GpuCap, &f64)| (t >= g.upper() && g.needs(t, now_ms)).then_some(t);
+        let caps: Vec<(u32, f64)> =
+            node.gpus.iter().zip(targets).filter_map(|(g, t)| raise((g, t)).map(|t| (g.index, t))).collect();
         if caps.is_empty() {
             continue;
         }
         // What the node counts once the increase is sent: it counts from that moment.
         let mut raised = node.clone();
-        for (i, g) in raised.gpus.iter_mut().enumerate() {
-            if let Some(t) = target_of(n, i).filter(|&t| t >= g.upper() && g.needs(t, now_ms)) {
+        for (g, t) in raised.gpus.iter_mut().zip(targets) {
+            if let Some(t) = raise((g, t)) {
                 g.in_flight = Some(InFlight { target: t, upper: t, epoch: 0, sent_ms: now_ms });
             }
         }
