@@ -178,7 +178,8 @@ impl JobSpec {
         let name = m.name.ok_or_else(|| FieldError::new("name", "is required"))?;
         validate_name(&name)?;
         let priority = m.priority.unwrap_or(0);
-        if priority.abs() > MAX_PRIORITY {
+        // A range, not `abs()`: i64::MIN has no absolute value (it wraps in a release build).
+        if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&priority) {
             return Err(FieldError::new(
                 "priority",
                 format!("must be between -{MAX_PRIORITY} and {MAX_PRIORITY} (got {priority})"),
@@ -379,6 +380,10 @@ mod tests {
                 "shards.step is not a job spec field",
             ),
             ("name: a\npriority: high\n", "priority is invalid"),
+            (
+                "name: a\npriority: -9223372036854775808\nshards: {min: 1, max: 1}\ngpus_per_shard: 1\ncommand: [x]\n",
+                "priority must be between",
+            ),
             ("[1, 2]", "manifest is invalid"),
         ];
         for (text, want) in cases {

@@ -32,6 +32,11 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 pub enum RingError {
     #[error("rank {peer} ({side} neighbour) failed or closed the connection during {during}: {source}")]
     Peer { peer: usize, side: &'static str, during: &'static str, source: std::io::Error },
+    /// The sum holds a NaN or an infinity: some rank's contribution did (a diverged step, or a
+    /// peer that is not one of the job's ranks). Every rank holds the same sum, so every rank
+    /// fails the same step, before anything is updated or checkpointed from it.
+    #[error("the all-reduced values are not finite (value {index} is {value})")]
+    NotFinite { index: usize, value: f64 },
 }
 
 /// This rank's two links of the ring.
@@ -84,8 +89,17 @@ impl Ring {
         self.world
     }
 
-    /// Replace `data` on every rank by the element-wise sum over all ranks.
+    /// Replace `data` on every rank by the element-wise sum over all ranks. A sum that is not
+    /// finite everywhere is an error ([`RingError::NotFinite`]), on every rank alike.
     pub fn all_reduce_sum(&mut self, data: &mut [f64]) -> Result<(), RingError> {
+        self.reduce(data)?;
+        match data.iter().position(|v| !v.is_finite()) {
+            Some(index) => Err(RingError::NotFinite { index, value: data[index] }),
+            None => Ok(()),
+        }
+    }
+
+    fn reduce(&mut self, data: &mut [f64]) -> Result<(), RingError> {
         let w = self.world;
         if w == 1 || data.is_empty() {
             return Ok(());
@@ -292,6 +306,36 @@ mod tests {
         ring.all_reduce_sum(&mut data).unwrap();
         peer.join().unwrap();
         assert_eq!(data, vec![11.0, 22.0, 33.0, 44.0, 55.0]);
+    }
+
+    /// Three ranks on loopback; rank 2's gradient holds a NaN. Every rank fails the step and none
+    /// is left with the poisoned values as if they were fine.
+    #[test]
+    fn a_sum_that_is_not_finite_fails_on_every_rank() {
+        let links: Vec<(TcpStream, TcpStream)> = (0..3).map(|_| pair()).collect();
+        // Link k carries rank k → rank k + 1: its first end is k's right, its second k + 1's left.
+        let (mut rights, mut lefts): (Vec<Option<TcpStream>>, Vec<Option<TcpStream>>) =
+            links.into_iter().map(|(a, b)| (Some(a), Some(b))).unzip();
+        let ranks: Vec<_> = (0..3)
+            .map(|rank| {
+                let left = lefts[(rank + 2) % 3].take().unwrap();
+                let right = rights[rank].take().unwrap();
+                std::thread::spawn(move || {
+                    let mut ring = Ring::new(rank, 3, left, right, Duration::from_secs(10)).unwrap();
+                    let mut data = vec![1.0; 7];
+                    if rank == 2 {
+                        data[4] = f64::NAN;
+                    }
+                    ring.all_reduce_sum(&mut data)
+                })
+            })
+            .collect();
+        for rank in ranks {
+            match rank.join().unwrap() {
+                Err(RingError::NotFinite { index: 4, value }) => assert!(value.is_nan()),
+                other => panic!("want the NaN refused, got {other:?}"),
+            }
+        }
     }
 
     #[test]

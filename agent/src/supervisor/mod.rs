@@ -37,7 +37,7 @@ use watt_proto::v1 as pb;
 mod state_dir;
 mod torchrun;
 
-pub use state_dir::{log_file, logs_dir, rotate_if_large, StateDir, LOG_KEEP, LOG_MAX_BYTES};
+pub use state_dir::{log_file, log_file_name, logs_dir, rotate_if_large, StateDir, LOG_KEEP, LOG_MAX_BYTES};
 pub use torchrun::worker_env;
 
 use state_dir::rotate_while_running;

@@ -19,9 +19,14 @@ pub fn logs_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("logs")
 }
 
-/// One shard's log under `logs_dir`: `<job>/shard-<n>.log`.
+/// One shard's log under `logs_dir`: `<job>/shard-<n>.log` (see [`log_file_name`]).
 pub fn log_file(logs_dir: &Path, job: &str, shard: u32) -> PathBuf {
-    logs_dir.join(job).join(format!("shard-{shard}.log"))
+    logs_dir.join(job).join(log_file_name(shard))
+}
+
+/// A shard's log's name in its job's directory under `logs_dir`.
+pub fn log_file_name(shard: u32) -> String {
+    format!("shard-{shard}.log")
 }
 
 /// One agent's state directory.
