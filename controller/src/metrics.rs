@@ -37,6 +37,8 @@ pub struct Metrics {
     pub source_watts: GaugeVec,
     pub failsafe_nodes: IntGauge,
     pub unacknowledged_nodes: IntGauge,
+    /// 1 while a power event is being carried out (see [`crate::power::acks::AckTracker`]).
+    pub power_event_open: IntGauge,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
@@ -148,6 +150,10 @@ impl Metrics {
             IntGauge::new("watt_power_failsafe_nodes", "Unreachable nodes counted at their failsafe caps.")?;
         let unacknowledged_nodes =
             IntGauge::new("watt_power_unacknowledged_nodes", "Nodes with a cap order sent and not yet acknowledged.")?;
+        let power_event_open = IntGauge::new(
+            "watt_power_event_open",
+            "1 while a power event's caps are still being ordered or acknowledged (increases waiting their turn included); 0 once every cap it moved is acknowledged.",
+        )?;
         let gauge = |(name, help): (&str, &str)| GaugeVec::new(Opts::new(name, help), &["job"]);
         let job_progress =
             [gauge(JOB_PROGRESS[0])?, gauge(JOB_PROGRESS[1])?, gauge(JOB_PROGRESS[2])?, gauge(JOB_PROGRESS[3])?];
@@ -193,6 +199,7 @@ impl Metrics {
         registry.register(Box::new(source_watts.clone()))?;
         registry.register(Box::new(failsafe_nodes.clone()))?;
         registry.register(Box::new(unacknowledged_nodes.clone()))?;
+        registry.register(Box::new(power_event_open.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
@@ -218,6 +225,7 @@ impl Metrics {
             source_watts,
             failsafe_nodes,
             unacknowledged_nodes,
+            power_event_open,
             job_progress,
             job_shards,
             job_cap,

@@ -38,11 +38,13 @@ impl AckTracker {
         *self.last_event.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// After a pass sent its orders and left `owed` in the registry.
+    /// After a pass sent its orders and left `owed` in the registry. Every power event is
+    /// followed by a pass, so `watt_power_event_open` shows an event from its first pass on.
     pub fn after_pass(&self, owed: OwedAcks, metrics: &Metrics) {
         if owed.nodes == 0 && !owed.more_to_order {
             self.settled(metrics);
         }
+        metrics.power_event_open.set(i64::from(self.lock().is_some()));
     }
 
     /// The last node owing an acknowledgement settled: the event is carried out unless increases
@@ -57,9 +59,39 @@ impl AckTracker {
         if let Some(at) = self.lock().take() {
             metrics.power_event_ack.observe(at.elapsed().as_secs_f64());
         }
+        metrics.power_event_open.set(0);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.event_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event open through its waves of increases: neither the gauge nor the latency says it
+    /// is over until nothing is left to order or acknowledge.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_stays_open_until_its_last_wave_is_acknowledged() {
+        let (acks, metrics) = (AckTracker::default(), Metrics::new().unwrap());
+        acks.power_event();
+        acks.after_pass(OwedAcks { nodes: 3, more_to_order: true }, &metrics);
+        assert_eq!(metrics.power_event_open.get(), 1);
+        tokio::time::advance(std::time::Duration::from_millis(400)).await;
+        // The wave's last acknowledgement, with more waiting: still open.
+        acks.last_owed_settled(true, &metrics);
+        acks.after_pass(OwedAcks { nodes: 2, more_to_order: false }, &metrics);
+        assert_eq!(metrics.power_event_open.get(), 1);
+        assert_eq!(metrics.power_event_ack.get_sample_count(), 0);
+        tokio::time::advance(std::time::Duration::from_millis(100)).await;
+        acks.last_owed_settled(false, &metrics);
+        assert_eq!(metrics.power_event_open.get(), 0);
+        assert_eq!(metrics.power_event_ack.get_sample_count(), 1);
+        assert!((metrics.power_event_ack.get_sample_sum() - 0.5).abs() < 1e-9);
+        // A pass with nothing owed leaves it closed.
+        acks.after_pass(OwedAcks { nodes: 0, more_to_order: false }, &metrics);
+        assert_eq!(metrics.power_event_open.get(), 0);
     }
 }
