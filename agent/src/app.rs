@@ -145,6 +145,8 @@ pub async fn run(
     let session = config.controller.clone().zip(session_metrics).map(|(controller, metrics)| {
         let session_config = SessionConfig {
             controller,
+            credentials: config.credentials.clone(),
+            node_cert: crate::bootstrap::NodeCertFiles::in_dir(&config.state_dir.join("pki")),
             node_name: config.node_name.clone(),
             boot_id: boot_id(),
             http_port: addr.port(),

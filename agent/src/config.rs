@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::enforcer::EnforceMode;
 use crate::gpu::nvml::DEFAULT_LIBRARY;
 use crate::gpu::sim::{SimModel, TICK};
+use watt_common::client::{read_token, ClientError, Credentials};
 use watt_common::duration::{parse as parse_duration, show};
 pub use watt_common::logging::LogFormat;
 
@@ -111,10 +112,31 @@ pub struct Args {
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 
-    /// The controller to hold a session with, e.g. http://controller:7070. Without it the agent
+    /// The controller to hold a session with, e.g. https://controller:7070. Without it the agent
     /// only exports metrics.
     #[arg(long, env = "WATT_CONTROLLER", value_name = "URL")]
     pub controller: Option<String>,
+
+    /// The CA (PEM) that signed the controller's certificate; required for an https:// controller.
+    #[arg(long, env = "WATT_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// This node's certificate (PEM, CN = the node's name, O = watt:node) and its key: the
+    /// controller gives a session only to the node its certificate names.
+    #[arg(long, env = "WATT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    #[arg(long, env = "WATT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A file holding this node's bearer token, instead of a certificate.
+    #[arg(long, env = "WATT_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// A file holding a bootstrap token: with no --tls-cert, the agent gets this node's
+    /// certificate from the controller on first start and keeps it under --state-dir/pki.
+    #[arg(long, env = "WATT_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
 
     /// Power-cap enforcement: on, dry-run (log and export, change no GPU setting), or off
     /// [default: on].
@@ -172,6 +194,11 @@ pub struct FileConfig {
     pub dcgm_compat: Option<bool>,
     pub log_format: Option<LogFormat>,
     pub controller: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub bootstrap_token_file: Option<PathBuf>,
     pub enforce: Option<EnforceMode>,
     #[serde(default, with = "watt_common::duration::option")]
     pub failsafe_after: Option<Duration>,
@@ -199,6 +226,8 @@ pub struct AgentConfig {
     pub dcgm_compat: bool,
     pub log_format: LogFormat,
     pub controller: Option<String>,
+    /// How the session proves the node's identity, and what it trusts.
+    pub credentials: ControllerCredentials,
     pub enforce: EnforceMode,
     pub failsafe_after: Duration,
     pub failsafe_cap: Option<f64>,
@@ -207,6 +236,28 @@ pub struct AgentConfig {
     pub node_overhead_watts: f64,
     pub powercap_root: PathBuf,
     pub sim_foreign_gpus: Vec<u32>,
+}
+
+/// The agent's credentials for its controller session, as files.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ControllerCredentials {
+    pub ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub bootstrap_token_file: Option<PathBuf>,
+}
+
+impl ControllerCredentials {
+    /// The client credentials, with the token read from its file.
+    pub fn load(&self) -> Result<Credentials, ClientError> {
+        Ok(Credentials {
+            ca: self.ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            token: self.token_file.as_deref().map(read_token).transpose()?,
+        })
+    }
 }
 
 /// A configuration problem. `Display` is the one line the operator sees.
@@ -234,6 +285,10 @@ impl ConfigError {
             "node_overhead" => "node-overhead",
             "powercap_root" => "powercap-root",
             "sim_foreign_gpus" => "sim-foreign-gpus",
+            "tls_cert" => "tls-cert",
+            "tls_key" => "tls-key",
+            "token_file" => "token-file",
+            "bootstrap_token_file" => "bootstrap-token-file",
             other => other,
         };
         ConfigError::Invalid { flag, key, message }
@@ -264,6 +319,13 @@ impl Args {
             dcgm_compat: self.dcgm_compat || file.dcgm_compat.unwrap_or(false),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             controller: self.controller.clone().or(file.controller),
+            credentials: ControllerCredentials {
+                ca: self.ca.clone().or(file.ca),
+                tls_cert: self.tls_cert.clone().or(file.tls_cert),
+                tls_key: self.tls_key.clone().or(file.tls_key),
+                token_file: self.token_file.clone().or(file.token_file),
+                bootstrap_token_file: self.bootstrap_token_file.clone().or(file.bootstrap_token_file),
+            },
             enforce: self.enforce.or(file.enforce).unwrap_or(EnforceMode::On),
             failsafe_after: self.failsafe_after.or(file.failsafe_after).unwrap_or(Duration::from_secs(10)),
             failsafe_cap: self.failsafe_cap.or(file.failsafe_cap),
@@ -334,6 +396,38 @@ impl AgentConfig {
                 return Err(ConfigError::invalid(
                     "controller",
                     format!("must be an http:// or https:// URL; got {url:?}"),
+                ));
+            }
+        }
+        if let Some(url) = &self.controller {
+            let files = &self.credentials;
+            // The token file is read when the session starts; here only its presence counts.
+            let shape = Credentials {
+                ca: files.ca.clone(),
+                cert: files.tls_cert.clone(),
+                key: files.tls_key.clone(),
+                token: files.token_file.as_ref().map(|_| "present".to_string()),
+            };
+            if let Err(ClientError::Invalid { setting, message }) = shape.check(url) {
+                let key = match setting {
+                    "cert" => "tls_cert",
+                    "key" => "tls_key",
+                    "token" => "token_file",
+                    _ => "ca",
+                };
+                return Err(ConfigError::invalid(key, message));
+            }
+            if files.tls_cert.is_none() && files.token_file.is_none() && files.bootstrap_token_file.is_none() {
+                return Err(ConfigError::invalid(
+                    "tls_cert",
+                    "or --token-file or --bootstrap-token-file is required with --controller: the controller admits only nodes with credentials"
+                        .into(),
+                ));
+            }
+            if files.bootstrap_token_file.is_some() && files.ca.is_none() {
+                return Err(ConfigError::invalid(
+                    "bootstrap_token_file",
+                    "needs an https:// controller and --ca: the node's key and certificate travel only over TLS".into(),
                 ));
             }
         }

@@ -10,6 +10,7 @@
 //! The binary in `main.rs` only parses flags, starts logging and calls [`app::run`].
 
 pub mod app;
+pub mod bootstrap;
 pub mod config;
 pub mod enforcer;
 pub mod error;

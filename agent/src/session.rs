@@ -9,12 +9,13 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_client::AgentServiceClient;
 
 use tokio::time::Instant;
 
+use crate::bootstrap::{self, NodeCertFiles};
+use crate::config::ControllerCredentials;
 use crate::enforcer::Enforcer;
 use crate::exporter::SessionMetrics;
 use crate::gpu::GpuInfo;
@@ -27,6 +28,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub controller: String,
+    pub credentials: ControllerCredentials,
+    /// Where a bootstrapped node keeps its certificate and key.
+    pub node_cert: NodeCertFiles,
     pub node_name: String,
     /// Distinguishes this run of the agent from a reconnect of the same run.
     pub boot_id: String,
@@ -134,12 +138,26 @@ async fn session_once(
     shards: &Arc<ShardTable>,
     enforcer: &Arc<Enforcer>,
 ) -> Result<(), tonic::Status> {
-    let channel = Endpoint::from_shared(config.controller.clone())
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
+    // Read at each connect: a renewed certificate or token is used from the next session on.
+    let mut credentials = config.credentials.load().map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    if let (None, Some(token_file)) = (&credentials.cert, &config.credentials.bootstrap_token_file) {
+        credentials = bootstrap::node_credentials(
+            &config.controller,
+            credentials,
+            token_file,
+            &config.node_name,
+            &config.node_cert,
+        )
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    }
+    let channel = credentials
+        .connect(&config.controller, |endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(3))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let (tx, rx) = mpsc::channel(256);

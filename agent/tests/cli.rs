@@ -8,7 +8,12 @@ use std::process::{Command, Output};
 use common::AGENT;
 
 fn agent(args: &[&str]) -> Output {
-    Command::new(AGENT).args(args).env_remove("WATT_CONFIG").output().expect("run watt-agent")
+    Command::new(AGENT)
+        .args(args)
+        .env_remove("WATT_CONFIG")
+        .env_remove("WATT_CONTROLLER")
+        .output()
+        .expect("run watt-agent")
 }
 
 fn assert_usage_error(out: &Output, must_name: &[&str]) -> String {
@@ -107,4 +112,19 @@ fn check_config_validates_and_exits_zero() {
     // --check-config on a bad file fails the same way a start would.
     std::fs::write(&path, "sim_gpus = 0\n").unwrap();
     assert_usage_error(&agent(&["--config", path.to_str().unwrap(), "--check-config"]), &["--sim-gpus"]);
+}
+
+#[test]
+fn a_controller_session_without_credentials_or_with_half_of_them_is_rejected_by_name() {
+    let sim = ["--backend", "sim", "--controller"];
+    assert_usage_error(&agent(&[&sim[..], &["http://c:7070"]].concat()), &["--tls-cert", "--token-file"]);
+    assert_usage_error(&agent(&[&sim[..], &["https://c:7070", "--tls-cert", "n.pem"]].concat()), &["--tls-key"]);
+    assert_usage_error(
+        &agent(&[&sim[..], &["https://c:7070", "--tls-cert", "n.pem", "--tls-key", "k.pem"]].concat()),
+        &["--ca", "https://"],
+    );
+    assert_usage_error(
+        &agent(&[&sim[..], &["http://c:7070", "--ca", "ca.pem", "--token-file", "t"]].concat()),
+        &["--ca", "https://"],
+    );
 }

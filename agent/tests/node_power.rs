@@ -80,8 +80,22 @@ fn cpu_power_from_the_powercap_counters_and_the_configured_overhead_are_exported
 #[test]
 fn an_agent_that_never_reached_its_controller_says_so_and_dry_run_is_exported() {
     let nowhere = format!("http://127.0.0.1:{}", free_port());
-    let agent =
-        Agent::start(&["--backend", "sim", "--sim-gpus", "2", "--controller", &nowhere, "--enforce", "dry-run"]);
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "watt_0123\n").unwrap();
+    let token = token.to_str().unwrap();
+    let agent = Agent::start(&[
+        "--backend",
+        "sim",
+        "--sim-gpus",
+        "2",
+        "--controller",
+        &nowhere,
+        "--token-file",
+        token,
+        "--enforce",
+        "dry-run",
+    ]);
     std::thread::park_timeout(Duration::from_millis(500));
     let e = agent.scrape();
     let value = |name: &str| e.named(name).next().unwrap_or_else(|| panic!("no {name} in\n{}", e.text)).value;

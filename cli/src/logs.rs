@@ -11,18 +11,12 @@
 use std::io::Write;
 use std::time::Duration;
 
-use tonic::transport::Channel;
 use watt_proto::v1 as pb;
-use watt_proto::v1::control_service_client::ControlServiceClient;
 
-use crate::Failure;
+use crate::{Control, Failure};
 
 /// Where shard `shard` of `job` runs, or last ran: the agent's HTTP address.
-async fn locate(
-    client: &mut ControlServiceClient<Channel>,
-    job: &str,
-    shard: u32,
-) -> Result<(String, pb::Job), Failure> {
+async fn locate(client: &mut Control, job: &str, shard: u32) -> Result<(String, pb::Job), Failure> {
     let record = client.get_job(pb::GetJobRequest { name: job.to_string() }).await?.into_inner();
     let node = match record.shards.iter().find(|s| s.shard == shard) {
         Some(placement) => placement.node.clone(),
@@ -50,7 +44,7 @@ async fn locate(
 }
 
 /// The HTTP address of `node`'s agent.
-async fn agent_address(client: &mut ControlServiceClient<Channel>, node: &str) -> Result<String, Failure> {
+async fn agent_address(client: &mut Control, node: &str) -> Result<String, Failure> {
     let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
     nodes
         .iter()
@@ -62,11 +56,7 @@ async fn agent_address(client: &mut ControlServiceClient<Channel>, node: &str) -
 
 /// The last `lines` lines of each failed shard's log in `job`'s last run, for `describe job`.
 /// A log that cannot be read says why instead.
-pub async fn failed_tails(
-    client: &mut ControlServiceClient<Channel>,
-    job: &pb::Job,
-    lines: usize,
-) -> Vec<(u32, String)> {
+pub async fn failed_tails(client: &mut Control, job: &pb::Job, lines: usize) -> Vec<(u32, String)> {
     let name = job.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
     let mut out = Vec::new();
     for shard in job.last_run.iter().filter(|s| s.state == pb::ShardState::Failed as i32) {
@@ -120,12 +110,7 @@ fn fetch(address: &str, job: &str, shard: u32, offset: Option<u64>) -> Result<(V
     Ok((body, size, rotated))
 }
 
-pub async fn run(
-    client: &mut ControlServiceClient<Channel>,
-    job: &str,
-    shard: u32,
-    follow: bool,
-) -> Result<(), Failure> {
+pub async fn run(client: &mut Control, job: &str, shard: u32, follow: bool) -> Result<(), Failure> {
     let (address, _) = locate(client, job, shard).await?;
     let (a, j) = (address.clone(), job.to_string());
     let (body, size, _) = tokio::task::spawn_blocking(move || fetch(&a, &j, shard, None))

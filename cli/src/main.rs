@@ -4,6 +4,7 @@
 //! `views` module's shapes, not raw protobuf). A server error is one readable line and exit
 //! code 1; a usage error (bad flags, an unreadable file) is exit code 2.
 
+mod certs;
 mod logs;
 mod power;
 mod up;
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use tonic::transport::{Channel, Endpoint};
+use watt_common::client::{AuthedChannel, ClientError, Credentials};
 use watt_proto::v1 as pb;
 use watt_proto::v1::control_service_client::ControlServiceClient;
 use watt_proto::v1::power_service_client::PowerServiceClient;
@@ -27,6 +28,22 @@ struct Cli {
     /// The controller's gRPC address.
     #[arg(long, global = true, env = "WATT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
     controller: String,
+
+    /// The CA (PEM) that signed the controller's certificate (for an https:// controller).
+    #[arg(long, global = true, env = "WATT_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+
+    /// Your client certificate (PEM: CN = your name, O = watt:<role>), with --key.
+    #[arg(long, global = true, env = "WATT_CERT", value_name = "FILE")]
+    cert: Option<std::path::PathBuf>,
+
+    /// The private key of --cert (PEM).
+    #[arg(long, global = true, env = "WATT_KEY", value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
+
+    /// A bearer token, instead of a client certificate.
+    #[arg(long, global = true, env = "WATT_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
 
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
@@ -85,6 +102,11 @@ enum Command {
     /// Run a whole Watt cluster on this machine: a controller, agents with simulated GPUs,
     /// demo training jobs, and optionally a timeline of power events; Ctrl-C stops it.
     Up(up::UpArgs),
+    /// Make credentials: a certificate authority, certificates it signs, bearer tokens.
+    Certs {
+        #[command(subcommand)]
+        what: certs::Certs,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -164,35 +186,46 @@ fn report(failure: Failure) -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn channel(url: &str) -> Result<Channel, Failure> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| Failure::Usage(format!("--controller {url:?} is not a URL: {e}")))?
-        .connect_timeout(Duration::from_secs(5));
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::Server(format!("cannot reach the controller at {url}: {}", source_chain(&e))))
+/// The client API as wattctl calls it: every call carries its credentials.
+type Control = ControlServiceClient<AuthedChannel>;
+type PowerClient = PowerServiceClient<AuthedChannel>;
+
+/// A controller and the credentials to call it with.
+#[derive(Debug, Clone)]
+struct Target {
+    url: String,
+    credentials: Credentials,
 }
 
-async fn connect(url: &str) -> Result<ControlServiceClient<Channel>, Failure> {
-    // Allow large answers (thousands of jobs or nodes) and large manifests on the way up.
-    Ok(ControlServiceClient::new(channel(url).await?)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20))
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
+impl Target {
+    async fn channel(&self) -> Result<AuthedChannel, Failure> {
+        self.credentials.connect(&self.url, |endpoint| endpoint.connect_timeout(Duration::from_secs(5))).await.map_err(
+            |e| match e {
+                ClientError::Invalid { setting, message } => Failure::Usage(format!("--{setting} {message}")),
+                ClientError::Read { .. } => Failure::Usage(e.to_string()),
+                ClientError::Connect(message) => Failure::Server(message),
+            },
+        )
     }
-    text
+
+    async fn control(&self) -> Result<Control, Failure> {
+        // Allow large answers (thousands of jobs or nodes) and large manifests on the way up.
+        Ok(ControlServiceClient::new(self.channel().await?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    async fn power(&self) -> Result<PowerClient, Failure> {
+        Ok(PowerServiceClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let output = cli.output;
+    let target = Target {
+        url: cli.controller.clone(),
+        credentials: Credentials { ca: cli.ca, cert: cli.cert, key: cli.key, token: cli.token },
+    };
     match cli.command {
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "wattctl", &mut std::io::stdout());
@@ -200,13 +233,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Submit { file } => {
             let manifest = read_manifest(&file)?;
-            let mut client = connect(&cli.controller).await?;
+            let mut client = target.control().await?;
             let request = pb::SubmitJobRequest { source: Some(pb::submit_job_request::Source::Manifest(manifest)) };
             let job = JobView::from(client.submit_job(request).await?.into_inner());
             emit(output, &job, || format!("job {} submitted (sequence {}, {})\n", job.name, job.sequence, job.state))
         }
         Command::Jobs => {
-            let mut client = connect(&cli.controller).await?;
+            let mut client = target.control().await?;
             let jobs: Vec<JobView> = client
                 .list_jobs(pb::ListJobsRequest {})
                 .await?
@@ -218,7 +251,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(output, &jobs, || JobView::table(&jobs))
         }
         Command::Describe { what: Describe::Job { name } } => {
-            let mut client = connect(&cli.controller).await?;
+            let mut client = target.control().await?;
             let record = client.get_job(pb::GetJobRequest { name }).await?.into_inner();
             let tails = logs::failed_tails(&mut client, &record, 10).await;
             let mut job = JobView::from(record);
@@ -226,12 +259,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(output, &job, || job.describe())
         }
         Command::Cancel { name } => {
-            let mut client = connect(&cli.controller).await?;
+            let mut client = target.control().await?;
             let job = JobView::from(client.cancel_job(pb::CancelJobRequest { name }).await?.into_inner());
             emit(output, &job, || format!("job {} {}\n", job.name, job.state))
         }
         Command::Nodes => {
-            let mut client = connect(&cli.controller).await?;
+            let mut client = target.control().await?;
             let nodes: Vec<NodeView> = client
                 .list_nodes(pb::ListNodesRequest {})
                 .await?
@@ -243,19 +276,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(output, &nodes, || NodeView::table(&nodes))
         }
         Command::Gpus => {
-            let mut client = connect(&cli.controller).await?;
+            let mut client = target.control().await?;
             let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
             let gpus: Vec<GpuRow> = nodes.iter().flat_map(GpuRow::for_node).collect();
             emit(output, &gpus, || GpuRow::table(&gpus))
         }
-        Command::Power { what } => run_power(&cli.controller, output, what).await,
+        Command::Power { what } => run_power(&target, output, what).await,
+        Command::Certs { what } => certs::run(what, output),
         Command::Up(args) => up::run(args).await,
         Command::Logs { job, shard, follow } => {
-            let mut client = connect(&cli.controller).await?;
+            let mut client = target.control().await?;
             logs::run(&mut client, &job, shard, follow).await
         }
         Command::Events { follow } => {
-            let mut client = connect(&cli.controller).await?;
+            let mut client = target.control().await?;
             // Subscribe first so nothing falls between the history and the live stream.
             let live =
                 if follow { Some(client.watch_events(pb::WatchEventsRequest {}).await?.into_inner()) } else { None };
@@ -286,8 +320,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-async fn run_power(url: &str, output: Output, what: Power) -> Result<(), Failure> {
-    let mut client = PowerServiceClient::new(channel(url).await?).max_decoding_message_size(64 << 20);
+async fn run_power(target: &Target, output: Output, what: Power) -> Result<(), Failure> {
+    let mut client = target.power().await?;
     let status = match what {
         Power::Status => client.get_power_status(pb::GetPowerStatusRequest {}).await?,
         Power::SetSource { name, kind, available, ramp } => {

@@ -1,8 +1,11 @@
 //! `watt-common`: the little every Watt binary needs the same way — durations written as
 //! `250ms`/`10s` on the command line and in config files, TOML config files, logging set up
-//! once, and one shutdown signal.
+//! once, one shutdown signal, and the roles and certificates every part reads the same way.
 
+pub mod auth;
+pub mod client;
 pub mod curve;
+pub mod pki;
 
 pub mod names {
     //! The one rule for the names people give jobs and power sources: a DNS label, as

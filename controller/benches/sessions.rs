@@ -8,7 +8,9 @@
 //!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30] [--events 5]
 //!
 //! The controller runs as its own release process (the real binary); the generator shares the
-//! machine with it, so the controller's figures are read from /proc for its PID alone.
+//! machine with it, so the controller's figures are read from /proc for its PID alone. Each
+//! simulated agent proves its node's name with a bearer token of its own (a token file of N
+//! lines), as the controller admits no session without credentials.
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::disallowed_types)]
 
 use std::io::{Read, Write as _};
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_client::AgentServiceClient;
@@ -102,12 +105,45 @@ fn telemetry(i: usize) -> pb::AgentMessage {
 /// Sessions refused on a first try (the agent tried again, as the real one does).
 static RETRIES: AtomicU64 = AtomicU64::new(0);
 
+/// The bearer token of simulated agent `i` (and `None`'s: the bench's admin).
+fn token(i: Option<usize>) -> String {
+    match i {
+        Some(i) => format!("watt_bench_node_{i}"),
+        None => "watt_bench_admin".into(),
+    }
+}
+
+/// A token file naming every simulated agent, and an admin for the bench's own calls.
+fn token_file(dir: &std::path::Path, agents: usize) -> std::path::PathBuf {
+    use watt_common::auth::token_digest;
+    let mut text = format!("{},bench,admin\n", token_digest(&token(None)));
+    for i in 0..agents {
+        text.push_str(&format!("{},load-{i:06},node\n", token_digest(&token(Some(i)))));
+    }
+    let path = dir.join("tokens");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Calls on `channel` that carry `token`.
+fn with_token(
+    channel: Channel,
+    token: String,
+) -> InterceptedService<Channel, impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone> {
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    InterceptedService::new(channel, move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", value.clone());
+        Ok(request)
+    })
+}
+
 async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
     // Like the real agent: a refused or failed session is tried again after a jittered backoff.
     let (tx, mut inbound) = loop {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(register(i)).await.unwrap();
-        if let Ok(r) = AgentServiceClient::new(channel.clone()).session(ReceiverStream::new(rx)).await {
+        let client = AgentServiceClient::new(with_token(channel.clone(), token(Some(i))));
+        if let Ok(r) = client.clone().session(ReceiverStream::new(rx)).await {
             let mut inbound = r.into_inner();
             // The first answer is `Registered`.
             if let Ok(Some(_)) = inbound.message().await {
@@ -166,6 +202,8 @@ fn main() {
     let mut controller = Command::new(env!("CARGO_BIN_EXE_watt-controller"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .args(["--store", &format!("file:{}", dir.path().join("w.redb").display()), "--node-lease", "120s"])
+        .arg("--token-file")
+        .arg(token_file(dir.path(), agents))
         .env("WATT_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -241,12 +279,13 @@ fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16,
     let url = format!("http://127.0.0.1:{port}");
     let full = agents as f64 * 8.0 * 700.0 * 1.2;
     let (mut control, mut power) = runtime.block_on(async {
+        let channel = Endpoint::from_shared(url.clone()).unwrap().connect().await.unwrap();
         (
-            ControlServiceClient::connect(url.clone()).await.unwrap(),
-            PowerServiceClient::connect(url.clone()).await.unwrap(),
+            ControlServiceClient::new(with_token(channel.clone(), token(None))),
+            PowerServiceClient::new(with_token(channel, token(None))),
         )
     });
-    let set = |power: &mut PowerServiceClient<Channel>, watts: f64| {
+    let set = |power: &mut PowerServiceClient<_>, watts: f64| {
         let source = pb::PowerSource {
             name: "grid".into(),
             kind: pb::SourceKind::Grid as i32,

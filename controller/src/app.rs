@@ -2,6 +2,7 @@
 //! client API, health, reflection) + reconcile loop + metrics endpoint, with one shutdown path.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -12,12 +13,17 @@ use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_server::AgentServiceServer;
 use watt_proto::v1::control_service_server::ControlServiceServer;
 use watt_proto::v1::power_service_server::PowerServiceServer;
 
 use crate::api::{ControlApi, PowerApi, MAX_REQUEST_BYTES};
+use crate::auth::bootstrap::NodeSigner;
+use crate::auth::layer::AuthLayer;
+use crate::auth::tokens::TokenFile;
+use crate::auth::Authenticator;
 use crate::config::ControllerConfig;
 use crate::error::ControllerError;
 use crate::metrics::Metrics;
@@ -75,13 +81,38 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|source| ControllerError::Io { context: "cannot read the bound address", source })?;
-    tracing::info!(addr = %addr, store = %config.store, lease = %watt_common::duration::show(config.node_lease), "Serving gRPC.");
-    let grpc = tonic::transport::Server::builder()
+    let tokens = match &config.token_file {
+        Some(path) => {
+            let tokens = TokenFile::open(path)?;
+            tokio::spawn(tokens.clone().watch(wait_stop()));
+            Some(tokens)
+        }
+        None => None,
+    };
+    let auth = AuthLayer::new(Arc::new(Authenticator::new(tokens)), metrics.refused_calls.clone());
+    let signer = node_signer(&config, &controller)?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls(&config)? {
+        server = server.tls_config(tls).map_err(|e| ControllerError::Tls(e.to_string()))?;
+    }
+    if config.plain_text_off_loopback() {
+        metrics.insecure_listener.set(1);
+        tokio::spawn(warn_insecure(addr, wait_stop()));
+    }
+    tracing::info!(
+        addr = %addr,
+        tls = config.tls.is_some(),
+        store = %config.store,
+        lease = %watt_common::duration::show(config.node_lease),
+        "Serving gRPC."
+    );
+    let grpc = server
+        .layer(auth)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health)
         .add_service(reflection)
-        .add_service(AgentServiceServer::new(AgentSessions::new(controller.clone())))
+        .add_service(AgentServiceServer::new(AgentSessions::new(controller.clone(), signer)))
         .add_service(PowerServiceServer::new(PowerApi::new(controller.clone())))
         .add_service(
             ControlServiceServer::new(ControlApi::new(controller.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -109,6 +140,52 @@ pub async fn run(
     };
     let _ = tokio::time::timeout(DRAIN, metrics_server).await;
     served
+}
+
+/// The gRPC port's TLS: the controller's certificate, and the client CA when clients present
+/// certificates (optional in the handshake: people may bring bearer tokens instead).
+fn server_tls(config: &ControllerConfig) -> Result<Option<ServerTlsConfig>, ControllerError> {
+    let Some(files) = &config.tls else { return Ok(None) };
+    let read = |what, path| read_credential(what, path).map(String::into_bytes);
+    let mut tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read("the TLS certificate", &files.cert)?, read("the TLS key", &files.key)?));
+    if let Some(ca) = &config.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("the client CA", ca)?)).client_auth_optional(true);
+    }
+    Ok(Some(tls))
+}
+
+/// The signer of node certificates, when the controller has its client CA's key.
+fn node_signer(config: &ControllerConfig, controller: &Controller) -> Result<Option<Arc<NodeSigner>>, ControllerError> {
+    let (Some(ca), Some(key)) = (&config.client_ca, &config.client_ca_key) else { return Ok(None) };
+    let read = read_credential;
+    let authority = watt_common::pki::Authority::load(&read("the client CA", ca)?, &read("the client CA key", key)?)
+        .map_err(|e| ControllerError::Tls(e.to_string()))?;
+    Ok(Some(Arc::new(NodeSigner::new(authority, controller.store.clone()))))
+}
+
+/// A PEM file the controller needs to start, or an error naming what it is.
+fn read_credential(what: &'static str, path: &std::path::Path) -> Result<String, ControllerError> {
+    std::fs::read_to_string(path).map_err(|source| ControllerError::Credentials {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// An operator who chose plain text off loopback hears about it every minute.
+async fn warn_insecure(addr: std::net::SocketAddr, stop: impl Future<Output = ()>) {
+    let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = every_minute.tick() => tracing::warn!(
+                addr = %addr,
+                "Listening off loopback without TLS (--insecure): bearer tokens and job secrets cross the network in plain text."
+            ),
+            () = &mut stop => return,
+        }
+    }
 }
 
 async fn render_metrics(State(metrics): State<Metrics>) -> impl axum::response::IntoResponse {

@@ -24,9 +24,37 @@ pub struct Args {
     #[arg(long)]
     pub check_config: bool,
 
-    /// gRPC address for agents and clients [default: 0.0.0.0:7070].
+    /// gRPC address for agents and clients [default: 0.0.0.0:7070 with TLS, 127.0.0.1:7070 without].
     #[arg(long, env = "WATT_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+
+    /// The controller's TLS certificate (PEM), for its gRPC port. With --tls-key.
+    #[arg(long, env = "WATT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "WATT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA (PEM) that signs agents' and people's client certificates: a certificate's CN
+    /// names its principal and its O (watt:<role>) the role.
+    #[arg(long, env = "WATT_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+
+    /// The client CA's private key (PEM). With it the controller signs node certificates for
+    /// agents that bootstrap with a bootstrap token (as kubelets do).
+    #[arg(long, env = "WATT_CLIENT_CA_KEY", value_name = "FILE")]
+    pub client_ca_key: Option<PathBuf>,
+
+    /// Bearer tokens: lines of sha256:<digest>,<name>,<role> (`wattctl certs token` makes
+    /// them); read again when it changes.
+    #[arg(long, env = "WATT_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Allow listening off loopback without TLS. Tokens and job secrets then cross the
+    /// network in plain text; logged every minute and shown in metrics.
+    #[arg(long, env = "WATT_INSECURE")]
+    pub insecure: bool,
 
     /// Where jobs are stored: file:PATH (embedded, one controller) or
     /// etcd://HOST:PORT[,HOST:PORT...] [default: file:watt-controller.redb].
@@ -64,6 +92,12 @@ pub struct Args {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    pub client_ca_key: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub insecure: Option<bool>,
     pub store: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     #[serde(default, with = "watt_common::duration::option")]
@@ -80,6 +114,11 @@ pub struct FileConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControllerConfig {
     pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub client_ca: Option<PathBuf>,
+    pub client_ca_key: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub insecure: bool,
     pub store: String,
     pub metrics_addr: SocketAddr,
     pub node_lease: Duration,
@@ -87,6 +126,13 @@ pub struct ControllerConfig {
     pub regrow_after: Duration,
     pub settle_time: Duration,
     pub log_format: LogFormat,
+}
+
+/// A certificate and its key, both PEM files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +149,21 @@ impl Args {
             Some(path) => load(path)?,
             None => FileConfig::default(),
         };
+        let tls = match (self.tls_cert.clone().or(file.tls_cert), self.tls_key.clone().or(file.tls_key)) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("tls-key", "tls_key", "is required with --tls-cert".into())),
+            (None, Some(_)) => return Err(invalid("tls-cert", "tls_cert", "is required with --tls-key".into())),
+        };
+        // Plain text stays on this machine unless asked otherwise.
+        let default_listen = if tls.is_some() { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
         let config = ControllerConfig {
-            listen: self.listen.or(file.listen).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7070))),
+            listen: self.listen.or(file.listen).unwrap_or(SocketAddr::from((default_listen, 7070))),
+            tls,
+            client_ca: self.client_ca.clone().or(file.client_ca),
+            client_ca_key: self.client_ca_key.clone().or(file.client_ca_key),
+            token_file: self.token_file.clone().or(file.token_file),
+            insecure: self.insecure || file.insecure.unwrap_or(false),
             store: self.store.clone().or(file.store).unwrap_or_else(|| "file:watt-controller.redb".into()),
             metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9401))),
             node_lease: self.node_lease.or(file.node_lease).unwrap_or(Duration::from_secs(15)),
@@ -116,6 +175,10 @@ impl Args {
         config.validate()?;
         Ok(config)
     }
+}
+
+fn invalid(flag: &'static str, key: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid { flag, key, message }
 }
 
 fn load(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -161,7 +224,43 @@ impl ControllerConfig {
                 message: format!("must be between 100ms and 10m; got {}", show(self.settle_time)),
             });
         }
+        if self.client_ca.is_some() && self.tls.is_none() {
+            return Err(invalid(
+                "client-ca",
+                "client_ca",
+                "needs --tls-cert and --tls-key: client certificates are checked in the TLS handshake".into(),
+            ));
+        }
+        if self.client_ca_key.is_some() && self.client_ca.is_none() {
+            return Err(invalid(
+                "client-ca-key",
+                "client_ca_key",
+                "needs --client-ca: the certificate of the key".into(),
+            ));
+        }
+        if self.client_ca.is_none() && self.token_file.is_none() {
+            return Err(invalid(
+                "client-ca",
+                "client_ca",
+                "or --token-file is required: without either, no agent and no person could authenticate".into(),
+            ));
+        }
+        if self.tls.is_none() && !self.listen.ip().is_loopback() && !self.insecure {
+            return Err(invalid(
+                "listen",
+                "listen",
+                format!(
+                    "{} is off loopback and TLS is off: give --tls-cert and --tls-key, or --insecure to send tokens and job secrets in plain text",
+                    self.listen
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether the gRPC port listens off loopback in plain text (allowed only by `--insecure`).
+    pub fn plain_text_off_loopback(&self) -> bool {
+        self.tls.is_none() && !self.listen.ip().is_loopback()
     }
 
     pub fn settings(&self) -> Settings {

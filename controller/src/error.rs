@@ -16,13 +16,23 @@ pub enum ControllerError {
     Metrics(#[from] prometheus::Error),
     #[error("gRPC server failed: {0}")]
     Serve(String),
+    #[error("cannot read {what} {path}: {source}")]
+    Credentials { what: &'static str, path: String, source: std::io::Error },
+    #[error("TLS cannot be set up: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::tokens::TokenFileError),
 }
 
 impl ControllerError {
     /// 2 when the operator must change how the controller is started, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ControllerError::Config(_) | ControllerError::Store(StoreError::BadAddress(_)) => 2,
+            ControllerError::Config(_)
+            | ControllerError::Store(StoreError::BadAddress(_))
+            | ControllerError::Credentials { .. }
+            | ControllerError::Tls(_)
+            | ControllerError::Tokens(_) => 2,
             ControllerError::Store(_)
             | ControllerError::Listen { .. }
             | ControllerError::Io { .. }

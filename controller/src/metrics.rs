@@ -39,6 +39,10 @@ pub struct Metrics {
     pub unacknowledged_nodes: IntGauge,
     /// 1 while a power event is being carried out (see [`crate::power::acks::AckTracker`]).
     pub power_event_open: IntGauge,
+    /// 1 while the gRPC port listens off loopback in plain text (`--insecure`).
+    pub insecure_listener: IntGauge,
+    /// Calls refused, by gRPC code: `unauthenticated` or `permission_denied`.
+    pub refused_calls: IntCounterVec,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
@@ -154,6 +158,17 @@ impl Metrics {
             "watt_power_event_open",
             "1 while a power event's caps are still being ordered or acknowledged (increases waiting their turn included); 0 once every cap it moved is acknowledged.",
         )?;
+        let insecure_listener = IntGauge::new(
+            "watt_controller_insecure_listener",
+            "1 while the gRPC port listens off loopback without TLS (--insecure): credentials cross the network in plain text.",
+        )?;
+        let refused_calls = IntCounterVec::new(
+            Opts::new(
+                "watt_controller_refused_calls_total",
+                "gRPC calls refused before any service saw them, by code.",
+            ),
+            &["code"],
+        )?;
         let gauge = |(name, help): (&str, &str)| GaugeVec::new(Opts::new(name, help), &["job"]);
         let job_progress =
             [gauge(JOB_PROGRESS[0])?, gauge(JOB_PROGRESS[1])?, gauge(JOB_PROGRESS[2])?, gauge(JOB_PROGRESS[3])?];
@@ -200,6 +215,8 @@ impl Metrics {
         registry.register(Box::new(failsafe_nodes.clone()))?;
         registry.register(Box::new(unacknowledged_nodes.clone()))?;
         registry.register(Box::new(power_event_open.clone()))?;
+        registry.register(Box::new(insecure_listener.clone()))?;
+        registry.register(Box::new(refused_calls.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
@@ -226,6 +243,8 @@ impl Metrics {
             failsafe_nodes,
             unacknowledged_nodes,
             power_event_open,
+            insecure_listener,
+            refused_calls,
             job_progress,
             job_shards,
             job_cap,

@@ -13,9 +13,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use watt_common::auth::Role;
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_message::Body;
 
+use crate::auth::bootstrap::NodeSigner;
+use crate::auth::Principal;
 use crate::reconcile::{unix_ms, Controller};
 use crate::registry::{AckEffect, Heard};
 
@@ -26,11 +29,13 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct AgentSessions {
     controller: Arc<Controller>,
+    /// Signs node certificates, when the controller holds its client CA's key.
+    signer: Option<Arc<NodeSigner>>,
 }
 
 impl AgentSessions {
-    pub fn new(controller: Arc<Controller>) -> Self {
-        AgentSessions { controller }
+    pub fn new(controller: Arc<Controller>, signer: Option<Arc<NodeSigner>>) -> Self {
+        AgentSessions { controller, signer }
     }
 }
 
@@ -38,17 +43,21 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field} {message}"))
 }
 
+/// The rule for node names (they come from hostnames and certificates): 1 to 253 of
+/// `[A-Za-z0-9-._]`. `field` names the field in the error.
+pub fn validate_node_name(field: &str, name: &str) -> Result<(), Status> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !name_ok {
+        return Err(invalid(field, format!("must be 1 to 253 of [A-Za-z0-9-._] (got {name:?})")));
+    }
+    Ok(())
+}
+
 /// Check a registration before anything of it is used.
 pub fn validate_register(r: &pb::Register) -> Result<(), Status> {
-    let name_ok = !r.node_name.is_empty()
-        && r.node_name.len() <= 253
-        && r.node_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !name_ok {
-        return Err(invalid(
-            "register.node_name",
-            format!("must be 1 to 253 of [A-Za-z0-9-._] (got {:?})", r.node_name),
-        ));
-    }
+    validate_node_name("register.node_name", &r.node_name)?;
     if r.gpus.len() > 1024 {
         return Err(invalid("register.gpus", format!("lists {} GPUs; the limit is 1024", r.gpus.len())));
     }
@@ -71,6 +80,18 @@ pub fn validate_register(r: &pb::Register) -> Result<(), Status> {
         return Err(invalid("register.non_gpu_power_watts", format!("must be ≥ 0 (got {})", r.non_gpu_power_watts)));
     }
     Ok(())
+}
+
+/// A session may register only the node its credentials name: no agent takes over another
+/// node's session, its shard orders or their environments.
+pub fn check_identity(identity: Option<&Principal>, node_name: &str) -> Result<(), Status> {
+    match identity {
+        Some(p) if p.role == Role::Node && p.name == node_name => Ok(()),
+        Some(p) => Err(Status::permission_denied(format!(
+            "{p} may not register node {node_name:?}: a node's name comes from its credentials"
+        ))),
+        None => Err(Status::unauthenticated("no credentials: a node registers with its node certificate or token")),
+    }
 }
 
 fn validate_shard_status(s: &pb::ShardStatus) -> Result<pb::ShardState, Status> {
@@ -104,11 +125,33 @@ fn validate_progress(p: &pb::ShardProgress) -> Result<(), Status> {
 impl pb::agent_service_server::AgentService for AgentSessions {
     type SessionStream = BoxStream<'static, Result<pb::ControllerMessage, Status>>;
 
+    async fn bootstrap(
+        &self,
+        request: Request<pb::BootstrapRequest>,
+    ) -> Result<Response<pb::BootstrapResponse>, Status> {
+        let principal = request
+            .extensions()
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no credentials: bootstrap with a bootstrap token"))?;
+        let Some(signer) = &self.signer else {
+            return Err(Status::failed_precondition(
+                "this controller signs no node certificates: start it with --client-ca-key",
+            ));
+        };
+        let answer = signer.sign(&principal, request.get_ref(), unix_ms()).await?;
+        let node = &request.get_ref().node_name;
+        self.controller.emit("node", node, "certificate-issued", format!("node certificate issued to {principal}"));
+        Ok(Response::new(answer))
+    }
+
     async fn session(
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let address = request.remote_addr().map(|a| a.ip());
+        // The auth layer let only a node's principal through; its name is the node's.
+        let identity = request.extensions().get::<Principal>().cloned();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -118,6 +161,7 @@ impl pb::agent_service_server::AgentService for AgentSessions {
             return Err(invalid("body", "of the first message of a session must be register"));
         };
         validate_register(&register)?;
+        check_identity(identity.as_ref(), &register.node_name)?;
         for (i, s) in register.shards.iter().enumerate() {
             validate_shard_status(s).map_err(|e| invalid(&format!("register.shards[{i}]"), e.message()))?;
         }
@@ -266,5 +310,25 @@ async fn serve_inbound(
             Some(Body::Register(_)) => return Err(invalid("body", "register may only be the first message")),
             None => return Err(invalid("body", "is required")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Credential;
+
+    #[test]
+    fn a_node_registers_only_under_its_own_name() {
+        let node = |name: &str, role| Principal { name: name.into(), role, credential: Credential::Certificate };
+        assert!(check_identity(Some(&node("n1", Role::Node)), "n1").is_ok());
+        let hijack = check_identity(Some(&node("n2", Role::Node)), "n1").unwrap_err();
+        assert_eq!(hijack.code(), tonic::Code::PermissionDenied);
+        assert!(hijack.message().contains("n2 (node) may not register node \"n1\""), "{}", hijack.message());
+        assert_eq!(
+            check_identity(Some(&node("n1", Role::Admin)), "n1").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(check_identity(None, "n1").unwrap_err().code(), tonic::Code::Unauthenticated);
     }
 }

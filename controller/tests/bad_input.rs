@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use tonic::Code;
+use watt_common::client::AuthedChannel;
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_client::AgentServiceClient;
 use watt_proto::v1::control_service_client::ControlServiceClient;
@@ -12,8 +13,11 @@ use watt_system_tests::*;
 const GOOD: &str =
     "name: keep\npriority: 1\nshards: {min: 1, max: 1}\ngpus_per_shard: 2\ncommand: [python, train.py]\n";
 
-async fn client(url: &str) -> ControlServiceClient<tonic::transport::Channel> {
-    ControlServiceClient::connect(url.to_string()).await.unwrap().max_encoding_message_size(64 << 20)
+type Client = ControlServiceClient<AuthedChannel>;
+
+async fn client(url: &str) -> Client {
+    let channel = credentials(Some(&TestPki::get().admin())).connect(url, |e| e).await.unwrap();
+    ControlServiceClient::new(channel).max_encoding_message_size(64 << 20)
 }
 
 fn manifest(text: String) -> pb::SubmitJobRequest {
@@ -21,7 +25,7 @@ fn manifest(text: String) -> pb::SubmitJobRequest {
 }
 
 /// (name, sequence, priority) of every job.
-async fn job_names(c: &mut ControlServiceClient<tonic::transport::Channel>) -> Vec<(String, u64, i64)> {
+async fn job_names(c: &mut Client) -> Vec<(String, u64, i64)> {
     let jobs = c.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
     jobs.into_iter()
         .map(|j| {
@@ -104,8 +108,9 @@ async fn bad_requests_are_refused_by_field_and_change_nothing() {
     assert_eq!(job_names(&mut c).await, baseline, "no refused request changed the job list");
 }
 
-async fn open_session(url: &str, first: pb::AgentMessage) -> tonic::Status {
-    let mut agent = AgentServiceClient::connect(url.to_string()).await.unwrap();
+/// Open a session as node `n1` (or with no certificate) and send `first`; the status it ends with.
+async fn open_session(url: &str, cert: Option<&CertFiles>, first: pb::AgentMessage) -> tonic::Status {
+    let mut agent = AgentServiceClient::new(credentials(cert).connect(url, |e| e).await.unwrap());
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(first).await.unwrap();
     let result = agent.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
@@ -159,11 +164,21 @@ async fn bad_agent_messages_end_the_session_by_field_and_register_nothing() {
             "body of the first message of a session must be register",
         ),
     ];
+    let n1 = TestPki::get().client("n1", "node");
     for (first, want) in cases {
-        let status = open_session(&controller.url, first).await;
+        let status = open_session(&controller.url, Some(&n1), first).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{want}: {status:?}");
         assert!(status.message().starts_with(want), "want {want:?}, got {:?}", status.message());
     }
+    // A good registration under another node's name, or with no credentials, or with a
+    // person's certificate, is refused before anything of it is used.
+    let hijack = open_session(&controller.url, Some(&n1), register("n2", vec![gpu(0, 200.0, 700.0)])).await;
+    assert_eq!(hijack.code(), Code::PermissionDenied, "{hijack:?}");
+    assert!(hijack.message().contains("may not register node \"n2\""), "{hijack:?}");
+    let anonymous = open_session(&controller.url, None, register("n1", vec![gpu(0, 200.0, 700.0)])).await;
+    assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
+    let admin = open_session(&controller.url, Some(&TestPki::get().admin()), register("n1", vec![])).await;
+    assert_eq!(admin.code(), Code::PermissionDenied, "{admin:?}");
     let nodes = wattctl_json(&controller.url, &["nodes"]);
     assert!(nodes.as_array().unwrap().is_empty(), "no bad registration was kept: {nodes}");
 }

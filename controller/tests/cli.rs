@@ -4,7 +4,13 @@
 use std::process::{Command, Output};
 
 fn controller(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_watt-controller")).args(args).env_remove("WATT_CONFIG").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_watt-controller"))
+        .args(args)
+        .env_remove("WATT_CONFIG")
+        .env_remove("WATT_TOKEN_FILE")
+        .env_remove("WATT_CLIENT_CA")
+        .output()
+        .unwrap()
 }
 
 fn usage_error(out: &Output, needles: &[&str]) {
@@ -21,6 +27,17 @@ fn bad_flags_and_files_are_refused_by_name() {
     usage_error(&controller(&["--node-lease", "0s"]), &["--node-lease"]);
     usage_error(&controller(&["--reconcile-interval", "soon"]), &["--reconcile-interval"]);
     usage_error(&controller(&["--listen", "nowhere"]), &["--listen"]);
+    // Nobody could authenticate; plain text off loopback; half a TLS pair.
+    usage_error(&controller(&["--check-config"]), &["--client-ca", "--token-file"]);
+    let tokens = ["--token-file", "/etc/watt/tokens"];
+    usage_error(
+        &controller(&[&tokens[..], &["--listen", "0.0.0.0:7070", "--check-config"]].concat()),
+        &["--listen", "--insecure"],
+    );
+    usage_error(&controller(&[&tokens[..], &["--tls-cert", "c.pem", "--check-config"]].concat()), &["--tls-key"]);
+    usage_error(&controller(&["--client-ca", "ca.pem", "--check-config"]), &["--client-ca", "--tls-cert"]);
+    let insecure = controller(&[&tokens[..], &["--listen", "0.0.0.0:7070", "--insecure", "--check-config"]].concat());
+    assert_eq!(insecure.status.code(), Some(0), "{}", String::from_utf8_lossy(&insecure.stderr));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("controller.toml");
     std::fs::write(&path, "listen = \"127.0.0.1:7070\"\nstorage = \"file:x\"\n").unwrap();
@@ -31,7 +48,11 @@ fn bad_flags_and_files_are_refused_by_name() {
 fn check_config_validates_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("controller.toml");
-    std::fs::write(&path, "store = \"etcd://10.0.0.1:2379,10.0.0.2:2379\"\nnode_lease = \"20s\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "store = \"etcd://10.0.0.1:2379,10.0.0.2:2379\"\nnode_lease = \"20s\"\ntoken_file = \"/etc/watt/tokens\"\n",
+    )
+    .unwrap();
     let out = controller(&["--config", path.to_str().unwrap(), "--check-config"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

@@ -62,7 +62,7 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
     assert!(container["securityContext"]["capabilities"]["add"].is_null());
     let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
     assert!(
-        args.contains(&"--enforce=dry-run") && args.contains(&"--controller=http://watt-controller:7070"),
+        args.contains(&"--enforce=dry-run") && args.contains(&"--controller=https://watt-controller:7070"),
         "{args:?}"
     );
     assert!(args.contains(&"--node-overhead=0"), "{args:?}");
@@ -94,6 +94,16 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
     );
     let test = find(&docs, "Pod", "watt-test-controller");
     assert_eq!(test["metadata"]["annotations"]["helm.sh/hook"], "test");
+    // TLS and credentials everywhere: the agent bootstraps, the controller holds the CA's key,
+    // helm test brings a token; the gRPC port is narrowed by a NetworkPolicy.
+    assert!(args.iter().any(|a| a.starts_with("--bootstrap-token-file=")), "{args:?}");
+    let controller_args = format!("{:?}", controller["spec"]["template"]["spec"]["containers"][0]["args"]);
+    for flag in ["--tls-cert=", "--client-ca=", "--client-ca-key=", "--token-file="] {
+        assert!(controller_args.contains(flag), "{flag} in {controller_args}");
+    }
+    assert_eq!(test["spec"]["containers"][0]["env"][0]["name"], "WATT_TOKEN");
+    let policy = find(&docs, "NetworkPolicy", "watt-controller");
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], 7070);
 
     let off = documents(&render("deploy-tests/values/enforcement-off.yaml"));
     let security =
@@ -121,6 +131,10 @@ fn bad_values_are_refused_at_install_naming_the_value() {
         ("agent.stateDir=relative/path", "/agent/stateDir"),
         ("agent.nodeOverhead=-5", "/agent/nodeOverhead"),
         ("agent.typo=1", "typo"),
+        // What would weaken TLS or node identity needs insecure: true.
+        ("controller.extraArgs={--insecure}", "/controller/extraArgs"),
+        ("agent.extraArgs={--token-file=/t}", "/agent/extraArgs"),
+        ("controller.extraTokens={sha256:00,x,node}", "/controller/extraTokens/0"),
     ] {
         let (ok, _, err) = helm_template(&["--set", set]);
         assert!(!ok, "--set {set} was accepted");

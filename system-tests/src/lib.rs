@@ -167,6 +167,95 @@ pub fn which(tool: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
+/// The tests' certificate authority, made once per test process as an operator would with
+/// `wattctl certs`: the controller's certificate, an admin's, and one per node or person asked
+/// for. Every controller the helpers start serves TLS with it; every agent and wattctl call
+/// presents one of its certificates.
+pub struct TestPki {
+    pub dir: PathBuf,
+    authority: watt_common::pki::Authority,
+    issued: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// A certificate and key as files.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    /// The process's authority (made on first use).
+    pub fn get() -> &'static TestPki {
+        static PKI: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+        PKI.get_or_init(|| {
+            use watt_common::pki::{Authority, AUTHORITY_VALIDITY};
+            let dir = std::env::temp_dir().join(format!("watt-test-pki-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let authority = Authority::generate("watt test CA", AUTHORITY_VALIDITY).unwrap();
+            std::fs::write(dir.join("ca.pem"), authority.cert_pem()).unwrap();
+            watt_common::pki::write_private(&dir.join("ca-key.pem"), authority.key_pem()).unwrap();
+            let pki = TestPki { dir, authority, issued: Default::default() };
+            let server = pki
+                .authority
+                .issue_server(&["127.0.0.1".into(), "localhost".into()], Duration::from_secs(86400))
+                .unwrap();
+            pki.write("controller", &server);
+            pki
+        })
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The authority's key: a controller given it signs node certificates (bootstrap).
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+
+    /// The controller's serving certificate.
+    pub fn server(&self) -> CertFiles {
+        self.files("controller")
+    }
+
+    /// A client certificate for `name` with `role` (one of watt's role names), made once.
+    pub fn client(&self, name: &str, role: &str) -> CertFiles {
+        let stem = format!("{role}-{name}");
+        let mut issued = self.issued.lock().unwrap();
+        if issued.insert(stem.clone()) {
+            let role = role.parse().unwrap();
+            let cert = self.authority.issue_client(name, role, Duration::from_secs(86400)).unwrap();
+            self.write(&stem, &cert);
+        }
+        self.files(&stem)
+    }
+
+    pub fn admin(&self) -> CertFiles {
+        self.client("admin", "admin")
+    }
+
+    fn files(&self, stem: &str) -> CertFiles {
+        CertFiles { cert: self.dir.join(format!("{stem}.pem")), key: self.dir.join(format!("{stem}-key.pem")) }
+    }
+
+    fn write(&self, stem: &str, issued: &watt_common::pki::Issued) {
+        let files = self.files(stem);
+        watt_common::pki::write_private(&files.key, &issued.key_pem).unwrap();
+        std::fs::write(&files.cert, &issued.cert_pem).unwrap();
+    }
+}
+
+/// The credentials a test client presents to an https:// controller: the tests' CA and `cert`.
+pub fn credentials(cert: Option<&CertFiles>) -> watt_common::client::Credentials {
+    watt_common::client::Credentials {
+        ca: Some(TestPki::get().ca()),
+        cert: cert.map(|c| c.cert.clone()),
+        key: cert.map(|c| c.key.clone()),
+        token: None,
+    }
+}
+
 /// A running controller and its gRPC URL.
 pub struct ControllerProc {
     pub proc: Proc,
@@ -176,7 +265,8 @@ pub struct ControllerProc {
 }
 
 impl ControllerProc {
-    /// Start on `port` (0: a free one) with `store` (`file:...` or `etcd://...`).
+    /// Start on `port` (0: a free one) with `store` (`file:...` or `etcd://...`), serving TLS
+    /// with the tests' authority (unless `extra` sets its own `--tls-cert`, or `--insecure`).
     /// Ports it picks itself may be taken by another test between the pick and the bind: it then
     /// tries again with new ones.
     pub fn start(store: &str, port: u16, extra: &[&str]) -> ControllerProc {
@@ -192,9 +282,23 @@ impl ControllerProc {
             ])
             .args(["--store", store])
             .args(extra);
+            let tls = !extra.iter().any(|a| a.starts_with("--tls-cert") || *a == "--insecure");
+            if tls {
+                let pki = TestPki::get();
+                let server = pki.server();
+                cmd.arg("--tls-cert")
+                    .arg(server.cert)
+                    .arg("--tls-key")
+                    .arg(server.key)
+                    .arg("--client-ca")
+                    .arg(pki.ca());
+            }
+            let scheme = if tls || extra.iter().any(|a| a.starts_with("--tls-cert")) { "https" } else { "http" };
             let proc = Proc::spawn("controller", cmd);
             match proc.try_wait_line("Serving gRPC.", Duration::from_secs(30)) {
-                Ok(_) => return ControllerProc { proc, url: format!("http://127.0.0.1:{port}"), port, metrics_port },
+                Ok(_) => {
+                    return ControllerProc { proc, url: format!("{scheme}://127.0.0.1:{port}"), port, metrics_port }
+                }
                 Err(why) if attempt < 3 => eprintln!("controller did not start ({why}); trying other ports"),
                 Err(why) => panic!("controller did not log \"Serving gRPC.\" in 3 attempts: {why}"),
             }
@@ -218,10 +322,18 @@ pub fn agent(controller: &str, node: &str, gpus: u32) -> Proc {
     agent_with(controller, node, gpus, &[])
 }
 
-/// The same, with more flags (`--enforce dry-run`, `--node-overhead 150`, …).
+/// The same, with more flags (`--enforce dry-run`, `--node-overhead 150`, …). Against an
+/// https:// controller it presents the node's own certificate, unless `extra` brings credentials.
 pub fn agent_with(controller: &str, node: &str, gpus: u32, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("watt-agent"));
     cmd.args(extra);
+    let own_credentials =
+        extra.iter().any(|a| ["--ca", "--tls-cert", "--token-file", "--bootstrap-token-file"].contains(a));
+    if controller.starts_with("https://") && !own_credentials {
+        let pki = TestPki::get();
+        let cert = pki.client(node, "node");
+        cmd.arg("--ca").arg(pki.ca()).arg("--tls-cert").arg(cert.cert).arg("--tls-key").arg(cert.key);
+    }
     if !extra.contains(&"--metrics-addr") {
         cmd.args(["--metrics-addr", "127.0.0.1:0"]);
     }
@@ -231,7 +343,9 @@ pub fn agent_with(controller: &str, node: &str, gpus: u32, extra: &[&str]) -> Pr
         "--controller",
         controller,
     ]);
-    cmd.arg("--state-dir").arg(state_dir(node));
+    if !extra.contains(&"--state-dir") {
+        cmd.arg("--state-dir").arg(state_dir(node));
+    }
     Proc::spawn(node, cmd)
 }
 
@@ -269,9 +383,26 @@ pub fn state_dir(node: &str) -> std::path::PathBuf {
 /// A job's command that runs until it is stopped, for tests about placement and power.
 pub const IDLE_COMMAND: &str = "[sleep, '3600']";
 
-/// Run wattctl against `controller`.
+/// Run wattctl against `controller`, as an admin when it serves TLS.
 pub fn wattctl(controller: &str, args: &[&str]) -> Output {
-    Command::new(bin("wattctl")).arg("--controller").arg(controller).args(args).output().unwrap()
+    let pki = TestPki::get();
+    wattctl_as(controller, controller.starts_with("https://").then(|| pki.admin()).as_ref(), args)
+}
+
+/// Run wattctl against `controller` with a client certificate (or none).
+pub fn wattctl_as(controller: &str, cert: Option<&CertFiles>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("wattctl"));
+    cmd.arg("--controller").arg(controller).args(args);
+    for var in ["WATT_CA", "WATT_CERT", "WATT_KEY", "WATT_TOKEN", "WATT_CONTROLLER"] {
+        cmd.env_remove(var);
+    }
+    if controller.starts_with("https://") {
+        cmd.arg("--ca").arg(TestPki::get().ca());
+    }
+    if let Some(cert) = cert {
+        cmd.arg("--cert").arg(&cert.cert).arg("--key").arg(&cert.key);
+    }
+    cmd.output().unwrap()
 }
 
 /// `wattctl -o json ARGS`, parsed.

@@ -3,7 +3,6 @@
 // Real processes on the real clock: std's Instant.
 #![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -26,17 +25,7 @@ fn settled(url: &str, what: &str) -> Value {
 }
 
 fn agent_with_failsafe(url: &str, node: &str) -> Proc {
-    let mut cmd = Command::new(bin("watt-agent"));
-    cmd.args(["--backend", "sim", "--sim-gpus", "8", "--node-name", node, "--metrics-addr", "127.0.0.1:0"]).args([
-        "--sample-interval",
-        "200ms",
-        "--controller",
-        url,
-        "--failsafe-after",
-        "2s",
-    ]);
-    cmd.arg("--state-dir").arg(state_dir(node));
-    Proc::spawn(node, cmd)
+    agent_with(url, node, 8, &["--failsafe-after", "2s"])
 }
 
 #[test]

@@ -17,10 +17,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use watt_proto::v1 as pb;
-use watt_proto::v1::control_service_client::ControlServiceClient;
-use watt_proto::v1::power_service_client::PowerServiceClient;
 
 pub use scenario::Scenario;
 use view::{Sample, Summary};
@@ -140,7 +137,7 @@ fn demo_jobs(args: &UpArgs, worker: &Path, dir: &Path) -> Vec<serde_json::Value>
         .collect()
 }
 
-async fn set_source(power: &mut PowerServiceClient<Channel>, s: &scenario::Source) -> Result<(), Failure> {
+async fn set_source(power: &mut crate::PowerClient, s: &scenario::Source) -> Result<(), Failure> {
     let source = pb::PowerSource {
         name: s.name.clone(),
         kind: s.kind as i32,
@@ -241,8 +238,8 @@ impl Stop {
 
 /// What [`start`] leaves for [`play`]: the controller's clients and the sources set.
 struct Running {
-    control: ControlServiceClient<Channel>,
-    power: PowerServiceClient<Channel>,
+    control: crate::Control,
+    power: crate::PowerClient,
     sources: Vec<scenario::Source>,
 }
 
@@ -256,9 +253,13 @@ async fn start(
     procs: &mut Vec<Proc>,
 ) -> Result<Running, Failure> {
     let (grpc, metrics) = (free_port()?, free_port()?);
-    let url = format!("http://127.0.0.1:{grpc}");
+    let pki = dir.join("pki");
+    let target = local_credentials(&pki, args.nodes, grpc)?;
     let controller_args: Vec<String> = [
         format!("--listen=127.0.0.1:{grpc}"),
+        format!("--tls-cert={}", pki.join("controller.pem").display()),
+        format!("--tls-key={}", pki.join("controller-key.pem").display()),
+        format!("--client-ca={}", pki.join("ca.pem").display()),
         format!("--metrics-addr=127.0.0.1:{metrics}"),
         format!("--store=file:{}", dir.join("controller.redb").display()),
         "--reconcile-interval=200ms".into(),
@@ -267,8 +268,15 @@ async fn start(
     ]
     .into();
     procs.push(Proc::spawn("controller", controller_bin, &controller_args, &dir.join("controller.log"))?);
-    let mut control = connect_with_retry(&url).await?;
-    let mut power = PowerServiceClient::new(crate::channel(&url).await?);
+    let mut control = connect_with_retry(&target).await?;
+    let mut power = target.power().await?;
+    eprintln_now(&format!(
+        "controller at {url}; from another shell: wattctl --controller {url} --ca {ca} --cert {cert} --key {key} jobs",
+        url = target.url,
+        ca = pki.join("ca.pem").display(),
+        cert = pki.join("admin.pem").display(),
+        key = pki.join("admin-key.pem").display(),
+    ));
 
     let mut agent_ports = Vec::new();
     for i in 1..=args.nodes {
@@ -283,7 +291,10 @@ async fn start(
             format!("--node-name=node-{i}"),
             format!("--metrics-addr=127.0.0.1:{port}"),
             "--sample-interval=500ms".into(),
-            format!("--controller={url}"),
+            format!("--controller={}", target.url),
+            format!("--ca={}", pki.join("ca.pem").display()),
+            format!("--tls-cert={}", pki.join(format!("node-{i}.pem")).display()),
+            format!("--tls-key={}", pki.join(format!("node-{i}-key.pem")).display()),
             "--failsafe-after=5s".into(),
             "--stop-grace=10s".into(),
             format!("--state-dir={}", state.display()),
@@ -431,10 +442,30 @@ async fn play(
     Ok(summary)
 }
 
-async fn connect_with_retry(url: &str) -> Result<ControlServiceClient<Channel>, Failure> {
+/// A certificate authority of this cluster's own in `pki` (`wattctl certs init`): the
+/// controller's certificate, one per node and an admin's, which `up` itself calls the controller
+/// with.
+fn local_credentials(pki: &Path, nodes: u32, grpc: u16) -> Result<crate::Target, Failure> {
+    use watt_common::auth::Role;
+    crate::certs::init(pki, &["127.0.0.1".to_string(), "localhost".to_string()])?;
+    for i in 1..=nodes {
+        crate::certs::issue(pki, &format!("node-{i}"), Role::Node)?;
+    }
+    Ok(crate::Target {
+        url: format!("https://127.0.0.1:{grpc}"),
+        credentials: watt_common::client::Credentials {
+            ca: Some(pki.join("ca.pem")),
+            cert: Some(pki.join("admin.pem")),
+            key: Some(pki.join("admin-key.pem")),
+            token: None,
+        },
+    })
+}
+
+async fn connect_with_retry(target: &crate::Target) -> Result<crate::Control, Failure> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match crate::connect(url).await {
+        match target.control().await {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

@@ -26,5 +26,5 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "watt.controllerAddress" -}}
-{{- printf "http://%s-controller:%d" (include "watt.fullname" .) (int .Values.controller.grpcPort) -}}
+{{- printf "https://%s-controller:%d" (include "watt.fullname" .) (int .Values.controller.grpcPort) -}}
 {{- end -}}

@@ -1,0 +1,187 @@
+//! Trust end to end: who may call what, and which agent may be which node. A controller serving
+//! TLS with the tests' authority, agents presenting node certificates (or bootstrapping one),
+//! and `wattctl` with people's certificates and tokens — each refusal with the code and the words
+//! an operator needs.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use watt_common::auth::{token_digest, Role};
+use watt_system_tests::*;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn store(dir: &tempfile::TempDir) -> String {
+    format!("file:{}", dir.path().join("w.redb").display())
+}
+
+#[test]
+fn each_role_does_its_job_and_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let viewer_token = watt_common::auth::new_token();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{},tess,{}\n", token_digest(&viewer_token), Role::Viewer)).unwrap();
+    let controller = ControllerProc::start(&store(&dir), 0, &["--token-file", tokens.to_str().unwrap()]);
+    let _agent = agent(&controller.url, "node-1", 8);
+    let url = &controller.url;
+    let pki = TestPki::get();
+    let (viewer, submitter, operator) =
+        (pki.client("vic", "viewer"), pki.client("sam", "submitter"), pki.client("pat", "power-operator"));
+    let job = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(job.path(), job_manifest("mine", 1, 1, 1, 1)).unwrap();
+    let job = job.path().to_str().unwrap();
+
+    // No credentials at all: refused, saying what is missing.
+    let anonymous = wattctl_as(url, None, &["jobs"]);
+    assert_eq!(anonymous.status.code(), Some(1), "{}", stderr(&anonymous));
+    assert!(stderr(&anonymous).contains("no credentials"), "{}", stderr(&anonymous));
+
+    // A viewer reads, and may not submit or touch power.
+    assert!(wattctl_as(url, Some(&viewer), &["jobs"]).status.success());
+    let submit = wattctl_as(url, Some(&viewer), &["submit", "-f", job]);
+    assert_eq!(submit.status.code(), Some(1));
+    assert!(
+        stderr(&submit).contains("vic (viewer) may not call /watt.v1.ControlService/SubmitJob"),
+        "{}",
+        stderr(&submit)
+    );
+    let cut = wattctl_as(url, Some(&viewer), &["power", "set-source", "grid", "--kind", "grid", "--available", "0"]);
+    assert!(stderr(&cut).contains("needs the power-operator role"), "{}", stderr(&cut));
+
+    // A submitter submits and may not touch power; a power operator the other way round.
+    assert!(wattctl_as(url, Some(&submitter), &["submit", "-f", job]).status.success());
+    let cut = wattctl_as(url, Some(&submitter), &["power", "set-source", "grid", "--kind", "grid", "--available", "0"]);
+    assert_eq!(cut.status.code(), Some(1));
+    assert!(stderr(&cut).contains("sam (submitter) may not call"), "{}", stderr(&cut));
+    let set =
+        wattctl_as(url, Some(&operator), &["power", "set-source", "grid", "--kind", "grid", "--available", "50kW"]);
+    assert!(set.status.success(), "{}", stderr(&set));
+    let cancel = wattctl_as(url, Some(&operator), &["cancel", "mine"]);
+    assert!(stderr(&cancel).contains("needs the submitter role"), "{}", stderr(&cancel));
+
+    // A node's certificate is for its session only.
+    let node = pki.client("node-1", "node");
+    assert!(stderr(&wattctl_as(url, Some(&node), &["jobs"])).contains("node-1 (node) may not call"));
+
+    // A bearer token from the token file, and one that is not in it.
+    let mut with_token = std::process::Command::new(bin("wattctl"));
+    with_token.args(["--controller", url, "--ca"]).arg(pki.ca()).args(["--token", &viewer_token, "jobs"]);
+    let out = with_token.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut forged = std::process::Command::new(bin("wattctl"));
+    forged.args(["--controller", url, "--ca"]).arg(pki.ca()).args(["--token", "watt_forged", "jobs"]);
+    let out = forged.output().unwrap();
+    assert!(stderr(&out).contains("not in the controller's token file"), "{}", stderr(&out));
+
+    // Refusals are counted by code.
+    let metrics = controller.metrics();
+    for code in ["unauthenticated", "permission_denied"] {
+        let counted = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("watt_controller_refused_calls_total{{code=\"{code}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(counted >= 1.0, "{code}: {metrics}");
+    }
+    // Only the submitter's job exists: no refused call changed anything.
+    let names: Vec<String> = jobs(url).into_keys().collect();
+    assert_eq!(names, vec!["mine".to_string()]);
+}
+
+#[test]
+fn an_agent_with_another_nodes_certificate_is_refused_and_gets_no_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, _agents) = local_cluster(dir.path(), 2, 8, &[]);
+    let url = &controller.url;
+    let secret_job = format!(
+        "name: secret\npriority: 1\nshards: {{min: 1, max: 1}}\ngpus_per_shard: 8\nenv: {{API_KEY: hunter2}}\ncommand: {IDLE_COMMAND}\n"
+    );
+    assert!(submit(url, &secret_job).status.success());
+    let placed = wait_for(Duration::from_secs(20), "the job to run", || {
+        let job = jobs(url).remove("secret")?;
+        (job["state"] == "running").then_some(job)
+    });
+    let victim = placed["placement"][0]["node"].as_str().unwrap().to_string();
+    let thief_cert = TestPki::get().client("node-thief", "node");
+    // The thief holds a real node certificate — for another name — and claims the victim's.
+    let thief = agent_with(
+        url,
+        &victim,
+        8,
+        &[
+            "--ca",
+            TestPki::get().ca().to_str().unwrap(),
+            "--tls-cert",
+            thief_cert.cert.to_str().unwrap(),
+            "--tls-key",
+            thief_cert.key.to_str().unwrap(),
+            "--state-dir",
+            dir.path().join("thief").to_str().unwrap(),
+        ],
+    );
+    let refused = thief.wait_line("session failed", Duration::from_secs(20));
+    assert!(refused.contains("may not register node"), "{refused}");
+    std::thread::park_timeout(Duration::from_secs(2));
+    // The victim keeps its session and its shard; the thief ran nothing.
+    let nodes = wattctl_json(url, &["nodes"]);
+    let victim_row = nodes.as_array().unwrap().iter().find(|n| n["name"] == victim.as_str()).unwrap();
+    assert_eq!(victim_row["state"], "ready", "{nodes}");
+    let job = jobs(url).remove("secret").unwrap();
+    assert_eq!((job["state"].as_str(), job["placement"][0]["node"].as_str()), (Some("running"), Some(victim.as_str())));
+    assert!(!dir.path().join("thief").join("jobs").exists(), "the thief's state directory holds no job");
+    let events = wattctl(url, &["events"]);
+    assert!(!String::from_utf8_lossy(&events.stdout).contains("node-thief"));
+}
+
+#[test]
+fn a_node_bootstraps_its_certificate_once_and_a_second_claim_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::get();
+    let bootstrap_token = watt_common::auth::new_token();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{},bootstrap,bootstrap\n", token_digest(&bootstrap_token))).unwrap();
+    let token_file = dir.path().join("bootstrap-token");
+    std::fs::write(&token_file, &bootstrap_token).unwrap();
+    let controller = ControllerProc::start(
+        &store(&dir),
+        0,
+        &["--token-file", tokens.to_str().unwrap(), "--client-ca-key", pki.ca_key().to_str().unwrap()],
+    );
+    let url = &controller.url;
+    let bootstrapping = |state: &str| {
+        agent_with(
+            url,
+            "fresh-node",
+            4,
+            &[
+                "--ca",
+                pki.ca().to_str().unwrap(),
+                "--bootstrap-token-file",
+                token_file.to_str().unwrap(),
+                "--state-dir",
+                dir.path().join(state).to_str().unwrap(),
+            ],
+        )
+    };
+    let mut first = bootstrapping("first");
+    first.wait_line("Registered with the controller.", Duration::from_secs(20));
+    let key = dir.path().join("first/pki/node-key.pem");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Another holder of the bootstrap token cannot get the same name.
+    let second = bootstrapping("second");
+    let refused = second.wait_line("session failed", Duration::from_secs(20));
+    assert!(refused.contains("already has a certificate"), "{refused}");
+    assert!(!dir.path().join("second/pki/node.pem").exists());
+    drop(second);
+
+    // The first agent restarts: it keeps its certificate and needs no new one.
+    first.kill9();
+    let restarted = bootstrapping("first");
+    restarted.wait_line("Registered with the controller.", Duration::from_secs(30));
+    let events = String::from_utf8_lossy(&wattctl(url, &["events"]).stdout).into_owned();
+    assert_eq!(events.matches("certificate-issued").count(), 1, "{events}");
+}
