@@ -5,6 +5,7 @@
 //! code 1; a usage error (bad flags, an unreadable file) is exit code 2.
 
 mod certs;
+mod contexts;
 mod logs;
 mod power;
 mod up;
@@ -25,9 +26,14 @@ use views::{EventView, GpuRow, JobView, LogTail, NodeView};
 #[derive(Debug, Parser)]
 #[command(name = "wattctl", version, about = "Drive a Watt cluster: nodes, GPUs, jobs, events.")]
 struct Cli {
-    /// The controller's gRPC address.
-    #[arg(long, global = true, env = "WATT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
-    controller: String,
+    /// The controller's gRPC address [default: the context's, else http://127.0.0.1:7070].
+    #[arg(long, global = true, env = "WATT_CONTROLLER")]
+    controller: Option<String>,
+
+    /// The context (controller and credentials) from the configuration file to use, instead of
+    /// its current one (`wattctl config`).
+    #[arg(long, global = true, env = "WATT_CONTEXT")]
+    context: Option<String>,
 
     /// The CA (PEM) that signed the controller's certificate (for an https:// controller).
     #[arg(long, global = true, env = "WATT_CA", value_name = "FILE")]
@@ -102,6 +108,12 @@ enum Command {
     /// Run a whole Watt cluster on this machine: a controller, agents with simulated GPUs,
     /// demo training jobs, and optionally a timeline of power events; Ctrl-C stops it.
     Up(up::UpArgs),
+    /// Contexts: which controller to call and with what credentials (WATT_CONFIG, default
+    /// ~/.config/watt/config.yaml).
+    Config {
+        #[command(subcommand)]
+        what: contexts::ConfigCommand,
+    },
     /// Make credentials: a certificate authority, certificates it signs, bearer tokens.
     Certs {
         #[command(subcommand)]
@@ -186,6 +198,30 @@ fn report(failure: Failure) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// The controller and credentials a command uses: each flag (or its variable) over the chosen
+/// context's value, over the default (a plain-text controller on this machine).
+fn target(cli: &Cli) -> Result<Target, Failure> {
+    let file = match contexts::path() {
+        Some(path) => contexts::ConfigFile::load(&path)?,
+        None => contexts::ConfigFile::default(),
+    };
+    let context = file.context(cli.context.as_deref())?;
+    let mut credentials = match context {
+        Some(c) => contexts::credentials_of(c, cli.token.clone())?,
+        None => Credentials { token: cli.token.clone(), ..Credentials::default() },
+    };
+    credentials.ca = cli.ca.clone().or(credentials.ca);
+    if cli.cert.is_some() || cli.key.is_some() {
+        (credentials.cert, credentials.key) = (cli.cert.clone(), cli.key.clone());
+    }
+    let url = cli
+        .controller
+        .clone()
+        .or_else(|| context.map(|c| c.controller.clone()))
+        .unwrap_or_else(|| "http://127.0.0.1:7070".to_string());
+    Ok(Target { url, credentials })
+}
+
 /// The client API as wattctl calls it: every call carries its credentials.
 type Control = ControlServiceClient<AuthedChannel>;
 type PowerClient = PowerServiceClient<AuthedChannel>;
@@ -222,9 +258,12 @@ impl Target {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let output = cli.output;
-    let target = Target {
-        url: cli.controller.clone(),
-        credentials: Credentials { ca: cli.ca, cert: cli.cert, key: cli.key, token: cli.token },
+    let target = match &cli.command {
+        // These call no controller (`up` makes its own), so need no context.
+        Command::Config { .. } | Command::Certs { .. } | Command::Completions { .. } | Command::Up(_) => {
+            Target { url: String::new(), credentials: Credentials::default() }
+        }
+        _ => target(&cli)?,
     };
     match cli.command {
         Command::Completions { shell } => {
@@ -283,6 +322,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Power { what } => run_power(&target, output, what).await,
         Command::Certs { what } => certs::run(what, output),
+        Command::Config { what } => contexts::run(what, output),
         Command::Up(args) => up::run(args).await,
         Command::Logs { job, shard, follow } => {
             let mut client = target.control().await?;

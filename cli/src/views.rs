@@ -87,6 +87,7 @@ pub struct JobView {
     pub max_restarts: i64,
     pub sequence: u64,
     pub submitted_unix_ms: i64,
+    pub submitted_by: String,
     pub epoch: u64,
     pub placement: Vec<ShardView>,
     pub message: String,
@@ -139,6 +140,7 @@ impl From<pb::Job> for JobView {
             max_restarts: spec.max_restarts.unwrap_or_default(),
             sequence: job.sequence,
             submitted_unix_ms: job.submitted_unix_ms,
+            submitted_by: job.submitted_by.clone(),
             epoch: job.epoch,
             placement: job
                 .shards
@@ -230,6 +232,9 @@ impl JobView {
         let _ = writeln!(out, "State:          {}", self.state);
         let _ = writeln!(out, "Message:        {}", self.message);
         let _ = writeln!(out, "Priority:       {}", self.priority);
+        if !self.submitted_by.is_empty() {
+            let _ = writeln!(out, "Submitted by:   {}", self.submitted_by);
+        }
         let _ = writeln!(
             out,
             "Shards:         {} running of {}..{}",
@@ -452,11 +457,13 @@ pub struct EventView {
     pub name: String,
     pub reason: String,
     pub message: String,
+    /// Who asked for the change, "name (role)"; empty for the controller's own decisions.
+    pub by: String,
 }
 
 impl From<pb::Event> for EventView {
     fn from(e: pb::Event) -> Self {
-        EventView { unix_ms: e.unix_ms, kind: e.kind, name: e.name, reason: e.reason, message: e.message }
+        EventView { unix_ms: e.unix_ms, kind: e.kind, name: e.name, reason: e.reason, message: e.message, by: e.by }
     }
 }
 
@@ -465,12 +472,13 @@ impl EventView {
         let secs = self.unix_ms / 1000;
         let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
         format!(
-            "{h:02}:{m:02}:{s:02}.{:03}Z  {:<4}  {:<20}  {:<12}  {}\n",
+            "{h:02}:{m:02}:{s:02}.{:03}Z  {:<4}  {:<20}  {:<12}  {}{}\n",
             self.unix_ms % 1000,
             self.kind,
             self.name,
             self.reason,
-            self.message
+            self.message,
+            if self.by.is_empty() { String::new() } else { format!(" — by {}", self.by) }
         )
     }
 }

@@ -9,8 +9,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// wattctl with its configuration file in a directory of this test process's own, so `up`
+/// writes its context there and never into the user's home.
 fn wattctl() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wattctl"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wattctl"));
+    cmd.env("WATT_CONFIG", std::env::temp_dir().join(format!("watt-up-test-{}/config.yaml", std::process::id())));
+    cmd
 }
 
 fn repo() -> PathBuf {
@@ -93,8 +97,16 @@ fn the_shipped_scenario_runs_to_its_end_with_no_violation_and_leaves_nothing_beh
 #[test]
 fn a_signal_to_wattctl_stops_the_whole_cluster() {
     for signal in ["-TERM", "-INT"] {
-        let child =
-            wattctl().args(["up", "--nodes", "2"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        // A configuration file of this run's own: `up` adds its context there.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        let child = wattctl()
+            .env("WATT_CONFIG", &config)
+            .args(["up", "--nodes", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let needle = format!("watt-up-{}", child.id());
         // Running: the workers of its jobs are up.
         let t0 = Instant::now();
@@ -102,13 +114,40 @@ fn a_signal_to_wattctl_stops_the_whole_cluster() {
             assert!(t0.elapsed() < Duration::from_secs(60), "no workers started: {:?}", processes_mentioning(&needle));
             std::thread::park_timeout(Duration::from_millis(200));
         }
+        // Another wattctl reaches it through the `up` context, over TLS with up's admin certificate.
+        let nodes =
+            wattctl().env("WATT_CONFIG", &config).args(["--context", "up", "-o", "json", "nodes"]).output().unwrap();
+        assert!(nodes.status.success(), "{}", String::from_utf8_lossy(&nodes.stderr));
+        let listed: serde_json::Value = serde_json::from_slice(&nodes.stdout).unwrap();
+        assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+        let refused = wattctl()
+            .env("WATT_CONFIG", dir.path().join("none.yaml"))
+            .arg("--controller")
+            .arg(context_field(&config, "controller"))
+            .arg("--ca")
+            .arg(context_field(&config, "ca"))
+            .arg("nodes")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && said.contains("no credentials"), "{said}");
         assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{signal}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains("Summary") && stdout.contains("budget violations       0"), "{stdout}");
         assert!(gone(&needle), "{signal}: left behind: {:?}", processes_mentioning(&needle));
+        let after = std::fs::read_to_string(&config).unwrap();
+        assert!(!after.contains("name: up"), "the context went with the cluster: {after}");
     }
+}
+
+/// A field of the (only) context in `config`.
+fn context_field(config: &std::path::Path, field: &str) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line =
+        text.lines().find(|l| l.trim_start().trim_start_matches("- ").starts_with(&format!("{field}:"))).unwrap();
+    line.split_once(':').unwrap().1.trim().to_string()
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn record(spec: JobSpec, state: JobState, shards: Vec<ShardAssignment>) -> JobRe
         resized_unix_ms: 0,
         last_run: Vec::new(),
         hold: None,
+        submitted_by: String::new(),
     }
 }
 

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use watt_proto::v1 as pb;
 use watt_proto::v1::submit_job_request::Source;
 
+use crate::auth::Principal;
 use crate::power::table::{PowerError, SiteUpdate, SourceUpdate};
 use crate::power::SourceKind;
 use crate::reconcile::{Controller, RequestError};
@@ -37,11 +38,17 @@ impl From<RequestError> for Status {
         match e {
             RequestError::Invalid(field) => Status::invalid_argument(field.to_string()),
             RequestError::NotFound(_) => Status::not_found(e.to_string()),
+            RequestError::Forbidden(_) => Status::permission_denied(e.to_string()),
             RequestError::Store(StoreError::Conflict { .. }) => Status::aborted(e.to_string()),
             RequestError::Store(StoreError::Unavailable(_)) => Status::unavailable(e.to_string()),
             RequestError::Store(_) => Status::internal(e.to_string()),
         }
     }
+}
+
+/// The principal the auth layer found for this call (every method but the health check has one).
+fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request.extensions().get::<Principal>().cloned().ok_or_else(|| Status::unauthenticated("no credentials"))
 }
 
 fn job_name(name: &str) -> Result<(), Status> {
@@ -54,13 +61,14 @@ fn job_name(name: &str) -> Result<(), Status> {
 #[tonic::async_trait]
 impl pb::control_service_server::ControlService for ControlApi {
     async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let by = principal(&request)?;
         let spec = match request.into_inner().source {
             Some(Source::Manifest(text)) => JobSpec::from_manifest(&text),
             Some(Source::Spec(spec)) => JobSpec::from_proto(&spec),
             None => return Err(Status::invalid_argument("source is required: a spec or a manifest")),
         }
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(self.controller.submit(spec).await?))
+        Ok(Response::new(self.controller.submit(spec, &by).await?))
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -74,9 +82,10 @@ impl pb::control_service_server::ControlService for ControlApi {
     }
 
     async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let by = principal(&request)?;
         let name = request.into_inner().name;
         job_name(&name)?;
-        Ok(Response::new(self.controller.cancel(&name).await?))
+        Ok(Response::new(self.controller.cancel(&name, &by).await?))
     }
 
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
@@ -102,6 +111,7 @@ impl pb::control_service_server::ControlService for ControlApi {
                 name: String::new(),
                 reason: "lagged".into(),
                 message: format!("{n} events were dropped because this watcher fell behind"),
+                by: String::new(),
             }),
         });
         Ok(Response::new(stream.boxed()))
@@ -140,6 +150,7 @@ impl From<PowerError> for Status {
 #[tonic::async_trait]
 impl pb::power_service_server::PowerService for PowerApi {
     async fn set_source(&self, request: Request<pb::SetSourceRequest>) -> Result<Response<pb::PowerStatus>, Status> {
+        let by = principal(&request)?;
         let source = request.into_inner().source.ok_or_else(|| Status::invalid_argument("source is required"))?;
         let kind = match pb::SourceKind::try_from(source.kind) {
             Ok(pb::SourceKind::Grid) => SourceKind::Grid,
@@ -158,7 +169,7 @@ impl pb::power_service_server::PowerService for PowerApi {
             let mut power = self.controller.power.lock().await;
             let stored = power.table.set_source(update, crate::reconcile::unix_ms()).await?;
             self.controller.acks.power_event();
-            self.controller.emit(
+            self.controller.emit_by(
                 "power",
                 &stored.name,
                 "source-set",
@@ -168,6 +179,7 @@ impl pb::power_service_server::PowerService for PowerApi {
                     stored.available_watts,
                     ramp_text(stored.ramp_watts_per_second)
                 ),
+                Some(&by),
             );
         }
         Ok(Response::new(self.status_after_change().await))
@@ -177,6 +189,7 @@ impl pb::power_service_server::PowerService for PowerApi {
         &self,
         request: Request<pb::RemoveSourceRequest>,
     ) -> Result<Response<pb::PowerStatus>, Status> {
+        let by = principal(&request)?;
         let name = request.into_inner().name;
         if name.is_empty() {
             return Err(Status::invalid_argument("name is required"));
@@ -186,11 +199,12 @@ impl pb::power_service_server::PowerService for PowerApi {
             power.table.remove_source(&name).await?;
             self.controller.acks.power_event();
         }
-        self.controller.emit("power", &name, "source-removed", "source removed".into());
+        self.controller.emit_by("power", &name, "source-removed", "source removed".into(), Some(&by));
         Ok(Response::new(self.status_after_change().await))
     }
 
     async fn set_site(&self, request: Request<pb::SetSiteRequest>) -> Result<Response<pb::PowerStatus>, Status> {
+        let by = principal(&request)?;
         let r = request.into_inner();
         let update = SiteUpdate {
             reserve_ratio: r.reserve_ratio,
@@ -202,7 +216,7 @@ impl pb::power_service_server::PowerService for PowerApi {
             let mut power = self.controller.power.lock().await;
             let site = power.table.set_site(update).await?;
             self.controller.acks.power_event();
-            self.controller.emit(
+            self.controller.emit_by(
                 "power",
                 "site",
                 "site-set",
@@ -212,6 +226,7 @@ impl pb::power_service_server::PowerService for PowerApi {
                     site.pue,
                     site.node_overhead_watts
                 ),
+                Some(&by),
             );
         }
         Ok(Response::new(self.status_after_change().await))

@@ -549,6 +549,7 @@ mod tests {
             resized_unix_ms: 0,
             last_run: Vec::new(),
             hold: None,
+            submitted_by: String::new(),
         }
     }
 

@@ -112,6 +112,10 @@ pub struct JobRecord {
     /// Set while it waits for a reason of its own (see [`Hold`]); cleared when it is placed.
     #[serde(default)]
     pub hold: Option<Hold>,
+    /// The principal that submitted it (empty for a job stored before principals existed:
+    /// only an admin may cancel one).
+    #[serde(default)]
+    pub submitted_by: String,
 }
 
 /// How one shard of a job's last run ended.
@@ -218,6 +222,7 @@ impl JobRecord {
             preemptions: self.preemptions,
             progress: None,
             last_run: self.last_run.iter().map(ShardOutcome::to_proto).collect(),
+            submitted_by: self.submitted_by.clone(),
         }
     }
 
@@ -263,7 +268,12 @@ impl JobTable {
 
     /// Store a new job, durably, with the next sequence number. Fails with `Conflict` on
     /// `jobs/<name>` if a job of that name exists.
-    pub async fn create(&mut self, spec: JobSpec, now_unix_ms: i64) -> Result<JobRecord, StoreError> {
+    pub async fn create(
+        &mut self,
+        spec: JobSpec,
+        now_unix_ms: i64,
+        submitted_by: &str,
+    ) -> Result<JobRecord, StoreError> {
         loop {
             let counter = self.store.get(SEQUENCE_KEY).await?;
             let (last, expect) = match &counter {
@@ -292,6 +302,7 @@ impl JobTable {
                 resized_unix_ms: 0,
                 last_run: Vec::new(),
                 hold: None,
+                submitted_by: submitted_by.to_string(),
             };
             let key = job_key(&spec.name);
             let writes = vec![
@@ -390,10 +401,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(FileStore::open(dir.path().join("s.redb")).unwrap());
         let mut jobs = JobTable::load(store.clone()).await.unwrap();
-        assert_eq!(jobs.create(spec("first"), 0).await.unwrap().sequence, 1);
+        assert_eq!(jobs.create(spec("first"), 0, "test").await.unwrap().sequence, 1);
         let current = store.get(SEQUENCE_KEY).await.unwrap().unwrap();
         store.commit(vec![Write::put(SEQUENCE_KEY, Expect::Version(current.version), b"two".to_vec())]).await.unwrap();
-        let err = jobs.create(spec("second"), 0).await.unwrap_err();
+        let err = jobs.create(spec("second"), 0, "test").await.unwrap_err();
         assert!(matches!(&err, StoreError::Corrupt(m) if m.contains(SEQUENCE_KEY) && m.contains("two")), "{err}");
         assert!(store.get(&job_key("second")).await.unwrap().is_none(), "nothing stored");
     }

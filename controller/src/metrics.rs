@@ -421,8 +421,8 @@ mod tests {
             ))
             .unwrap()
         };
-        let a = jobs.create(spec("a"), 0).await.unwrap();
-        let b = jobs.create(spec("b"), 0).await.unwrap();
+        let a = jobs.create(spec("a"), 0, "test").await.unwrap();
+        let b = jobs.create(spec("b"), 0, "test").await.unwrap();
         let metrics = Metrics::new().unwrap();
         let registry = NodeRegistry::default();
         let observe =

@@ -17,8 +17,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{broadcast, Mutex, Notify};
 use tokio::time::Instant;
+use watt_common::auth::Role;
 use watt_proto::v1 as pb;
 
+use crate::auth::Principal;
 use crate::decide::{decide, JobChange, JobEvent, NodeView, Now, Reason, ShardReport, View};
 use crate::jobs::{JobRecord, JobState, JobTable};
 use crate::metrics::Metrics;
@@ -52,6 +54,9 @@ pub enum RequestError {
     Invalid(#[from] FieldError),
     #[error("no job named {0:?}")]
     NotFound(String),
+    /// The caller's role allows the call, but not on this object (someone else's job).
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -141,9 +146,15 @@ impl Controller {
     }
 
     pub fn emit(&self, kind: &str, name: &str, reason: &str, message: String) {
-        tracing::info!(kind, name, reason, "{message}");
+        self.emit_by(kind, name, reason, message, None);
+    }
+
+    /// An event for a change `by` asked for (the audit trail), or the controller's own (`None`).
+    pub fn emit_by(&self, kind: &str, name: &str, reason: &str, message: String, by: Option<&Principal>) {
+        let by = by.map(ToString::to_string).unwrap_or_default();
+        tracing::info!(kind, name, reason, by, "{message}");
         let event =
-            pb::Event { unix_ms: unix_ms(), kind: kind.into(), name: name.into(), reason: reason.into(), message };
+            pb::Event { unix_ms: unix_ms(), kind: kind.into(), name: name.into(), reason: reason.into(), message, by };
         {
             let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
             if history.len() == EVENT_HISTORY {
@@ -167,7 +178,7 @@ impl Controller {
         self.history.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
-    pub async fn submit(&self, spec: JobSpec) -> Result<pb::Job, RequestError> {
+    pub async fn submit(&self, spec: JobSpec, by: &Principal) -> Result<pb::Job, RequestError> {
         let largest = self.registry.largest_node_gpus();
         if largest > 0 && spec.gpus_per_shard as usize > largest {
             return Err(FieldError::new(
@@ -187,7 +198,7 @@ impl Controller {
             )
             .into());
         }
-        let record = match jobs.create(spec, unix_ms()).await {
+        let record = match jobs.create(spec, unix_ms(), &by.name).await {
             Ok(record) => record,
             Err(StoreError::Conflict { key }) if key.starts_with(crate::jobs::JOBS_PREFIX) => {
                 return Err(FieldError::new("name", "is taken by an existing job").into());
@@ -195,19 +206,28 @@ impl Controller {
             Err(e) => return Err(e.into()),
         };
         drop(jobs);
-        self.emit(
+        self.emit_by(
             "job",
             &record.spec.name,
             "submitted",
             format!("priority {}, sequence {}", record.spec.priority, record.sequence),
+            Some(by),
         );
         self.wake();
         Ok(self.job_proto(&record))
     }
 
-    pub async fn cancel(&self, name: &str) -> Result<pb::Job, RequestError> {
+    /// Cancel a job: its submitter's or, with the admin role, anyone's.
+    pub async fn cancel(&self, name: &str, by: &Principal) -> Result<pb::Job, RequestError> {
         let mut jobs = self.jobs.lock().await;
         let mut record = jobs.get(name).cloned().ok_or_else(|| RequestError::NotFound(name.into()))?;
+        if by.role != Role::Admin && record.submitted_by != by.name {
+            let owner = if record.submitted_by.is_empty() { "before principals existed" } else { "by another" };
+            return Err(RequestError::Forbidden(format!(
+                "{by} may cancel only its own jobs; job {name} was submitted {owner}{}",
+                if record.submitted_by.is_empty() { String::new() } else { format!(" ({})", record.submitted_by) }
+            )));
+        }
         if !record.state.is_terminal() {
             {
                 let reported = self.registry.lock();
@@ -225,7 +245,7 @@ impl Controller {
             }
             record.state = JobState::Cancelled;
             jobs.update(record.clone()).await?;
-            self.emit("job", name, "cancelled", "cancelled by request".into());
+            self.emit_by("job", name, "cancelled", "cancelled by request".into(), Some(by));
             self.wake();
         }
         Ok(self.job_proto(&record))

@@ -141,7 +141,7 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         };
         let answer = signer.sign(&principal, request.get_ref(), unix_ms()).await?;
         let node = &request.get_ref().node_name;
-        self.controller.emit("node", node, "certificate-issued", format!("node certificate issued to {principal}"));
+        self.controller.emit_by("node", node, "certificate-issued", "node certificate issued".into(), Some(&principal));
         Ok(Response::new(answer))
     }
 

@@ -60,6 +60,12 @@ fn each_role_does_its_job_and_nothing_more() {
     assert!(set.status.success(), "{}", stderr(&set));
     let cancel = wattctl_as(url, Some(&operator), &["cancel", "mine"]);
     assert!(stderr(&cancel).contains("needs the submitter role"), "{}", stderr(&cancel));
+    // A submitter cancels its own jobs only; an admin anyone's.
+    let other = pki.client("sue", "submitter");
+    let cancel = wattctl_as(url, Some(&other), &["cancel", "mine"]);
+    assert_eq!(cancel.status.code(), Some(1));
+    assert!(stderr(&cancel).contains("sue (submitter) may cancel only its own jobs"), "{}", stderr(&cancel));
+    assert_eq!(jobs(url)["mine"]["submitted_by"], "sam");
 
     // A node's certificate is for its session only.
     let node = pki.client("node-1", "node");
@@ -85,9 +91,26 @@ fn each_role_does_its_job_and_nothing_more() {
             .unwrap_or(0.0);
         assert!(counted >= 1.0, "{code}: {metrics}");
     }
-    // Only the submitter's job exists: no refused call changed anything.
-    let names: Vec<String> = jobs(url).into_keys().collect();
-    assert_eq!(names, vec!["mine".to_string()]);
+    // Only the submitter's job exists, still pending or running: no refused call changed anything.
+    let listed = jobs(url);
+    assert_eq!(listed.keys().collect::<Vec<_>>(), vec!["mine"]);
+    assert_ne!(listed["mine"]["state"], "cancelled");
+    assert!(wattctl_as(url, Some(&submitter), &["cancel", "mine"]).status.success());
+
+    // The audit trail: every change names who made it; the controller's own decisions name no one.
+    // `-o json events` prints one document per event, a line each.
+    let out = wattctl(url, &["-o", "json", "events"]);
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let by = |reason: &str| -> Vec<String> {
+        events.iter().filter(|e| e["reason"] == reason).map(|e| e["by"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(by("submitted"), ["sam (submitter)"]);
+    assert_eq!(by("source-set"), ["pat (power-operator)"]);
+    assert_eq!(by("cancelled"), ["sam (submitter)"]);
+    assert_eq!(by("registered"), [""]);
+    let text = String::from_utf8_lossy(&wattctl(url, &["events"]).stdout).into_owned();
+    assert!(text.contains("— by pat (power-operator)"), "{text}");
 }
 
 #[test]

@@ -67,7 +67,16 @@ impl Proc {
         let file =
             std::fs::File::create(log).map_err(|e| Failure::Server(format!("cannot create {}: {e}", log.display())))?;
         let err = file.try_clone().map_err(|e| Failure::Server(e.to_string()))?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        // Everything `up` starts is configured by its flags alone: none of this shell's WATT_*
+        // variables (wattctl's WATT_CONFIG names a YAML file the daemons would read as TOML;
+        // a WATT_CONTROLLER would point an agent elsewhere).
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("WATT_") && name != "WATT_LOG" {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
@@ -203,6 +212,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     if args.keep {
         eprintln_now(&format!("kept {}", dir.display()));
     } else {
+        forget_context(&dir.join("pki").join("ca.pem"));
         let _ = std::fs::remove_dir_all(&dir);
     }
     if let Some(summary) = result? {
@@ -270,13 +280,7 @@ async fn start(
     procs.push(Proc::spawn("controller", controller_bin, &controller_args, &dir.join("controller.log"))?);
     let mut control = connect_with_retry(&target).await?;
     let mut power = target.power().await?;
-    eprintln_now(&format!(
-        "controller at {url}; from another shell: wattctl --controller {url} --ca {ca} --cert {cert} --key {key} jobs",
-        url = target.url,
-        ca = pki.join("ca.pem").display(),
-        cert = pki.join("admin.pem").display(),
-        key = pki.join("admin-key.pem").display(),
-    ));
+    remember_context(&target);
 
     let mut agent_ports = Vec::new();
     for i in 1..=args.nodes {
@@ -460,6 +464,49 @@ fn local_credentials(pki: &Path, nodes: u32, grpc: u16) -> Result<crate::Target,
             token: None,
         },
     })
+}
+
+/// The context other `wattctl` commands reach this cluster with: `wattctl --context up …`
+/// (written to the configuration file; a failure to write it only loses the convenience).
+const UP_CONTEXT: &str = "up";
+
+fn remember_context(target: &crate::Target) {
+    use crate::contexts::{path, ConfigFile, Context};
+    let context = Context {
+        name: UP_CONTEXT.into(),
+        controller: target.url.clone(),
+        ca: target.credentials.ca.clone(),
+        cert: target.credentials.cert.clone(),
+        key: target.credentials.key.clone(),
+        token_file: None,
+    };
+    let saved = path().ok_or_else(|| "no HOME or WATT_CONFIG".to_string()).and_then(|path| {
+        let mut file = ConfigFile::load(&path).map_err(|_| format!("cannot read {}", path.display()))?;
+        file.set(context);
+        file.save(&path).map_err(|_| format!("cannot write {}", path.display()))
+    });
+    match saved {
+        Ok(()) => eprintln_now(&format!(
+            "controller at {}; from another shell: wattctl --context {UP_CONTEXT} jobs",
+            target.url
+        )),
+        Err(why) => eprintln_now(&format!("controller at {} ({why}: no wattctl context)", target.url)),
+    }
+}
+
+/// Remove the `up` context if it is this run's (its CA is about to be deleted).
+fn forget_context(ca: &Path) {
+    use crate::contexts::{path, ConfigFile};
+    let Some(path) = path() else { return };
+    let Ok(mut file) = ConfigFile::load(&path) else { return };
+    let before = file.contexts.len();
+    file.contexts.retain(|c| !(c.name == UP_CONTEXT && c.ca.as_deref() == Some(ca)));
+    if file.contexts.len() != before {
+        if file.current_context.as_deref() == Some(UP_CONTEXT) {
+            file.current_context = None;
+        }
+        let _ = file.save(&path);
+    }
 }
 
 async fn connect_with_retry(target: &crate::Target) -> Result<crate::Control, Failure> {
