@@ -132,7 +132,11 @@ pub async fn run(
         enforce = config.enforce.as_str(),
         "Serving metrics."
     );
-    let supervisor = Arc::new(Supervisor::new(config.state_dir.clone()));
+    match &config.shard_user {
+        Some(user) => tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "Shards run as this user."),
+        None => tracing::info!(uid = nix::unistd::Uid::effective().as_raw(), "Shards run as the agent's own user."),
+    }
+    let supervisor = Arc::new(Supervisor::new(config.state_dir.clone()).with_shard_user(config.shard_user.clone()));
     if config.controller.is_some() {
         // Shards an earlier run of this agent left behind are stopped; the controller orders
         // them again and they resume from their checkpoints.

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::enforcer::EnforceMode;
 use crate::gpu::nvml::DEFAULT_LIBRARY;
 use crate::gpu::sim::{SimModel, TICK};
+use crate::supervisor::identity::{self, ShardUser};
 use watt_common::client::{read_token, ClientError, Credentials};
 use watt_common::duration::{parse as parse_duration, show};
 pub use watt_common::logging::LogFormat;
@@ -133,6 +134,15 @@ pub struct Args {
     #[arg(long, env = "WATT_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 
+    /// Run jobs' shards as USER[:GROUP] (a name or a number). An agent running as root runs them
+    /// as `nobody` unless told otherwise [default: nobody when root, else the agent's user].
+    #[arg(long, env = "WATT_RUN_AS", value_name = "USER[:GROUP]")]
+    pub run_as: Option<String>,
+
+    /// Allow `--run-as root`: jobs' commands then run as root on this node.
+    #[arg(long, env = "WATT_ALLOW_ROOT_SHARDS")]
+    pub allow_root_shards: bool,
+
     /// A file holding a bootstrap token: with no --tls-cert, the agent gets this node's
     /// certificate from the controller on first start and keeps it under --state-dir/pki.
     #[arg(long, env = "WATT_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
@@ -199,6 +209,8 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub bootstrap_token_file: Option<PathBuf>,
+    pub run_as: Option<String>,
+    pub allow_root_shards: Option<bool>,
     pub enforce: Option<EnforceMode>,
     #[serde(default, with = "watt_common::duration::option")]
     pub failsafe_after: Option<Duration>,
@@ -228,6 +240,8 @@ pub struct AgentConfig {
     pub controller: Option<String>,
     /// How the session proves the node's identity, and what it trusts.
     pub credentials: ControllerCredentials,
+    /// Who shards run as (`None`: the agent's own user); see `supervisor::identity`.
+    pub shard_user: Option<ShardUser>,
     pub enforce: EnforceMode,
     pub failsafe_after: Duration,
     pub failsafe_cap: Option<f64>,
@@ -289,6 +303,7 @@ impl ConfigError {
             "tls_key" => "tls-key",
             "token_file" => "token-file",
             "bootstrap_token_file" => "bootstrap-token-file",
+            "run_as" => "run-as",
             other => other,
         };
         ConfigError::Invalid { flag, key, message }
@@ -326,6 +341,11 @@ impl Args {
                 token_file: self.token_file.clone().or(file.token_file),
                 bootstrap_token_file: self.bootstrap_token_file.clone().or(file.bootstrap_token_file),
             },
+            shard_user: identity::resolve(
+                self.run_as.as_deref().or(file.run_as.as_deref()),
+                self.allow_root_shards || file.allow_root_shards.unwrap_or(false),
+            )
+            .map_err(|e| ConfigError::invalid("run_as", e.to_string()))?,
             enforce: self.enforce.or(file.enforce).unwrap_or(EnforceMode::On),
             failsafe_after: self.failsafe_after.or(file.failsafe_after).unwrap_or(Duration::from_secs(10)),
             failsafe_cap: self.failsafe_cap.or(file.failsafe_cap),

@@ -21,6 +21,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(config.log_format);
+    // Before any thread starts (the attribute is per thread, inherited by threads and processes
+    // made after): every shard inherits it, so no setuid program gives a job's process more than
+    // it started with.
+    if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+        tracing::warn!(error = %e, "Cannot set no-new-privileges; shards may gain privileges through setuid programs.");
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),

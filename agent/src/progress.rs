@@ -76,6 +76,13 @@ pub async fn listen(path: &Path, job: String, shard: u32, epoch: u64, sink: Arc<
             return;
         }
     };
+    // The shard may run as another user than the agent (see `supervisor::identity`); it must be
+    // able to write here. A datagram carries only a progress report, and the state directory's
+    // own permissions decide who can reach the socket at all.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
+    }
     let mut buffer = vec![0u8; 64 * 1024];
     let mut bad = 0u64;
     loop {

@@ -128,3 +128,9 @@ fn a_controller_session_without_credentials_or_with_half_of_them_is_rejected_by_
         &["--ca", "https://"],
     );
 }
+
+#[test]
+fn root_shards_need_the_explicit_flag_and_an_unknown_user_is_named() {
+    assert_usage_error(&agent(&["--backend", "sim", "--run-as", "root"]), &["--run-as", "--allow-root-shards"]);
+    assert_usage_error(&agent(&["--backend", "sim", "--run-as", "no-such-user-x"]), &["--run-as", "no-such-user-x"]);
+}

@@ -134,6 +134,7 @@ fn bad_values_are_refused_at_install_naming_the_value() {
         // What would weaken TLS or node identity needs insecure: true.
         ("controller.extraArgs={--insecure}", "/controller/extraArgs"),
         ("agent.extraArgs={--token-file=/t}", "/agent/extraArgs"),
+        ("agent.extraArgs={--allow-root-shards}", "/agent/extraArgs"),
         ("controller.extraTokens={sha256:00,x,node}", "/controller/extraTokens/0"),
     ] {
         let (ok, _, err) = helm_template(&["--set", set]);

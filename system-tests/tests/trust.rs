@@ -208,3 +208,24 @@ fn a_node_bootstraps_its_certificate_once_and_a_second_claim_is_refused() {
     let events = String::from_utf8_lossy(&wattctl(url, &["events"]).stdout).into_owned();
     assert_eq!(events.matches("certificate-issued").count(), 1, "{events}");
 }
+
+#[test]
+fn shards_run_unprivileged_without_new_privileges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, _agents) = local_cluster(dir.path(), 1, 8, &[]);
+    let url = &controller.url;
+    let job = "name: whoami\npriority: 1\nshards: {min: 1, max: 1}\ngpus_per_shard: 1\n\
+               command: [/bin/sh, -c, 'echo uid=$(id -u) gid=$(id -g) groups=$(id -G); grep NoNewPrivs /proc/self/status; exec sleep 3600']\n";
+    assert!(submit(url, job).status.success());
+    let log = wait_for(Duration::from_secs(20), "the shard to say who it is", || {
+        let out = wattctl(url, &["logs", "whoami"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("NoNewPrivs").then_some(text)
+    });
+    // A root agent runs jobs as nobody, with none of root's groups; a non-root agent as itself.
+    let agent_uid = nix::unistd::Uid::effective().as_raw();
+    let want =
+        if agent_uid == 0 { "uid=65534 gid=65534 groups=65534".to_string() } else { format!("uid={agent_uid} ") };
+    assert!(log.contains(&want), "want {want:?} in {log}");
+    assert!(log.contains("NoNewPrivs:\t1"), "{log}");
+}

@@ -34,9 +34,11 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 use watt_proto::v1 as pb;
 
+pub mod identity;
 mod state_dir;
 mod torchrun;
 
+pub use identity::ShardUser;
 pub use state_dir::{log_file, log_file_name, logs_dir, rotate_if_large, StateDir, LOG_KEEP, LOG_MAX_BYTES};
 pub use torchrun::worker_env;
 
@@ -101,11 +103,19 @@ type Running = HashMap<(String, u32), (u64, watch::Sender<bool>, tokio::task::Jo
 pub struct Supervisor {
     state_dir: StateDir,
     running: Mutex<Running>,
+    /// Who shards run as; `None`: the agent's own user (see [`identity`]).
+    shard_user: Option<ShardUser>,
 }
 
 impl Supervisor {
     pub fn new(state_dir: PathBuf) -> Self {
-        Supervisor { state_dir: StateDir::new(state_dir), running: Mutex::new(HashMap::new()) }
+        Supervisor { state_dir: StateDir::new(state_dir), running: Mutex::new(HashMap::new()), shard_user: None }
+    }
+
+    /// Run shards as `user` (the agent must be root to switch to it).
+    pub fn with_shard_user(mut self, user: Option<ShardUser>) -> Self {
+        self.shard_user = user;
+        self
     }
 
     /// Where this supervisor keeps its shards' files.
@@ -271,8 +281,17 @@ impl Supervisor {
         let log = self.state_dir.log_path(&o.job, o.shard);
         let checkpoints = self.state_dir.checkpoint_dir(o);
         let run = self.state_dir.run_dir();
+        let new_checkpoints = !checkpoints.exists();
         for dir in [log.parent().unwrap_or(self.state_dir.root()), &checkpoints, &run] {
             fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        if let Some(user) = &self.shard_user {
+            // The shard writes its checkpoints: the agent hands over the directory it made for
+            // them (a directory the job names and that exists is the job's to make writable).
+            if new_checkpoints || checkpoints.starts_with(self.state_dir.root()) {
+                nix::unistd::chown(&checkpoints, Some(user.uid.into()), Some(user.gid.into()))
+                    .map_err(|e| format!("cannot give {} to {}: {e}", checkpoints.display(), user.name))?;
+            }
         }
         let out = fs::OpenOptions::new()
             .create(true)
@@ -291,6 +310,10 @@ impl Supervisor {
             .kill_on_drop(false);
         if !o.workdir.is_empty() {
             cmd.current_dir(&o.workdir);
+        }
+        if let Some(user) = &self.shard_user {
+            // Set in the child before exec; dropping from root also drops its supplementary groups.
+            cmd.uid(user.uid).gid(user.gid);
         }
         if launch.simulated {
             let speed = self.state_dir.speed_path(&o.job, o.shard);
