@@ -5,7 +5,9 @@ MASTER_PORT and CUDA_VISIBLE_DEVICES are set, so `init_process_group` needs no a
 GPUs, gloo on CPU. It checkpoints to WATT_CHECKPOINT_DIR every --checkpoint-every steps and on
 SIGTERM (Watt's stop: SIGTERM, a grace period, then SIGKILL), resumes from the newest checkpoint
 at any world size (the global batch is fixed and split across ranks), and reports progress with
-watt_progress.report. A job spec:
+watt_progress.report. The rendezvous is torch.distributed's own TCPStore at MASTER_ADDR:MASTER_PORT,
+unchanged: it does not check WATT_RUN_TOKEN (Watt's secret guards watt-worker's ring), so run such
+jobs on a network only the cluster's nodes reach. A job spec:
 
     name: ddp-demo
     shards: {min: 1, max: 1}

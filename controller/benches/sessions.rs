@@ -6,6 +6,15 @@
 //! times, reading the controller's own power-event-to-acknowledged histogram.
 //!
 //!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30] [--events 5]
+//!         [--tls | --connection-per-agent] [--restart]
+//!
+//! By default the agents share a few HTTP/2 connections and prove their names with bearer
+//! tokens. `--tls`: each agent has a TLS connection of its own and presents a node certificate
+//! of its own, as real agents do; `--connection-per-agent` is the same in plain text (the
+//! baseline for TLS's cost). `--restart` kills the controller (SIGKILL) after the idle
+//! measurement, starts it again on the same store, and times until every agent holds a session
+//! again; the agents reconnect with the real agent's backoff (200 ms doubling to 10 s, equal
+//! jitter).
 //!
 //! The controller runs as its own release process (the real binary); the generator shares the
 //! machine with it, so the controller's figures are read from /proc for its PID alone. Each
@@ -21,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_client::AgentServiceClient;
 
@@ -102,11 +111,8 @@ fn telemetry(i: usize) -> pb::AgentMessage {
     }
 }
 
-/// Sessions refused on a first try (the agent tried again, as the real one does).
-static RETRIES: AtomicU64 = AtomicU64::new(0);
-
 /// The bearer token of simulated agent `i` (and `None`'s: the bench's admin).
-fn token(i: Option<usize>) -> String {
+fn token_of(i: Option<usize>) -> String {
     match i {
         Some(i) => format!("watt_bench_node_{i}"),
         None => "watt_bench_admin".into(),
@@ -116,46 +122,128 @@ fn token(i: Option<usize>) -> String {
 /// A token file naming every simulated agent, and an admin for the bench's own calls.
 fn token_file(dir: &std::path::Path, agents: usize) -> std::path::PathBuf {
     use watt_common::auth::token_digest;
-    let mut text = format!("{},bench,admin\n", token_digest(&token(None)));
+    let mut text = format!("{},bench,admin\n", token_digest(&token_of(None)));
     for i in 0..agents {
-        text.push_str(&format!("{},load-{i:06},node\n", token_digest(&token(Some(i)))));
+        text.push_str(&format!("{},load-{i:06},node\n", token_digest(&token_of(Some(i)))));
     }
     let path = dir.join("tokens");
     std::fs::write(&path, text).unwrap();
     path
 }
 
-/// Calls on `channel` that carry `token`.
+/// Calls on `channel` that carry `token` (none when it is empty: a TLS agent's certificate speaks).
 fn with_token(
     channel: Channel,
     token: String,
 ) -> InterceptedService<Channel, impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone> {
-    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let value: Option<tonic::metadata::MetadataValue<_>> =
+        (!token.is_empty()).then(|| format!("Bearer {token}").parse().unwrap());
     InterceptedService::new(channel, move |mut request: tonic::Request<()>| {
-        request.metadata_mut().insert("authorization", value.clone());
+        if let Some(value) = &value {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
         Ok(request)
     })
 }
 
-async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
-    // Like the real agent: a refused or failed session is tried again after a jittered backoff.
-    let (tx, mut inbound) = loop {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(register(i)).await.unwrap();
-        let client = AgentServiceClient::new(with_token(channel.clone(), token(Some(i))));
-        if let Ok(r) = client.clone().session(ReceiverStream::new(rx)).await {
-            let mut inbound = r.into_inner();
-            // The first answer is `Registered`.
-            if let Ok(Some(_)) = inbound.message().await {
-                break (tx, inbound);
-            }
+/// The flags' mode: how agents connect.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Shared,
+    PlainPerAgent,
+    Tls,
+}
+
+/// A local authority: the controller's certificate and key files (with its CA), and one
+/// identity per agent.
+struct Pki {
+    ca: Certificate,
+    ca_file: std::path::PathBuf,
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+    agents: Vec<Identity>,
+}
+
+fn pki(dir: &std::path::Path, agents: usize) -> Pki {
+    use watt_common::auth::Role;
+    use watt_common::pki::{Authority, AUTHORITY_VALIDITY, LEAF_VALIDITY};
+    let ca = Authority::generate("bench", AUTHORITY_VALIDITY).unwrap();
+    let server = ca.issue_server(&["127.0.0.1".into()], LEAF_VALIDITY).unwrap();
+    let (ca_file, cert_file, key_file) = (dir.join("ca.pem"), dir.join("tls.pem"), dir.join("tls-key.pem"));
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    std::fs::write(&cert_file, &server.cert_pem).unwrap();
+    std::fs::write(&key_file, &server.key_pem).unwrap();
+    let agents = (0..agents)
+        .map(|i| {
+            let issued = ca.issue_client(&format!("load-{i:06}"), Role::Node, LEAF_VALIDITY).unwrap();
+            Identity::from_pem(issued.cert_pem, issued.key_pem)
+        })
+        .collect();
+    Pki { ca: Certificate::from_pem(ca.cert_pem()), ca_file, cert_file, key_file, agents }
+}
+
+/// Start the controller (again, on the same store and ports).
+fn start_controller(args: &[String]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_watt-controller"))
+        .args(args)
+        .env("WATT_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// How a simulated agent reaches the controller.
+#[derive(Clone)]
+enum Link {
+    /// A channel shared with other agents (multiplexed HTTP/2), proving its name with a token.
+    Shared(Channel),
+    /// A connection of its own: TLS with its node certificate, or plain text with its token.
+    Own { endpoint: Box<Endpoint>, token: bool },
+}
+
+/// Sessions refused on a first try or lost (the agent tried again, as the real one does).
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+
+async fn agent(link: Link, i: usize, sent: Arc<AtomicU64>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if session(&link, i, &sent).await {
+            backoff = Duration::from_millis(200);
         }
         RETRIES.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(1_000 + (i as u64 * 7_919) % 1_000)).await;
+        // Equal jitter, as the agent: half to all of the backoff.
+        let jitter = 0.5 + 0.5 * ((i as u64 * 7_919 + RETRIES.load(Ordering::Relaxed)) % 1_000) as f64 / 1_000.0;
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One session, until it ends; whether it got as far as `Registered`.
+async fn session(link: &Link, i: usize, sent: &Arc<AtomicU64>) -> bool {
+    let (channel, token) = match link {
+        Link::Shared(channel) => (channel.clone(), true),
+        Link::Own { endpoint, token } => match endpoint.connect().await {
+            Ok(channel) => (channel, *token),
+            Err(_) => return false,
+        },
     };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(register(i)).await.unwrap();
+    let call = if token {
+        AgentServiceClient::new(with_token(channel, token_of(Some(i)))).session(ReceiverStream::new(rx)).await
+    } else {
+        AgentServiceClient::new(with_token(channel, String::new())).session(ReceiverStream::new(rx)).await
+    };
+    let Ok(response) = call else { return false };
+    let mut inbound = response.into_inner();
+    // The first answer is `Registered`.
+    if !matches!(inbound.message().await, Ok(Some(_))) {
+        return false;
+    }
     // Answer cap orders as an agent does: apply, then acknowledge what is in force.
     let acks = tx.clone();
-    tokio::spawn(async move {
+    let answering = tokio::spawn(async move {
         while let Ok(Some(m)) = inbound.message().await {
             if let Some(pb::controller_message::Body::CapOrder(order)) = m.body {
                 // An increase steps up a random moment into its wave, as the agent does.
@@ -187,8 +275,9 @@ async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if tx.send(telemetry(i)).await.is_err() {
-            return;
+        // The session is over when the controller stops answering (its stream ended).
+        if answering.is_finished() || tx.send(telemetry(i)).await.is_err() {
+            return true;
         }
         sent.fetch_add(1, Ordering::Relaxed);
     }
@@ -197,40 +286,80 @@ async fn agent(channel: Channel, i: usize, sent: Arc<AtomicU64>) {
 fn main() {
     let agents = arg("--agents", 25_000) as usize;
     let seconds = arg("--seconds", 30);
+    let flags: Vec<String> = std::env::args().collect();
+    let mode = if flags.iter().any(|a| a == "--tls") {
+        Mode::Tls
+    } else if flags.iter().any(|a| a == "--connection-per-agent") {
+        Mode::PlainPerAgent
+    } else {
+        Mode::Shared
+    };
     let dir = tempfile::tempdir().unwrap();
     let (port, metrics_port) = (free_port(), free_port());
-    let mut controller = Command::new(env!("CARGO_BIN_EXE_watt-controller"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .args(["--store", &format!("file:{}", dir.path().join("w.redb").display()), "--node-lease", "120s"])
-        .arg("--token-file")
-        .arg(token_file(dir.path(), agents))
-        .env("WATT_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let made = Instant::now();
+    let pki = (mode == Mode::Tls).then(|| pki(dir.path(), agents));
+    if pki.is_some() {
+        println!("{agents} node certificates made in {:.1} s", made.elapsed().as_secs_f64());
+    }
+    let mut controller_args: Vec<String> = vec![
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--metrics-addr".into(),
+        format!("127.0.0.1:{metrics_port}"),
+        "--store".into(),
+        format!("file:{}", dir.path().join("w.redb").display()),
+        "--node-lease".into(),
+        "120s".into(),
+        "--token-file".into(),
+        token_file(dir.path(), agents).display().to_string(),
+    ];
+    if let Some(p) = &pki {
+        for (flag, file) in [("--tls-cert", &p.cert_file), ("--tls-key", &p.key_file), ("--client-ca", &p.ca_file)] {
+            controller_args.extend([flag.to_string(), file.display().to_string()]);
+        }
+    }
+    let mut controller = start_controller(&controller_args);
     let pid = controller.id();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let sent = Arc::new(AtomicU64::new(0));
-    let connections = agents.div_ceil(STREAMS_PER_CONNECTION);
+    let scheme = if mode == Mode::Tls { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{port}");
+    let connections = if mode == Mode::Shared { agents.div_ceil(STREAMS_PER_CONNECTION) } else { agents };
     let ramp = Instant::now();
     runtime.block_on(async {
-        let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        let endpoint = Endpoint::from_shared(url.clone()).unwrap();
         let mut channels = Vec::new();
-        for _ in 0..connections {
-            for attempt in 0.. {
-                match endpoint.connect().await {
-                    Ok(c) => {
-                        channels.push(c);
-                        break;
+        if mode == Mode::Shared {
+            for _ in 0..connections {
+                for attempt in 0.. {
+                    match endpoint.connect().await {
+                        Ok(c) => {
+                            channels.push(c);
+                            break;
+                        }
+                        Err(_) if attempt < 100 => tokio::time::sleep(Duration::from_millis(100)).await,
+                        Err(e) => panic!("controller did not start: {e}"),
                     }
-                    Err(_) if attempt < 100 => tokio::time::sleep(Duration::from_millis(100)).await,
-                    Err(e) => panic!("controller did not start: {e}"),
                 }
             }
         }
         for i in 0..agents {
-            tokio::spawn(agent(channels[i % connections].clone(), i, sent.clone()));
+            let link = match (mode, &pki) {
+                (Mode::Shared, _) => Link::Shared(channels[i % connections].clone()),
+                (Mode::Tls, Some(p)) => Link::Own {
+                    endpoint: Box::new(
+                        endpoint
+                            .clone()
+                            .tls_config(
+                                ClientTlsConfig::new().ca_certificate(p.ca.clone()).identity(p.agents[i].clone()),
+                            )
+                            .unwrap(),
+                    ),
+                    token: false,
+                },
+                _ => Link::Own { endpoint: Box::new(endpoint.clone()), token: true },
+            };
+            tokio::spawn(agent(link, i, sent.clone()));
             if i % 1000 == 999 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -262,9 +391,28 @@ fn main() {
         status_kib(pid, "VmRSS:") as f64 / 1024.0,
         status_kib(pid, "VmHWM:") as f64 / 1024.0
     );
+    if flags.iter().any(|a| a == "--restart") {
+        // SIGKILL, as a crash or a node failure would, then the same controller again.
+        let _ = controller.kill();
+        let _ = controller.wait();
+        let down = Instant::now();
+        controller = start_controller(&controller_args);
+        let back = loop {
+            let n = sessions_gauge(metrics_port);
+            if n as usize >= agents || down.elapsed() > Duration::from_secs(300) {
+                break n;
+            }
+            std::thread::park_timeout(Duration::from_millis(200));
+        };
+        println!(
+            "controller killed and restarted: {back} of {agents} sessions again after {:.1} s",
+            down.elapsed().as_secs_f64()
+        );
+        std::thread::park_timeout(Duration::from_secs(3));
+    }
     let events = arg("--events", 5);
     if events > 0 {
-        power_events(&runtime, port, metrics_port, agents, events);
+        power_events(&runtime, &url, pki.as_ref().map(|p| p.ca.clone()), metrics_port, agents, events);
     }
     let _ = controller.kill();
     let _ = controller.wait();
@@ -273,16 +421,26 @@ fn main() {
 
 /// Fill the cluster with jobs, then cut the grid by 25% and restore it `events` times; print the
 /// controller's event-to-every-cap-acknowledged latency for each.
-fn power_events(runtime: &tokio::runtime::Runtime, port: u16, metrics_port: u16, agents: usize, events: u64) {
+fn power_events(
+    runtime: &tokio::runtime::Runtime,
+    url: &str,
+    ca: Option<Certificate>,
+    metrics_port: u16,
+    agents: usize,
+    events: u64,
+) {
     use watt_proto::v1::control_service_client::ControlServiceClient;
     use watt_proto::v1::power_service_client::PowerServiceClient;
-    let url = format!("http://127.0.0.1:{port}");
     let full = agents as f64 * 8.0 * 700.0 * 1.2;
     let (mut control, mut power) = runtime.block_on(async {
-        let channel = Endpoint::from_shared(url.clone()).unwrap().connect().await.unwrap();
+        let mut endpoint = Endpoint::from_shared(url.to_string()).unwrap();
+        if let Some(ca) = ca {
+            endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(ca)).unwrap();
+        }
+        let channel = endpoint.connect().await.unwrap();
         (
-            ControlServiceClient::new(with_token(channel.clone(), token(None))),
-            PowerServiceClient::new(with_token(channel, token(None))),
+            ControlServiceClient::new(with_token(channel.clone(), token_of(None))),
+            PowerServiceClient::new(with_token(channel, token_of(None))),
         )
     });
     let set = |power: &mut PowerServiceClient<_>, watts: f64| {

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(config.log_format);
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().thread_name("watt-controller").enable_all().build()
     {
         Ok(runtime) => runtime,
@@ -39,6 +40,20 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
+    }
+}
+
+/// Every agent holds a connection: allow as many open files as the system lets this process
+/// have (the soft limit is often 1,024 while the hard one is far higher).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "Raised the open-files limit."),
+            Err(e) => tracing::warn!(error = %e, soft, "Cannot raise the open-files limit."),
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "Open-files limit (one per agent connection)."),
+        Err(e) => tracing::warn!(error = %e, "Cannot read the open-files limit."),
     }
 }
 

@@ -63,6 +63,8 @@ pub enum RequestError {
 
 #[derive(Debug)]
 pub struct Controller {
+    /// Each run's rendezvous secret, for its shard orders.
+    run_tokens: crate::run_tokens::RunTokens,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) jobs: Mutex<JobTable>,
     pub(crate) registry: Registry,
@@ -103,6 +105,7 @@ impl Controller {
         let jobs = JobTable::load(store.clone()).await?;
         let power = PowerTable::load(store.clone()).await?;
         let power_state = PowerState::load(power, store.as_ref()).await?;
+        let run_tokens = crate::run_tokens::RunTokens::load(store.as_ref()).await?;
         let registry = Registry::default();
         // Telemetry that arrives before the first pass is judged against the stored site's idle
         // allowance, not 0.
@@ -121,6 +124,7 @@ impl Controller {
         let (power_status, _) = tokio::sync::watch::channel(pb::PowerStatus::default());
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Controller {
+            run_tokens,
             store,
             jobs: Mutex::new(jobs),
             registry,
@@ -615,6 +619,7 @@ impl Controller {
                     checkpoint_dir: job.spec.checkpoint_dir.clone().unwrap_or_default(),
                     max_restarts: job.spec.max_restarts,
                     grace_period_ms: job.spec.stop_grace_ms,
+                    run_token: self.run_tokens.token(&job.spec.name, job.epoch),
                 };
                 let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(order)) };
                 // A full queue is retried next pass: it is not marked sent.

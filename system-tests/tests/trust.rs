@@ -215,7 +215,7 @@ fn shards_run_unprivileged_without_new_privileges() {
     let (controller, _agents) = local_cluster(dir.path(), 1, 8, &[]);
     let url = &controller.url;
     let job = "name: whoami\npriority: 1\nshards: {min: 1, max: 1}\ngpus_per_shard: 1\n\
-               command: [/bin/sh, -c, 'echo uid=$(id -u) gid=$(id -g) groups=$(id -G); grep NoNewPrivs /proc/self/status; exec sleep 3600']\n";
+               command: [/bin/sh, -c, 'echo uid=$(id -u) gid=$(id -g) groups=$(id -G) token=${#WATT_RUN_TOKEN}; grep NoNewPrivs /proc/self/status; exec sleep 3600']\n";
     assert!(submit(url, job).status.success());
     let log = wait_for(Duration::from_secs(20), "the shard to say who it is", || {
         let out = wattctl(url, &["logs", "whoami"]);
@@ -228,4 +228,6 @@ fn shards_run_unprivileged_without_new_privileges() {
         if agent_uid == 0 { "uid=65534 gid=65534 groups=65534".to_string() } else { format!("uid={agent_uid} ") };
     assert!(log.contains(&want), "want {want:?} in {log}");
     assert!(log.contains("NoNewPrivs:\t1"), "{log}");
+    // Its rendezvous secret came with it (64 hex digits).
+    assert!(log.contains("token=64"), "{log}");
 }

@@ -67,6 +67,7 @@ fn rank_main(rank: usize) {
         master_addr: "127.0.0.1".into(),
         master_port: port,
         run: "bench".into(),
+        token: Some("bench-secret".into()),
         timeout: Duration::from_secs(30),
         collective_timeout: Duration::from_secs(120),
         stop: Arc::new(AtomicBool::new(false)),

@@ -77,6 +77,8 @@ pub struct Placement {
     pub master_addr: String,
     pub master_port: u16,
     pub run: String,
+    /// `WATT_RUN_TOKEN`: the run's secret every rank proves it holds at the rendezvous.
+    pub run_token: Option<String>,
     pub checkpoint_dir: Option<PathBuf>,
     pub progress_socket: Option<PathBuf>,
     pub speed_file: Option<PathBuf>,
@@ -122,6 +124,7 @@ impl Placement {
             master_addr: get("MASTER_ADDR").filter(|v| !v.is_empty()).unwrap_or_else(|| "127.0.0.1".into()),
             master_port,
             run: get("TORCHELASTIC_RUN_ID").filter(|v| !v.is_empty()).unwrap_or_else(|| "none".into()),
+            run_token: get("WATT_RUN_TOKEN").filter(|v| !v.is_empty()),
             checkpoint_dir: path("WATT_CHECKPOINT_DIR"),
             progress_socket: path("WATT_PROGRESS_SOCKET"),
             speed_file: path("WATT_SIM_SPEED_FILE"),

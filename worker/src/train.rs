@@ -51,6 +51,7 @@ pub fn run(args: &Args, placement: &Placement, stop: &std::sync::Arc<AtomicBool>
         master_addr: placement.master_addr.clone(),
         master_port: placement.master_port,
         run: placement.run.clone(),
+        token: placement.run_token.clone(),
         timeout: args.rendezvous_timeout,
         collective_timeout: args.collective_timeout,
         stop: stop.clone(),

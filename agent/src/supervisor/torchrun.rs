@@ -32,6 +32,8 @@ pub fn worker_env(o: &pb::ShardOrder, restarts: u32, checkpoints: &Path, node_cp
             ("WATT_JOB", o.job.clone()),
             ("WATT_SHARD", format!("{}/{}", o.job, o.shard)),
             ("WATT_EPOCH", o.epoch.to_string()),
+            // The run's secret: its ranks prove it to each other at the rendezvous.
+            ("WATT_RUN_TOKEN", o.run_token.clone()),
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
