@@ -34,8 +34,20 @@ use crate::store;
 /// How long open streams (agent sessions, event watches) may hold the exit after a signal.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// Connections waiting to be accepted. When thousands of agents reconnect at once (a controller
+/// restart), a short queue drops their SYNs and each waits out TCP's retransmission backoff
+/// (1 s, 3 s, 7 s, … a minute): the kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 16_384;
+
 pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ControllerError> {
-    TcpListener::bind(addr).await.map_err(|source| ControllerError::Listen { addr, source })
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // As TcpListener::bind does: a restarted controller rebinds a port with connections in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| ControllerError::Listen { addr, source })
 }
 
 /// Run the controller until `shutdown` resolves.
