@@ -39,6 +39,7 @@ impl From<RequestError> for Status {
             RequestError::Invalid(field) => Status::invalid_argument(field.to_string()),
             RequestError::NotFound(_) => Status::not_found(e.to_string()),
             RequestError::Forbidden(_) => Status::permission_denied(e.to_string()),
+            RequestError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
             RequestError::Store(StoreError::Conflict { .. }) => Status::aborted(e.to_string()),
             RequestError::Store(StoreError::Unavailable(_)) => Status::unavailable(e.to_string()),
             RequestError::Store(_) => Status::internal(e.to_string()),

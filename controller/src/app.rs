@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::reconcile::Controller;
 use crate::session::AgentSessions;
 use crate::store;
+use crate::store::observed::StoreHealth;
 
 /// How long open streams (agent sessions, event watches) may hold the exit after a signal.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -57,8 +58,10 @@ pub async fn run(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
-    let store = store::open(&config.store).await?;
     let metrics = Metrics::new()?;
+    let store_health = StoreHealth::new(metrics.store_write_failures.clone(), metrics.store_writable.clone());
+    let store: Arc<dyn store::Store> =
+        Arc::new(store::observed::Observed::new(store::open(&config.store).await?, store_health.clone()));
     let controller = Controller::new(store, config.settings(), metrics.clone()).await?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -81,10 +84,11 @@ pub async fn run(
 
     let reconciling = tokio::spawn(controller.clone().run(wait_stop()));
     let metering = tokio::spawn(controller.clone().run_meter(wait_stop()));
+    tokio::spawn(crate::retention::sweep(controller.clone(), wait_stop()));
     let metrics_app = Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics.clone());
+        .with_state(metrics.clone())
+        .route("/healthz", get(healthz).with_state(store_health));
     let metrics_server = tokio::spawn({
         let stop = wait_stop();
         async move { axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stop).await }
@@ -197,6 +201,15 @@ async fn warn_insecure(addr: std::net::SocketAddr, stop: impl Future<Output = ()
             ),
             () = &mut stop => return,
         }
+    }
+}
+
+/// 200 "ok" while the store takes writes; 503 naming the store's failure otherwise (a full disk,
+/// an unreachable etcd), until a write succeeds again.
+async fn healthz(State(health): State<StoreHealth>) -> (axum::http::StatusCode, String) {
+    match health.failure() {
+        None => (axum::http::StatusCode::OK, "ok\n".into()),
+        Some(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("store: {why}\n")),
     }
 }
 

@@ -11,6 +11,7 @@ use watt_common::duration::{parse as parse_duration, show};
 pub use watt_common::logging::LogFormat;
 
 use crate::reconcile::Settings;
+use crate::retention::{JobLimits, Retention};
 
 /// Watt's controller: agent sessions, the durable job store, the gang scheduler.
 #[derive(Debug, Parser)]
@@ -83,6 +84,22 @@ pub struct Args {
     #[arg(long, env = "WATT_SETTLE_TIME", value_name = "DURATION", value_parser = parse_duration)]
     pub settle_time: Option<Duration>,
 
+    /// Ended jobs are kept this long, then removed [default: 7d].
+    #[arg(long, env = "WATT_KEEP_ENDED", value_name = "DURATION", value_parser = parse_duration)]
+    pub keep_ended: Option<Duration>,
+
+    /// At most this many ended jobs are kept, the newest [default: 10000].
+    #[arg(long, env = "WATT_KEEP_ENDED_JOBS", value_name = "N")]
+    pub keep_ended_jobs: Option<usize>,
+
+    /// Jobs stored in all, ended ones included; a submit beyond is refused [default: 100000].
+    #[arg(long, env = "WATT_MAX_JOBS", value_name = "N")]
+    pub max_jobs: Option<usize>,
+
+    /// Jobs not ended yet that one principal may have [default: 1000].
+    #[arg(long, env = "WATT_MAX_JOBS_PER_PRINCIPAL", value_name = "N")]
+    pub max_jobs_per_principal: Option<usize>,
+
     /// Log format [default: text].
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -108,6 +125,11 @@ pub struct FileConfig {
     pub regrow_after: Option<Duration>,
     #[serde(default, with = "watt_common::duration::option")]
     pub settle_time: Option<Duration>,
+    #[serde(default, with = "watt_common::duration::option")]
+    pub keep_ended: Option<Duration>,
+    pub keep_ended_jobs: Option<usize>,
+    pub max_jobs: Option<usize>,
+    pub max_jobs_per_principal: Option<usize>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -125,6 +147,8 @@ pub struct ControllerConfig {
     pub reconcile_interval: Duration,
     pub regrow_after: Duration,
     pub settle_time: Duration,
+    pub retention: Retention,
+    pub limits: JobLimits,
     pub log_format: LogFormat,
 }
 
@@ -170,6 +194,14 @@ impl Args {
             reconcile_interval: self.reconcile_interval.or(file.reconcile_interval).unwrap_or(Duration::from_secs(1)),
             regrow_after: self.regrow_after.or(file.regrow_after).unwrap_or(Duration::from_secs(30)),
             settle_time: self.settle_time.or(file.settle_time).unwrap_or(Duration::from_secs(2)),
+            retention: Retention {
+                keep_for: self.keep_ended.or(file.keep_ended).unwrap_or(Duration::from_secs(7 * 86_400)),
+                keep_count: self.keep_ended_jobs.or(file.keep_ended_jobs).unwrap_or(10_000),
+            },
+            limits: JobLimits {
+                per_principal: self.max_jobs_per_principal.or(file.max_jobs_per_principal).unwrap_or(1_000),
+                total: self.max_jobs.or(file.max_jobs).unwrap_or(100_000),
+            },
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         };
         config.validate()?;
@@ -231,6 +263,24 @@ impl ControllerConfig {
                 "needs --tls-cert and --tls-key: client certificates are checked in the TLS handshake".into(),
             ));
         }
+        if self.limits.total == 0 || self.limits.per_principal == 0 {
+            let (flag, key) = if self.limits.total == 0 {
+                ("max-jobs", "max_jobs")
+            } else {
+                ("max-jobs-per-principal", "max_jobs_per_principal")
+            };
+            return Err(invalid(flag, key, "must be at least 1".into()));
+        }
+        if self.retention.keep_count > self.limits.total {
+            return Err(invalid(
+                "keep-ended-jobs",
+                "keep_ended_jobs",
+                format!(
+                    "is {} but --max-jobs is {}: the ended jobs kept would leave no room",
+                    self.retention.keep_count, self.limits.total
+                ),
+            ));
+        }
         if self.client_ca_key.is_some() && self.client_ca.is_none() {
             return Err(invalid(
                 "client-ca-key",
@@ -269,6 +319,8 @@ impl ControllerConfig {
             reconcile_interval: self.reconcile_interval,
             regrow_after: self.regrow_after,
             settle_time: self.settle_time,
+            retention: self.retention,
+            limits: self.limits,
             // Several telemetry messages per lease, at most one a second.
             telemetry_interval: (self.node_lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(1)),
         }

@@ -153,6 +153,33 @@ impl ShardOutcome {
 }
 
 impl JobRecord {
+    /// When it ended, as well as the record says: the end of its last run, else its last resize
+    /// or its submission (a job cancelled before it ever ran).
+    pub fn ended_unix_ms(&self) -> i64 {
+        let last_run = self.last_run.iter().map(|o| o.ended_unix_ms).max().unwrap_or(0);
+        last_run.max(self.resized_unix_ms).max(self.submitted_unix_ms)
+    }
+
+    /// A pending record of `spec`, for tests.
+    #[cfg(test)]
+    pub fn new_for_tests(spec: JobSpec) -> JobRecord {
+        JobRecord {
+            spec,
+            state: JobState::Pending,
+            sequence: 1,
+            submitted_unix_ms: 0,
+            epoch: 0,
+            shards: Vec::new(),
+            master_port: 0,
+            message: String::new(),
+            preemptions: 0,
+            resized_unix_ms: 0,
+            last_run: Vec::new(),
+            hold: None,
+            submitted_by: String::new(),
+        }
+    }
+
     pub fn request(&self) -> JobRequest {
         JobRequest {
             name: self.spec.name.clone(),
@@ -323,6 +350,30 @@ impl JobTable {
 
     /// Write a changed record back, compare-and-swap against the version it was read at. On a
     /// conflict the cached record is reloaded from the store and the change is dropped.
+    /// Remove ended jobs by name (compare-and-swap: one changed since it was read stays); how
+    /// many were removed. A job that has not ended is never removed.
+    pub async fn remove_ended(&mut self, names: &[String]) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for chunk in names.chunks(MAX_WRITES_PER_COMMIT) {
+            let writes: Vec<Write> = chunk
+                .iter()
+                .filter_map(|n| self.jobs.get(n).filter(|(r, _)| r.state.is_terminal()).map(|(_, v)| (n, *v)))
+                .map(|(n, v)| Write::delete(job_key(n), Expect::Version(v)))
+                .collect();
+            if writes.is_empty() {
+                continue;
+            }
+            self.store.commit(writes).await?;
+            for n in chunk {
+                if self.jobs.get(n).is_some_and(|(r, _)| r.state.is_terminal()) {
+                    self.jobs.remove(n);
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     pub async fn update(&mut self, record: JobRecord) -> Result<(), StoreError> {
         match self.update_all(vec![record]).await {
             (_, Some(e)) => Err(e),

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod reconcile;
 pub mod registry;
 pub mod regrow;
+pub mod retention;
 pub mod run_tokens;
 pub mod scheduler;
 pub mod session;

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub insecure_listener: IntGauge,
     /// Calls refused, by gRPC code: `unauthenticated` or `permission_denied`.
     pub refused_calls: IntCounterVec,
+    /// Store writes that failed (conflicts aside), and whether the last one succeeded.
+    pub store_write_failures: IntCounter,
+    pub store_writable: IntGauge,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
@@ -169,6 +172,14 @@ impl Metrics {
             ),
             &["code"],
         )?;
+        let store_write_failures = IntCounter::new(
+            "watt_store_write_failures_total",
+            "Store writes that failed (a full disk, an unreachable etcd); compare-and-swap conflicts are not counted.",
+        )?;
+        let store_writable = IntGauge::new(
+            "watt_store_writable",
+            "1 while the store's last write succeeded, 0 after one failed (until one succeeds again).",
+        )?;
         let gauge = |(name, help): (&str, &str)| GaugeVec::new(Opts::new(name, help), &["job"]);
         let job_progress =
             [gauge(JOB_PROGRESS[0])?, gauge(JOB_PROGRESS[1])?, gauge(JOB_PROGRESS[2])?, gauge(JOB_PROGRESS[3])?];
@@ -217,6 +228,8 @@ impl Metrics {
         registry.register(Box::new(power_event_open.clone()))?;
         registry.register(Box::new(insecure_listener.clone()))?;
         registry.register(Box::new(refused_calls.clone()))?;
+        registry.register(Box::new(store_write_failures.clone()))?;
+        registry.register(Box::new(store_writable.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
@@ -245,6 +258,8 @@ impl Metrics {
             power_event_open,
             insecure_listener,
             refused_calls,
+            store_write_failures,
+            store_writable,
             job_progress,
             job_shards,
             job_cap,

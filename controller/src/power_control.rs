@@ -599,6 +599,8 @@ mod tests {
             telemetry_interval: Duration::from_secs(1),
             regrow_after: Duration::from_secs(30),
             settle_time: Duration::from_secs(2),
+            retention: crate::retention::Retention { keep_for: Duration::from_secs(7 * 86_400), keep_count: 10_000 },
+            limits: crate::retention::JobLimits { per_principal: 1_000, total: 100_000 },
         };
         Controller::new(store, settings, Metrics::new().unwrap()).await.unwrap()
     }

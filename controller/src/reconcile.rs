@@ -45,6 +45,10 @@ pub struct Settings {
     /// How long after a power event measured draw may stay above the limit (see
     /// [`crate::power::meter`]).
     pub settle_time: Duration,
+    /// How long ended jobs are kept, and how many (see [`crate::retention`]).
+    pub retention: crate::retention::Retention,
+    /// How many jobs a principal, and everyone, may have stored.
+    pub limits: crate::retention::JobLimits,
 }
 
 /// Why a client request failed.
@@ -57,6 +61,9 @@ pub enum RequestError {
     /// The caller's role allows the call, but not on this object (someone else's job).
     #[error("{0}")]
     Forbidden(String),
+    /// A limit on what may be stored is reached.
+    #[error("{0}")]
+    Exhausted(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -195,6 +202,19 @@ impl Controller {
             .into());
         }
         let mut jobs = self.jobs.lock().await;
+        let limits = self.settings.limits;
+        if jobs.len() >= limits.total {
+            return Err(RequestError::Exhausted(format!(
+                "the controller holds {} jobs, its limit (--max-jobs); ended jobs are removed after --keep-ended",
+                jobs.len()
+            )));
+        }
+        let live = jobs.iter().filter(|j| !j.state.is_terminal() && j.submitted_by == by.name).count();
+        if live >= limits.per_principal {
+            return Err(RequestError::Exhausted(format!(
+                "{by} has {live} jobs not ended, its limit (--max-jobs-per-principal)"
+            )));
+        }
         if let Some(existing) = jobs.get(&spec.name) {
             return Err(FieldError::new(
                 "name",
@@ -253,6 +273,28 @@ impl Controller {
             self.wake();
         }
         Ok(self.job_proto(&record))
+    }
+
+    /// Remove the ended jobs retention no longer keeps (see [`crate::retention`]).
+    pub async fn remove_expired_jobs(&self) {
+        let mut jobs = self.jobs.lock().await;
+        let expired = crate::retention::expired(jobs.iter(), unix_ms(), self.settings.retention);
+        if expired.is_empty() {
+            return;
+        }
+        match jobs.remove_ended(&expired).await {
+            Ok(removed) => {
+                drop(jobs);
+                tracing::info!(removed, "Removed ended jobs past their retention.");
+                self.emit(
+                    "controller",
+                    "retention",
+                    "jobs-removed",
+                    format!("{removed} ended job(s) past their retention removed"),
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot remove ended jobs; trying again in a minute."),
+        }
     }
 
     pub async fn job(&self, name: &str) -> Result<pb::Job, RequestError> {

@@ -63,3 +63,14 @@ fn check_config_validates_and_exits_zero() {
         "{stdout}"
     );
 }
+
+#[test]
+fn limits_that_leave_no_room_are_refused_by_name() {
+    let base = ["--token-file", "/etc/watt/tokens", "--check-config"];
+    usage_error(&controller(&[&base[..], &["--max-jobs", "0"]].concat()), &["--max-jobs"]);
+    usage_error(&controller(&[&base[..], &["--max-jobs-per-principal", "0"]].concat()), &["--max-jobs-per-principal"]);
+    usage_error(
+        &controller(&[&base[..], &["--max-jobs", "100", "--keep-ended-jobs", "500"]].concat()),
+        &["--keep-ended-jobs"],
+    );
+}

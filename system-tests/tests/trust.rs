@@ -231,3 +231,80 @@ fn shards_run_unprivileged_without_new_privileges() {
     // Its rendezvous secret came with it (64 hex digits).
     assert!(log.contains("token=64"), "{log}");
 }
+
+#[test]
+fn no_client_can_fill_the_store_and_ended_jobs_go_after_their_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = ControllerProc::start(
+        &store(&dir),
+        0,
+        &["--max-jobs-per-principal", "2", "--max-jobs", "4", "--keep-ended", "2s", "--keep-ended-jobs", "4"],
+    );
+    let url = &controller.url;
+    let pki = TestPki::get();
+    let (sam, sue) = (pki.client("sam", "submitter"), pki.client("sue", "submitter"));
+    let submit_as = |who: &CertFiles, name: &str| {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, job_manifest(name, 1, 1, 1, 1)).unwrap();
+        wattctl_as(url, Some(who), &["submit", "-f", file.to_str().unwrap()])
+    };
+    assert!(submit_as(&sam, "a").status.success());
+    assert!(submit_as(&sam, "b").status.success());
+    // A third job not ended: over sam's limit, and said so; sue is not held back by sam.
+    let third = submit_as(&sam, "c");
+    assert_eq!(third.status.code(), Some(1));
+    assert!(
+        stderr(&third).contains("sam (submitter) has 2 jobs not ended")
+            && stderr(&third).contains("--max-jobs-per-principal"),
+        "{}",
+        stderr(&third)
+    );
+    assert!(submit_as(&sue, "d").status.success());
+    assert!(submit_as(&sue, "e").status.success());
+    // Four stored in all: the controller's own limit.
+    assert!(wattctl_as(url, Some(&sam), &["cancel", "a"]).status.success());
+    let full = submit_as(&sam, "f");
+    assert!(stderr(&full).contains("holds 4 jobs") && stderr(&full).contains("--max-jobs"), "{}", stderr(&full));
+    // The cancelled job ends, is kept 2 s, then removed: room again.
+    wait_for(Duration::from_secs(15), "the ended job to be removed", || (!jobs(url).contains_key("a")).then_some(()));
+    assert!(jobs(url).contains_key("b"), "jobs not ended stay");
+    assert!(submit_as(&sam, "f").status.success());
+    let events = String::from_utf8_lossy(&wattctl(url, &["events"]).stdout).into_owned();
+    assert!(events.contains("jobs-removed"), "{events}");
+}
+
+/// The controller's `/healthz`: status code and body.
+fn healthz(controller: &ControllerProc) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", controller.metrics_port)).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[test]
+fn a_store_that_cannot_be_written_shows_in_healthz_and_clears_without_a_restart() {
+    let mut etcd = Etcd::start();
+    let controller = ControllerProc::start(&format!("etcd://{}", etcd.endpoint()), 0, &[]);
+    let url = &controller.url;
+    assert_eq!(healthz(&controller).0, 200);
+    etcd.kill();
+    // A write while the store is gone fails, and says so; /healthz and the metrics say why.
+    let refused = submit(url, &job_manifest("during-outage", 1, 1, 1, 1));
+    assert!(!refused.status.success());
+    let (code, body) = healthz(&controller);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("store: "), "{body}");
+    assert!(controller.metrics().lines().any(|l| l == "watt_store_writable 0"));
+    // The store is back: the next write succeeds and clears it, with the same controller.
+    etcd.restart();
+    wait_for(Duration::from_secs(30), "a write to succeed again", || {
+        submit(url, &job_manifest("after-outage", 1, 1, 1, 1)).status.success().then_some(())
+    });
+    assert_eq!(healthz(&controller), (200, "ok\n".to_string()));
+    let metrics = controller.metrics();
+    assert!(metrics.lines().any(|l| l == "watt_store_writable 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("watt_store_write_failures_total ")), "{metrics}");
+}

@@ -17,6 +17,7 @@ pub fn encode_json<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>,
 }
 pub mod etcd;
 pub mod file;
+pub mod observed;
 
 use std::fmt;
 use std::sync::Arc;
