@@ -524,32 +524,25 @@ mod tests {
     const REGROW_AFTER_MS: i64 = 30_000;
 
     fn record(name: &str, priority: i64, shards: (u32, u32), state: JobState, placed: &[&str]) -> JobRecord {
+        let spec = JobSpec {
+            name: name.into(),
+            priority,
+            shards: ShardRange { min: shards.0, max: shards.1 },
+            gpus_per_shard: 8,
+            command: vec!["train".into()],
+            env: Default::default(),
+            workdir: None,
+            checkpoint_dir: None,
+            flex: 0.0,
+            max_restarts: 0,
+            stop_grace_ms: 1_000,
+        };
         JobRecord {
-            spec: JobSpec {
-                name: name.into(),
-                priority,
-                shards: ShardRange { min: shards.0, max: shards.1 },
-                gpus_per_shard: 8,
-                command: vec!["train".into()],
-                env: Default::default(),
-                workdir: None,
-                checkpoint_dir: None,
-                flex: 0.0,
-                max_restarts: 0,
-                stop_grace_ms: 1_000,
-            },
             state,
-            sequence: 1,
-            submitted_unix_ms: 0,
             epoch: u64::from(!placed.is_empty()),
             shards: placed.iter().map(|n| ShardAssignment { node: (*n).into(), gpus: (0..8).collect() }).collect(),
             master_port: if placed.is_empty() { 0 } else { 29_500 },
-            message: String::new(),
-            preemptions: 0,
-            resized_unix_ms: 0,
-            last_run: Vec::new(),
-            hold: None,
-            submitted_by: String::new(),
+            ..JobRecord::new_for_tests(spec)
         }
     }
 
