@@ -60,8 +60,10 @@ pub async fn run(
 ) -> Result<(), ControllerError> {
     let metrics = Metrics::new()?;
     let store_health = StoreHealth::new(metrics.store_write_failures.clone(), metrics.store_writable.clone());
-    let store: Arc<dyn store::Store> =
-        Arc::new(store::observed::Observed::new(store::open(&config.store).await?, store_health.clone()));
+    let store: Arc<dyn store::Store> = Arc::new(store::observed::Observed::new(
+        store::open_with(&config.store, etcd_tls(&config)?).await?,
+        store_health.clone(),
+    ));
     let controller = Controller::new(store, config.settings(), metrics.clone()).await?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -178,6 +180,19 @@ fn node_signer(config: &ControllerConfig, controller: &Controller) -> Result<Opt
     let authority = watt_common::pki::Authority::load(&read("the client CA", ca)?, &read("the client CA key", key)?)
         .map_err(|e| ControllerError::Tls(e.to_string()))?;
     Ok(Some(Arc::new(NodeSigner::new(authority, controller.store.clone()))))
+}
+
+/// TLS to etcd, read from the files the configuration names.
+fn etcd_tls(config: &ControllerConfig) -> Result<Option<store::EtcdTls>, ControllerError> {
+    let Some(files) = &config.etcd_tls else { return Ok(None) };
+    let client = match &files.client {
+        Some(pair) => Some((
+            read_credential("the etcd client certificate", &pair.cert)?,
+            read_credential("the etcd client key", &pair.key)?,
+        )),
+        None => None,
+    };
+    Ok(Some(store::EtcdTls { ca_pem: read_credential("the etcd CA", &files.ca)?, client }))
 }
 
 /// A PEM file the controller needs to start, or an error naming what it is.

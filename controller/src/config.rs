@@ -62,6 +62,18 @@ pub struct Args {
     #[arg(long, env = "WATT_STORE", value_name = "ADDRESS")]
     pub store: Option<String>,
 
+    /// TLS to etcd: the CA that signed etcd's certificate (the endpoints become https://).
+    #[arg(long, env = "WATT_ETCD_CA", value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// The controller's client certificate and key for etcd (PEM), for an etcd started with
+    /// --client-cert-auth.
+    #[arg(long, env = "WATT_ETCD_CERT", value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+
+    #[arg(long, env = "WATT_ETCD_KEY", value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
+
     /// Address of the Prometheus endpoint [default: 0.0.0.0:9401].
     #[arg(long, env = "WATT_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -116,6 +128,9 @@ pub struct FileConfig {
     pub token_file: Option<PathBuf>,
     pub insecure: Option<bool>,
     pub store: Option<String>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
     #[serde(default, with = "watt_common::duration::option")]
     pub node_lease: Option<Duration>,
@@ -136,6 +151,8 @@ pub struct FileConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControllerConfig {
     pub listen: SocketAddr,
+    /// TLS to etcd: its CA, and the controller's client certificate (see [`EtcdTlsFiles`]).
+    pub etcd_tls: Option<EtcdTlsFiles>,
     pub tls: Option<TlsFiles>,
     pub client_ca: Option<PathBuf>,
     pub client_ca_key: Option<PathBuf>,
@@ -150,6 +167,13 @@ pub struct ControllerConfig {
     pub retention: Retention,
     pub limits: JobLimits,
     pub log_format: LogFormat,
+}
+
+/// TLS to etcd, as files: the CA, and a client certificate and key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub client: Option<TlsFiles>,
 }
 
 /// A certificate and its key, both PEM files.
@@ -179,9 +203,28 @@ impl Args {
             (Some(_), None) => return Err(invalid("tls-key", "tls_key", "is required with --tls-cert".into())),
             (None, Some(_)) => return Err(invalid("tls-cert", "tls_cert", "is required with --tls-key".into())),
         };
+        let etcd_tls = match (
+            self.etcd_ca.clone().or(file.etcd_ca),
+            self.etcd_cert.clone().or(file.etcd_cert),
+            self.etcd_key.clone().or(file.etcd_key),
+        ) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(EtcdTlsFiles { ca, client: Some(TlsFiles { cert, key }) }),
+            (Some(ca), None, None) => Some(EtcdTlsFiles { ca, client: None }),
+            (None, _, _) => {
+                return Err(invalid("etcd-ca", "etcd_ca", "is required with --etcd-cert and --etcd-key".into()))
+            }
+            (Some(_), Some(_), None) => {
+                return Err(invalid("etcd-key", "etcd_key", "is required with --etcd-cert".into()))
+            }
+            (Some(_), None, Some(_)) => {
+                return Err(invalid("etcd-cert", "etcd_cert", "is required with --etcd-key".into()))
+            }
+        };
         // Plain text stays on this machine unless asked otherwise.
         let default_listen = if tls.is_some() { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
         let config = ControllerConfig {
+            etcd_tls,
             listen: self.listen.or(file.listen).unwrap_or(SocketAddr::from((default_listen, 7070))),
             tls,
             client_ca: self.client_ca.clone().or(file.client_ca),
@@ -261,6 +304,13 @@ impl ControllerConfig {
                 "client-ca",
                 "client_ca",
                 "needs --tls-cert and --tls-key: client certificates are checked in the TLS handshake".into(),
+            ));
+        }
+        if self.etcd_tls.is_some() && !self.store.starts_with("etcd://") {
+            return Err(invalid(
+                "etcd-ca",
+                "etcd_ca",
+                format!("applies to an etcd:// store; the store is {:?}", self.store),
             ));
         }
         if self.limits.total == 0 || self.limits.per_principal == 0 {

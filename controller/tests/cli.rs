@@ -74,3 +74,14 @@ fn limits_that_leave_no_room_are_refused_by_name() {
         &["--keep-ended-jobs"],
     );
 }
+
+#[test]
+fn etcd_tls_needs_its_ca_a_whole_pair_and_an_etcd_store() {
+    let etcd = ["--store", "etcd://10.0.0.1:2379", "--token-file", "/etc/watt/tokens", "--check-config"];
+    usage_error(&controller(&[&etcd[..], &["--etcd-cert", "c.pem", "--etcd-key", "k.pem"]].concat()), &["--etcd-ca"]);
+    usage_error(&controller(&[&etcd[..], &["--etcd-ca", "ca.pem", "--etcd-cert", "c.pem"]].concat()), &["--etcd-key"]);
+    let file = ["--store", "file:w.redb", "--token-file", "/etc/watt/tokens", "--check-config", "--etcd-ca", "ca.pem"];
+    usage_error(&controller(&file), &["--etcd-ca", "etcd://"]);
+    let ok = controller(&[&etcd[..], &["--etcd-ca", "ca.pem", "--etcd-cert", "c.pem", "--etcd-key", "k.pem"]].concat());
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+}

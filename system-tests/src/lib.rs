@@ -109,21 +109,34 @@ pub struct Etcd {
     pub dir: tempfile::TempDir,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Clients over TLS with a certificate from the tests' authority (`--client-cert-auth`).
+    pub tls: bool,
 }
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Etcd::start_with(false)
+    }
+
+    /// An etcd that takes clients only over TLS with a client certificate the tests' authority
+    /// signed (its own certificate is the tests' server certificate).
+    pub fn start_tls() -> Etcd {
+        Etcd::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Etcd {
         let etcd = which("etcd").unwrap_or_else(|| {
             panic!("`etcd` is not installed: run `apt-get install -y etcd-server` (scripts/test does this)")
         });
         let dir = tempfile::tempdir().unwrap();
-        let mut e = Etcd { proc: None, dir, client_port: free_port(), peer_port: free_port() };
+        let mut e = Etcd { proc: None, dir, client_port: free_port(), peer_port: free_port(), tls };
         e.proc = Some(e.launch(&etcd));
         e
     }
 
     fn launch(&self, etcd: &PathBuf) -> Proc {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new(etcd);
         cmd.arg("--name=watt-test")
@@ -134,6 +147,14 @@ impl Etcd {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=watt-test={peer}"))
             .arg("--log-level=warn");
+        if self.tls {
+            let pki = TestPki::get();
+            let server = pki.server();
+            cmd.arg("--client-cert-auth")
+                .arg(format!("--trusted-ca-file={}", pki.ca().display()))
+                .arg(format!("--cert-file={}", server.cert.display()))
+                .arg(format!("--key-file={}", server.key.display()));
+        }
         let proc = Proc::spawn("etcd", cmd);
         wait_for(Duration::from_secs(30), "etcd to answer", || {
             std::net::TcpStream::connect(("127.0.0.1", self.client_port)).ok().map(|_| ())

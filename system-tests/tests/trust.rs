@@ -308,3 +308,34 @@ fn a_store_that_cannot_be_written_shows_in_healthz_and_clears_without_a_restart(
     assert!(metrics.lines().any(|l| l == "watt_store_writable 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l.starts_with("watt_store_write_failures_total ")), "{metrics}");
 }
+
+#[test]
+fn the_controller_reaches_an_etcd_that_takes_only_client_certificates() {
+    let etcd = Etcd::start_tls();
+    let pki = TestPki::get();
+    let client = pki.client("watt-controller", "admin");
+    let store = format!("etcd://{}", etcd.endpoint());
+    let ca = pki.ca();
+    let tls = [
+        "--etcd-ca",
+        ca.to_str().unwrap(),
+        "--etcd-cert",
+        client.cert.to_str().unwrap(),
+        "--etcd-key",
+        client.key.to_str().unwrap(),
+    ];
+    let first = ControllerProc::start(&store, 0, &tls);
+    assert!(submit(&first.url, &job_manifest("kept", 1, 1, 1, 1)).status.success());
+    drop(first);
+    // Its jobs are in that etcd: another controller with the same credentials reads them back.
+    let again = ControllerProc::start(&store, 0, &tls);
+    assert!(jobs(&again.url).contains_key("kept"));
+    drop(again);
+    // Without a client certificate etcd refuses the controller, which says so and exits.
+    let mut cmd = std::process::Command::new(bin("watt-controller"));
+    cmd.args(["--store", &store, "--etcd-ca", ca.to_str().unwrap(), "--token-file", "/dev/null"]);
+    let out = cmd.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("store unavailable"), "{said}");
+}

@@ -34,10 +34,23 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
 impl EtcdStore {
     /// Connect to `endpoints` (`http://host:port`) and check that etcd answers.
     pub async fn connect(endpoints: Vec<String>, prefix: &str) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
+        Self::connect_with(endpoints, prefix, None).await
+    }
+
+    /// The same over TLS (`https://` endpoints), trusting `tls`'s CA and presenting its client
+    /// certificate, as an etcd started with `--client-cert-auth` requires.
+    pub async fn connect_with(
+        endpoints: Vec<String>,
+        prefix: &str,
+        tls: Option<etcd_client::TlsOptions>,
+    ) -> Result<Self, StoreError> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        if let Some(tls) = tls {
+            options = options.with_tls(tls);
+        }
         let mut client = Client::connect(&endpoints, Some(options)).await.map_err(unavailable)?;
         client.status().await.map_err(unavailable)?;
         Ok(EtcdStore { client, prefix: prefix.to_string() })

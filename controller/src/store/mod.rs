@@ -127,6 +127,19 @@ pub trait Store: Send + Sync + fmt::Debug {
 
 /// Open the store an address names: `file:PATH` or `etcd://HOST:PORT[,HOST:PORT...]`.
 pub async fn open(address: &str) -> Result<Arc<dyn Store>, StoreError> {
+    open_with(address, None).await
+}
+
+/// TLS to etcd: the CA that signed its certificate, and the controller's client certificate and
+/// key (PEM), for an etcd started with `--client-cert-auth`.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca_pem: String,
+    pub client: Option<(String, String)>,
+}
+
+/// [`open`], with TLS to etcd when `etcd_tls` is given (`https://` endpoints).
+pub async fn open_with(address: &str, etcd_tls: Option<EtcdTls>) -> Result<Arc<dyn Store>, StoreError> {
     if let Some(path) = address.strip_prefix("file:") {
         if path.is_empty() {
             return Err(StoreError::BadAddress(address.into()));
@@ -137,12 +150,20 @@ pub async fn open(address: &str) -> Result<Arc<dyn Store>, StoreError> {
             .map_err(|e| StoreError::Unavailable(e.to_string()))??;
         Ok(Arc::new(store))
     } else if let Some(hosts) = address.strip_prefix("etcd://") {
+        let scheme = if etcd_tls.is_some() { "https" } else { "http" };
         let endpoints: Vec<String> =
-            hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("http://{h}")).collect();
+            hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("{scheme}://{h}")).collect();
         if endpoints.is_empty() || hosts.contains('/') {
             return Err(StoreError::BadAddress(address.into()));
         }
-        Ok(Arc::new(etcd::EtcdStore::connect(endpoints, etcd::KEY_PREFIX).await?))
+        let tls = etcd_tls.map(|t| {
+            let options = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(t.ca_pem));
+            match t.client {
+                Some((cert, key)) => options.identity(etcd_client::Identity::from_pem(cert, key)),
+                None => options,
+            }
+        });
+        Ok(Arc::new(etcd::EtcdStore::connect_with(endpoints, etcd::KEY_PREFIX, tls).await?))
     } else {
         Err(StoreError::BadAddress(address.into()))
     }
