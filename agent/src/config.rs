@@ -90,7 +90,8 @@ pub struct Args {
     #[arg(long, env = "WATT_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 
-    /// Address of the Prometheus endpoint (/metrics, /healthz) [default: 0.0.0.0:9400].
+    /// Address of the HTTP endpoint (/metrics, /healthz, shards' /logs) [default: 127.0.0.1:9400:
+    /// plain text stays on this machine unless asked; Prometheus elsewhere needs 0.0.0.0:9400].
     #[arg(long, env = "WATT_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
@@ -328,7 +329,7 @@ impl Args {
                 Some(name) => name,
                 None => sysinfo::System::host_name().unwrap_or_else(|| "localhost".into()),
             },
-            metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9400))),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9400))),
             sample_interval: self.sample_interval.or(file.sample_interval).unwrap_or(Duration::from_secs(1)),
             detail_interval: self.detail_interval.or(file.detail_interval).unwrap_or(Duration::from_secs(10)),
             dcgm_compat: self.dcgm_compat || file.dcgm_compat.unwrap_or(false),
@@ -510,7 +511,7 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let c = args(&["--node-name", "n1"]).resolve().unwrap();
         assert_eq!(c.backend, BackendKind::Nvml);
-        assert_eq!(c.metrics_addr.port(), 9400);
+        assert_eq!(c.metrics_addr, SocketAddr::from(([127, 0, 0, 1], 9400)), "plain text on loopback unless asked");
         assert_eq!(c.sample_interval, Duration::from_secs(1));
         assert_eq!(c.full_sample_every(), 10);
         assert!(!c.dcgm_compat);

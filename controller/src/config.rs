@@ -74,7 +74,8 @@ pub struct Args {
     #[arg(long, env = "WATT_ETCD_KEY", value_name = "FILE")]
     pub etcd_key: Option<PathBuf>,
 
-    /// Address of the Prometheus endpoint [default: 0.0.0.0:9401].
+    /// Address of the Prometheus endpoint (/metrics, /healthz) [default: 127.0.0.1:9401: plain
+    /// text stays on this machine unless asked; Prometheus elsewhere needs 0.0.0.0:9401].
     #[arg(long, env = "WATT_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
@@ -232,7 +233,7 @@ impl Args {
             token_file: self.token_file.clone().or(file.token_file),
             insecure: self.insecure || file.insecure.unwrap_or(false),
             store: self.store.clone().or(file.store).unwrap_or_else(|| "file:watt-controller.redb".into()),
-            metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9401))),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9401))),
             node_lease: self.node_lease.or(file.node_lease).unwrap_or(Duration::from_secs(15)),
             reconcile_interval: self.reconcile_interval.or(file.reconcile_interval).unwrap_or(Duration::from_secs(1)),
             regrow_after: self.regrow_after.or(file.regrow_after).unwrap_or(Duration::from_secs(30)),

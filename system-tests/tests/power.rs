@@ -102,16 +102,18 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
     let t0 = std::time::Instant::now();
     set_grid(&url, "50kW", Some("4kW/s"));
     let mut samples = 0;
-    while t0.elapsed() < Duration::from_secs(3) {
+    // Every sample inside the ramp (5 s) counts; each is a wattctl process with a TLS handshake,
+    // slower on a loaded machine, so sample on until five are taken or the ramp is over.
+    while t0.elapsed() < Duration::from_secs(3) || (samples < 5 && t0.elapsed() < Duration::from_secs(5)) {
         let p = power(&url);
         let elapsed = t0.elapsed().as_secs_f64();
         let available = f(&p, "available_watts");
         assert!(available <= 30_000.0 + 4_000.0 * (elapsed + 0.1), "available {available} W after {elapsed:.2} s");
         assert!(f(&p, "allocated_watts") <= f(&p, "limit_watts") + 1e-6, "{p}");
         samples += 1;
-        std::thread::park_timeout(Duration::from_millis(250));
+        std::thread::park_timeout(Duration::from_millis(100));
     }
-    assert!(samples >= 5);
+    assert!(samples >= 5, "{samples} samples during the ramp");
     let grown = wait_for(Duration::from_secs(20), "the ramp to finish", || {
         let p = power(&url);
         (f(&p, "available_watts") == 50_000.0 && p["unacknowledged_nodes"] == 0).then_some(p)
