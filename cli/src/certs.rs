@@ -132,17 +132,14 @@ pub fn issue(dir: &Path, name: &str, role: Role) -> Result<Written, Failure> {
     Ok(Written { files: files.iter().map(|f| dir.join(f).display().to_string()).collect() })
 }
 
-/// A principal's name becomes a file name and a certificate's CN: the node-name rule.
+/// A principal's name becomes a certificate's CN and a file name: the node-name rule, and no
+/// leading '.' (no hidden files, no `..`).
 fn check_name(name: &str) -> Result<(), Failure> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-        && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Failure::Usage(format!("NAME must be 1 to 253 of [A-Za-z0-9-._], not starting with '.'; got {name:?}")))
+    watt_common::names::check_node(name).map_err(|rule| Failure::Usage(format!("NAME {rule}")))?;
+    if name.starts_with('.') {
+        return Err(Failure::Usage(format!("NAME must not start with '.' (got {name:?})")));
     }
+    Ok(())
 }
 
 fn write_pair(dir: &Path, stem: &str, issued: &pki::Issued) -> Result<[String; 2], Failure> {

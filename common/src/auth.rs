@@ -97,17 +97,13 @@ impl FromStr for Role {
 pub fn new_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    format!("watt_{}", hex(&bytes))
+    format!("watt_{}", crate::hex::encode(&bytes))
 }
 
 /// How a token file stores a token: `sha256:` and the hex digest. The controller keeps only
 /// digests, so a leaked token file grants nothing.
 pub fn token_digest(token: &str) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(token.as_bytes())))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("sha256:{}", crate::hex::encode(&Sha256::digest(token.as_bytes())))
 }
 
 #[cfg(test)]

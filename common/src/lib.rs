@@ -5,6 +5,34 @@
 pub mod auth;
 pub mod client;
 pub mod curve;
+
+pub mod hex {
+    //! Lowercase hex, for digests, nonces and secrets carried as text.
+
+    pub fn encode(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The bytes of `text`, or `None` when it is not an even number of hex digits.
+    pub fn decode(text: &str) -> Option<Vec<u8>> {
+        if text.len() % 2 != 0 {
+            return None;
+        }
+        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn round_trips_and_refuses_what_is_not_hex() {
+            assert_eq!(super::encode(&[0, 171, 255]), "00abff");
+            assert_eq!(super::decode("00abff"), Some(vec![0, 171, 255]));
+            for bad in ["abc", "zz", "0g"] {
+                assert_eq!(super::decode(bad), None, "{bad}");
+            }
+        }
+    }
+}
 pub mod pki;
 
 pub mod names {
@@ -27,8 +55,31 @@ pub mod names {
         }
     }
 
+    /// The rule for node names (they come from hostnames and certificates): 1 to 253 of
+    /// `[A-Za-z0-9-._]`; otherwise what the rule is, naming what was given.
+    pub fn check_node(name: &str) -> Result<(), String> {
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("must be 1 to 253 of [A-Za-z0-9-._] (got {name:?})"))
+        }
+    }
+
     #[cfg(test)]
     mod tests {
+        #[test]
+        fn node_names_are_hostnames_and_everything_else_is_named() {
+            for good in ["gpu-1", "node_7.rack-3", &"n".repeat(253)] {
+                assert_eq!(super::check_node(good), Ok(()), "{good}");
+            }
+            for bad in ["", "a b", "a/b", "bad name!", &"n".repeat(254)] {
+                assert!(super::check_node(bad).unwrap_err().contains(&format!("{bad:?}")), "{bad}");
+            }
+        }
+
         #[test]
         fn dns_labels_pass_and_everything_else_is_named() {
             for good in ["a", "llama-70b", "gt-1", &"x".repeat(63)] {

@@ -48,7 +48,7 @@ impl RunTokens {
     pub fn token(&self, job: &str, epoch: u64) -> String {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
         mac.update(format!("{job}/{epoch}").as_bytes());
-        mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+        watt_common::hex::encode(&mac.finalize().into_bytes())
     }
 }
 

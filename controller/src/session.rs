@@ -43,16 +43,9 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field} {message}"))
 }
 
-/// The rule for node names (they come from hostnames and certificates): 1 to 253 of
-/// `[A-Za-z0-9-._]`. `field` names the field in the error.
+/// The node-name rule (`watt_common::names::check_node`); `field` names the field in the error.
 pub fn validate_node_name(field: &str, name: &str) -> Result<(), Status> {
-    let name_ok = !name.is_empty()
-        && name.len() <= 253
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !name_ok {
-        return Err(invalid(field, format!("must be 1 to 253 of [A-Za-z0-9-._] (got {name:?})")));
-    }
-    Ok(())
+    watt_common::names::check_node(name).map_err(|rule| invalid(field, rule))
 }
 
 /// Check a registration before anything of it is used.

@@ -29,6 +29,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
+use watt_common::hex::{decode, encode};
 
 use crate::clock::Deadline;
 use crate::ring::Ring;
@@ -262,14 +263,14 @@ impl Rendezvous {
         let Some(token) = &self.token else { return "-".into() };
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
         mac.update(message.as_bytes());
-        hex(&mac.finalize().into_bytes())
+        encode(&mac.finalize().into_bytes())
     }
 
     /// Whether `proof` is the proof of `message` (compared in constant time). Without a secret
     /// only `-` is, and a rank with a secret accepts no `-`.
     fn verify(&self, message: &str, proof: &str) -> bool {
         let Some(token) = &self.token else { return proof == "-" };
-        let Some(bytes) = unhex(proof) else { return false };
+        let Some(bytes) = decode(proof) else { return false };
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
         mac.update(message.as_bytes());
         mac.verify_slice(&bytes).is_ok()
@@ -329,18 +330,7 @@ fn handshake(deadline: &Deadline) -> Deadline {
 fn new_nonce() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
-    hex(&bytes)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+    encode(&bytes)
 }
 
 fn protocol_at(peer: &str, message: String) -> RendezvousError {
