@@ -53,21 +53,31 @@ pub fn open_backend(config: &AgentConfig) -> Result<Backend, AgentError> {
     })
 }
 
-/// Bind the metrics address.
-pub async fn bind(config: &AgentConfig) -> Result<TcpListener, AgentError> {
-    TcpListener::bind(config.metrics_addr)
-        .await
-        .map_err(|source| AgentError::Listen { addr: config.metrics_addr, source })
+/// The agent's two ports, bound before it starts (so a port in use fails the start).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Plain HTTP: /metrics, /healthz.
+    pub metrics: TcpListener,
+    /// Shards' logs, for grant holders (see [`crate::logs`], [`crate::https`]).
+    pub logs: TcpListener,
+}
+
+/// Bind the metrics and logs addresses.
+pub async fn bind(config: &AgentConfig) -> Result<Listeners, AgentError> {
+    let bind =
+        |addr| async move { TcpListener::bind(addr).await.map_err(|source| AgentError::Listen { addr, source }) };
+    Ok(Listeners { metrics: bind(config.metrics_addr).await?, logs: bind(config.logs_addr).await? })
 }
 
 /// Run the agent until `shutdown` resolves.
 pub async fn run(
     config: AgentConfig,
     backend: Backend,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let Backend { gpus: backend, sim } = backend;
+    let Listeners { metrics: listener, logs: logs_listener } = listeners;
     let agent_metrics = AgentMetrics::new()?;
     let session_metrics = match config.controller {
         Some(_) => Some(agent_metrics.session()?),
@@ -146,6 +156,12 @@ pub async fn run(
         }
     }
     let shards = ShardTable::new(supervisor.clone(), config.stop_grace, sim);
+    let log_access = crate::logs::LogAccess::new(&config.node_name);
+    let logs_addr = logs_listener
+        .local_addr()
+        .map_err(|source| AgentError::Io { context: "cannot read the bound address", source })?;
+    let logs_tls = config.node_cert_files();
+    tracing::info!(addr = %logs_addr, tls = logs_tls.is_some(), "Serving shards' logs to holders of a grant.");
     let session = config.controller.clone().zip(session_metrics).map(|(controller, metrics)| {
         let session_config = SessionConfig {
             controller,
@@ -154,6 +170,9 @@ pub async fn run(
             node_name: config.node_name.clone(),
             boot_id: boot_id(),
             http_port: addr.port(),
+            logs_port: logs_addr.port(),
+            logs_tls: logs_tls.is_some(),
+            log_access: log_access.clone(),
             metrics,
         };
         tokio::spawn(session::run(
@@ -167,9 +186,11 @@ pub async fn run(
     });
     // Without a controller there is nobody to hear from: the failsafe caps set at start stay.
     let failsafe = config.controller.is_some().then(|| tokio::spawn(watch_failsafe(enforcer.clone(), stop_rx.clone())));
-    let server = tokio::spawn(exporter::serve(
-        listener,
-        exporter::router(renderer, rx).merge(crate::logs::router(crate::supervisor::logs_dir(&config.state_dir))),
+    let server = tokio::spawn(exporter::serve(listener, exporter::router(renderer, rx), wait_stop()));
+    let logs_server = tokio::spawn(crate::https::serve(
+        logs_listener,
+        crate::logs::router(crate::supervisor::logs_dir(&config.state_dir), log_access),
+        logs_tls,
         wait_stop(),
     ));
 
@@ -177,6 +198,7 @@ pub async fn run(
     tracing::info!("Shutting down.");
     let _ = stop_tx.send(true);
     let served = server.await;
+    let _ = logs_server.await;
     let _ = sampling.await;
     if let Some(session) = session {
         let _ = session.await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
+use crate::bootstrap::NodeCertFiles;
 use crate::enforcer::EnforceMode;
 use crate::gpu::nvml::DEFAULT_LIBRARY;
 use crate::gpu::sim::{SimModel, TICK};
@@ -90,10 +91,16 @@ pub struct Args {
     #[arg(long, env = "WATT_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 
-    /// Address of the HTTP endpoint (/metrics, /healthz, shards' /logs) [default: 127.0.0.1:9400:
-    /// plain text stays on this machine unless asked; Prometheus elsewhere needs 0.0.0.0:9400].
+    /// Address of the plain HTTP endpoint (/metrics, /healthz) [default: 127.0.0.1:9400: plain
+    /// text stays on this machine unless asked; Prometheus elsewhere needs 0.0.0.0:9400].
     #[arg(long, env = "WATT_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// Address of the shards' logs endpoint, read by `wattctl logs` with a grant from the
+    /// controller: HTTPS with this node's certificate when it has one, else plain on loopback
+    /// only [default: 127.0.0.1:9402].
+    #[arg(long, env = "WATT_LOGS_ADDR", value_name = "ADDR")]
+    pub logs_addr: Option<SocketAddr>,
 
     /// How often every GPU is read, e.g. 1s or 250ms; at least 100ms, the driver's update period
     /// [default: 1s].
@@ -198,6 +205,7 @@ pub struct FileConfig {
     pub sim_seed: Option<u64>,
     pub node_name: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
+    pub logs_addr: Option<SocketAddr>,
     #[serde(default, with = "watt_common::duration::option")]
     pub sample_interval: Option<Duration>,
     #[serde(default, with = "watt_common::duration::option")]
@@ -234,6 +242,7 @@ pub struct AgentConfig {
     pub sim_seed: u64,
     pub node_name: String,
     pub metrics_addr: SocketAddr,
+    pub logs_addr: SocketAddr,
     pub sample_interval: Duration,
     pub detail_interval: Duration,
     pub dcgm_compat: bool,
@@ -292,6 +301,7 @@ impl ConfigError {
             "detail_interval" => "detail-interval",
             "sim_gpus" => "sim-gpus",
             "node_name" => "node-name",
+            "logs_addr" => "logs-addr",
             "nvml_library" => "nvml-library",
             "failsafe_after" => "failsafe-after",
             "failsafe_cap" => "failsafe-cap",
@@ -330,6 +340,7 @@ impl Args {
                 None => sysinfo::System::host_name().unwrap_or_else(|| "localhost".into()),
             },
             metrics_addr: self.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9400))),
+            logs_addr: self.logs_addr.or(file.logs_addr).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9402))),
             sample_interval: self.sample_interval.or(file.sample_interval).unwrap_or(Duration::from_secs(1)),
             detail_interval: self.detail_interval.or(file.detail_interval).unwrap_or(Duration::from_secs(10)),
             dcgm_compat: self.dcgm_compat || file.dcgm_compat.unwrap_or(false),
@@ -376,6 +387,17 @@ impl FileConfig {
 }
 
 impl AgentConfig {
+    /// This node's certificate and key, when it has one: given (`--tls-cert`), or got from the
+    /// controller into the state directory (`--bootstrap-token-file`; present once it bootstrapped).
+    pub fn node_cert_files(&self) -> Option<NodeCertFiles> {
+        let c = &self.credentials;
+        match (&c.tls_cert, &c.tls_key, &c.bootstrap_token_file) {
+            (Some(cert), Some(key), _) => Some(NodeCertFiles { cert: cert.clone(), key: key.clone() }),
+            (_, _, Some(_)) => Some(NodeCertFiles::in_dir(&self.state_dir.join("pki"))),
+            _ => None,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.sample_interval < MIN_SAMPLE_INTERVAL || self.sample_interval > MAX_SAMPLE_INTERVAL {
             return Err(ConfigError::invalid(
@@ -451,6 +473,15 @@ impl AgentConfig {
                     "needs an https:// controller and --ca: the node's key and certificate travel only over TLS".into(),
                 ));
             }
+        }
+        if !self.logs_addr.ip().is_loopback() && self.node_cert_files().is_none() {
+            return Err(ConfigError::invalid(
+                "logs_addr",
+                format!(
+                    "{} is off loopback: shards' logs are served there only over HTTPS, with this node's certificate (--tls-cert and --tls-key, or --bootstrap-token-file)",
+                    self.logs_addr
+                ),
+            ));
         }
         if self.failsafe_after < Duration::from_secs(1) || self.failsafe_after > MAX_SAMPLE_INTERVAL {
             return Err(ConfigError::invalid(

@@ -17,6 +17,7 @@ pub mod error;
 pub mod exporter;
 pub mod gpu;
 pub mod host;
+pub mod https;
 pub mod logs;
 pub mod powercap;
 pub mod progress;

@@ -1,11 +1,13 @@
-//! Shards' logs over the agent's HTTP port, for `wattctl logs`:
+//! Shards' logs over the agent's logs port (HTTPS, see [`crate::https`]), for `wattctl logs`:
 //! `GET /logs/<job>/<shard>` returns the last 64 KiB of the shard's current log;
 //! `?offset=N` returns what follows byte N (at most 1 MiB), so a client can follow the log.
 //! Every answer carries `x-watt-log-size` (the file's size now); an offset past it means the log
 //! was rotated, and the answer starts over from byte 0 with `x-watt-log-rotated: 1`.
 //!
-//! The logs are the workers' own output and are served to whoever can reach the agent's port,
-//! like its metrics: keep that port inside the cluster.
+//! Every request needs `Authorization: Bearer <grant>`: a grant the controller signed for this
+//! node, this job and this shard, not yet expired (see [`watt_common::grant`]). The agent learns
+//! the key it checks grants with when the controller accepts its session; until then it serves
+//! no log.
 //!
 //! Only a regular file in a job's own directory is served: neither the log nor its job's
 //! directory may be a symbolic link (a link placed there would serve any file the agent can
@@ -16,11 +18,14 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path as FsPath, PathBuf};
 
+use std::sync::{Arc, PoisonError, RwLock};
+
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use watt_common::grant::{GrantError, LogGrant};
 
 const TAIL_BYTES: u64 = 64 * 1024;
 const MAX_BYTES: u64 = 1024 * 1024;
@@ -30,15 +35,82 @@ struct Params {
     offset: Option<u64>,
 }
 
-/// The `/logs` routes over the supervisor's `logs` directory.
-pub fn router(logs_dir: PathBuf) -> Router {
-    Router::new().route("/logs/{job}/{shard}", get(read)).with_state(logs_dir)
+/// Who may read which log: this node's name and the key its grants are signed with.
+#[derive(Debug)]
+pub struct LogAccess {
+    node: String,
+    key: RwLock<Option<Vec<u8>>>,
+}
+
+impl LogAccess {
+    pub fn new(node: &str) -> Arc<LogAccess> {
+        Arc::new(LogAccess { node: node.to_string(), key: RwLock::new(None) })
+    }
+
+    /// The key the controller gave this node (every session's start repeats it).
+    pub fn set_key(&self, key: Vec<u8>) {
+        *self.key.write().unwrap_or_else(PoisonError::into_inner) = Some(key);
+    }
+
+    /// The grant in `headers`, checked for shard `shard` of `job`; or why not.
+    fn check(&self, headers: &HeaderMap, job: &str, shard: u32) -> Result<LogGrant, Refusal> {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(Refusal::NoGrant)?;
+        let key = self.key.read().unwrap_or_else(PoisonError::into_inner).clone().ok_or(Refusal::NoSession)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        LogGrant::verify(token.trim(), &self.node, &key, job, shard, now).map_err(Refusal::Grant)
+    }
+}
+
+/// Why a request for a log is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    NoGrant,
+    /// No session with the controller yet: no key to check grants with.
+    NoSession,
+    Grant(GrantError),
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, text) = match self {
+            Refusal::NoGrant => (
+                StatusCode::UNAUTHORIZED,
+                "a log grant is required (Authorization: Bearer): wattctl logs asks the controller for one".to_string(),
+            ),
+            Refusal::NoSession => {
+                (StatusCode::SERVICE_UNAVAILABLE, "this agent has no session with its controller yet".to_string())
+            }
+            // Valid, but for another shard: the holder may read something, not this.
+            Refusal::Grant(e @ GrantError::OtherShard) => (StatusCode::FORBIDDEN, e.to_string()),
+            Refusal::Grant(e) => (StatusCode::UNAUTHORIZED, e.to_string()),
+        };
+        (status, [("www-authenticate", "Bearer")], text + "\n").into_response()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Logs {
+    dir: PathBuf,
+    access: Arc<LogAccess>,
+}
+
+/// The `/logs` routes over the supervisor's `logs` directory, for holders of grants `access`
+/// checks.
+pub fn router(logs_dir: PathBuf, access: Arc<LogAccess>) -> Router {
+    Router::new().route("/logs/{job}/{shard}", get(read)).with_state(Logs { dir: logs_dir, access })
 }
 
 async fn read(
-    State(dir): State<PathBuf>,
+    State(Logs { dir, access }): State<Logs>,
     Path((job, shard)): Path<(String, String)>,
     Query(q): Query<Params>,
+    headers: HeaderMap,
 ) -> Response {
     // A job name cannot step out of the logs directory: no '/', no '.'.
     if let Err(why) = watt_common::names::check(&job) {
@@ -47,6 +119,13 @@ async fn read(
     let Ok(shard) = shard.parse::<u32>() else {
         return (StatusCode::BAD_REQUEST, "shard must be a shard number\n").into_response();
     };
+    let grant = match access.check(&headers, &job, shard) {
+        Ok(grant) => grant,
+        Err(refused) => return refused.into_response(),
+    };
+    if q.offset.is_none() {
+        tracing::info!(job, shard, by = %grant.principal, "Serving a shard's log.");
+    }
     let job_name = job.clone();
     let result = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64, bool)> {
         let mut file = open_log(&dir, &job_name, shard)?;
@@ -157,31 +236,65 @@ mod tests {
         assert!(is_link_refused(&e), "{e}");
     }
 
-    /// Over HTTP, as `wattctl logs` asks: the log is served, a link beside it is not.
+    /// Over HTTPS, as `wattctl logs` asks: a grant for the shard reads its log; no grant, a
+    /// grant for another shard or signed with another node's key, and a link are refused.
     #[tokio::test]
-    async fn the_agent_serves_a_log_and_refuses_a_link_to_a_secret() {
-        let (_root, logs, secret) = logs();
+    async fn the_agent_serves_a_log_to_a_grant_holder_over_https_and_refuses_the_rest() {
+        use watt_common::auth::Role;
+        use watt_common::fetch;
+        use watt_common::grant;
+        use watt_common::pki::{Authority, LEAF_VALIDITY};
+
+        let (root, logs, secret) = logs();
         std::os::unix::fs::symlink(&secret, crate::supervisor::log_file(&logs, "j", 1)).unwrap();
+        let ca = Authority::generate("test", LEAF_VALIDITY).unwrap();
+        let issued = ca.issue_client("n1", Role::Node, LEAF_VALIDITY).unwrap();
+        let files = crate::bootstrap::NodeCertFiles::in_dir(root.path());
+        std::fs::write(&files.cert, &issued.cert_pem).unwrap();
+        std::fs::write(&files.key, &issued.key_pem).unwrap();
+        let ca_file = root.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+
+        let access = LogAccess::new("n1");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router(logs)).await });
-        let get = |path: &'static str| async move {
-            tokio::task::spawn_blocking(move || {
-                use std::io::Write as _;
-                let mut s = std::net::TcpStream::connect(addr).unwrap();
-                write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-                let mut answer = String::new();
-                s.read_to_string(&mut answer).unwrap();
-                answer
-            })
-            .await
-            .unwrap()
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        tokio::spawn(crate::https::serve(listener, router(logs, access.clone()), Some(files), std::future::pending()));
+        let tls = Arc::new(watt_common::tls::client_config(&ca_file).unwrap());
+        let get = |path: &'static str, name: &'static str, token: String| {
+            let (url, tls) = (format!("{url}{path}"), tls.clone());
+            async move { fetch::get(&url, Some(tls), name, &token, 1 << 20).await }
         };
-        let log = get("/logs/j/0").await;
-        assert!(log.starts_with("HTTP/1.0 200") && log.ends_with("step 1\n"), "{log}");
-        let link = get("/logs/j/1").await;
-        assert!(link.starts_with("HTTP/1.0 403"), "{link}");
-        assert!(!link.contains("secret"), "{link}");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let signed = |job: &str, shard: u32, key_of: &str| {
+            let g = LogGrant {
+                node: "n1".into(),
+                job: job.into(),
+                shard,
+                expires_unix_ms: now + 60_000,
+                principal: "ana".into(),
+            };
+            g.sign(&grant::node_key(b"master", key_of))
+        };
+
+        // Before its session the agent has no key: nothing is served.
+        let early = get("/logs/j/0", "n1", signed("j", 0, "n1")).await.unwrap();
+        assert_eq!(early.status, 503);
+        access.set_key(grant::node_key(b"master", "n1"));
+
+        let log = get("/logs/j/0", "n1", signed("j", 0, "n1")).await.unwrap();
+        assert_eq!((log.status, log.body.as_slice()), (200, b"step 1\n".as_slice()));
+        assert_eq!(get("/logs/j/0", "n1", String::new()).await.unwrap().status, 401, "no grant");
+        assert_eq!(get("/logs/j/0", "n1", signed("j", 0, "n2")).await.unwrap().status, 401, "another node's key");
+        assert_eq!(get("/logs/j/1", "n1", signed("j", 0, "n1")).await.unwrap().status, 403, "another shard's grant");
+        let link = get("/logs/j/1", "n1", signed("j", 1, "n1")).await.unwrap();
+        assert_eq!(link.status, 403);
+        assert!(!String::from_utf8_lossy(&link.body).contains("secret"));
+        // The certificate is n1's: a client that expects another node does not talk to it.
+        assert!(get("/logs/j/0", "n2", signed("j", 0, "n1")).await.is_err());
+        // Plain text gets no log.
+        let plain_url = format!("{}/logs/j/0", url.replace("https", "http"));
+        let plain = fetch::get(&plain_url, None, "n1", &signed("j", 0, "n1"), 1 << 20).await;
+        assert!(plain.is_err() || plain.is_ok_and(|a| a.status != 200));
     }
 
     #[test]

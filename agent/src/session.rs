@@ -34,8 +34,13 @@ pub struct SessionConfig {
     pub node_name: String,
     /// Distinguishes this run of the agent from a reconnect of the same run.
     pub boot_id: String,
-    /// Where the agent serves metrics and shards' logs.
+    /// Where the agent serves metrics.
     pub http_port: u16,
+    /// Where it serves shards' logs, and whether over HTTPS.
+    pub logs_port: u16,
+    pub logs_tls: bool,
+    /// Who may read those logs: the session gives it the key grants are checked with.
+    pub log_access: Arc<crate::logs::LogAccess>,
     pub metrics: SessionMetrics,
 }
 
@@ -174,6 +179,8 @@ async fn session_once(
         shards: shards.statuses(),
         failsafe_after_ms: enforcer.failsafe_after().as_millis() as u32,
         http_port: u32::from(config.http_port),
+        logs_port: u32::from(config.logs_port),
+        logs_tls: config.logs_tls,
         enforce_mode: enforcer.mode().to_proto() as i32,
     };
     tx.send(message(pb::agent_message::Body::Register(register)))
@@ -200,6 +207,9 @@ async fn session_once(
                 enforcer.heard(Instant::now());
                 match m.body {
                     Some(pb::controller_message::Body::Registered(r)) => {
+                        if !r.log_grant_key.is_empty() {
+                            config.log_access.set_key(r.log_grant_key);
+                        }
                         let wanted = Duration::from_millis(u64::from(r.telemetry_interval_ms).max(100));
                         if wanted != interval {
                             interval = wanted;

@@ -292,7 +292,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Describe { what: Describe::Job { name } } => {
             let mut client = target.control().await?;
             let record = client.get_job(pb::GetJobRequest { name }).await?.into_inner();
-            let tails = logs::failed_tails(&mut client, &record, 10).await;
+            let tls = logs::AgentTls::new(target.credentials.ca.as_deref())?;
+            let tails = logs::failed_tails(&mut client, &tls, &record, 10).await;
             let mut job = JobView::from(record);
             job.failed_log_tails = tails.into_iter().map(|(shard, tail)| LogTail { shard, tail }).collect();
             emit(output, &job, || job.describe())
@@ -326,7 +327,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Up(args) => up::run(args).await,
         Command::Logs { job, shard, follow } => {
             let mut client = target.control().await?;
-            logs::run(&mut client, &job, shard, follow).await
+            let tls = logs::AgentTls::new(target.credentials.ca.as_deref())?;
+            logs::run(&mut client, &tls, &job, shard, follow).await
         }
         Command::Events { follow } => {
             let mut client = target.control().await?;

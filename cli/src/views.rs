@@ -304,6 +304,8 @@ pub struct NodeView {
     /// on, dry-run or off: what the node's agent does with cap orders.
     pub enforce: String,
     pub non_gpu_watts: f64,
+    /// Where its agent serves shards' logs (to holders of a grant).
+    pub logs_url: String,
 }
 
 /// The `--enforce` mode as its flag spells it.
@@ -339,6 +341,7 @@ impl From<pb::Node> for NodeView {
             agent_version: n.agent_version,
             enforce: enforce_mode(n.enforce_mode),
             non_gpu_watts: n.non_gpu_power_watts,
+            logs_url: n.logs_url,
         }
     }
 }

@@ -5,6 +5,8 @@
 pub mod auth;
 pub mod client;
 pub mod curve;
+pub mod fetch;
+pub mod grant;
 
 pub mod hex {
     //! Lowercase hex, for digests, nonces and secrets carried as text.
@@ -34,6 +36,7 @@ pub mod hex {
     }
 }
 pub mod pki;
+pub mod tls;
 
 pub mod names {
     //! The one rule for the names people give jobs and power sources: a DNS label, as

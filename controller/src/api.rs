@@ -40,6 +40,7 @@ impl From<RequestError> for Status {
             RequestError::NotFound(_) => Status::not_found(e.to_string()),
             RequestError::Forbidden(_) => Status::permission_denied(e.to_string()),
             RequestError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
+            RequestError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             RequestError::Store(StoreError::Conflict { .. }) => Status::aborted(e.to_string()),
             RequestError::Store(StoreError::Unavailable(_)) => Status::unavailable(e.to_string()),
             RequestError::Store(_) => Status::internal(e.to_string()),
@@ -116,6 +117,13 @@ impl pb::control_service_server::ControlService for ControlApi {
             }),
         });
         Ok(Response::new(stream.boxed()))
+    }
+
+    async fn grant_logs(&self, request: Request<pb::GrantLogsRequest>) -> Result<Response<pb::LogGrant>, Status> {
+        let by = principal(&request)?;
+        let r = request.into_inner();
+        job_name(&r.job).map_err(|e| Status::invalid_argument(format!("job: {}", e.message())))?;
+        Ok(Response::new(self.controller.grant_logs(&r.job, r.shard, &by).await?))
     }
 }
 

@@ -64,6 +64,9 @@ pub enum RequestError {
     /// A limit on what may be stored is reached.
     #[error("{0}")]
     Exhausted(String),
+    /// The job is not in a state the call needs (no such shard, no log yet).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -72,6 +75,8 @@ pub enum RequestError {
 pub struct Controller {
     /// Each run's rendezvous secret, for its shard orders.
     run_tokens: crate::run_tokens::RunTokens,
+    /// Permissions to read shards' logs from agents, and each node's key to check them.
+    pub(crate) log_grants: crate::log_grants::LogGrants,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) jobs: Mutex<JobTable>,
     pub(crate) registry: Registry,
@@ -113,6 +118,7 @@ impl Controller {
         let power = PowerTable::load(store.clone()).await?;
         let power_state = PowerState::load(power, store.as_ref()).await?;
         let run_tokens = crate::run_tokens::RunTokens::load(store.as_ref()).await?;
+        let log_grants = crate::log_grants::LogGrants::load(store.as_ref()).await?;
         let registry = Registry::default();
         // Telemetry that arrives before the first pass is judged against the stored site's idle
         // allowance, not 0.
@@ -132,6 +138,7 @@ impl Controller {
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Controller {
             run_tokens,
+            log_grants,
             store,
             jobs: Mutex::new(jobs),
             registry,
@@ -368,6 +375,7 @@ impl Controller {
                     enforce_mode: e.enforce_mode as i32,
                     non_gpu_power_watts: e.non_gpu_watts_or(site.node_overhead_watts),
                     accounting,
+                    logs_url: e.logs_url().unwrap_or_default(),
                 }
             })
             .collect();

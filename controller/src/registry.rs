@@ -84,8 +84,10 @@ pub struct NodeEntry {
     pub agent_version: String,
     pub boot_id: String,
     pub address: Option<IpAddr>,
-    /// The agent's HTTP port (metrics, logs); 0 when it did not say.
+    /// The agent's HTTP port (metrics); 0 when it did not say.
     pub http_port: u16,
+    /// Where the agent serves its shards' logs, when it does.
+    pub logs: Option<LogsEndpoint>,
     pub last_seen: Instant,
     pub last_seen_unix_ms: i64,
     pub session: Option<Session>,
@@ -248,6 +250,13 @@ impl NodeEntry {
         }
     }
 
+    /// The URL of the agent's logs endpoint, as this controller reaches the node.
+    pub fn logs_url(&self) -> Option<String> {
+        let (ip, logs) = (self.address?, self.logs?);
+        let scheme = if logs.tls { "https" } else { "http" };
+        Some(format!("{scheme}://{}", std::net::SocketAddr::new(ip, logs.port)))
+    }
+
     pub fn state(&self, now: Instant, lease: Duration) -> NodeState {
         if self.lost || now.saturating_duration_since(self.last_seen) > lease {
             NodeState::Lost
@@ -257,6 +266,13 @@ impl NodeEntry {
             NodeState::Disconnected
         }
     }
+}
+
+/// The port an agent serves its shards' logs on, and whether over HTTPS with its certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogsEndpoint {
+    pub port: u16,
+    pub tls: bool,
 }
 
 /// Acknowledgements owed since the last pass (see [`crate::power::acks`]): set by the pass, counted
@@ -463,6 +479,10 @@ impl Registry {
             boot_id: register.boot_id.clone(),
             address,
             http_port: u16::try_from(register.http_port).unwrap_or(0),
+            logs: u16::try_from(register.logs_port)
+                .ok()
+                .filter(|&port| port > 0)
+                .map(|port| LogsEndpoint { port, tls: register.logs_tls }),
             last_seen: now,
             last_seen_unix_ms: now_unix_ms,
             session: Some(Session { id, tx, alive }),
@@ -523,6 +543,7 @@ impl Registry {
                 boot_id: String::new(),
                 address: None,
                 http_port: 0,
+                logs: None,
                 last_seen: now,
                 last_seen_unix_ms: now_unix_ms,
                 session: None,

@@ -6,10 +6,9 @@
 //! started with — and no one who has seen one run's secret can work out another's.
 
 use hmac::{Hmac, Mac};
-use rand::RngCore;
 use sha2::Sha256;
 
-use crate::store::{Expect, Store, StoreError, Write};
+use crate::store::{Store, StoreError};
 
 const KEY: &str = "meta/run-token-key";
 
@@ -26,22 +25,7 @@ impl std::fmt::Debug for RunTokens {
 impl RunTokens {
     /// The store's key, made now if no controller has made it yet.
     pub async fn load(store: &dyn Store) -> Result<RunTokens, StoreError> {
-        loop {
-            if let Some(entry) = store.get(KEY).await? {
-                if entry.value.len() < 32 {
-                    return Err(StoreError::Corrupt(format!("{KEY}: {} bytes, expected 32", entry.value.len())));
-                }
-                return Ok(RunTokens { key: entry.value });
-            }
-            let mut key = vec![0u8; 32];
-            rand::rng().fill_bytes(&mut key);
-            match store.commit(vec![Write::put(KEY, Expect::Absent, key.clone())]).await {
-                Ok(_) => return Ok(RunTokens { key }),
-                // Another controller made it first: use theirs.
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(RunTokens { key: crate::secrets::load_or_make(store, KEY).await? })
     }
 
     /// The secret of `job`'s run at `epoch`, hex.

@@ -104,6 +104,11 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
     assert_eq!(test["spec"]["containers"][0]["env"][0]["name"], "WATT_TOKEN");
     let policy = find(&docs, "NetworkPolicy", "watt-controller");
     assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], 7070);
+    // Shards' logs: HTTPS on the agent's logs port, open to the same clients.
+    assert!(args.contains(&"--logs-addr=0.0.0.0:9402"), "{args:?}");
+    let agent_policy = find(&docs, "NetworkPolicy", "watt-agent");
+    assert_eq!(agent_policy["spec"]["ingress"][0]["ports"][0]["port"], 9402);
+    assert!(agent_policy["spec"]["ingress"][0]["from"][0]["podSelector"].is_mapping(), "{agent_policy:?}");
 
     let off = documents(&render("deploy-tests/values/enforcement-off.yaml"));
     let security =
@@ -128,6 +133,7 @@ fn bad_values_are_refused_at_install_naming_the_value() {
         ("controller.store.type=etcd", "/controller/store/etcd/endpoints"),
         ("agent.failsafeAfter=soon", "/agent/failsafeAfter"),
         ("agent.httpPort=70000", "/agent/httpPort"),
+        ("agent.logsPort=0", "/agent/logsPort"),
         ("agent.stateDir=relative/path", "/agent/stateDir"),
         ("agent.nodeOverhead=-5", "/agent/nodeOverhead"),
         ("agent.typo=1", "typo"),

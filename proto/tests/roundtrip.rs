@@ -26,6 +26,8 @@ fn register_round_trips() {
             failsafe_after_ms: 10_000,
             http_port: 9400,
             enforce_mode: watt_proto::v1::EnforceMode::DryRun as i32,
+            logs_port: 9402,
+            logs_tls: true,
         })),
     };
     let bytes = sent.encode_to_vec();

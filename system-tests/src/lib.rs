@@ -358,6 +358,9 @@ pub fn agent_with(controller: &str, node: &str, gpus: u32, extra: &[&str]) -> Pr
     if !extra.contains(&"--metrics-addr") {
         cmd.args(["--metrics-addr", "127.0.0.1:0"]);
     }
+    if !extra.contains(&"--logs-addr") {
+        cmd.args(["--logs-addr", "127.0.0.1:0"]);
+    }
     cmd.args(["--backend", "sim", "--sim-gpus", &gpus.to_string(), "--node-name", node]).args([
         "--sample-interval",
         "200ms",
@@ -412,6 +415,11 @@ pub fn wattctl(controller: &str, args: &[&str]) -> Output {
 
 /// Run wattctl against `controller` with a client certificate (or none).
 pub fn wattctl_as(controller: &str, cert: Option<&CertFiles>, args: &[&str]) -> Output {
+    wattctl_command(controller, cert, args).output().unwrap()
+}
+
+/// The wattctl command [`wattctl_as`] runs, for a test that streams its output.
+pub fn wattctl_command(controller: &str, cert: Option<&CertFiles>, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("wattctl"));
     cmd.arg("--controller").arg(controller).args(args);
     for var in ["WATT_CA", "WATT_CERT", "WATT_KEY", "WATT_TOKEN", "WATT_CONTROLLER"] {
@@ -423,7 +431,7 @@ pub fn wattctl_as(controller: &str, cert: Option<&CertFiles>, args: &[&str]) -> 
     if let Some(cert) = cert {
         cmd.arg("--cert").arg(&cert.cert).arg("--key").arg(&cert.key);
     }
-    cmd.output().unwrap()
+    cmd
 }
 
 /// `wattctl -o json ARGS`, parsed.

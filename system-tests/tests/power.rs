@@ -3,6 +3,9 @@
 // Real processes on the real clock: std's Instant.
 #![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -22,6 +25,19 @@ fn settled(url: &str, what: &str) -> Value {
         let p = power(url);
         (p["unacknowledged_nodes"] == 0).then_some(p)
     })
+}
+
+/// The lines a child writes, on a channel (a reader that does not block the test).
+fn lines_of(out: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 fn agent_with_failsafe(url: &str, node: &str) -> Proc {
@@ -99,21 +115,35 @@ fn a_cut_moves_every_cap_under_the_new_budget_and_regrowth_follows_the_ramp() {
     assert!(f(&settled2, "counted_watts") <= f(&settled2, "limit_watts") + 1e-6, "{failsafed} {settled2}");
 
     // Restore with a 4 kW/s ramp: supply, and so every allocation, grows no faster than that.
+    // `power watch` streams each status the controller publishes (the current one first), so how
+    // many samples the ramp gets does not depend on how fast this machine starts processes.
+    let mut watch = wattctl_command(&url, Some(&TestPki::get().admin()), &["-o", "json", "power", "watch"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let statuses = lines_of(watch.stdout.take().unwrap());
+    let status = |timeout| -> Value {
+        let line = statuses.recv_timeout(timeout).expect("a power status from `wattctl power watch`");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    assert_eq!(f(&status(Duration::from_secs(10)), "available_watts"), 30_000.0);
     let t0 = std::time::Instant::now();
     set_grid(&url, "50kW", Some("4kW/s"));
-    let mut samples = 0;
-    // Every sample inside the ramp (5 s) counts; each is a wattctl process with a TLS handshake,
-    // slower on a loaded machine, so sample on until five are taken or the ramp is over.
-    while t0.elapsed() < Duration::from_secs(3) || (samples < 5 && t0.elapsed() < Duration::from_secs(5)) {
-        let p = power(&url);
+    let mut inside_the_ramp = 0;
+    loop {
+        let p = status(Duration::from_secs(10));
         let elapsed = t0.elapsed().as_secs_f64();
         let available = f(&p, "available_watts");
         assert!(available <= 30_000.0 + 4_000.0 * (elapsed + 0.1), "available {available} W after {elapsed:.2} s");
         assert!(f(&p, "allocated_watts") <= f(&p, "limit_watts") + 1e-6, "{p}");
-        samples += 1;
-        std::thread::park_timeout(Duration::from_millis(100));
+        if available >= 50_000.0 {
+            break;
+        }
+        inside_the_ramp += usize::from(available > 30_000.0);
     }
-    assert!(samples >= 5, "{samples} samples during the ramp");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(inside_the_ramp >= 5, "{inside_the_ramp} statuses inside the ramp");
     let grown = wait_for(Duration::from_secs(20), "the ramp to finish", || {
         let p = power(&url);
         (f(&p, "available_watts") == 50_000.0 && p["unacknowledged_nodes"] == 0).then_some(p)

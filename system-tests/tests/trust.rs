@@ -210,9 +210,9 @@ fn a_node_bootstraps_its_certificate_once_and_a_second_claim_is_refused() {
 }
 
 #[test]
-fn shards_run_unprivileged_without_new_privileges() {
+fn shards_run_unprivileged_and_their_logs_are_read_with_a_viewers_grant_over_https() {
     let dir = tempfile::tempdir().unwrap();
-    let (controller, _agents) = local_cluster(dir.path(), 1, 8, &[]);
+    let (controller, agents) = local_cluster(dir.path(), 1, 8, &[]);
     let url = &controller.url;
     let job = "name: whoami\npriority: 1\nshards: {min: 1, max: 1}\ngpus_per_shard: 1\n\
                command: [/bin/sh, -c, 'echo uid=$(id -u) gid=$(id -g) groups=$(id -G) token=${#WATT_RUN_TOKEN}; grep NoNewPrivs /proc/self/status; exec sleep 3600']\n";
@@ -230,6 +230,29 @@ fn shards_run_unprivileged_without_new_privileges() {
     assert!(log.contains("NoNewPrivs:\t1"), "{log}");
     // Its rendezvous secret came with it (64 hex digits).
     assert!(log.contains("token=64"), "{log}");
+
+    // The log is read with a grant for a viewer, from the agent's HTTPS port; without a role
+    // there is no grant, and in plain text there is no log.
+    let pki = TestPki::get();
+    let viewer = wattctl_as(url, Some(&pki.client("vic", "viewer")), &["logs", "whoami"]);
+    assert!(String::from_utf8_lossy(&viewer.stdout).contains("NoNewPrivs"), "{}", stderr(&viewer));
+    let served = agents[0].wait_line("by=vic (viewer)", Duration::from_secs(5));
+    assert!(served.contains("Serving a shard's log."), "the agent logs who read what: {served}");
+    let node_role = wattctl_as(url, Some(&pki.client("node-9", "node")), &["logs", "whoami"]);
+    assert_eq!(node_role.status.code(), Some(1));
+    assert!(stderr(&node_role).contains("GrantLogs: it needs the viewer role"), "{}", stderr(&node_role));
+    let anonymous = wattctl_as(url, None, &["logs", "whoami"]);
+    assert_eq!(anonymous.status.code(), Some(1), "{}", stderr(&anonymous));
+    let nodes = wattctl_json(url, &["nodes"]);
+    let logs_url = nodes[0]["logs_url"].as_str().unwrap().to_string();
+    assert!(logs_url.starts_with("https://127.0.0.1:"), "{nodes}");
+    let mut plain = std::net::TcpStream::connect(logs_url.trim_start_matches("https://")).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::{Read, Write};
+    plain.write_all(b"GET /logs/whoami/0 HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("NoNewPrivs"), "plain text got the log");
 }
 
 #[test]

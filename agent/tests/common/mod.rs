@@ -22,7 +22,7 @@ impl Agent {
     /// Start `watt-agent` on a free loopback port with `args`, and wait until it serves.
     pub fn start(args: &[&str]) -> Agent {
         let mut child = Command::new(AGENT)
-            .args(["--metrics-addr", "127.0.0.1:0", "--node-name", "test-node"])
+            .args(["--metrics-addr", "127.0.0.1:0", "--logs-addr", "127.0.0.1:0", "--node-name", "test-node"])
             .args(args)
             .env("WATT_LOG", "info")
             .stdout(Stdio::null())

@@ -294,6 +294,8 @@ async fn start(
             format!("--sim-seed={i}"),
             format!("--node-name=node-{i}"),
             format!("--metrics-addr=127.0.0.1:{port}"),
+            // Several agents on one machine: each its own logs port, which it tells the controller.
+            "--logs-addr=127.0.0.1:0".into(),
             "--sample-interval=500ms".into(),
             format!("--controller={}", target.url),
             format!("--ca={}", pki.join("ca.pem").display()),

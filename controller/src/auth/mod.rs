@@ -61,9 +61,10 @@ pub fn access(path: &str) -> Option<Access> {
         ("watt.v1.AgentService", "Session") => Some(Access::Roles(&[Role::Node])),
         // A bootstrap token gets a new node its first certificate; a node renews its own.
         ("watt.v1.AgentService", "Bootstrap") => Some(Access::Roles(&[Role::Bootstrap, Role::Node])),
-        ("watt.v1.ControlService", "GetJob" | "ListJobs" | "ListNodes" | "ListEvents" | "WatchEvents") => {
-            Some(Access::Roles(&[Role::Viewer]))
-        }
+        (
+            "watt.v1.ControlService",
+            "GetJob" | "ListJobs" | "ListNodes" | "ListEvents" | "WatchEvents" | "GrantLogs",
+        ) => Some(Access::Roles(&[Role::Viewer])),
         // Cancelling someone else's job needs admin; the service checks whose job it is.
         ("watt.v1.ControlService", "SubmitJob" | "CancelJob") => Some(Access::Roles(&[Role::Submitter])),
         ("watt.v1.PowerService", "GetPowerStatus" | "WatchPower") => Some(Access::Roles(&[Role::Viewer])),
@@ -191,7 +192,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 16, "14 of Watt's methods and 2 of health");
+        assert_eq!(methods, 17, "15 of Watt's methods and 2 of health");
         assert_eq!(access("/watt.v1.ControlService/DropEverything"), None);
         assert_eq!(access("nonsense"), None);
     }
