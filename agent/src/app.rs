@@ -19,7 +19,7 @@ use crate::powercap::Powercap;
 use crate::sampler::{self, NodeSnapshot, Sampler, XidLog};
 use crate::session::{self, SessionConfig};
 use crate::shards::ShardTable;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{ShardCgroups, ShardLimits, Supervisor};
 
 /// The GPUs the agent drives. A simulated node is also handed to the shard table, which puts
 /// load on the GPUs it places shards on.
@@ -146,7 +146,10 @@ pub async fn run(
         Some(user) => tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "Shards run as this user."),
         None => tracing::info!(uid = nix::unistd::Uid::effective().as_raw(), "Shards run as the agent's own user."),
     }
-    let supervisor = Arc::new(Supervisor::new(config.state_dir.clone()).with_shard_user(config.shard_user.clone()));
+    let cgroups = shard_cgroups(&config, inventory.len())?;
+    let supervisor = Arc::new(
+        Supervisor::new(config.state_dir.clone()).with_shard_user(config.shard_user.clone()).with_cgroups(cgroups),
+    );
     if config.controller.is_some() {
         // Shards an earlier run of this agent left behind are stopped; the controller orders
         // them again and they resume from their checkpoints.
@@ -214,6 +217,52 @@ pub async fn run(
     match served {
         Ok(result) => result.map_err(|source| AgentError::Io { context: "metrics server failed", source }),
         Err(e) => Err(AgentError::Io { context: "metrics server panicked", source: std::io::Error::other(e) }),
+    }
+}
+
+/// Each shard's cgroup and limits (see [`crate::supervisor::cgroup`]): under `--shard-cgroup`
+/// (which must work: the operator asked for it), else under the agent's own group where cgroup
+/// v2 can be used there; elsewhere shards run without limits, and the log says why.
+fn shard_cgroups(
+    config: &AgentConfig,
+    node_gpus: usize,
+) -> Result<Option<(Arc<ShardCgroups>, ShardLimits)>, AgentError> {
+    use crate::supervisor::cgroup;
+    if config.controller.is_none() {
+        return Ok(None);
+    }
+    let own = match &config.shard_cgroup {
+        Some(dir) => Ok(dir.clone()),
+        None => {
+            let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            cgroup::own_group(std::path::Path::new(cgroup::MOUNT), &self_cgroup)
+        }
+    };
+    let groups = own.and_then(|dir| ShardCgroups::set_up(&dir));
+    let limits = ShardLimits {
+        memory: config.shard_memory,
+        pids: config.shard_pids,
+        node_gpus,
+        node_memory_bytes: crate::host::HostSampler::new().read().memory_total_bytes,
+    };
+    match groups {
+        Ok(groups) => {
+            let per_gpu = limits.for_gpus(1).memory_bytes;
+            tracing::info!(
+                group = %groups.dir().display(),
+                memory_per_gpu = per_gpu.map_or_else(|| "none".into(), |b| format!("{:.1} GiB", b as f64 / f64::from(1 << 30))),
+                pids = ?limits.pids,
+                "Each shard runs in a cgroup of its own with memory and pids limits."
+            );
+            Ok(Some((Arc::new(groups), limits)))
+        }
+        Err(e) if config.shard_cgroup.is_some() => {
+            Err(AgentError::Io { context: "cannot use --shard-cgroup", source: std::io::Error::other(e.to_string()) })
+        }
+        Err(e) => {
+            tracing::warn!(reason = %e, "Shards run without memory and pids limits.");
+            Ok(None)
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use crate::bootstrap::NodeCertFiles;
 use crate::enforcer::EnforceMode;
 use crate::gpu::nvml::DEFAULT_LIBRARY;
 use crate::gpu::sim::{SimModel, TICK};
+use crate::supervisor::cgroup::{MemoryPolicy, DEFAULT_PIDS};
 use crate::supervisor::identity::{self, ShardUser};
 use watt_common::client::{read_token, ClientError, Credentials};
 use watt_common::duration::{parse as parse_duration, show};
@@ -151,6 +152,21 @@ pub struct Args {
     #[arg(long, env = "WATT_ALLOW_ROOT_SHARDS")]
     pub allow_root_shards: bool,
 
+    /// Each shard's memory limit in its cgroup: auto (the node's memory in proportion to the
+    /// shard's GPUs), none, or a size such as 256GiB [default: auto].
+    #[arg(long, env = "WATT_SHARD_MEMORY_MAX", value_name = "auto|none|SIZE")]
+    pub shard_memory_max: Option<String>,
+
+    /// Each shard's limit on processes and threads in its cgroup, or none [default: 32768].
+    #[arg(long, env = "WATT_SHARD_PIDS_MAX", value_name = "N|none")]
+    pub shard_pids_max: Option<String>,
+
+    /// The cgroup v2 directory shards' groups go under; the agent moves itself into its `agent`
+    /// child [default: the agent's own group; where cgroup v2 cannot be used there, shards run
+    /// without limits and the agent says why].
+    #[arg(long, env = "WATT_SHARD_CGROUP", value_name = "DIR")]
+    pub shard_cgroup: Option<PathBuf>,
+
     /// A file holding a bootstrap token: with no --tls-cert, the agent gets this node's
     /// certificate from the controller on first start and keeps it under --state-dir/pki.
     #[arg(long, env = "WATT_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
@@ -220,6 +236,9 @@ pub struct FileConfig {
     pub bootstrap_token_file: Option<PathBuf>,
     pub run_as: Option<String>,
     pub allow_root_shards: Option<bool>,
+    pub shard_memory_max: Option<String>,
+    pub shard_pids_max: Option<String>,
+    pub shard_cgroup: Option<PathBuf>,
     pub enforce: Option<EnforceMode>,
     #[serde(default, with = "watt_common::duration::option")]
     pub failsafe_after: Option<Duration>,
@@ -252,6 +271,11 @@ pub struct AgentConfig {
     pub credentials: ControllerCredentials,
     /// Who shards run as (`None`: the agent's own user); see `supervisor::identity`.
     pub shard_user: Option<ShardUser>,
+    /// Each shard's memory and pids limits, and where their cgroups go (`None`: the agent's own
+    /// group); see `supervisor::cgroup`.
+    pub shard_memory: MemoryPolicy,
+    pub shard_pids: Option<u64>,
+    pub shard_cgroup: Option<PathBuf>,
     pub enforce: EnforceMode,
     pub failsafe_after: Duration,
     pub failsafe_cap: Option<f64>,
@@ -302,6 +326,8 @@ impl ConfigError {
             "sim_gpus" => "sim-gpus",
             "node_name" => "node-name",
             "logs_addr" => "logs-addr",
+            "shard_memory_max" => "shard-memory-max",
+            "shard_pids_max" => "shard-pids-max",
             "nvml_library" => "nvml-library",
             "failsafe_after" => "failsafe-after",
             "failsafe_cap" => "failsafe-cap",
@@ -358,6 +384,21 @@ impl Args {
                 self.allow_root_shards || file.allow_root_shards.unwrap_or(false),
             )
             .map_err(|e| ConfigError::invalid("run_as", e.to_string()))?,
+            shard_memory: MemoryPolicy::parse(
+                self.shard_memory_max.as_deref().or(file.shard_memory_max.as_deref()).unwrap_or("auto"),
+            )
+            .map_err(|e| ConfigError::invalid("shard_memory_max", e))?,
+            shard_pids: match self.shard_pids_max.as_deref().or(file.shard_pids_max.as_deref()) {
+                None => Some(DEFAULT_PIDS),
+                Some("none") => None,
+                Some(n) => Some(n.trim().parse::<u64>().ok().filter(|&n| n >= 16).ok_or_else(|| {
+                    ConfigError::invalid(
+                        "shard_pids_max",
+                        format!("must be a number of at least 16, or none; got {n:?}"),
+                    )
+                })?),
+            },
+            shard_cgroup: self.shard_cgroup.clone().or(file.shard_cgroup),
             enforce: self.enforce.or(file.enforce).unwrap_or(EnforceMode::On),
             failsafe_after: self.failsafe_after.or(file.failsafe_after).unwrap_or(Duration::from_secs(10)),
             failsafe_cap: self.failsafe_cap.or(file.failsafe_cap),

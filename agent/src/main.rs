@@ -4,10 +4,21 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use watt_agent::config::{AgentConfig, Args};
+use watt_agent::supervisor::cgroup;
 use watt_agent::{app, AgentError};
 use watt_common::{logging, signal};
 
 fn main() -> ExitCode {
+    // A shard's first process: join its cgroup, take its user, become the job's command.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == cgroup::EXEC_ARG) {
+        let why = cgroup::exec_in_group(&argv[2..]);
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("watt-agent: {why}");
+        }
+        return ExitCode::from(127);
+    }
     let args = Args::parse();
     let config = match args.resolve() {
         Ok(config) => config,

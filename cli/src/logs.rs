@@ -25,17 +25,28 @@ const MAX_ANSWER: usize = 2 * 1024 * 1024;
 /// Ask for a new grant this long before the current one ends.
 const RENEW_BEFORE_MS: i64 = 60_000;
 
-/// How to reach agents: the CA their certificates are signed by.
+/// How to reach agents when a grant does not say which CA signs node certificates: trusting
+/// the CA wattctl trusts the controller with.
 #[derive(Debug, Clone, Default)]
 pub struct AgentTls(Option<Arc<rustls::ClientConfig>>);
 
 impl AgentTls {
-    /// Trusting the CA at `ca` (the one wattctl trusts the controller with), if any.
     pub fn new(ca: Option<&std::path::Path>) -> Result<AgentTls, Failure> {
         ca.map(|ca| watt_common::tls::client_config(ca).map(Arc::new))
             .transpose()
             .map(AgentTls)
             .map_err(|e| Failure::Usage(format!("ca: {e}")))
+    }
+
+    /// What to trust for the agent `grant` names: the node CA it carries (the controller's word,
+    /// over its authenticated connection), else wattctl's own CA.
+    fn for_grant(&self, grant: &pb::LogGrant) -> Result<Option<Arc<rustls::ClientConfig>>, Failure> {
+        if grant.node_ca_pem.is_empty() {
+            return Ok(self.0.clone());
+        }
+        watt_common::tls::client_config_pem(&grant.node_ca_pem)
+            .map(|c| Some(Arc::new(c)))
+            .map_err(|e| Failure::Server(format!("the controller's node CA: {e}")))
     }
 }
 
@@ -92,7 +103,7 @@ async fn fetch_log(
     }
     let agent = format!("the agent of node {} ({})", grant.node, grant.url);
     let Answer { status, headers, body } =
-        fetch::get(&url, tls.0.clone(), &grant.node, &grant.token, MAX_ANSWER).await.map_err(|e| match e {
+        fetch::get(&url, tls.for_grant(grant)?, &grant.node, &grant.token, MAX_ANSWER).await.map_err(|e| match e {
             fetch::FetchError::NoCa => Failure::Usage(format!("ca: {agent} serves HTTPS; {e}")),
             e => Failure::Server(format!("cannot read the log from {agent}: {}", watt_common::client::chain(&e))),
         })?;

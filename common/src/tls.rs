@@ -51,8 +51,24 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Tl
 
 /// A client trusting only the CA at `ca`, for HTTP/1.1.
 pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_trusting(certificates("the CA", ca)?)
+}
+
+/// A client trusting only the CA in `pem` (as the controller hands it out), for HTTP/1.1.
+pub fn client_config_pem(pem: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let failed = |message: String| TlsError::Read { what: "the CA", path: "(PEM text)".into(), message };
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| failed(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(failed("no PEM certificate in it".into()));
+    }
+    client_config_trusting(certs)
+}
+
+fn client_config_trusting(cas: Vec<CertificateDer<'static>>) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in certificates("the CA", ca)? {
+    for cert in cas {
         roots.add(cert)?;
     }
     let mut config = rustls::ClientConfig::builder_with_provider(provider())

@@ -25,11 +25,19 @@ pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 #[derive(Debug, Clone)]
 pub struct ControlApi {
     controller: Arc<Controller>,
+    /// The CA that signs node certificates (`--client-ca`), handed out with log grants.
+    node_ca_pem: String,
 }
 
 impl ControlApi {
     pub fn new(controller: Arc<Controller>) -> Self {
-        ControlApi { controller }
+        ControlApi { controller, node_ca_pem: String::new() }
+    }
+
+    /// Grants say that agents' certificates are checked against `pem`.
+    pub fn with_node_ca(mut self, pem: String) -> Self {
+        self.node_ca_pem = pem;
+        self
     }
 }
 
@@ -123,7 +131,8 @@ impl pb::control_service_server::ControlService for ControlApi {
         let by = principal(&request)?;
         let r = request.into_inner();
         job_name(&r.job).map_err(|e| Status::invalid_argument(format!("job: {}", e.message())))?;
-        Ok(Response::new(self.controller.grant_logs(&r.job, r.shard, &by).await?))
+        let grant = self.controller.grant_logs(&r.job, r.shard, &by).await?;
+        Ok(Response::new(pb::LogGrant { node_ca_pem: self.node_ca_pem.clone(), ..grant }))
     }
 }
 

@@ -13,7 +13,6 @@ use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_server::AgentServiceServer;
 use watt_proto::v1::control_service_server::ControlServiceServer;
@@ -31,6 +30,7 @@ use crate::reconcile::Controller;
 use crate::session::AgentSessions;
 use crate::store;
 use crate::store::observed::StoreHealth;
+use crate::tls::{ReloadingTls, TlsFiles};
 
 /// How long open streams (agent sessions, event watches) may hold the exit after a signal.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -109,10 +109,22 @@ pub async fn run(
     };
     let auth = AuthLayer::new(Arc::new(Authenticator::new(tokens)), metrics.refused_calls.clone());
     let signer = node_signer(&config, &controller)?;
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = server_tls(&config)? {
-        server = server.tls_config(tls).map_err(|e| ControllerError::Tls(e.to_string()))?;
-    }
+    let node_ca = match &config.client_ca {
+        Some(path) => read_credential("the client CA", path)?,
+        None => String::new(),
+    };
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = ReloadingTls::open(TlsFiles {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                client_ca: config.client_ca.clone(),
+            })?;
+            tokio::spawn(tls.clone().watch(wait_stop()));
+            Some(tls)
+        }
+        None => None,
+    };
     if config.plain_text_off_loopback() {
         metrics.insecure_listener.set(1);
         tokio::spawn(warn_insecure(addr, wait_stop()));
@@ -124,7 +136,7 @@ pub async fn run(
         lease = %watt_common::duration::show(config.node_lease),
         "Serving gRPC."
     );
-    let grpc = server
+    let router = tonic::transport::Server::builder()
         .layer(auth)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -133,10 +145,13 @@ pub async fn run(
         .add_service(AgentServiceServer::new(AgentSessions::new(controller.clone(), signer)))
         .add_service(PowerServiceServer::new(PowerApi::new(controller.clone())))
         .add_service(
-            ControlServiceServer::new(ControlApi::new(controller.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait_stop());
-    let grpc = tokio::spawn(grpc);
+            ControlServiceServer::new(ControlApi::new(controller.clone()).with_node_ca(node_ca))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        );
+    let grpc = match tls {
+        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), wait_stop())),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait_stop())),
+    };
 
     shutdown.await;
     tracing::info!("Shutting down.");
@@ -158,19 +173,6 @@ pub async fn run(
     };
     let _ = tokio::time::timeout(DRAIN, metrics_server).await;
     served
-}
-
-/// The gRPC port's TLS: the controller's certificate, and the client CA when clients present
-/// certificates (optional in the handshake: people may bring bearer tokens instead).
-fn server_tls(config: &ControllerConfig) -> Result<Option<ServerTlsConfig>, ControllerError> {
-    let Some(files) = &config.tls else { return Ok(None) };
-    let read = |what, path| read_credential(what, path).map(String::into_bytes);
-    let mut tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read("the TLS certificate", &files.cert)?, read("the TLS key", &files.key)?));
-    if let Some(ca) = &config.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read("the client CA", ca)?)).client_auth_optional(true);
-    }
-    Ok(Some(tls))
 }
 
 /// The signer of node certificates, when the controller has its client CA's key.

@@ -30,6 +30,7 @@ pub mod secrets;
 pub mod session;
 pub mod spec;
 pub mod store;
+pub mod tls;
 
 pub use error::ControllerError;
 

@@ -83,7 +83,7 @@ impl Controller {
         })?;
         let (token, expires_unix_ms) = self.log_grants.grant(&node, job, shard, &by.to_string(), unix_ms());
         tracing::debug!(job, shard, node, by = %by, "Granted a log read.");
-        Ok(pb::LogGrant { node, url, token, expires_unix_ms })
+        Ok(pb::LogGrant { node, url, token, expires_unix_ms, node_ca_pem: String::new() })
     }
 }
 

@@ -142,7 +142,7 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let address = request.remote_addr().map(|a| a.ip());
+        let address = crate::tls::PeerInfo::of(&request).remote.map(|a| a.ip());
         // The auth layer let only a node's principal through; its name is the node's.
         let identity = request.extensions().get::<Principal>().cloned();
         let mut inbound = request.into_inner();

@@ -1,4 +1,4 @@
-//! The Helm chart: `helm lint`, `helm template` with the default values and three other value
+//! The Helm chart: `helm lint`, `helm template` with the default values and four other value
 //! files, every rendered object valid against the Kubernetes schemas, the shape of what renders
 //! (a dry-run first install, privileges only when enforcing, the store), bad values refused by
 //! `values.schema.json`, and the install notes on turning enforcement on.
@@ -6,8 +6,9 @@
 
 use watt_deploy_tests::*;
 
-const VALUE_FILES: [&str; 4] = [
+const VALUE_FILES: [&str; 5] = [
     "",
+    "deploy-tests/values/cert-manager.yaml",
     "deploy-tests/values/etcd-3-replicas.yaml",
     "deploy-tests/values/enforcement-off.yaml",
     "deploy-tests/values/enforcement-on.yaml",
@@ -38,9 +39,13 @@ fn the_chart_lints_and_renders_valid_kubernetes_objects_with_every_value_file() 
         let out = run("kubernetes-validate", &["-k", "1.30.0", "--strict", file.to_str().unwrap()]);
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && !text.contains("ERROR"), "kubernetes-validate {values}:\n{text}");
-        // Built-in kinds are all checked; only the Prometheus Operator's CRDs have no schema here.
+        // Built-in kinds are all checked; only the Prometheus Operator's and cert-manager's CRDs
+        // have no schema here.
         for line in text.lines().filter(|l| l.contains("Couldn't find schema")) {
-            assert!(line.contains("monitoring.coreos.com"), "unexpected unchecked kind: {line}");
+            assert!(
+                line.contains("monitoring.coreos.com") || line.contains("cert-manager.io"),
+                "unexpected unchecked kind: {line}"
+            );
         }
         assert!(text.matches("passed for resource").count() >= 5, "{text}");
     }
@@ -117,12 +122,43 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
     assert!(security["capabilities"]["add"].is_null());
     assert!(off.iter().all(|d| d["kind"] != "ServiceMonitor"));
 
+    // With cert-manager: a Certificate for the controller's names, mounted for the controller;
+    // agents and helm test trust the ca.crt beside it; node certificates stay the chart's CA's.
+    assert!(docs.iter().all(|d| d["kind"] != "Certificate"), "no cert-manager unless asked");
+    let managed = documents(&render("deploy-tests/values/cert-manager.yaml"));
+    let certificate = find(&managed, "Certificate", "watt-controller-tls");
+    assert_eq!(certificate["spec"]["secretName"], "watt-controller-tls");
+    assert_eq!(certificate["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    let names = format!("{:?}", certificate["spec"]["dnsNames"]);
+    assert!(names.contains("watt-controller.gpu-power.svc"), "{names}");
+    let usages = format!("{:?}", certificate["spec"]["usages"]);
+    assert!(usages.contains("server auth") && usages.contains("client auth"), "{usages}");
+    let controller = find(&managed, "StatefulSet", "watt-controller");
+    let args = format!("{:?}", controller["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(
+        args.contains("--tls-cert=/etc/watt/tls/tls.crt") && args.contains("--client-ca=/etc/watt/pki/ca.crt"),
+        "{args}"
+    );
+    let volumes = format!("{:?}", controller["spec"]["template"]["spec"]["volumes"]);
+    assert!(volumes.contains("watt-controller-tls"), "{volumes}");
+    let agent_volumes =
+        format!("{:?}", find(&managed, "DaemonSet", "watt-agent")["spec"]["template"]["spec"]["volumes"]);
+    assert!(agent_volumes.contains("watt-controller-tls") && !agent_volumes.contains("watt-pki"), "{agent_volumes}");
+    let test_volumes = format!("{:?}", find(&managed, "Pod", "watt-test-controller")["spec"]["volumes"]);
+    assert!(test_volumes.contains("watt-controller-tls"), "{test_volumes}");
+
     let etcd = documents(&render("deploy-tests/values/etcd-3-replicas.yaml"));
     let controller = find(&etcd, "StatefulSet", "watt-controller");
     assert_eq!(controller["spec"]["replicas"], 3);
     assert!(controller["spec"]["volumeClaimTemplates"].is_null());
     let args = format!("{:?}", controller["spec"]["template"]["spec"]["containers"][0]["args"]);
     assert!(args.contains("--store=etcd://etcd-0.etcd:2379,etcd-1.etcd:2379,etcd-2.etcd:2379"), "{args}");
+    assert!(
+        args.contains("--etcd-ca=/etc/watt/etcd/ca.crt") && args.contains("--etcd-key=/etc/watt/etcd/tls.key"),
+        "{args}"
+    );
+    let volumes = format!("{:?}", controller["spec"]["template"]["spec"]["volumes"]);
+    assert!(volumes.contains("etcd-client-tls"), "{volumes}");
 }
 
 #[test]
@@ -131,9 +167,11 @@ fn bad_values_are_refused_at_install_naming_the_value() {
         ("controller.replicas=3", "/controller/replicas"),
         ("agent.enforce=maybe", "/agent/enforce"),
         ("controller.store.type=etcd", "/controller/store/etcd/endpoints"),
+        ("controller.store.type=etcd,controller.store.etcd.endpoints={e:2379}", "tlsSecret"),
         ("agent.failsafeAfter=soon", "/agent/failsafeAfter"),
         ("agent.httpPort=70000", "/agent/httpPort"),
         ("agent.logsPort=0", "/agent/logsPort"),
+        ("certManager.enabled=true", "/certManager/issuerRef"),
         ("agent.stateDir=relative/path", "/agent/stateDir"),
         ("agent.nodeOverhead=-5", "/agent/nodeOverhead"),
         ("agent.typo=1", "typo"),

@@ -362,3 +362,92 @@ fn the_controller_reaches_an_etcd_that_takes_only_client_certificates() {
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("store unavailable"), "{said}");
 }
+
+/// The controller's certificate from another authority than the one that signs node
+/// certificates (as under cert-manager): agents and people trust that one for the controller,
+/// logs are still read from agents over HTTPS checked against the node CA the grant carries,
+/// and a replaced certificate serves new connections without a restart or a session lost.
+#[test]
+fn a_serving_certificate_from_another_authority_works_and_is_replaced_live() {
+    use watt_common::pki::{Authority, LEAF_VALIDITY};
+    let dir = tempfile::tempdir().unwrap();
+    let issue = |authority: &Authority| {
+        let issued = authority.issue_server(&["127.0.0.1".into(), "localhost".into()], LEAF_VALIDITY).unwrap();
+        // The key first, then the certificate, each replaced whole (as a Secret volume does).
+        for (name, text) in [("tls.key", &issued.key_pem), ("tls.crt", &issued.cert_pem)] {
+            let fresh = dir.path().join(format!("{name}.new"));
+            std::fs::write(&fresh, text).unwrap();
+            std::fs::rename(&fresh, dir.path().join(name)).unwrap();
+        }
+    };
+    let authority_file = |authority: &Authority, name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, authority.cert_pem()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let site = Authority::generate("site CA", LEAF_VALIDITY).unwrap();
+    let site_ca = authority_file(&site, "site-ca.pem");
+    issue(&site);
+    let pki = TestPki::get();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let controller = ControllerProc::start(
+        &store(&dir),
+        0,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--client-ca",
+            pki.ca().to_str().unwrap(),
+        ],
+    );
+    let url = &controller.url;
+    let admin = pki.admin();
+    let ctl = |ca: &str, args: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("wattctl"));
+        cmd.args(["--controller", url, "--ca", ca, "--cert"]).arg(&admin.cert).arg("--key").arg(&admin.key).args(args);
+        for var in ["WATT_CA", "WATT_CERT", "WATT_KEY", "WATT_TOKEN", "WATT_CONTROLLER", "WATT_CONTEXT"] {
+            cmd.env_remove(var);
+        }
+        cmd.output().unwrap()
+    };
+    let node = pki.client("node-1", "node");
+    let agent = agent_with(
+        url,
+        "node-1",
+        8,
+        &["--ca", &site_ca, "--tls-cert", node.cert.to_str().unwrap(), "--tls-key", node.key.to_str().unwrap()],
+    );
+    agent.wait_line("Registered with the controller.", Duration::from_secs(20));
+    // The tests' CA does not vouch for this controller; the site's does.
+    assert_eq!(ctl(pki.ca().to_str().unwrap(), &["nodes"]).status.code(), Some(1));
+    let job = dir.path().join("hello.yaml");
+    std::fs::write(
+        &job,
+        "name: hello\npriority: 1\nshards: {min: 1, max: 1}\ngpus_per_shard: 1\ncommand: [/bin/sh, -c, 'echo hello from the shard; exec sleep 3600']\n",
+    )
+    .unwrap();
+    let submitted = ctl(&site_ca, &["submit", "-f", job.to_str().unwrap()]);
+    assert!(submitted.status.success(), "{}", stderr(&submitted));
+    // wattctl trusts the site CA only; the agent's certificate is the node CA's, which the grant
+    // names.
+    wait_for(Duration::from_secs(20), "the shard's log through a grant", || {
+        let out = ctl(&site_ca, &["logs", "hello"]);
+        String::from_utf8_lossy(&out.stdout).contains("hello from the shard").then_some(())
+    });
+
+    // A new certificate from a new authority: new connections get it within the reload period,
+    // with no restart; the agent's session, made before, goes on.
+    let next = Authority::generate("next site CA", LEAF_VALIDITY).unwrap();
+    let next_ca = authority_file(&next, "next-ca.pem");
+    issue(&next);
+    wait_for(Duration::from_secs(30), "the controller to serve the replaced certificate", || {
+        ctl(&next_ca, &["nodes"]).status.success().then_some(())
+    });
+    assert_eq!(ctl(&site_ca, &["nodes"]).status.code(), Some(1), "the old certificate is no longer served");
+    let nodes: serde_json::Value = serde_json::from_slice(&ctl(&next_ca, &["-o", "json", "nodes"]).stdout).unwrap();
+    assert_eq!(nodes[0]["state"], "ready", "{nodes}");
+    assert!(controller.proc.lines.try_iter().any(|l| l.contains("Loaded the changed TLS certificate")));
+    drop(agent);
+}

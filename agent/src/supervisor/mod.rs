@@ -34,10 +34,12 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 use watt_proto::v1 as pb;
 
+pub mod cgroup;
 pub mod identity;
 mod state_dir;
 mod torchrun;
 
+pub use cgroup::{ShardCgroups, ShardLimits};
 pub use identity::ShardUser;
 pub use state_dir::{log_file, log_file_name, logs_dir, rotate_if_large, StateDir, LOG_KEEP, LOG_MAX_BYTES};
 pub use torchrun::worker_env;
@@ -105,11 +107,34 @@ pub struct Supervisor {
     running: Mutex<Running>,
     /// Who shards run as; `None`: the agent's own user (see [`identity`]).
     shard_user: Option<ShardUser>,
+    /// Each shard's cgroup and its limits, where cgroup v2 can be used (see [`cgroup`]).
+    cgroups: Option<(Arc<ShardCgroups>, ShardLimits)>,
+    /// The agent's own program, which starts a shard inside its cgroup.
+    agent_exe: PathBuf,
 }
 
 impl Supervisor {
     pub fn new(state_dir: PathBuf) -> Self {
-        Supervisor { state_dir: StateDir::new(state_dir), running: Mutex::new(HashMap::new()), shard_user: None }
+        Supervisor {
+            state_dir: StateDir::new(state_dir),
+            running: Mutex::new(HashMap::new()),
+            shard_user: None,
+            cgroups: None,
+            agent_exe: PathBuf::from("/proc/self/exe"),
+        }
+    }
+
+    /// Start shards in their cgroups through `exe` (a `watt-agent`), not this process's own
+    /// program: for tests, whose program is a test harness.
+    pub fn with_agent_exe(mut self, exe: PathBuf) -> Self {
+        self.agent_exe = exe;
+        self
+    }
+
+    /// Run each shard in a cgroup of its own under `groups`, with `limits`.
+    pub fn with_cgroups(mut self, groups: Option<(Arc<ShardCgroups>, ShardLimits)>) -> Self {
+        self.cgroups = groups;
+        self
     }
 
     /// Run shards as `user` (the agent must be root to switch to it).
@@ -181,17 +206,29 @@ impl Supervisor {
             let (path, job, sink) = (progress_path.clone(), job.to_owned(), report.clone());
             tokio::spawn(async move { crate::progress::listen(&path, job, shard, epoch, sink).await })
         };
-        // Stop listening, whichever way this run ends.
-        struct Cleanup(tokio::task::JoinHandle<()>, PathBuf);
+        let group = match self.cgroup(&launch) {
+            Ok(group) => group,
+            Err(e) => {
+                tracing::warn!(job, shard, epoch, error = %e, "Cannot make the shard's cgroup.");
+                say(pb::ShardState::Failed, e, last);
+                return;
+            }
+        };
+        // Stop listening, and leave nothing in the shard's group, whichever way this run ends.
+        struct Cleanup(tokio::task::JoinHandle<()>, PathBuf, Option<PathBuf>);
         impl Drop for Cleanup {
             fn drop(&mut self) {
                 self.0.abort();
                 let _ = fs::remove_file(&self.1);
+                if let Some(group) = self.2.take() {
+                    tokio::spawn(ShardCgroups::kill_and_remove(group));
+                }
             }
         }
-        let _cleanup = Cleanup(listener, progress_path);
+        let _cleanup = Cleanup(listener, progress_path, group.clone());
         loop {
-            let mut child = match self.spawn(&launch, restarts) {
+            let oom_kills_before = group.as_deref().map_or(0, ShardCgroups::oom_kills);
+            let mut child = match self.spawn(&launch, restarts, group.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(job, shard, epoch, error = %e, "Cannot start shard.");
@@ -228,9 +265,12 @@ impl Supervisor {
                 }
             };
             rotation.abort();
-            // The main process is gone; nothing of its group outlives it.
+            // The main process is gone; nothing of its group outlives it, nor of its cgroup.
             if let Some(pgid) = pgid {
                 let _ = killpg(pgid, Signal::SIGKILL);
+            }
+            if let Some(group) = &group {
+                ShardCgroups::kill_all(group);
             }
             let _ = fs::remove_file(self.state_dir.pid_path(job, shard));
             let status = match status {
@@ -258,6 +298,12 @@ impl Supervisor {
                     last.restarts = restarts;
                     format!("exited with code {code}; restart {restarts} of {}", o.max_restarts)
                 }
+                Exit::Signalled(signal) if group.as_deref().map_or(0, ShardCgroups::oom_kills) > oom_kills_before => {
+                    let limit = self.cgroups.as_ref().and_then(|(_, l)| l.for_gpus(o.gpu_indices.len()).memory_bytes);
+                    let limit = limit
+                        .map_or_else(|| "none".to_string(), |b| format!("{:.1} GiB", b as f64 / f64::from(1 << 30)));
+                    format!("killed by signal {signal}: out of memory in its cgroup (limit {limit}); restarting (not counted)")
+                }
                 Exit::Signalled(signal) => format!("killed by signal {signal}; restarting (not counted)"),
             };
             tracing::warn!(job, shard, epoch, why = %why, "Shard process exited; restarting.");
@@ -273,7 +319,22 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self, launch: &Launch, restarts: u32) -> Result<tokio::process::Child, String> {
+    /// The shard's cgroup with its limits written, when shards get one.
+    fn cgroup(&self, launch: &Launch) -> Result<Option<PathBuf>, String> {
+        let Some((groups, limits)) = &self.cgroups else { return Ok(None) };
+        let o = &launch.order;
+        groups
+            .prepare(&o.job, o.shard, o.epoch, limits.for_gpus(o.gpu_indices.len()))
+            .map(Some)
+            .map_err(|e| format!("cannot make the shard's cgroup: {e}"))
+    }
+
+    fn spawn(
+        &self,
+        launch: &Launch,
+        restarts: u32,
+        group: Option<&std::path::Path>,
+    ) -> Result<tokio::process::Child, String> {
         let o = &launch.order;
         let Some((program, args)) = o.command.split_first() else {
             return Err("the job has no command".into());
@@ -299,9 +360,27 @@ impl Supervisor {
             .open(&log)
             .map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
-            .envs(worker_env(o, restarts, &checkpoints, launch.node_cpus))
+        let mut cmd = match group {
+            // The agent starts the shard through itself, which joins the group and takes the
+            // shard's user before the command runs (see `cgroup`).
+            Some(group) => {
+                let mut cmd = tokio::process::Command::new(&self.agent_exe);
+                let user = self.shard_user.as_ref().map(|u| (u.uid, u.gid));
+                cmd.args(cgroup::exec_args(group, user, program, args));
+                cmd
+            }
+            None => {
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(args);
+                if let Some(user) = &self.shard_user {
+                    // Set in the child before exec; dropping from root also drops its
+                    // supplementary groups.
+                    cmd.uid(user.uid).gid(user.gid);
+                }
+                cmd
+            }
+        };
+        cmd.envs(worker_env(o, restarts, &checkpoints, launch.node_cpus))
             .env("WATT_PROGRESS_SOCKET", self.state_dir.progress_path(&o.job, o.shard))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -310,10 +389,6 @@ impl Supervisor {
             .kill_on_drop(false);
         if !o.workdir.is_empty() {
             cmd.current_dir(&o.workdir);
-        }
-        if let Some(user) = &self.shard_user {
-            // Set in the child before exec; dropping from root also drops its supplementary groups.
-            cmd.uid(user.uid).gid(user.gid);
         }
         if launch.simulated {
             let speed = self.state_dir.speed_path(&o.job, o.shard);

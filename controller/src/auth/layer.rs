@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use prometheus::IntCounterVec;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use super::{Authenticator, Principal};
@@ -61,7 +60,7 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let authorization = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
-        let certs = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|info| info.peer_certs());
+        let certs = request.extensions().get::<crate::tls::PeerInfo>().and_then(|info| info.certs.clone());
         match self.authenticator.authorize(request.uri().path(), authorization, certs.as_deref().map(Vec::as_slice)) {
             Ok(principal) => {
                 if let Some(principal) = principal {

@@ -28,3 +28,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "watt.controllerAddress" -}}
 {{- printf "https://%s-controller:%d" (include "watt.fullname" .) (int .Values.controller.grpcPort) -}}
 {{- end -}}
+
+{{- /* The Secret whose ca.crt clients trust the controller's certificate with: cert-manager's, or the chart's. */ -}}
+{{- define "watt.serverCaSecret" -}}
+{{- if .Values.certManager.enabled -}}
+{{- printf "%s-controller-tls" (include "watt.fullname" .) -}}
+{{- else -}}
+{{- printf "%s-pki" (include "watt.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* The DNS names the controller's certificate is for. */ -}}
+{{- define "watt.controllerHosts" -}}
+{{- $service := printf "%s-controller" (include "watt.fullname" .) -}}
+{{- toJson (list $service (printf "%s.%s" $service .Release.Namespace) (printf "%s.%s.svc" $service .Release.Namespace) (printf "%s.%s.svc.cluster.local" $service .Release.Namespace) "localhost") -}}
+{{- end -}}
