@@ -198,16 +198,27 @@ impl ShardCgroups {
         events.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
     }
 
+    /// Empty and remove every shard's group under this one: at start, they are an earlier run's.
+    pub async fn clear_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.own) else { return };
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_name().to_string_lossy().starts_with("shard.") && entry.path().is_dir() {
+                tracing::warn!(group = %entry.path().display(), "Emptying a shard's cgroup left by an earlier run of the agent.");
+                Self::kill_and_remove(entry.path()).await;
+            }
+        }
+    }
+
     /// Kill whatever is left in a shard's group, between two runs of its command.
     pub fn kill_all(dir: &Path) {
-        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        let _ = kill(dir);
     }
 
     /// Kill whatever is left in a shard's group — processes that left its process group
     /// included — and remove the group. Kernels before 5.14 have no `cgroup.kill`: there the
     /// process-group kill is all, and a group still in use stays.
     pub async fn kill_and_remove(dir: PathBuf) {
-        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        let _ = kill(&dir);
         // The kill is asynchronous; the group can be removed once it is empty.
         for _ in 0..50 {
             match std::fs::remove_dir(&dir) {
@@ -217,6 +228,13 @@ impl ShardCgroups {
             }
         }
     }
+}
+
+/// `cgroup.kill` (Linux 5.14+): every process in the group, SIGKILL. Opened, never created: an
+/// older kernel has no such file.
+fn kill(dir: &Path) -> io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.kill"))?.write_all(b"1")
 }
 
 /// The command line that starts `program args` as a shard's first process in the group at
@@ -299,6 +317,17 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.join("pids.max")).unwrap(), "100");
         std::fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 4\noom 1\noom_kill 2\n").unwrap();
         assert_eq!(ShardCgroups::oom_kills(&dir), 2);
+    }
+
+    #[tokio::test]
+    async fn an_earlier_runs_shard_groups_are_emptied_and_removed_at_start() {
+        let (_root, own) = tree("memory pids");
+        let groups = ShardCgroups::set_up(&own).unwrap();
+        // As the kernel shows an empty group after cgroup.kill: removable.
+        std::fs::create_dir(own.join("shard.old.0.4")).unwrap();
+        groups.clear_leftovers().await;
+        assert!(!own.join("shard.old.0.4").exists());
+        assert!(own.join("agent").exists(), "the agent's own group stays");
     }
 
     #[test]

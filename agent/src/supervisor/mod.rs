@@ -406,6 +406,16 @@ impl Supervisor {
     /// Stop every shard an earlier run of the agent left running (see the module header).
     /// Returns the (job, shard) of each one stopped.
     pub async fn stop_leftovers(&self, grace: Duration) -> Vec<(String, u32)> {
+        let stopped = self.stop_leftover_groups(grace).await;
+        // What left its process group but not its cgroup goes too: no shard runs yet, so every
+        // shard's group there is an earlier run's.
+        if let Some((groups, _)) = &self.cgroups {
+            groups.clear_leftovers().await;
+        }
+        stopped
+    }
+
+    async fn stop_leftover_groups(&self, grace: Duration) -> Vec<(String, u32)> {
         let Ok(entries) = fs::read_dir(self.state_dir.run_dir()) else { return Vec::new() };
         let mut stopped = Vec::new();
         for entry in entries.filter_map(Result::ok) {
