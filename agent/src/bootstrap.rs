@@ -15,6 +15,15 @@ use watt_proto::v1::agent_service_client::AgentServiceClient;
 /// How long before its certificate expires an agent renews it.
 pub const RENEW_BEFORE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
+/// How often a running agent looks at its certificate's end.
+pub const RENEW_CHECK: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// Whether the node's certificate is within [`RENEW_BEFORE`] of its end (a node with none yet
+/// gets one when its session starts).
+pub fn renewal_due(files: &NodeCertFiles) -> bool {
+    files.exist() && expires_within(&files.cert, RENEW_BEFORE)
+}
+
 /// The node's certificate and key, under the agent's state directory.
 #[derive(Debug, Clone)]
 pub struct NodeCertFiles {
@@ -53,7 +62,7 @@ pub async fn node_credentials(
     node: &str,
     files: &NodeCertFiles,
 ) -> Result<Credentials, BootstrapError> {
-    let renew = files.exist() && expires_within(&files.cert, RENEW_BEFORE);
+    let renew = renewal_due(files);
     if !files.exist() || renew {
         // A first certificate on the bootstrap token; a renewal on the certificate itself.
         let proof = if renew {
@@ -118,12 +127,17 @@ mod tests {
         use watt_common::pki::{Authority, AUTHORITY_VALIDITY};
         let dir = tempfile::tempdir().unwrap();
         let ca = Authority::generate("test", AUTHORITY_VALIDITY).unwrap();
-        let path = dir.path().join("node.pem");
+        let files = NodeCertFiles::in_dir(dir.path());
+        let path = files.cert.clone();
+        assert!(!renewal_due(&files), "no certificate yet: the session's start gets one");
+        std::fs::write(&files.key, "key").unwrap();
         let days = |n: u64| std::time::Duration::from_secs(n * 24 * 3600);
         std::fs::write(&path, ca.issue_client("n", Role::Node, days(365)).unwrap().cert_pem).unwrap();
         assert!(!expires_within(&path, RENEW_BEFORE));
+        assert!(!renewal_due(&files));
         std::fs::write(&path, ca.issue_client("n", Role::Node, days(20)).unwrap().cert_pem).unwrap();
         assert!(expires_within(&path, RENEW_BEFORE));
+        assert!(renewal_due(&files));
         std::fs::write(&path, "garbage").unwrap();
         assert!(expires_within(&path, RENEW_BEFORE), "an unreadable certificate is replaced");
     }

@@ -53,6 +53,11 @@ pub async fn run(
     enforcer: Arc<Enforcer>,
     mut stop: watch::Receiver<bool>,
 ) {
+    if config.credentials.tls_cert.is_none() {
+        if let Some(token_file) = config.credentials.bootstrap_token_file.clone() {
+            tokio::spawn(keep_renewed(config.clone(), token_file, stop.clone()));
+        }
+    }
     let mut backoff = BACKOFF_START;
     loop {
         let outcome = tokio::select! {
@@ -133,6 +138,39 @@ pub fn telemetry(snapshot: &NodeSnapshot) -> pb::Telemetry {
 
 fn message(body: pb::agent_message::Body) -> pb::AgentMessage {
     pb::AgentMessage { body: Some(body) }
+}
+
+/// Renew a bootstrapped node's certificate while the agent runs, not only when a session
+/// starts: a session can outlast the month before the certificate's end, and an expired
+/// certificate renews nothing. The new one is used from the next connection on.
+async fn keep_renewed(config: SessionConfig, token_file: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(bootstrap::RENEW_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !bootstrap::renewal_due(&config.node_cert) {
+            continue;
+        }
+        let renewed = match config.credentials.load() {
+            Ok(credentials) => bootstrap::node_credentials(
+                &config.controller,
+                credentials,
+                &token_file,
+                &config.node_name,
+                &config.node_cert,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = renewed {
+            tracing::warn!(error = %e, "Cannot renew this node's certificate; trying again later.");
+        }
+    }
 }
 
 /// One session, from connect to the stream's end.

@@ -86,6 +86,9 @@ enum Command {
     },
     /// Cancel a job: its shards are stopped and it will not be scheduled again.
     Cancel { name: String },
+    /// Refuse every certificate of a node from now on and end its session; its bootstrap token
+    /// may then claim the name once more (a re-imaged or stolen machine). Admin only.
+    ResetIdentity { node: String },
     /// Print a shard's output, from the agent that runs it; with --follow, keep printing it
     /// while the job runs.
     Logs {
@@ -302,6 +305,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut client = target.control().await?;
             let job = JobView::from(client.cancel_job(pb::CancelJobRequest { name }).await?.into_inner());
             emit(output, &job, || format!("job {} {}\n", job.name, job.state))
+        }
+        Command::ResetIdentity { node } => {
+            let mut client = target.control().await?;
+            client.reset_node_identity(pb::ResetNodeIdentityRequest { node: node.clone() }).await?;
+            let view = serde_json::json!({ "node": node, "identity": "reset" });
+            emit(output, &view, || {
+                format!("node {node}: every certificate refused from now on; it may bootstrap again\n")
+            })
         }
         Command::Nodes => {
             let mut client = target.control().await?;

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use watt_proto::v1 as pb;
 use watt_proto::v1::submit_job_request::Source;
 
+use crate::auth::bootstrap::NodeSigner;
 use crate::auth::Principal;
 use crate::power::table::{PowerError, SiteUpdate, SourceUpdate};
 use crate::power::SourceKind;
@@ -27,11 +28,19 @@ pub struct ControlApi {
     controller: Arc<Controller>,
     /// The CA that signs node certificates (`--client-ca`), handed out with log grants.
     node_ca_pem: String,
+    /// Who signs node certificates and keeps which is accepted (`--client-ca-key`).
+    node_signer: Option<Arc<NodeSigner>>,
 }
 
 impl ControlApi {
     pub fn new(controller: Arc<Controller>) -> Self {
-        ControlApi { controller, node_ca_pem: String::new() }
+        ControlApi { controller, node_ca_pem: String::new(), node_signer: None }
+    }
+
+    /// Node identities can be reset through `signer`.
+    pub fn with_node_signer(mut self, signer: Option<Arc<NodeSigner>>) -> Self {
+        self.node_signer = signer;
+        self
     }
 
     /// Grants say that agents' certificates are checked against `pem`.
@@ -125,6 +134,31 @@ impl pb::control_service_server::ControlService for ControlApi {
             }),
         });
         Ok(Response::new(stream.boxed()))
+    }
+
+    async fn reset_node_identity(
+        &self,
+        request: Request<pb::ResetNodeIdentityRequest>,
+    ) -> Result<Response<pb::ResetNodeIdentityResponse>, Status> {
+        let by = principal(&request)?;
+        let node = request.into_inner().node;
+        crate::session::validate_node_name("node", &node)?;
+        let Some(signer) = &self.node_signer else {
+            return Err(Status::failed_precondition(
+                "this controller signs no node certificates (no --client-ca-key): there is no identity to reset",
+            ));
+        };
+        signer.reset(&node, &by, crate::reconcile::unix_ms()).await?;
+        let why = format!("the identity of node {node:?} was reset by {by}: its agent must bootstrap again");
+        self.controller.registry.end_session(&node, Status::permission_denied(why));
+        self.controller.emit_by(
+            "node",
+            &node,
+            "identity-reset",
+            "every certificate of the node refused from now on; it may bootstrap again".into(),
+            Some(&by),
+        );
+        Ok(Response::new(pb::ResetNodeIdentityResponse {}))
     }
 
     async fn grant_logs(&self, request: Request<pb::GrantLogsRequest>) -> Result<Response<pb::LogGrant>, Status> {

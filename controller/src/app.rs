@@ -108,7 +108,10 @@ pub async fn run(
         None => None,
     };
     let auth = AuthLayer::new(Arc::new(Authenticator::new(tokens)), metrics.refused_calls.clone());
-    let signer = node_signer(&config, &controller)?;
+    let signer = node_signer(&config, &controller).await?;
+    if let Some(signer) = &signer {
+        tokio::spawn(signer.clone().follow(wait_stop()));
+    }
     let node_ca = match &config.client_ca {
         Some(path) => read_credential("the client CA", path)?,
         None => String::new(),
@@ -142,11 +145,13 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health)
         .add_service(reflection)
-        .add_service(AgentServiceServer::new(AgentSessions::new(controller.clone(), signer)))
+        .add_service(AgentServiceServer::new(AgentSessions::new(controller.clone(), signer.clone())))
         .add_service(PowerServiceServer::new(PowerApi::new(controller.clone())))
         .add_service(
-            ControlServiceServer::new(ControlApi::new(controller.clone()).with_node_ca(node_ca))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            ControlServiceServer::new(
+                ControlApi::new(controller.clone()).with_node_ca(node_ca).with_node_signer(signer.clone()),
+            )
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
         );
     let grpc = match tls {
         Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), wait_stop())),
@@ -176,12 +181,15 @@ pub async fn run(
 }
 
 /// The signer of node certificates, when the controller has its client CA's key.
-fn node_signer(config: &ControllerConfig, controller: &Controller) -> Result<Option<Arc<NodeSigner>>, ControllerError> {
+async fn node_signer(
+    config: &ControllerConfig,
+    controller: &Controller,
+) -> Result<Option<Arc<NodeSigner>>, ControllerError> {
     let (Some(ca), Some(key)) = (&config.client_ca, &config.client_ca_key) else { return Ok(None) };
     let read = read_credential;
     let authority = watt_common::pki::Authority::load(&read("the client CA", ca)?, &read("the client CA key", key)?)
         .map_err(|e| ControllerError::Tls(e.to_string()))?;
-    Ok(Some(Arc::new(NodeSigner::new(authority, controller.store.clone()))))
+    Ok(Some(Arc::new(NodeSigner::load(authority, controller.store.clone()).await?)))
 }
 
 /// TLS to etcd, read from the files the configuration names.

@@ -649,6 +649,17 @@ impl Registry {
         nodes.power_changed = true;
     }
 
+    /// End `node`'s session, whichever it is, telling its agent `why` (its identity was reset).
+    pub fn end_session(&self, node: &str, why: tonic::Status) {
+        let mut nodes = self.lock();
+        let Some(e) = nodes.map.get_mut(node) else { return };
+        if let Some(session) = e.session.take() {
+            let _ = session.tx.try_send(Err(why));
+        }
+        e.sent.clear();
+        nodes.power_changed = true;
+    }
+
     /// Telemetry on `session` (see [`NodeEntry::observe_telemetry`]): the GPUs whose work it
     /// changed. `None`: the session was replaced.
     pub fn observe_telemetry(&self, node: &str, heard: Heard, t: pb::Telemetry) -> Option<Vec<WorkChange>> {

@@ -75,6 +75,19 @@ pub fn validate_register(r: &pb::Register) -> Result<(), Status> {
     Ok(())
 }
 
+impl AgentSessions {
+    /// A node that proved itself with a certificate: the one the controller pinned for it, if
+    /// it pinned one (see [`crate::auth::bootstrap`]).
+    async fn check_pinned(&self, principal: &Principal, peer: &crate::tls::PeerInfo) -> Result<(), Status> {
+        let (Some(signer), Some(certs)) = (&self.signer, &peer.certs) else { return Ok(()) };
+        if principal.credential != crate::auth::Credential::Certificate {
+            return Ok(());
+        }
+        let Some(leaf) = certs.first() else { return Ok(()) };
+        signer.check_current(&principal.name, &crate::auth::bootstrap::fingerprint(leaf)).await
+    }
+}
+
 /// A session may register only the node its credentials name: no agent takes over another
 /// node's session, its shard orders or their environments.
 pub fn check_identity(identity: Option<&Principal>, node_name: &str) -> Result<(), Status> {
@@ -132,6 +145,10 @@ impl pb::agent_service_server::AgentService for AgentSessions {
                 "this controller signs no node certificates: start it with --client-ca-key",
             ));
         };
+        // A renewal proves itself with the node's certificate in force, not an older one.
+        if principal.role == Role::Node {
+            self.check_pinned(&principal, &crate::tls::PeerInfo::of(&request)).await?;
+        }
         let answer = signer.sign(&principal, request.get_ref(), unix_ms()).await?;
         let node = &request.get_ref().node_name;
         self.controller.emit_by("node", node, "certificate-issued", "node certificate issued".into(), Some(&principal));
@@ -142,7 +159,8 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let address = crate::tls::PeerInfo::of(&request).remote.map(|a| a.ip());
+        let peer = crate::tls::PeerInfo::of(&request);
+        let address = peer.remote.map(|a| a.ip());
         // The auth layer let only a node's principal through; its name is the node's.
         let identity = request.extensions().get::<Principal>().cloned();
         let mut inbound = request.into_inner();
@@ -155,6 +173,9 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         };
         validate_register(&register)?;
         check_identity(identity.as_ref(), &register.node_name)?;
+        if let Some(principal) = &identity {
+            self.check_pinned(principal, &peer).await?;
+        }
         for (i, s) in register.shards.iter().enumerate() {
             validate_shard_status(s).map_err(|e| invalid(&format!("register.shards[{i}]"), e.message()))?;
         }

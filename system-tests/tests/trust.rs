@@ -159,7 +159,7 @@ fn an_agent_with_another_nodes_certificate_is_refused_and_gets_no_shard() {
 }
 
 #[test]
-fn a_node_bootstraps_its_certificate_once_and_a_second_claim_is_refused() {
+fn a_node_bootstraps_its_certificate_once_a_second_claim_is_refused_and_an_admin_reset_lets_it_again() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::get();
     let bootstrap_token = watt_common::auth::new_token();
@@ -207,6 +207,25 @@ fn a_node_bootstraps_its_certificate_once_and_a_second_claim_is_refused() {
     restarted.wait_line("Registered with the controller.", Duration::from_secs(30));
     let events = String::from_utf8_lossy(&wattctl(url, &["events"]).stdout).into_owned();
     assert_eq!(events.matches("certificate-issued").count(), 1, "{events}");
+
+    // The machine is re-imaged (or stolen): only an admin resets the node's identity.
+    let viewer = wattctl_as(url, Some(&pki.client("vic", "viewer")), &["reset-identity", "fresh-node"]);
+    assert_eq!(viewer.status.code(), Some(1));
+    assert!(stderr(&viewer).contains("ResetNodeIdentity: it needs the admin role"), "{}", stderr(&viewer));
+    let reset = wattctl(url, &["reset-identity", "fresh-node"]);
+    assert!(reset.status.success(), "{}", stderr(&reset));
+    // The old certificate's session ends and it opens no other.
+    let ended = restarted.wait_line("was reset by admin", Duration::from_secs(20));
+    assert!(ended.contains("session failed"), "{ended}");
+    let again = restarted.wait_line("was reset by an admin: its agent must bootstrap again", Duration::from_secs(20));
+    assert!(again.contains("session failed"), "{again}");
+    drop(restarted);
+    // The re-imaged machine bootstraps the name again, once, with a key of its own.
+    let reimaged = bootstrapping("reimaged");
+    reimaged.wait_line("Registered with the controller.", Duration::from_secs(30));
+    let events = String::from_utf8_lossy(&wattctl(url, &["events"]).stdout).into_owned();
+    assert!(events.contains("identity-reset") && events.contains("admin (admin)"), "{events}");
+    assert_eq!(events.matches("certificate-issued").count(), 2, "{events}");
 }
 
 #[test]

@@ -67,6 +67,7 @@ pub fn access(path: &str) -> Option<Access> {
         ) => Some(Access::Roles(&[Role::Viewer])),
         // Cancelling someone else's job needs admin; the service checks whose job it is.
         ("watt.v1.ControlService", "SubmitJob" | "CancelJob") => Some(Access::Roles(&[Role::Submitter])),
+        ("watt.v1.ControlService", "ResetNodeIdentity") => Some(Access::Roles(&[Role::Admin])),
         ("watt.v1.PowerService", "GetPowerStatus" | "WatchPower") => Some(Access::Roles(&[Role::Viewer])),
         ("watt.v1.PowerService", "SetSource" | "RemoveSource" | "SetSite") => {
             Some(Access::Roles(&[Role::PowerOperator]))
@@ -192,7 +193,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 17, "15 of Watt's methods and 2 of health");
+        assert_eq!(methods, 18, "16 of Watt's methods and 2 of health");
         assert_eq!(access("/watt.v1.ControlService/DropEverything"), None);
         assert_eq!(access("nonsense"), None);
     }

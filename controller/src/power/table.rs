@@ -96,19 +96,15 @@ pub struct PowerTable {
     site: (Site, Version),
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
-}
-
 impl PowerTable {
     pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
         let mut sources = BTreeMap::new();
         for e in store.list(SOURCES_PREFIX).await? {
-            let s: Source = decode(&e.key, &e.value)?;
+            let s: Source = crate::store::decode_json(&e.key, &e.value)?;
             sources.insert(s.name.clone(), (s, e.version));
         }
         let site = match store.get(SITE_KEY).await? {
-            Some(e) => (decode(&e.key, &e.value)?, e.version),
+            Some(e) => (crate::store::decode_json(&e.key, &e.value)?, e.version),
             None => (Site::default(), 0),
         };
         Ok(PowerTable { store, sources, site })

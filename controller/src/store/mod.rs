@@ -15,6 +15,11 @@ pub mod conformance;
 pub fn encode_json<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::Encode { key: key.to_owned(), message: e.to_string() })
 }
+
+/// The JSON stored under `key`, read back; what does not read is corrupt, naming the key.
+pub fn decode_json<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
+}
 pub mod etcd;
 pub mod file;
 pub mod observed;
