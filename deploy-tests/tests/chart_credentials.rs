@@ -73,12 +73,14 @@ fn the_charts_certificates_and_tokens_admit_its_agents_and_helm_test_and_no_one_
     // An agent as the DaemonSet runs it, on simulated GPUs: it bootstraps its certificate.
     let agent_args: Vec<String> = args(find(&docs, "DaemonSet", "watt-agent"))
         .iter()
-        .filter(|a| !a.starts_with("--backend") && !a.starts_with("--state-dir") && !a.starts_with("--metrics-addr"))
+        .filter(|a| {
+            !["--backend", "--state-dir", "--metrics-addr", "--logs-addr"].iter().any(|flag| a.starts_with(flag))
+        })
         .map(|a| local(a, grpc))
         .collect();
     let mut cmd = Command::new(bin("watt-agent"));
     cmd.args(&agent_args)
-        .args(["--backend=sim", "--sim-gpus=2", "--metrics-addr=127.0.0.1:0"])
+        .args(["--backend=sim", "--sim-gpus=2", "--metrics-addr=127.0.0.1:0", "--logs-addr=127.0.0.1:0"])
         .arg(format!("--state-dir={}", dir.path().join("agent").display()))
         .env("WATT_NODE_NAME", "gpu-node-1");
     let agent = Proc::spawn("agent", cmd);
