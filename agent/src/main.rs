@@ -25,10 +25,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(&AgentError::from(e)),
     };
     if args.check_config {
-        #[allow(clippy::print_stdout)]
-        {
-            println!("configuration OK\n{config:#?}");
-        }
+        // A reader that stops early (`| head`) is not an error worth a panic.
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "configuration OK\n{config:#?}");
         return ExitCode::SUCCESS;
     }
     logging::init(config.log_format);

@@ -134,3 +134,14 @@ fn root_shards_need_the_explicit_flag_and_an_unknown_user_is_named() {
     assert_usage_error(&agent(&["--backend", "sim", "--run-as", "root"]), &["--run-as", "--allow-root-shards"]);
     assert_usage_error(&agent(&["--backend", "sim", "--run-as", "no-such-user-x"]), &["--run-as", "no-such-user-x"]);
 }
+
+#[test]
+fn logs_off_loopback_need_a_node_certificate_and_shard_limits_are_checked_by_name() {
+    assert_usage_error(&agent(&["--backend", "sim", "--logs-addr", "0.0.0.0:9402"]), &["--logs-addr", "HTTPS"]);
+    assert_usage_error(&agent(&["--backend", "sim", "--shard-memory-max", "12XB"]), &["--shard-memory-max", "XB"]);
+    assert_usage_error(&agent(&["--backend", "sim", "--shard-memory-max", "100"]), &["--shard-memory-max", "1 MiB"]);
+    assert_usage_error(&agent(&["--backend", "sim", "--shard-pids-max", "3"]), &["--shard-pids-max", "at least 16"]);
+    let ok = agent(&["--backend", "sim", "--shard-memory-max", "64GiB", "--shard-pids-max", "none", "--check-config"]);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success() && text.contains("68719476736") && text.contains("shard_pids: None"), "{text}");
+}
