@@ -167,7 +167,7 @@ pub async fn run(
     tracing::info!(addr = %logs_addr, tls = logs_tls.is_some(), "Serving shards' logs to holders of a grant.");
     let session = config.controller.clone().zip(session_metrics).map(|(controller, metrics)| {
         let session_config = SessionConfig {
-            controller,
+            controllers: watt_common::client::controller_urls(&controller),
             credentials: config.credentials.clone(),
             node_cert: crate::bootstrap::NodeCertFiles::in_dir(&config.state_dir.join("pki")),
             node_name: config.node_name.clone(),

@@ -45,6 +45,8 @@ impl NodeCertFiles {
 pub enum BootstrapError {
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Leader(#[from] watt_common::client::FindLeaderError),
     #[error("the controller refused the node's certificate request: {0}")]
     Refused(tonic::Status),
     #[error(transparent)]
@@ -54,9 +56,9 @@ pub enum BootstrapError {
 }
 
 /// `credentials` with the node's certificate: the one kept in `files`, or a new one the
-/// controller at `url` signs for `node` on the bootstrap token in `token_file`.
+/// leading controller among `urls` signs for `node` on the bootstrap token in `token_file`.
 pub async fn node_credentials(
-    url: &str,
+    urls: &[String],
     credentials: Credentials,
     token_file: &Path,
     node: &str,
@@ -75,7 +77,8 @@ pub async fn node_credentials(
         } else {
             Credentials { token: Some(read_token(token_file)?), cert: None, key: None, ..credentials.clone() }
         };
-        let channel = proof.connect(url, |endpoint| endpoint).await?;
+        let service = watt_proto::v1::agent_service_server::SERVICE_NAME;
+        let (_, channel) = proof.connect_leader(urls, service, |endpoint| endpoint).await?;
         let (key_pem, request_pem) = if renew {
             let key_pem = std::fs::read_to_string(&files.key)
                 .map_err(|source| BootstrapError::Dir { path: files.key.display().to_string(), source })?;

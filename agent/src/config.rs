@@ -122,9 +122,10 @@ pub struct Args {
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 
-    /// The controller to hold a session with, e.g. https://controller:7070. Without it the agent
+    /// The controller to hold a session with, e.g. https://controller:7070, or its replicas'
+    /// URLs separated by commas (the session goes to the one that leads). Without it the agent
     /// only exports metrics.
-    #[arg(long, env = "WATT_CONTROLLER", value_name = "URL")]
+    #[arg(long, env = "WATT_CONTROLLER", value_name = "URL[,URL...]")]
     pub controller: Option<String>,
 
     /// The CA (PEM) that signed the controller's certificate; required for an https:// controller.
@@ -474,16 +475,26 @@ impl AgentConfig {
                 format!("must be 1 to 253 characters and not blank; got {:?}", self.node_name),
             ));
         }
-        if let Some(url) = &self.controller {
-            let ok = (url.starts_with("http://") || url.starts_with("https://")) && url.len() > "http://".len();
-            if !ok {
+        if let Some(spec) = &self.controller {
+            let urls = watt_common::client::controller_urls(spec);
+            let is_url = |url: &String| {
+                (url.starts_with("http://") || url.starts_with("https://")) && url.len() > "http://".len()
+            };
+            if urls.is_empty() || !urls.iter().all(is_url) {
                 return Err(ConfigError::invalid(
                     "controller",
-                    format!("must be an http:// or https:// URL; got {url:?}"),
+                    format!("must be an http:// or https:// URL, or several separated by commas; got {spec:?}"),
                 ));
             }
+            if !urls.iter().all(|url| url.starts_with("https://")) && !urls.iter().all(|url| url.starts_with("http://"))
+            {
+                return Err(ConfigError::invalid("controller", format!("mixes http:// and https:// URLs: {spec:?}")));
+            }
         }
-        if let Some(url) = &self.controller {
+        if let Some(url) =
+            self.controller.as_ref().and_then(|spec| watt_common::client::controller_urls(spec).into_iter().next())
+        {
+            let url = &url;
             let files = &self.credentials;
             // The token file is read when the session starts; here only its presence counts.
             let shape = Credentials {

@@ -295,6 +295,7 @@ mod tests {
             phase: pb::TransitionPhase::Decrease as i32,
             caps: caps.iter().map(|&(index, watts)| pb::GpuCap { index, watts }).collect(),
             spread_ms: 0,
+            term: 1,
         }
     }
 

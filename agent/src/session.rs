@@ -24,10 +24,52 @@ use crate::shards::ShardTable;
 
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The longest pause while the controllers answer but none leads (an election under way).
+const NO_LEADER_RETRY: Duration = Duration::from_secs(1);
+
+/// The highest leader's term this agent has heard (ARCHITECTURE.md, invariant 9): a controller
+/// of a lower term has been deposed, so its session is refused and its orders ignored, and the
+/// orders of two terms never interleave.
+#[derive(Debug, Default)]
+pub struct Terms {
+    highest: u64,
+}
+
+impl Terms {
+    /// A session from a controller leading in `term`: whether to keep it.
+    pub fn accept_session(&mut self, term: u64) -> bool {
+        if term < self.highest {
+            return false;
+        }
+        self.highest = term;
+        true
+    }
+
+    /// Whether an order sent in `term` may be acted on. Term 0 is a controller from before
+    /// terms, which only ever speaks alone.
+    pub fn accept_order(&self, term: u64) -> bool {
+        term >= self.highest || term == 0 && self.highest == 0
+    }
+}
+
+/// How a session ended, when it did not end cleanly.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The controllers answered, and none leads.
+    NoLeader(watt_common::client::FindLeaderError),
+    Failed(tonic::Status),
+}
+
+impl From<tonic::Status> for SessionEnd {
+    fn from(status: tonic::Status) -> Self {
+        SessionEnd::Failed(status)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    pub controller: String,
+    /// The controller's URL, or its replicas' URLs: the session goes to the one that leads.
+    pub controllers: Vec<String>,
     pub credentials: ControllerCredentials,
     /// Where a bootstrapped node keeps its certificate and key.
     pub node_cert: NodeCertFiles,
@@ -59,19 +101,26 @@ pub async fn run(
         }
     }
     let mut backoff = BACKOFF_START;
+    let mut terms = Terms::default();
     loop {
         let outcome = tokio::select! {
-            r = session_once(&config, &inventory, snapshots.clone(), &shards, &enforcer) => r,
+            r = session_once(&config, &inventory, snapshots.clone(), &shards, &enforcer, &mut terms) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         config.metrics.connected.set(0);
         match outcome {
             Ok(()) => {
-                tracing::warn!(controller = %config.controller, "Controller closed the session; reconnecting.");
+                tracing::warn!(controllers = ?config.controllers, "Controller closed the session; reconnecting.");
                 backoff = BACKOFF_START;
             }
-            Err(e) => {
-                tracing::warn!(controller = %config.controller, error = %e, "Controller session failed; reconnecting.")
+            Err(SessionEnd::NoLeader(e)) => {
+                // A controller answered, so the replicas are up and electing: ask again soon, as
+                // a new leader's first orders wait for the agents to find it.
+                tracing::warn!(error = %e, "No controller leads yet; asking again.");
+                backoff = backoff.min(NO_LEADER_RETRY);
+            }
+            Err(SessionEnd::Failed(e)) => {
+                tracing::warn!(controllers = ?config.controllers, error = %e, "Controller session failed; reconnecting.")
             }
         }
         // Equal jitter: anywhere from half to all of the backoff.
@@ -156,7 +205,7 @@ async fn keep_renewed(config: SessionConfig, token_file: std::path::PathBuf, mut
         }
         let renewed = match config.credentials.load() {
             Ok(credentials) => bootstrap::node_credentials(
-                &config.controller,
+                &config.controllers,
                 credentials,
                 &token_file,
                 &config.node_name,
@@ -180,29 +229,38 @@ async fn session_once(
     snapshots: watch::Receiver<Arc<NodeSnapshot>>,
     shards: &Arc<ShardTable>,
     enforcer: &Arc<Enforcer>,
-) -> Result<(), tonic::Status> {
+    terms: &mut Terms,
+) -> Result<(), SessionEnd> {
+    use watt_common::client::FindLeaderError;
     // Read at each connect: a renewed certificate or token is used from the next session on.
     let mut credentials = config.credentials.load().map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     if let (None, Some(token_file)) = (&credentials.cert, &config.credentials.bootstrap_token_file) {
         credentials = bootstrap::node_credentials(
-            &config.controller,
+            &config.controllers,
             credentials,
             token_file,
             &config.node_name,
             &config.node_cert,
         )
         .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        .map_err(|e| match e {
+            bootstrap::BootstrapError::Leader(e @ FindLeaderError::NoLeader { .. }) => SessionEnd::NoLeader(e),
+            e => SessionEnd::Failed(tonic::Status::unavailable(e.to_string())),
+        })?;
     }
-    let channel = credentials
-        .connect(&config.controller, |endpoint| {
+    let service = watt_proto::v1::agent_service_server::SERVICE_NAME;
+    let (controller, channel) = credentials
+        .connect_leader(&config.controllers, service, |endpoint| {
             endpoint
                 .connect_timeout(Duration::from_secs(3))
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5))
         })
         .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        .map_err(|e| match e {
+            e @ FindLeaderError::NoLeader { .. } => SessionEnd::NoLeader(e),
+            e => SessionEnd::Failed(tonic::Status::unavailable(e.to_string())),
+        })?;
     let (tx, rx) = mpsc::channel(256);
     let in_force = {
         let e = enforcer.clone();
@@ -225,7 +283,7 @@ async fn session_once(
         .await
         .map_err(|_| tonic::Status::internal("queue"))?;
     let mut inbound = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await?.into_inner();
-    tracing::info!(controller = %config.controller, node = %config.node_name, "Registered with the controller.");
+    tracing::info!(controller = %controller, node = %config.node_name, "Registered with the controller.");
     config.metrics.registrations.inc();
     config.metrics.connected.set(1);
 
@@ -242,6 +300,25 @@ async fn session_once(
             }
             incoming = inbound.message() => {
                 let Some(m) = incoming? else { return Ok(()) };
+                if let Some(pb::controller_message::Body::Registered(r)) = &m.body {
+                    if !terms.accept_session(r.term) {
+                        return Err(SessionEnd::Failed(tonic::Status::failed_precondition(format!(
+                            "{controller} leads in term {}, older than term {} this agent has heard: it was deposed",
+                            r.term, terms.highest
+                        ))));
+                    }
+                    config.metrics.term.set(terms.highest as i64);
+                }
+                let order_term = match &m.body {
+                    Some(pb::controller_message::Body::CapOrder(o)) => Some(o.term),
+                    Some(pb::controller_message::Body::ShardOrder(o)) => Some(o.term),
+                    _ => None,
+                };
+                if let Some(term) = order_term.filter(|&t| !terms.accept_order(t)) {
+                    tracing::warn!(term, highest = terms.highest, "Ignored an order from a deposed leader.");
+                    config.metrics.stale_term_orders.inc();
+                    continue;
+                }
                 enforcer.heard(Instant::now());
                 match m.body {
                     Some(pb::controller_message::Body::Registered(r)) => {
@@ -300,5 +377,22 @@ async fn session_once(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deposed_leaders_session_and_orders_are_refused() {
+        let mut terms = Terms::default();
+        assert!(terms.accept_order(0), "a controller from before terms is obeyed");
+        assert!(terms.accept_session(7));
+        assert!(terms.accept_order(7) && terms.accept_order(9));
+        assert!(!terms.accept_order(6) && !terms.accept_order(0), "older terms are ignored once 7 is heard");
+        assert!(!terms.accept_session(5), "a session from term 5 after term 7 is refused");
+        assert!(terms.accept_session(9));
+        assert!(!terms.accept_order(7));
     }
 }

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use watt_common::client::{AuthedChannel, ClientError, Credentials};
+use watt_common::client::{AuthedChannel, ClientError, Credentials, FindLeaderError};
 use watt_proto::v1 as pb;
 use watt_proto::v1::control_service_client::ControlServiceClient;
 use watt_proto::v1::power_service_client::PowerServiceClient;
@@ -26,7 +26,8 @@ use views::{EventView, GpuRow, JobView, LogTail, NodeView};
 #[derive(Debug, Parser)]
 #[command(name = "wattctl", version, about = "Drive a Watt cluster: nodes, GPUs, jobs, events.")]
 struct Cli {
-    /// The controller's gRPC address [default: the context's, else http://127.0.0.1:7070].
+    /// The controller's gRPC address, or its replicas' separated by commas (wattctl finds the
+    /// leader) [default: the context's, else http://127.0.0.1:7070].
     #[arg(long, global = true, env = "WATT_CONTROLLER")]
     controller: Option<String>,
 
@@ -237,25 +238,32 @@ struct Target {
 }
 
 impl Target {
-    async fn channel(&self) -> Result<AuthedChannel, Failure> {
-        self.credentials.connect(&self.url, |endpoint| endpoint.connect_timeout(Duration::from_secs(5))).await.map_err(
-            |e| match e {
+    /// A channel to the controller that serves `service`: with several URLs (a controller's
+    /// replicas), the one that leads.
+    async fn channel(&self, service: &str) -> Result<AuthedChannel, Failure> {
+        let urls = watt_common::client::controller_urls(&self.url);
+        let tune = |endpoint: tonic::transport::Endpoint| endpoint.connect_timeout(Duration::from_secs(5));
+        match self.credentials.connect_leader(&urls, service, tune).await {
+            Ok((_, channel)) => Ok(channel),
+            Err(FindLeaderError::Client(e)) => Err(match e {
                 ClientError::Invalid { setting, message } => Failure::Usage(format!("--{setting} {message}")),
                 ClientError::Read { .. } => Failure::Usage(e.to_string()),
                 ClientError::Connect(message) => Failure::Server(message),
-            },
-        )
+            }),
+            Err(e @ FindLeaderError::NoLeader { .. }) => Err(Failure::Server(e.to_string())),
+        }
     }
 
     async fn control(&self) -> Result<Control, Failure> {
         // Allow large answers (thousands of jobs or nodes) and large manifests on the way up.
-        Ok(ControlServiceClient::new(self.channel().await?)
+        Ok(ControlServiceClient::new(self.channel(watt_proto::v1::control_service_server::SERVICE_NAME).await?)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20))
     }
 
     async fn power(&self) -> Result<PowerClient, Failure> {
-        Ok(PowerServiceClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
+        Ok(PowerServiceClient::new(self.channel(watt_proto::v1::power_service_server::SERVICE_NAME).await?)
+            .max_decoding_message_size(64 << 20))
     }
 }
 

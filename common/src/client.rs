@@ -14,6 +14,30 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// A channel to the controller that adds the bearer token (if any) to every call.
 pub type AuthedChannel = InterceptedService<Channel, Bearer>;
 
+/// The header in which a controller that does not lead names the one that does.
+pub const LEADER_HEADER: &str = "watt-leader";
+
+/// The leader's address a follower's refusal names, if any.
+pub fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// The controllers a `--controller` value names: one URL, or several separated by commas (the
+/// replicas of a controller that elects a leader).
+pub fn controller_urls(spec: &str) -> Vec<String> {
+    spec.split(',').map(str::trim).filter(|url| !url.is_empty()).map(str::to_string).collect()
+}
+
+/// Why no leader was found among the controllers asked.
+#[derive(Debug, thiserror::Error)]
+pub enum FindLeaderError {
+    /// Some answered, none leads: an election is under way (or etcd is away).
+    #[error("no controller leads yet (asked {asked}); an election may be under way")]
+    NoLeader { asked: String },
+    #[error("{0}")]
+    Client(#[from] ClientError),
+}
+
 /// What a client proves itself with, and what it trusts.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Credentials {
@@ -62,11 +86,7 @@ impl Credentials {
     }
 
     /// A channel to `url`, connected, whose calls carry the token.
-    pub async fn connect(
-        &self,
-        url: &str,
-        tune: impl FnOnce(Endpoint) -> Endpoint,
-    ) -> Result<AuthedChannel, ClientError> {
+    pub async fn connect(&self, url: &str, tune: impl Fn(Endpoint) -> Endpoint) -> Result<AuthedChannel, ClientError> {
         self.check(url)?;
         let mut endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| ClientError::Invalid {
             setting: "controller",
@@ -85,6 +105,49 @@ impl Credentials {
             ClientError::Connect(format!("cannot reach the controller at {url}: {}{hint}", chain(&e)))
         })?;
         Ok(InterceptedService::new(channel, self.bearer()))
+    }
+
+    /// The first of `urls` whose controller leads, connected: each is asked whether it serves
+    /// `service` (`watt.v1.AgentService`, …) with the standard gRPC health check, which a follower
+    /// answers NOT_SERVING. A lone URL is taken as it is, unasked: a follower's refusal of the
+    /// call itself names the leader.
+    pub async fn connect_leader(
+        &self,
+        urls: &[String],
+        service: &str,
+        tune: impl Fn(Endpoint) -> Endpoint,
+    ) -> Result<(String, AuthedChannel), FindLeaderError> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        if let [url] = urls {
+            return Ok((url.clone(), self.connect(url, &tune).await?));
+        }
+        let mut last_error = None;
+        let mut answered = false;
+        for url in urls {
+            let channel = match self.connect(url, &tune).await {
+                Ok(channel) => channel,
+                Err(e @ (ClientError::Invalid { .. } | ClientError::Read { .. })) => return Err(e.into()),
+                Err(e) => {
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            let request = HealthCheckRequest { service: service.to_string() };
+            let mut health = HealthClient::new(channel.clone());
+            match tokio::time::timeout(Duration::from_secs(5), health.check(request)).await {
+                Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32 => {
+                    return Ok((url.clone(), channel))
+                }
+                Ok(Ok(_)) => answered = true,
+                Ok(Err(status)) => last_error = Some(ClientError::Connect(format!("{url}: {}", status.message()))),
+                Err(_) => last_error = Some(ClientError::Connect(format!("{url}: no answer to a health check in 5 s"))),
+            }
+        }
+        match last_error {
+            Some(e) if !answered => Err(e.into()),
+            _ => Err(FindLeaderError::NoLeader { asked: urls.join(", ") }),
+        }
     }
 
     fn bearer(&self) -> Bearer {
@@ -150,6 +213,13 @@ mod tests {
             .is_ok());
         let full = Credentials { ca: path(), cert: path(), key: path(), token: None };
         assert!(full.check("https://c:7070").is_ok());
+    }
+
+    #[test]
+    fn a_controller_list_is_split_on_commas() {
+        assert_eq!(controller_urls("https://a:7070, https://b:7070,"), vec!["https://a:7070", "https://b:7070"]);
+        assert_eq!(controller_urls("http://127.0.0.1:7070"), vec!["http://127.0.0.1:7070"]);
+        assert!(controller_urls(" , ").is_empty());
     }
 
     #[test]

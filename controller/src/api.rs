@@ -59,7 +59,9 @@ impl From<RequestError> for Status {
             RequestError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
             RequestError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             RequestError::Store(StoreError::Conflict { .. }) => Status::aborted(e.to_string()),
-            RequestError::Store(StoreError::Unavailable(_)) => Status::unavailable(e.to_string()),
+            RequestError::Store(StoreError::Unavailable(_) | StoreError::Deposed { .. }) => {
+                Status::unavailable(e.to_string())
+            }
             RequestError::Store(_) => Status::internal(e.to_string()),
         }
     }

@@ -25,6 +25,8 @@ use crate::auth::tokens::TokenFile;
 use crate::auth::Authenticator;
 use crate::config::ControllerConfig;
 use crate::error::ControllerError;
+use crate::leader_gate;
+use crate::leadership::{Election, Lead, Role};
 use crate::metrics::Metrics;
 use crate::reconcile::Controller;
 use crate::session::AgentSessions;
@@ -51,7 +53,58 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ControllerE
     listen().map_err(|source| ControllerError::Listen { addr, source })
 }
 
-/// Run the controller until `shutdown` resolves.
+/// The services a term's controller answers with, behind the gates (see [`crate::leader_gate`]).
+struct Gates {
+    agents: watch::Sender<Option<AgentServiceServer<AgentSessions>>>,
+    control: watch::Sender<Option<ControlServiceServer<ControlApi>>>,
+    power: watch::Sender<Option<PowerServiceServer<PowerApi>>>,
+    health: tonic_health::server::HealthReporter,
+}
+
+impl Gates {
+    async fn open(&self, controller: &Arc<Controller>, signer: Option<Arc<NodeSigner>>, node_ca: &str) {
+        self.agents.send_replace(Some(AgentServiceServer::new(AgentSessions::new(controller.clone(), signer.clone()))));
+        self.power.send_replace(Some(PowerServiceServer::new(PowerApi::new(controller.clone()))));
+        self.control.send_replace(Some(
+            ControlServiceServer::new(
+                ControlApi::new(controller.clone()).with_node_ca(node_ca.to_string()).with_node_signer(signer),
+            )
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        ));
+        self.health.set_serving::<AgentServiceServer<AgentSessions>>().await;
+        self.health.set_serving::<ControlServiceServer<ControlApi>>().await;
+        self.health.set_serving::<PowerServiceServer<PowerApi>>().await;
+    }
+
+    async fn close(&self) {
+        self.health.set_not_serving::<AgentServiceServer<AgentSessions>>().await;
+        self.health.set_not_serving::<ControlServiceServer<ControlApi>>().await;
+        self.health.set_not_serving::<PowerServiceServer<PowerApi>>().await;
+        self.agents.send_replace(None);
+        self.control.send_replace(None);
+        self.power.send_replace(None);
+    }
+}
+
+/// What does not change from one term to the next.
+struct Shared {
+    config: ControllerConfig,
+    metrics: Metrics,
+    store_health: StoreHealth,
+    role: watch::Sender<Role>,
+    gates: Gates,
+    node_ca: String,
+}
+
+/// How a term ended.
+enum TermEnd {
+    /// The leadership was lost (or the store refused it): follow, and campaign again.
+    Lost,
+    Shutdown,
+}
+
+/// Run the controller until `shutdown` resolves: serve from the start (a follower answers with
+/// the leader's address), campaign for leadership, and lead each term won until it is lost.
 pub async fn run(
     config: ControllerConfig,
     listener: TcpListener,
@@ -60,16 +113,18 @@ pub async fn run(
 ) -> Result<(), ControllerError> {
     let metrics = Metrics::new()?;
     let store_health = StoreHealth::new(metrics.store_write_failures.clone(), metrics.store_writable.clone());
-    let store: Arc<dyn store::Store> = Arc::new(store::observed::Observed::new(
-        store::open_with(&config.store, etcd_tls(&config)?).await?,
-        store_health.clone(),
-    ));
-    let controller = Controller::new(store, config.settings(), metrics.clone()).await?;
+    let election = match store::open_kind(&config.store, etcd_tls(&config)?).await? {
+        store::Opened::File(store) => Election::Sole(store),
+        store::Opened::Etcd(store) => Election::Etcd { store, lease: config.leader_lease },
+    };
+    let (role_tx, role) = watch::channel(Role::Follower { leader: None });
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<AgentServiceServer<AgentSessions>>().await;
-    health_reporter.set_serving::<ControlServiceServer<ControlApi>>().await;
-    health_reporter.set_serving::<PowerServiceServer<PowerApi>>().await;
+    let (agents_gate, agents) = leader_gate::gate(role.clone());
+    let (control_gate, control) = leader_gate::gate(role.clone());
+    let (power_gate, power) = leader_gate::gate(role.clone());
+    let gates = Gates { agents, control, power, health: health_reporter };
+    gates.close().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -84,13 +139,10 @@ pub async fn run(
         }
     };
 
-    let reconciling = tokio::spawn(controller.clone().run(wait_stop()));
-    let metering = tokio::spawn(controller.clone().run_meter(wait_stop()));
-    tokio::spawn(crate::retention::sweep(controller.clone(), wait_stop()));
     let metrics_app = Router::new()
         .route("/metrics", get(render_metrics))
         .with_state(metrics.clone())
-        .route("/healthz", get(healthz).with_state(store_health));
+        .route("/healthz", get(healthz).with_state((store_health.clone(), role.clone())));
     let metrics_server = tokio::spawn({
         let stop = wait_stop();
         async move { axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stop).await }
@@ -108,10 +160,6 @@ pub async fn run(
         None => None,
     };
     let auth = AuthLayer::new(Arc::new(Authenticator::new(tokens)), metrics.refused_calls.clone());
-    let signer = node_signer(&config, &controller).await?;
-    if let Some(signer) = &signer {
-        tokio::spawn(signer.clone().follow(wait_stop()));
-    }
     let node_ca = match &config.client_ca {
         Some(path) => read_credential("the client CA", path)?,
         None => String::new(),
@@ -134,6 +182,7 @@ pub async fn run(
     }
     tracing::info!(
         addr = %addr,
+        advertise = %config.advertise_url,
         tls = config.tls.is_some(),
         store = %config.store,
         lease = %watt_common::duration::show(config.node_lease),
@@ -145,28 +194,18 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health)
         .add_service(reflection)
-        .add_service(AgentServiceServer::new(AgentSessions::new(controller.clone(), signer.clone())))
-        .add_service(PowerServiceServer::new(PowerApi::new(controller.clone())))
-        .add_service(
-            ControlServiceServer::new(
-                ControlApi::new(controller.clone()).with_node_ca(node_ca).with_node_signer(signer.clone()),
-            )
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-        );
+        .add_service(agents_gate)
+        .add_service(power_gate)
+        .add_service(control_gate);
     let grpc = match tls {
         Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), wait_stop())),
         None => tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait_stop())),
     };
 
-    shutdown.await;
+    let shared = Shared { config, metrics, store_health, role: role_tx, gates, node_ca };
+    let led = campaign_and_lead(&shared, &election, shutdown).await;
     tracing::info!("Shutting down.");
     let _ = stop_tx.send(true);
-    // End every agent session's outbound stream, so their connections can close.
-    for entry in controller.registry.lock().values_mut() {
-        entry.session = None;
-    }
-    let _ = reconciling.await;
-    let _ = metering.await;
     let served = match tokio::time::timeout(DRAIN, grpc).await {
         Ok(joined) => joined
             .map_err(|e| ControllerError::Serve(e.to_string()))?
@@ -177,7 +216,101 @@ pub async fn run(
         }
     };
     let _ = tokio::time::timeout(DRAIN, metrics_server).await;
-    served
+    led.and(served)
+}
+
+/// Campaign, lead the term won until it is lost, and again, until `shutdown`.
+async fn campaign_and_lead(
+    shared: &Shared,
+    election: &Election,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControllerError> {
+    tokio::pin!(shutdown);
+    loop {
+        let lead = tokio::select! {
+            lead = election.campaign(&shared.config.advertise_url, &shared.role) => lead,
+            () = &mut shutdown => return Ok(()),
+        };
+        let lead = match lead {
+            Ok(lead) => lead,
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "Cannot campaign for leadership; trying again.");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = &mut shutdown => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match lead_term(shared, &lead, &mut shutdown).await {
+            Ok(TermEnd::Lost) => continue,
+            Ok(TermEnd::Shutdown) => {
+                lead.resign().await;
+                return Ok(());
+            }
+            Err(e) => {
+                // The term could not start (the store failed while loading): let another lead.
+                lead.resign().await;
+                match &e {
+                    ControllerError::Store(s) if s.is_retryable() => {
+                        tracing::warn!(error = %e, "Cannot start leading; campaigning again.");
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// Lead one term: load the controller from the store, open the gates, run its loops; on losing
+/// the leadership, stop every order first (close the gates, end the agents' sessions), then the
+/// loops (ARCHITECTURE.md, invariant 9).
+async fn lead_term(
+    shared: &Shared,
+    lead: &Lead,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<TermEnd, ControllerError> {
+    let store: Arc<dyn store::Store> =
+        Arc::new(store::observed::Observed::new(lead.store.clone(), shared.store_health.clone()));
+    let controller = Controller::new(store, shared.config.settings(), shared.metrics.clone(), lead.term).await?;
+    let signer = node_signer(&shared.config, &controller).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait_stop = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let reconciling = tokio::spawn(controller.clone().run(wait_stop()));
+    let metering = tokio::spawn(controller.clone().run_meter(wait_stop()));
+    tokio::spawn(crate::retention::sweep(controller.clone(), wait_stop()));
+    if let Some(signer) = &signer {
+        tokio::spawn(signer.clone().follow(wait_stop()));
+    }
+    shared.gates.open(&controller, signer, &shared.node_ca).await;
+    shared.role.send_replace(Role::Leader { term: lead.term });
+    shared.metrics.leader.set(1);
+    shared.metrics.term.set(lead.term as i64);
+    tracing::info!(role = "leader", term = lead.term, "Leading: this controller issues the orders now.");
+
+    let end = tokio::select! {
+        () = lead.lost() => TermEnd::Lost,
+        () = shutdown.as_mut() => TermEnd::Shutdown,
+    };
+    // No order after this: refuse new calls, then end every agent's outbound stream.
+    shared.role.send_replace(Role::Follower { leader: None });
+    shared.metrics.leader.set(0);
+    shared.gates.close().await;
+    for entry in controller.registry.lock().values_mut() {
+        entry.session = None;
+    }
+    let _ = stop_tx.send(true);
+    let _ = reconciling.await;
+    let _ = metering.await;
+    if matches!(end, TermEnd::Lost) {
+        tracing::error!(term = lead.term, "Lost the leadership: following; campaigning again.");
+    }
+    Ok(end)
 }
 
 /// The signer of node certificates, when the controller has its client CA's key.
@@ -230,11 +363,19 @@ async fn warn_insecure(addr: std::net::SocketAddr, stop: impl Future<Output = ()
 }
 
 /// 200 "ok" while the store takes writes; 503 naming the store's failure otherwise (a full disk,
-/// an unreachable etcd), until a write succeeds again.
-async fn healthz(State(health): State<StoreHealth>) -> (axum::http::StatusCode, String) {
+/// an unreachable etcd), until a write succeeds again. The second line says whether this
+/// controller leads (and in which term) or follows (and whom).
+async fn healthz(
+    State((health, role)): State<(StoreHealth, watch::Receiver<Role>)>,
+) -> (axum::http::StatusCode, String) {
+    let role = match &*role.borrow() {
+        Role::Leader { term } => format!("leader, term {term}"),
+        Role::Follower { leader: Some(at) } => format!("follower; the leader is at {at}"),
+        Role::Follower { leader: None } => "follower; no leader elected yet".to_string(),
+    };
     match health.failure() {
-        None => (axum::http::StatusCode::OK, "ok\n".into()),
-        Some(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("store: {why}\n")),
+        None => (axum::http::StatusCode::OK, format!("ok\n{role}\n")),
+        Some(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("store: {why}\n{role}\n")),
     }
 }
 

@@ -83,6 +83,17 @@ pub struct Args {
     #[arg(long, env = "WATT_NODE_LEASE", value_name = "DURATION", value_parser = parse_duration)]
     pub node_lease: Option<Duration>,
 
+    /// With an etcd store: how long the leader's lease lasts without renewal. A leader that
+    /// cannot renew steps down a third of it before it ends; a killed leader's successor starts
+    /// within it. Whole seconds, 2s to 60s [default: 3s].
+    #[arg(long, env = "WATT_LEADER_LEASE", value_name = "DURATION", value_parser = parse_duration)]
+    pub leader_lease: Option<Duration>,
+
+    /// The URL at which agents and wattctl reach this controller, which followers name when they
+    /// send clients to the leader [default: the listen address, with the hostname for 0.0.0.0].
+    #[arg(long, env = "WATT_ADVERTISE_URL", value_name = "URL")]
+    pub advertise_url: Option<String>,
+
     /// How often the reconcile loop runs when nothing wakes it [default: 1s].
     #[arg(long, env = "WATT_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
     pub reconcile_interval: Option<Duration>,
@@ -136,6 +147,9 @@ pub struct FileConfig {
     #[serde(default, with = "watt_common::duration::option")]
     pub node_lease: Option<Duration>,
     #[serde(default, with = "watt_common::duration::option")]
+    pub leader_lease: Option<Duration>,
+    pub advertise_url: Option<String>,
+    #[serde(default, with = "watt_common::duration::option")]
     pub reconcile_interval: Option<Duration>,
     #[serde(default, with = "watt_common::duration::option")]
     pub regrow_after: Option<Duration>,
@@ -162,6 +176,10 @@ pub struct ControllerConfig {
     pub store: String,
     pub metrics_addr: SocketAddr,
     pub node_lease: Duration,
+    /// The leader's lease in etcd (see [`crate::leadership`]).
+    pub leader_lease: Duration,
+    /// Where clients reach this controller; followers send them to the leader's.
+    pub advertise_url: String,
     pub reconcile_interval: Duration,
     pub regrow_after: Duration,
     pub settle_time: Duration,
@@ -224,9 +242,17 @@ impl Args {
         };
         // Plain text stays on this machine unless asked otherwise.
         let default_listen = if tls.is_some() { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
+        let listen = self.listen.or(file.listen).unwrap_or(SocketAddr::from((default_listen, 7070)));
+        let advertise_url = self
+            .advertise_url
+            .clone()
+            .or(file.advertise_url)
+            .unwrap_or_else(|| default_advertise(listen, tls.is_some()));
         let config = ControllerConfig {
             etcd_tls,
-            listen: self.listen.or(file.listen).unwrap_or(SocketAddr::from((default_listen, 7070))),
+            listen,
+            advertise_url,
+            leader_lease: self.leader_lease.or(file.leader_lease).unwrap_or(crate::leadership::DEFAULT_LEASE),
             tls,
             client_ca: self.client_ca.clone().or(file.client_ca),
             client_ca_key: self.client_ca_key.clone().or(file.client_ca_key),
@@ -250,6 +276,19 @@ impl Args {
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// This controller's URL as seen from elsewhere: the listen address, or the hostname when it
+/// listens on every interface.
+fn default_advertise(listen: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    if listen.ip().is_unspecified() {
+        let host =
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
+        format!("{scheme}://{host}:{}", listen.port())
+    } else {
+        format!("{scheme}://{listen}")
     }
 }
 
@@ -277,6 +316,22 @@ impl ControllerConfig {
                 flag: "node-lease",
                 key: "node_lease",
                 message: format!("must be between 1s and 1h; got {}", show(self.node_lease)),
+            });
+        }
+        let lease = self.leader_lease;
+        if lease < Duration::from_secs(2) || lease > Duration::from_secs(60) || lease.subsec_nanos() != 0 {
+            return Err(ConfigError::Invalid {
+                flag: "leader-lease",
+                key: "leader_lease",
+                message: format!("must be whole seconds between 2s and 1m; got {}", show(lease)),
+            });
+        }
+        let url = &self.advertise_url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.contains(',') {
+            return Err(ConfigError::Invalid {
+                flag: "advertise-url",
+                key: "advertise_url",
+                message: format!("must be one http:// or https:// URL; got {url:?}"),
             });
         }
         if self.reconcile_interval < Duration::from_millis(10) || self.reconcile_interval > Duration::from_secs(60) {

@@ -15,6 +15,8 @@ pub mod config;
 pub mod decide;
 pub mod error;
 pub mod jobs;
+pub mod leader_gate;
+pub mod leadership;
 pub mod log_grants;
 pub mod metrics;
 pub mod power;

@@ -46,6 +46,9 @@ pub struct Metrics {
     /// Store writes that failed (conflicts aside), and whether the last one succeeded.
     pub store_write_failures: IntCounter,
     pub store_writable: IntGauge,
+    /// 1 while this controller leads (see [`crate::leadership`]), and the term it leads or led in.
+    pub leader: IntGauge,
+    pub term: IntGauge,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
@@ -180,6 +183,14 @@ impl Metrics {
             "watt_store_writable",
             "1 while the store's last write succeeded, 0 after one failed (until one succeeds again).",
         )?;
+        let leader = IntGauge::new(
+            "watt_controller_leader",
+            "1 while this controller leads and issues orders; 0 while it follows (or elects).",
+        )?;
+        let term = IntGauge::new(
+            "watt_controller_term",
+            "The term this controller leads in, or last led in; 0 if it never led. Terms only grow.",
+        )?;
         let gauge = |(name, help): (&str, &str)| GaugeVec::new(Opts::new(name, help), &["job"]);
         let job_progress =
             [gauge(JOB_PROGRESS[0])?, gauge(JOB_PROGRESS[1])?, gauge(JOB_PROGRESS[2])?, gauge(JOB_PROGRESS[3])?];
@@ -230,6 +241,8 @@ impl Metrics {
         registry.register(Box::new(refused_calls.clone()))?;
         registry.register(Box::new(store_write_failures.clone()))?;
         registry.register(Box::new(store_writable.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(term.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
@@ -260,6 +273,8 @@ impl Metrics {
             refused_calls,
             store_write_failures,
             store_writable,
+            leader,
+            term,
             job_progress,
             job_shards,
             job_cap,

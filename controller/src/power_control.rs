@@ -121,7 +121,8 @@ impl Controller {
         let mut draining = 0usize;
         let mut decreases_planned = false;
         let mut decrease_outstanding = false;
-        let mut sender = OrderSender { epochs: &mut power.epochs, now_ms, out_of_epochs: false, unsent: 0 };
+        let mut sender =
+            OrderSender { epochs: &mut power.epochs, term: self.term, now_ms, out_of_epochs: false, unsent: 0 };
         let mut books = Books::default();
         let mut buffer = Vec::new();
         for (position, e) in entries.iter_mut().enumerate() {
@@ -368,6 +369,8 @@ impl Books {
 /// Sends cap orders, each with the next epoch, on the node's session.
 struct OrderSender<'a> {
     epochs: &'a mut Epochs,
+    /// The leader's term, on every order.
+    term: u64,
     now_ms: i64,
     /// None reserved (the store refused the mark): the rest are sent on a later pass.
     out_of_epochs: bool,
@@ -395,6 +398,7 @@ impl OrderSender<'_> {
                 } as i32,
                 caps: order.caps.iter().map(|&(index, watts)| pb::GpuCap { index, watts }).collect(),
                 spread_ms: if order.phase == Phase::Increase { INCREASE_SPREAD_MS } else { 0 },
+                term: self.term,
             })),
         };
         // A full queue is retried next pass: not marked sent.
@@ -602,7 +606,7 @@ mod tests {
             retention: crate::retention::Retention { keep_for: Duration::from_secs(7 * 86_400), keep_count: 10_000 },
             limits: crate::retention::JobLimits { per_principal: 1_000, total: 100_000 },
         };
-        Controller::new(store, settings, Metrics::new().unwrap()).await.unwrap()
+        Controller::new(store, settings, Metrics::new().unwrap(), 1).await.unwrap()
     }
 
     fn register(failsafe_after_ms: u32) -> pb::Register {

@@ -102,6 +102,8 @@ pub struct Controller {
     pub(crate) meter: std::sync::Mutex<crate::power::meter::Meter>,
     /// The clock every deadline is on (see [`crate::clock`]).
     pub(crate) clock: crate::clock::Clock,
+    /// The term this controller leads in: every order carries it (invariant 9).
+    pub(crate) term: u64,
 }
 
 /// How many recent events `ListEvents` can return.
@@ -112,8 +114,13 @@ pub fn unix_ms() -> i64 {
 }
 
 impl Controller {
-    /// Load every job from `store`.
-    pub async fn new(store: Arc<dyn Store>, settings: Settings, metrics: Metrics) -> Result<Arc<Self>, StoreError> {
+    /// Load every job from `store`, to lead in `term`.
+    pub async fn new(
+        store: Arc<dyn Store>,
+        settings: Settings,
+        metrics: Metrics,
+        term: u64,
+    ) -> Result<Arc<Self>, StoreError> {
         let jobs = JobTable::load(store.clone()).await?;
         let power = PowerTable::load(store.clone()).await?;
         let power_state = PowerState::load(power, store.as_ref()).await?;
@@ -155,6 +162,7 @@ impl Controller {
             kept_view: std::sync::Mutex::new(KeptView::default()),
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
             clock: crate::clock::Clock::new(Instant::now()),
+            term,
         }))
     }
 
@@ -670,6 +678,7 @@ impl Controller {
                     max_restarts: job.spec.max_restarts,
                     grace_period_ms: job.spec.stop_grace_ms,
                     run_token: self.run_tokens.token(&job.spec.name, job.epoch),
+                    term: self.term,
                 };
                 let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(order)) };
                 // A full queue is retried next pass: it is not marked sent.
@@ -715,6 +724,7 @@ impl Controller {
                     job: key.0.clone(),
                     shard: key.1,
                     action: pb::ShardAction::Stop as i32,
+                    term: self.term,
                     ..Default::default()
                 };
                 let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(stop)) };

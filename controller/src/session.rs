@@ -186,6 +186,7 @@ impl pb::agent_service_server::AgentService for AgentSessions {
             heartbeat_interval_ms: c.settings.node_lease.as_millis() as u32 / 3,
             telemetry_interval_ms: c.settings.telemetry_interval.as_millis() as u32,
             log_grant_key: c.log_grants.node_key(&register.node_name),
+            term: c.term,
         };
         tx.try_send(Ok(pb::ControllerMessage { body: Some(pb::controller_message::Body::Registered(registered)) }))
             .map_err(|_| Status::internal("session queue"))?;

@@ -172,6 +172,21 @@ impl Etcd {
         }
     }
 
+    /// SIGSTOP: etcd stops answering, its connections stay open (a hung machine, not a dead one).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Etcd::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.proc.as_ref().expect("etcd runs").pid().to_string();
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success(), "kill {signal} {pid}");
+    }
+
     /// Start again on the same ports and data.
     pub fn restart(&mut self) {
         self.kill();
@@ -283,6 +298,8 @@ pub struct ControllerProc {
     pub url: String,
     pub port: u16,
     pub metrics_port: u16,
+    /// Whether it said it leads (else it said it follows).
+    pub leading: bool,
 }
 
 impl ControllerProc {
@@ -316,15 +333,28 @@ impl ControllerProc {
             }
             let scheme = if tls || extra.iter().any(|a| a.starts_with("--tls-cert")) { "https" } else { "http" };
             let proc = Proc::spawn("controller", cmd);
-            match proc.try_wait_line("Serving gRPC.", Duration::from_secs(30)) {
-                Ok(_) => {
-                    return ControllerProc { proc, url: format!("{scheme}://127.0.0.1:{port}"), port, metrics_port }
+            // Serving, and then leading or following (a follower refuses Watt's calls).
+            let up = proc.try_wait_line("Serving gRPC.", Duration::from_secs(30));
+            match up.and_then(|_| proc.try_wait_line("role=", Duration::from_secs(30))) {
+                Ok(line) => {
+                    let url = format!("{scheme}://127.0.0.1:{port}");
+                    let leading = line.contains("Leading");
+                    return ControllerProc { proc, url, port, metrics_port, leading };
                 }
                 Err(why) if attempt < 3 => eprintln!("controller did not start ({why}); trying other ports"),
                 Err(why) => panic!("controller did not log \"Serving gRPC.\" in 3 attempts: {why}"),
             }
         }
         unreachable!("the loop returns or panics")
+    }
+
+    /// Wait until it leads (a restarted controller on etcd follows its dead predecessor until
+    /// that one's lease ends).
+    pub fn wait_leading(&mut self, timeout: Duration) {
+        if !self.leading {
+            self.proc.wait_line("Leading", timeout);
+            self.leading = true;
+        }
     }
 
     /// The controller's /metrics body.

@@ -129,7 +129,9 @@ fn survives_a_controller_kill(store: &str) {
     let before = jobs(&url);
     controller.proc.kill9();
 
-    let controller = ControllerProc::start(store, port, &[]);
+    let mut controller = ControllerProc::start(store, port, &[]);
+    // On etcd, the killed controller's leadership lasts until its lease ends.
+    controller.wait_leading(Duration::from_secs(30));
     // The agent finds the new controller by itself (reconnect with backoff).
     wait_for(Duration::from_secs(30), "the agent to reconnect", || (ready_nodes(&controller.url) == 1).then_some(()));
     let after = jobs(&controller.url);

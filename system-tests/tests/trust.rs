@@ -345,7 +345,9 @@ fn a_store_that_cannot_be_written_shows_in_healthz_and_clears_without_a_restart(
     wait_for(Duration::from_secs(30), "a write to succeed again", || {
         submit(url, &job_manifest("after-outage", 1, 1, 1, 1)).status.success().then_some(())
     });
-    assert_eq!(healthz(&controller), (200, "ok\n".to_string()));
+    let (code, body) = healthz(&controller);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("ok\nleader, term "), "{body}");
     let metrics = controller.metrics();
     assert!(metrics.lines().any(|l| l == "watt_store_writable 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l.starts_with("watt_store_write_failures_total ")), "{metrics}");

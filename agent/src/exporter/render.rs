@@ -117,8 +117,15 @@ impl AgentMetrics {
         let cap_orders = IntCounter::new("watt_agent_cap_orders_total", "Cap orders received from the controller.")?;
         self.registry.register(Box::new(connected.clone()))?;
         self.registry.register(Box::new(registrations.clone()))?;
+        let stale_term_orders = IntCounter::new(
+            "watt_agent_stale_term_orders_total",
+            "Orders ignored because they came from a leader older than one the agent has heard.",
+        )?;
+        let term = IntGauge::new("watt_agent_controller_term", "The highest leader's term the agent has heard.")?;
         self.registry.register(Box::new(cap_orders.clone()))?;
-        Ok(SessionMetrics { connected, registrations, cap_orders })
+        self.registry.register(Box::new(stale_term_orders.clone()))?;
+        self.registry.register(Box::new(term.clone()))?;
+        Ok(SessionMetrics { connected, registrations, cap_orders, stale_term_orders, term })
     }
 }
 
@@ -128,6 +135,8 @@ pub struct SessionMetrics {
     pub connected: IntGauge,
     pub registrations: IntCounter,
     pub cap_orders: IntCounter,
+    pub stale_term_orders: IntCounter,
+    pub term: IntGauge,
 }
 
 /// Renders snapshots for one node. Labels are built once, at start.

@@ -19,6 +19,18 @@ pub const KEY_PREFIX: &str = "/watt/v1/";
 pub struct EtcdStore {
     client: Client,
     prefix: String,
+    /// Leadership every commit must still hold (invariant 9): see [`EtcdStore::fenced`].
+    fence: Option<Fence>,
+}
+
+/// A leader's election key and the revision that created it: while the key exists with that
+/// creation revision, the leadership it stands for is held. A lease that expired deleted the key,
+/// and a later leader's key has a later revision, so a deposed leader's compare fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The key's full name in etcd (not under the store's prefix).
+    pub key: String,
+    pub create_revision: i64,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -53,7 +65,26 @@ impl EtcdStore {
         }
         let mut client = Client::connect(&endpoints, Some(options)).await.map_err(unavailable)?;
         client.status().await.map_err(unavailable)?;
-        Ok(EtcdStore { client, prefix: prefix.to_string() })
+        Ok(EtcdStore { client, prefix: prefix.to_string(), fence: None })
+    }
+
+    /// The same store whose every commit also requires `fence` to hold, in the same transaction:
+    /// a leader's writes fail with [`StoreError::Deposed`] once another may lead.
+    pub fn fenced(&self, fence: Fence) -> EtcdStore {
+        EtcdStore { fence: Some(fence), ..self.clone() }
+    }
+
+    /// The etcd client, for the election that shares this connection.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Whether the fence (if any) still holds, read after a refused transaction.
+    async fn fence_holds(&self) -> Result<bool, StoreError> {
+        let Some(fence) = &self.fence else { return Ok(true) };
+        let mut client = self.client.clone();
+        let response = client.get(fence.key.as_str(), None).await.map_err(unavailable)?;
+        Ok(response.kvs().first().is_some_and(|kv| kv.create_revision() == fence.create_revision))
     }
 
     fn full(&self, key: &str) -> String {
@@ -108,10 +139,17 @@ impl Store for EtcdStore {
                 None => TxnOp::delete(key, None),
             });
         }
+        if let Some(fence) = &self.fence {
+            compares.push(Compare::create_revision(fence.key.as_str(), CompareOp::Equal, fence.create_revision));
+        }
         let mut client = self.client.clone();
         let response = client.txn(Txn::new().when(compares).and_then(ops)).await.map_err(unavailable)?;
         if response.succeeded() {
             return Ok(response.header().map(|h| h.revision()).unwrap_or(0) as Version);
+        }
+        if !self.fence_holds().await? {
+            let key = self.fence.as_ref().map(|f| f.key.clone()).unwrap_or_default();
+            return Err(StoreError::Deposed { fence: key });
         }
         // Name the first key whose expectation failed.
         for w in &writes {

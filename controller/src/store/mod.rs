@@ -100,6 +100,9 @@ pub enum StoreError {
     /// A record could not be encoded: nothing was written.
     #[error("cannot encode {key}: {message}")]
     Encode { key: String, message: String },
+    /// This controller's leadership no longer holds: another may lead, and nothing was written.
+    #[error("not the leader any more: the election key {fence} is gone or belongs to a newer leader")]
+    Deposed { fence: String },
     #[error("bad store address {0:?}: use file:PATH or etcd://HOST:PORT[,HOST:PORT...]")]
     BadAddress(String),
 }
@@ -109,7 +112,10 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Conflict { .. } | StoreError::Unavailable(_) | StoreError::WatchLost(_) => true,
-            StoreError::Corrupt(_) | StoreError::BadAddress(_) | StoreError::Encode { .. } => false,
+            StoreError::Corrupt(_)
+            | StoreError::BadAddress(_)
+            | StoreError::Encode { .. }
+            | StoreError::Deposed { .. } => false,
         }
     }
 }
@@ -143,8 +149,29 @@ pub struct EtcdTls {
     pub client: Option<(String, String)>,
 }
 
+/// A store as opened, before it is shared: the election needs to know which kind it is.
+#[derive(Debug, Clone)]
+pub enum Opened {
+    File(Arc<dyn Store>),
+    Etcd(Box<etcd::EtcdStore>),
+}
+
+impl Opened {
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Opened::File(store) => store.clone(),
+            Opened::Etcd(store) => Arc::new(store.as_ref().clone()),
+        }
+    }
+}
+
 /// [`open`], with TLS to etcd when `etcd_tls` is given (`https://` endpoints).
 pub async fn open_with(address: &str, etcd_tls: Option<EtcdTls>) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(open_kind(address, etcd_tls).await?.store())
+}
+
+/// [`open_with`], saying which kind of store it is.
+pub async fn open_kind(address: &str, etcd_tls: Option<EtcdTls>) -> Result<Opened, StoreError> {
     if let Some(path) = address.strip_prefix("file:") {
         if path.is_empty() {
             return Err(StoreError::BadAddress(address.into()));
@@ -153,7 +180,7 @@ pub async fn open_with(address: &str, etcd_tls: Option<EtcdTls>) -> Result<Arc<d
         let store = tokio::task::spawn_blocking(move || file::FileStore::open(path))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))??;
-        Ok(Arc::new(store))
+        Ok(Opened::File(Arc::new(store)))
     } else if let Some(hosts) = address.strip_prefix("etcd://") {
         let scheme = if etcd_tls.is_some() { "https" } else { "http" };
         let endpoints: Vec<String> =
@@ -168,7 +195,7 @@ pub async fn open_with(address: &str, etcd_tls: Option<EtcdTls>) -> Result<Arc<d
                 None => options,
             }
         });
-        Ok(Arc::new(etcd::EtcdStore::connect_with(endpoints, etcd::KEY_PREFIX, tls).await?))
+        Ok(Opened::Etcd(Box::new(etcd::EtcdStore::connect_with(endpoints, etcd::KEY_PREFIX, tls).await?)))
     } else {
         Err(StoreError::BadAddress(address.into()))
     }

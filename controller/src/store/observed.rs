@@ -2,8 +2,8 @@
 //! etcd shows in `/healthz` (503, saying why) and in `watt_store_write_failures_total` and
 //! `watt_store_writable`, and clears by itself — no restart: a failed write with the next write
 //! that succeeds, a failed read with the next call that succeeds (a read that succeeds says
-//! nothing about a full disk). A compare-and-swap conflict is the store working as meant, not a
-//! failure.
+//! nothing about a full disk). A compare-and-swap conflict, or a write refused because this
+//! controller no longer leads, is the store working as meant, not a failure.
 
 use std::sync::{Arc, Mutex};
 
@@ -33,7 +33,7 @@ impl StoreHealth {
     fn record<T>(&self, call: Call, outcome: &Result<T, StoreError>) {
         let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
-            Ok(_) | Err(StoreError::Conflict { .. }) => {
+            Ok(_) | Err(StoreError::Conflict { .. } | StoreError::Deposed { .. }) => {
                 // A read that succeeds clears only a failed read.
                 if last.as_ref().is_some_and(|(failed, _)| call == Call::Write || *failed == Call::Read) {
                     *last = None;

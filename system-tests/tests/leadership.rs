@@ -1,0 +1,85 @@
+//! Two controllers on one real etcd, as the chart's replicas run: one leads, the other sends
+//! clients to it, and when the leader is killed the follower takes over — the agents find it by
+//! themselves, the running job is not started again, and the new leader's orders are obeyed
+//! (ARCHITECTURE.md, invariant 9).
+// Real processes on the real clock: std's Instant.
+#![allow(clippy::unwrap_used, clippy::disallowed_types)]
+
+use std::time::{Duration, Instant};
+
+use watt_system_tests::*;
+
+fn ready_nodes(url: &str) -> usize {
+    wattctl_json(url, &["nodes"]).as_array().unwrap().iter().filter(|n| n["state"] == "ready").count()
+}
+
+fn metric(controller: &ControllerProc, name: &str) -> f64 {
+    let text = controller.metrics();
+    let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn two_controllers_elect_one_leader_and_the_follower_takes_over_when_it_is_killed() {
+    let etcd = Etcd::start();
+    let store = format!("etcd://{}", etcd.endpoint());
+    let args = ["--leader-lease", "2s", "--node-lease", "10s", "--reconcile-interval", "200ms"];
+    let mut first = ControllerProc::start(&store, 0, &args);
+    assert!(first.leading, "the only controller leads");
+    let mut second = ControllerProc::start(&store, 0, &args);
+    assert!(!second.leading, "a second controller led while the first did");
+    assert_eq!(metric(&second, "watt_controller_leader"), 0.0);
+    let first_term = metric(&first, "watt_controller_term");
+    assert!(first_term > 0.0);
+
+    // A follower refuses Watt's calls and names the leader.
+    let refused = wattctl(&second.url, &["jobs"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains(&format!("the leader is at {}", first.url)), "{said}");
+
+    // Given both, agents and wattctl find the leader.
+    let both = format!("{},{}", first.url, second.url);
+    let agents: Vec<Proc> = ["n1", "n2"].iter().map(|n| agent(&both, n, 4)).collect();
+    wait_for(Duration::from_secs(30), "both nodes ready", || (ready_nodes(&both) == 2).then_some(()));
+    set_grid(&both, "4kW", None);
+    assert!(submit(&both, &job_manifest("steady", 1, 1, 1, 4)).status.success());
+    let placed = wait_for(Duration::from_secs(30), "the job running", || {
+        let job = jobs(&both)["steady"].clone();
+        (job["state"] == "running").then_some(job)
+    });
+
+    // The leader dies without a word: its lease ends, the follower leads within it and more.
+    let killed = Instant::now();
+    first.proc.kill9();
+    second.wait_leading(Duration::from_secs(20));
+    let failover = killed.elapsed();
+    assert!(failover < Duration::from_secs(8), "the follower took {failover:?} to lead after a 2 s lease");
+    let second_term = metric(&second, "watt_controller_term");
+    assert!(second_term > first_term, "terms grow: {first_term} then {second_term}");
+    for agent in &agents {
+        agent.wait_line(&format!("controller={}", second.url), Duration::from_secs(20));
+    }
+    wait_for(Duration::from_secs(30), "both nodes back", || (ready_nodes(&second.url) == 2).then_some(()));
+
+    // Nothing was lost and nothing started twice: the same job, same run, same node.
+    let after = jobs(&both)["steady"].clone();
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["epoch"], placed["epoch"], "the job was started again: {placed} then {after}");
+    assert_eq!(after["placement"], placed["placement"]);
+
+    // The new leader's cap orders are obeyed: a cut is acknowledged by every node.
+    let cut = set_grid(&both, "2kW", None);
+    assert_eq!(cut["sources"][0]["available_watts"], 2000.0, "{cut}");
+    wait_for(Duration::from_secs(20), "every node to acknowledge the cut", || {
+        let status = wattctl_json(&both, &["power", "status"]);
+        let counted = status["counted_watts"].as_f64().unwrap();
+        let within = counted > 0.0 && counted <= status["limit_watts"].as_f64().unwrap();
+        (status["unacknowledged_nodes"] == 0 && within).then_some(())
+    });
+
+    // The killed one comes back as a follower of the new leader.
+    let again = ControllerProc::start(&store, first.port, &args);
+    assert!(!again.leading, "a restarted controller took the leadership from a live leader");
+    let refused = wattctl(&again.url, &["jobs"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains(&format!("the leader is at {}", second.url)));
+}
