@@ -107,10 +107,11 @@ impl Credentials {
         Ok(InterceptedService::new(channel, self.bearer()))
     }
 
-    /// The first of `urls` whose controller leads, connected: each is asked whether it serves
-    /// `service` (`watt.v1.AgentService`, …) with the standard gRPC health check, which a follower
-    /// answers NOT_SERVING. A lone URL is taken as it is, unasked: a follower's refusal of the
-    /// call itself names the leader.
+    /// The leading controller among `urls`, connected: each is asked whether it serves `service`
+    /// (`watt.v1.AgentService`, …) with the standard gRPC health check, which a follower answers
+    /// NOT_SERVING with the leader's address in a `watt-leader` header — followed next, so one
+    /// URL that reaches any replica (a Service, a DNS name with several addresses) finds the
+    /// leader too. A lone URL whose controller cannot say (no health service) is taken as it is.
     pub async fn connect_leader(
         &self,
         urls: &[String],
@@ -119,13 +120,16 @@ impl Credentials {
     ) -> Result<(String, AuthedChannel), FindLeaderError> {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-        if let [url] = urls {
-            return Ok((url.clone(), self.connect(url, &tune).await?));
-        }
+        let mut to_ask: std::collections::VecDeque<String> = urls.iter().cloned().collect();
+        let mut asked = Vec::new();
         let mut last_error = None;
         let mut answered = false;
-        for url in urls {
-            let channel = match self.connect(url, &tune).await {
+        while let Some(url) = to_ask.pop_front() {
+            if asked.contains(&url) || asked.len() >= urls.len() + 3 {
+                continue;
+            }
+            asked.push(url.clone());
+            let channel = match self.connect(&url, &tune).await {
                 Ok(channel) => channel,
                 Err(e @ (ClientError::Invalid { .. } | ClientError::Read { .. })) => return Err(e.into()),
                 Err(e) => {
@@ -137,16 +141,23 @@ impl Credentials {
             let mut health = HealthClient::new(channel.clone());
             match tokio::time::timeout(Duration::from_secs(5), health.check(request)).await {
                 Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32 => {
-                    return Ok((url.clone(), channel))
+                    return Ok((url, channel))
                 }
-                Ok(Ok(_)) => answered = true,
+                Ok(Ok(answer)) => {
+                    answered = true;
+                    let hint = answer.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok());
+                    if let Some(leader) = hint {
+                        to_ask.push_front(leader.to_string());
+                    }
+                }
+                Ok(Err(_)) if urls.len() == 1 => return Ok((url, channel)),
                 Ok(Err(status)) => last_error = Some(ClientError::Connect(format!("{url}: {}", status.message()))),
                 Err(_) => last_error = Some(ClientError::Connect(format!("{url}: no answer to a health check in 5 s"))),
             }
         }
         match last_error {
             Some(e) if !answered => Err(e.into()),
-            _ => Err(FindLeaderError::NoLeader { asked: urls.join(", ") }),
+            _ => Err(FindLeaderError::NoLeader { asked: asked.join(", ") }),
         }
     }
 

@@ -189,6 +189,7 @@ pub async fn run(
         "Serving gRPC."
     );
     let router = tonic::transport::Server::builder()
+        .layer(leader_gate::LeaderHintLayer::new(role.clone()))
         .layer(auth)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

@@ -70,6 +70,62 @@ where
     }
 }
 
+/// Names the leader in a `watt-leader` header on every answer a follower gives, health checks
+/// included: a client that asked a follower whether it serves learns where to go instead.
+#[derive(Debug, Clone)]
+pub struct LeaderHintLayer {
+    role: watch::Receiver<Role>,
+}
+
+impl LeaderHintLayer {
+    pub fn new(role: watch::Receiver<Role>) -> Self {
+        LeaderHintLayer { role }
+    }
+}
+
+impl<S> tower::Layer<S> for LeaderHintLayer {
+    type Service = LeaderHint<S>;
+
+    fn layer(&self, inner: S) -> LeaderHint<S> {
+        LeaderHint { inner, role: self.role.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaderHint<S> {
+    inner: S,
+    role: watch::Receiver<Role>,
+}
+
+impl<S, B, R> Service<http::Request<B>> for LeaderHint<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<http::Response<R>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let hint = match &*self.role.borrow() {
+            Role::Follower { leader: Some(at) } => http::HeaderValue::from_str(at).ok(),
+            _ => None,
+        };
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            if let Some(hint) = hint {
+                response.headers_mut().insert(watt_common::client::LEADER_HEADER, hint);
+            }
+            Ok(response)
+        })
+    }
+}
+
 /// A follower's answer: `Unavailable`, with the leader's address when one is known.
 pub fn not_leader(role: &Role) -> tonic::Status {
     let leader = match role {

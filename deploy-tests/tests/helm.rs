@@ -6,8 +6,9 @@
 
 use watt_deploy_tests::*;
 
-const VALUE_FILES: [&str; 5] = [
+const VALUE_FILES: [&str; 6] = [
     "",
+    "helm/watt/values-production.yaml",
     "deploy-tests/values/cert-manager.yaml",
     "deploy-tests/values/etcd-3-replicas.yaml",
     "deploy-tests/values/enforcement-off.yaml",
@@ -94,6 +95,8 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
             "WattNodeLost",
             "WattFailsafeEngaged",
             "WattPowerNearBudget",
+            "WattNoLeader",
+            "WattStoreUnwritable",
             "WattScrapeFailing"
         ]
     );
@@ -159,6 +162,22 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
     );
     let volumes = format!("{:?}", controller["spec"]["template"]["spec"]["volumes"]);
     assert!(volumes.contains("etcd-client-tls"), "{volumes}");
+
+    // The production values: three replicas that elect a leader, each advertising its own DNS
+    // name (which the certificate covers), one at a time through a drain.
+    let production = documents(&render("helm/watt/values-production.yaml"));
+    let controller = find(&production, "StatefulSet", "watt-controller");
+    assert_eq!(controller["spec"]["replicas"], 3);
+    assert_eq!(controller["spec"]["serviceName"], "watt-controller-peers");
+    let peers = find(&production, "Service", "watt-controller-peers");
+    assert_eq!(peers["spec"]["clusterIP"], "None");
+    let args = format!("{:?}", controller["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(
+        args.contains("--advertise-url=https://$(POD_NAME).watt-controller-peers.$(POD_NAMESPACE).svc:7070"),
+        "{args}"
+    );
+    assert_eq!(find(&production, "PodDisruptionBudget", "watt-controller")["spec"]["maxUnavailable"], 1);
+    assert!(docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"), "no budget for one replica");
 }
 
 #[test]

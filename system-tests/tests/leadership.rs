@@ -32,14 +32,16 @@ fn two_controllers_elect_one_leader_and_the_follower_takes_over_when_it_is_kille
     let first_term = metric(&first, "watt_controller_term");
     assert!(first_term > 0.0);
 
-    // A follower refuses Watt's calls and names the leader.
-    let refused = wattctl(&second.url, &["jobs"]);
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success() && said.contains(&format!("the leader is at {}", first.url)), "{said}");
+    // A follower answers Watt's calls itself: Unavailable, naming the leader.
+    let refused = list_jobs_directly(&second.url);
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(watt_common::client::leader_hint(&refused).as_deref(), Some(first.url.as_str()));
+    assert!(refused.message().contains("does not lead"), "{refused:?}");
 
-    // Given both, agents and wattctl find the leader.
+    // wattctl and agents find the leader given both URLs, or only the follower's.
+    assert!(wattctl(&second.url, &["jobs"]).status.success(), "wattctl did not follow the follower to the leader");
     let both = format!("{},{}", first.url, second.url);
-    let agents: Vec<Proc> = ["n1", "n2"].iter().map(|n| agent(&both, n, 4)).collect();
+    let agents: Vec<Proc> = vec![agent(&both, "n1", 4), agent(&second.url, "n2", 4)];
     wait_for(Duration::from_secs(30), "both nodes ready", || (ready_nodes(&both) == 2).then_some(()));
     set_grid(&both, "4kW", None);
     assert!(submit(&both, &job_manifest("steady", 1, 1, 1, 4)).status.success());
@@ -80,6 +82,17 @@ fn two_controllers_elect_one_leader_and_the_follower_takes_over_when_it_is_kille
     // The killed one comes back as a follower of the new leader.
     let again = ControllerProc::start(&store, first.port, &args);
     assert!(!again.leading, "a restarted controller took the leadership from a live leader");
-    let refused = wattctl(&again.url, &["jobs"]);
-    assert!(String::from_utf8_lossy(&refused.stderr).contains(&format!("the leader is at {}", second.url)));
+    let refused = list_jobs_directly(&again.url);
+    assert_eq!(watt_common::client::leader_hint(&refused).as_deref(), Some(second.url.as_str()));
+}
+
+/// `ListJobs` as an admin straight to `url`, without looking for the leader first: its refusal.
+fn list_jobs_directly(url: &str) -> tonic::Status {
+    use watt_proto::v1::control_service_client::ControlServiceClient;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let channel = credentials(Some(&TestPki::get().admin())).connect(url, |e| e).await.unwrap();
+        let answer = ControlServiceClient::new(channel).list_jobs(watt_proto::v1::ListJobsRequest {}).await;
+        answer.expect_err("a follower answered a call")
+    })
 }

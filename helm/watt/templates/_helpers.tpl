@@ -38,8 +38,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{- /* The DNS names the controller's certificate is for. */ -}}
+{{- /* The DNS names the controller's certificate is for: the Service, and each replica's own name (which followers give clients for the leader). */ -}}
 {{- define "watt.controllerHosts" -}}
 {{- $service := printf "%s-controller" (include "watt.fullname" .) -}}
-{{- toJson (list $service (printf "%s.%s" $service .Release.Namespace) (printf "%s.%s.svc" $service .Release.Namespace) (printf "%s.%s.svc.cluster.local" $service .Release.Namespace) "localhost") -}}
+{{- $peers := printf "*.%s-controller-peers.%s.svc" (include "watt.fullname" .) .Release.Namespace -}}
+{{- toJson (list $service (printf "%s.%s" $service .Release.Namespace) (printf "%s.%s.svc" $service .Release.Namespace) (printf "%s.%s.svc.cluster.local" $service .Release.Namespace) $peers (printf "%s.cluster.local" $peers) "localhost") -}}
 {{- end -}}
