@@ -101,6 +101,8 @@ pub struct PowerView {
     pub unacknowledged_nodes: u32,
     pub budget_violations: u64,
     pub measured_watts: f64,
+    /// The change just made is in force but not in the controller's store yet.
+    pub change_unstored: bool,
     pub measured_violations: u64,
     pub overdraw_seconds: f64,
     pub worst_overdraw_watts: f64,
@@ -133,6 +135,7 @@ impl From<pb::PowerStatus> for PowerView {
             unacknowledged_nodes: s.unacknowledged_nodes,
             budget_violations: s.budget_violations,
             measured_watts: s.measured_watts,
+            change_unstored: s.change_unstored,
             measured_violations: s.measured_violations,
             overdraw_seconds: s.overdraw_seconds,
             worst_overdraw_watts: s.worst_overdraw_watts,
@@ -201,6 +204,12 @@ impl PowerView {
             "Nodes:       {} awaiting acknowledgement, {} at failsafe",
             self.unacknowledged_nodes, self.failsafe_nodes
         );
+        if self.change_unstored {
+            let _ = writeln!(
+                out,
+                "Stored:      NOT YET — the change is in force and its caps ordered; the controller keeps trying its store"
+            );
+        }
         if self.unenforced_nodes > 0 {
             let _ = writeln!(
                 out,

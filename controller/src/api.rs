@@ -13,7 +13,7 @@ use watt_proto::v1::submit_job_request::Source;
 
 use crate::auth::bootstrap::NodeSigner;
 use crate::auth::Principal;
-use crate::power::table::{PowerError, SiteUpdate, SourceUpdate};
+use crate::power::table::{Applied, PowerChange, PowerError, SiteUpdate, SourceUpdate};
 use crate::power::SourceKind;
 use crate::reconcile::{Controller, RequestError};
 use crate::spec::{self, JobSpec};
@@ -183,13 +183,48 @@ impl PowerApi {
         PowerApi { controller }
     }
 
-    /// Run a reconcile pass now, so the answer reflects the change (and its notes, such as a
-    /// budget below the minimum caps).
-    async fn status_after_change(&self) -> pb::PowerStatus {
+    /// Put `change` in force (a tightening at once, a loosening once stored: see
+    /// [`crate::power_writer`]), announce it, and move caps now: the answer reflects the change
+    /// (and its notes, such as a budget below the minimum caps), and says whether the store holds
+    /// it yet — a cut does not wait on the store for its orders, only a moment for the answer.
+    async fn change(&self, change: PowerChange, by: &Principal) -> Result<pb::PowerStatus, Status> {
+        let (applied, generation) = self.controller.change_power(&change).await?;
+        self.controller.acks.power_event();
+        let (subject, reason, text) = match &applied {
+            Applied::Source(s) => (
+                s.name.clone(),
+                "source-set",
+                format!(
+                    "{} {:.0} W available{}",
+                    s.kind.as_str(),
+                    s.available_watts,
+                    ramp_text(s.ramp_watts_per_second)
+                ),
+            ),
+            Applied::Removed(name) => (name.clone(), "source-removed", "source removed".to_string()),
+            Applied::Site(site) => (
+                "site".to_string(),
+                "site-set",
+                format!(
+                    "reserve {:.1}%, PUE {}, node overhead {:.0} W",
+                    site.reserve_ratio * 100.0,
+                    site.pue,
+                    site.node_overhead_watts
+                ),
+            ),
+        };
+        self.controller.emit_by("power", &subject, reason, text, Some(by));
         self.controller.reconcile_after_change().await;
-        self.controller.power_status_now()
+        let stored = self.controller.power_writer.stored_by(generation, STORE_WAIT).await;
+        let mut status = self.controller.power_status_now();
+        status.change_unstored |= !stored;
+        Ok(status)
     }
 }
+
+/// How long a power call's answer waits for the store to hold its change (the change is in
+/// force, and its orders sent, before this).
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl From<PowerError> for Status {
     fn from(e: PowerError) -> Status {
@@ -219,24 +254,7 @@ impl pb::power_service_server::PowerService for PowerApi {
             available_watts: source.available_watts,
             ramp_watts_per_second: source.ramp_watts_per_second,
         };
-        {
-            let mut power = self.controller.power.lock().await;
-            let stored = power.table.set_source(update, crate::reconcile::unix_ms()).await?;
-            self.controller.acks.power_event();
-            self.controller.emit_by(
-                "power",
-                &stored.name,
-                "source-set",
-                format!(
-                    "{} {:.0} W available{}",
-                    stored.kind.as_str(),
-                    stored.available_watts,
-                    ramp_text(stored.ramp_watts_per_second)
-                ),
-                Some(&by),
-            );
-        }
-        Ok(Response::new(self.status_after_change().await))
+        Ok(Response::new(self.change(PowerChange::SetSource(update), &by).await?))
     }
 
     async fn remove_source(
@@ -248,13 +266,7 @@ impl pb::power_service_server::PowerService for PowerApi {
         if name.is_empty() {
             return Err(Status::invalid_argument("name is required"));
         }
-        {
-            let mut power = self.controller.power.lock().await;
-            power.table.remove_source(&name).await?;
-            self.controller.acks.power_event();
-        }
-        self.controller.emit_by("power", &name, "source-removed", "source removed".into(), Some(&by));
-        Ok(Response::new(self.status_after_change().await))
+        Ok(Response::new(self.change(PowerChange::RemoveSource(name), &by).await?))
     }
 
     async fn set_site(&self, request: Request<pb::SetSiteRequest>) -> Result<Response<pb::PowerStatus>, Status> {
@@ -266,24 +278,7 @@ impl pb::power_service_server::PowerService for PowerApi {
             node_overhead_watts: r.node_overhead_watts,
             idle_gpu_watts: r.idle_gpu_watts,
         };
-        {
-            let mut power = self.controller.power.lock().await;
-            let site = power.table.set_site(update).await?;
-            self.controller.acks.power_event();
-            self.controller.emit_by(
-                "power",
-                "site",
-                "site-set",
-                format!(
-                    "reserve {:.1}%, PUE {}, node overhead {:.0} W",
-                    site.reserve_ratio * 100.0,
-                    site.pue,
-                    site.node_overhead_watts
-                ),
-                Some(&by),
-            );
-        }
-        Ok(Response::new(self.status_after_change().await))
+        Ok(Response::new(self.change(PowerChange::SetSite(update), &by).await?))
     }
 
     async fn get_power_status(

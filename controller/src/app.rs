@@ -284,6 +284,7 @@ async fn lead_term(
     };
     let reconciling = tokio::spawn(controller.clone().run(wait_stop()));
     let metering = tokio::spawn(controller.clone().run_meter(wait_stop()));
+    let writing = tokio::spawn(controller.clone().run_power_writer(wait_stop()));
     tokio::spawn(crate::retention::sweep(controller.clone(), wait_stop()));
     if let Some(signer) = &signer {
         tokio::spawn(signer.clone().follow(wait_stop()));
@@ -308,6 +309,7 @@ async fn lead_term(
     let _ = stop_tx.send(true);
     let _ = reconciling.await;
     let _ = metering.await;
+    let _ = writing.await;
     if matches!(end, TermEnd::Lost) {
         tracing::error!(term = lead.term, "Lost the leadership: following; campaigning again.");
     }

@@ -1,8 +1,9 @@
 //! Jobs as the controller stores them: the validated spec plus what the controller decided
 //! (state, placement, epoch), kept in the store under `jobs/<name>` as JSON.
 //!
-//! [`JobTable`] is the controller's in-memory copy with each record's store version, so every
-//! change is written back with compare-and-swap against the version it was read at.
+//! [`JobTable`] is the controller's in-memory copy with each record's store version; [`JobStore`]
+//! writes changes back, compare-and-swap against the version they were read at, holding no lock
+//! on the table while the store works.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -258,27 +259,31 @@ impl JobRecord {
     }
 }
 
-/// The controller's copy of every job, with the store version each was read at.
-#[derive(Debug)]
+/// The controller's copy of every job, with the store version each was read at. Memory only:
+/// [`JobStore`] writes, and changes it once the store took them.
+#[derive(Debug, Default)]
 pub struct JobTable {
-    store: Arc<dyn Store>,
     jobs: BTreeMap<String, (JobRecord, Version)>,
 }
 
 impl JobTable {
     /// Load every job from the store.
-    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+    pub async fn load(store: &dyn Store) -> Result<Self, StoreError> {
         let mut jobs = BTreeMap::new();
         for entry in store.list(JOBS_PREFIX).await? {
-            let record: JobRecord =
-                serde_json::from_slice(&entry.value).map_err(|e| StoreError::Corrupt(format!("{}: {e}", entry.key)))?;
+            let record: JobRecord = crate::store::decode_json(&entry.key, &entry.value)?;
             jobs.insert(record.spec.name.clone(), (record, entry.version));
         }
-        Ok(JobTable { store, jobs })
+        Ok(JobTable { jobs })
     }
 
     pub fn get(&self, name: &str) -> Option<&JobRecord> {
         self.jobs.get(name).map(|(r, _)| r)
+    }
+
+    /// The store version `name` was read at.
+    pub fn version(&self, name: &str) -> Option<Version> {
+        self.jobs.get(name).map(|(_, v)| *v)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &JobRecord> {
@@ -293,10 +298,45 @@ impl JobTable {
         self.jobs.is_empty()
     }
 
+    fn install(&mut self, record: JobRecord, version: Version) {
+        self.jobs.insert(record.spec.name.clone(), (record, version));
+    }
+}
+
+/// The table behind the controller's lock.
+pub type SharedJobs = tokio::sync::Mutex<JobTable>;
+
+/// Writes job records to the store. Writers take turns ([`JobStore::writing`]) and hold no lock
+/// on the table while the store works: a pass deciding, or a power call moving caps, never waits
+/// on the store for it (ARCHITECTURE.md, invariant 10). Every write is compare-and-swap against
+/// the version its writer read, so a change made in between (a cancel during a pass) is never
+/// overwritten: the write fails, the record is read again, and the next pass decides anew.
+#[derive(Debug)]
+pub struct JobStore {
+    store: Arc<dyn Store>,
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// A writer's turn: proof that no other job write is under way.
+#[derive(Debug)]
+pub struct Writing<'a>(#[allow(dead_code)] tokio::sync::MutexGuard<'a, ()>);
+
+impl JobStore {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        JobStore { store, writing: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Wait for this writer's turn.
+    pub async fn writing(&self) -> Writing<'_> {
+        Writing(self.writing.lock().await)
+    }
+
     /// Store a new job, durably, with the next sequence number. Fails with `Conflict` on
     /// `jobs/<name>` if a job of that name exists.
     pub async fn create(
-        &mut self,
+        &self,
+        _turn: &Writing<'_>,
+        table: &SharedJobs,
         spec: JobSpec,
         now_unix_ms: i64,
         submitted_by: &str,
@@ -338,35 +378,42 @@ impl JobTable {
             ];
             match self.store.commit(writes).await {
                 Ok(version) => {
-                    self.jobs.insert(spec.name.clone(), (record.clone(), version));
+                    table.lock().await.install(record.clone(), version);
                     return Ok(record);
                 }
-                // Another submit took the sequence number first: take the next one.
+                // Another controller took the sequence number first: take the next one.
                 Err(StoreError::Conflict { key: k }) if k == SEQUENCE_KEY => continue,
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Write a changed record back, compare-and-swap against the version it was read at. On a
-    /// conflict the cached record is reloaded from the store and the change is dropped.
     /// Remove ended jobs by name (compare-and-swap: one changed since it was read stays); how
     /// many were removed. A job that has not ended is never removed.
-    pub async fn remove_ended(&mut self, names: &[String]) -> Result<usize, StoreError> {
+    pub async fn remove_ended(
+        &self,
+        _turn: &Writing<'_>,
+        table: &SharedJobs,
+        names: &[String],
+    ) -> Result<usize, StoreError> {
         let mut removed = 0;
         for chunk in names.chunks(MAX_WRITES_PER_COMMIT) {
-            let writes: Vec<Write> = chunk
-                .iter()
-                .filter_map(|n| self.jobs.get(n).filter(|(r, _)| r.state.is_terminal()).map(|(_, v)| (n, *v)))
-                .map(|(n, v)| Write::delete(job_key(n), Expect::Version(v)))
-                .collect();
+            let writes: Vec<Write> = {
+                let jobs = table.lock().await;
+                chunk
+                    .iter()
+                    .filter_map(|n| jobs.jobs.get(n).filter(|(r, _)| r.state.is_terminal()).map(|(_, v)| (n, *v)))
+                    .map(|(n, v)| Write::delete(job_key(n), Expect::Version(v)))
+                    .collect()
+            };
             if writes.is_empty() {
                 continue;
             }
             self.store.commit(writes).await?;
+            let mut jobs = table.lock().await;
             for n in chunk {
-                if self.jobs.get(n).is_some_and(|(r, _)| r.state.is_terminal()) {
-                    self.jobs.remove(n);
+                if jobs.get(n).is_some_and(|r| r.state.is_terminal()) {
+                    jobs.jobs.remove(n);
                     removed += 1;
                 }
             }
@@ -374,25 +421,25 @@ impl JobTable {
         Ok(removed)
     }
 
-    pub async fn update(&mut self, record: JobRecord) -> Result<(), StoreError> {
-        match self.update_all(vec![record]).await {
-            (_, Some(e)) => Err(e),
-            (_, None) => Ok(()),
-        }
-    }
-
-    /// Write changed records back in as few commits as the store allows (compare-and-swap each,
-    /// all-or-nothing per commit), in order, stopping at the first commit that fails: a later
-    /// change may depend on an earlier one (a start on the GPUs a preemption freed). Returns how
-    /// many records, from the front, were stored; the rest are reloaded from the store.
-    pub async fn update_all(&mut self, records: Vec<JobRecord>) -> (usize, Option<StoreError>) {
+    /// Write changed records back in as few commits as the store allows (compare-and-swap each
+    /// against `read`, the version its writer read — absent: a new record — all-or-nothing per
+    /// commit), in order, stopping at the first commit that fails: a later change may depend on
+    /// an earlier one (a start on the GPUs a preemption freed). `read` follows each write, so a
+    /// record changed twice in one pass expects its first write. Returns how many records, from
+    /// the front, were stored; the rest are read again from the store.
+    pub async fn update_all(
+        &self,
+        _turn: &Writing<'_>,
+        table: &SharedJobs,
+        records: Vec<JobRecord>,
+        read: &mut crate::NameMap<String, Version>,
+    ) -> (usize, Option<StoreError>) {
         let mut stored = 0;
         for chunk in records.chunks(MAX_WRITES_PER_COMMIT) {
             let writes: Result<Vec<Write>, StoreError> = chunk
                 .iter()
                 .map(|r| {
-                    let expect =
-                        self.jobs.get(&r.spec.name).map(|(_, v)| Expect::Version(*v)).unwrap_or(Expect::Absent);
+                    let expect = read.get(&r.spec.name).map(|v| Expect::Version(*v)).unwrap_or(Expect::Absent);
                     Ok(Write::put(job_key(&r.spec.name), expect, r.encode()?))
                 })
                 .collect();
@@ -402,14 +449,16 @@ impl JobTable {
             };
             match self.store.commit(writes).await {
                 Ok(version) => {
+                    let mut jobs = table.lock().await;
                     for r in chunk {
-                        self.jobs.insert(r.spec.name.clone(), (r.clone(), version));
+                        read.insert(r.spec.name.clone(), version);
+                        jobs.install(r.clone(), version);
                     }
                     stored += chunk.len();
                 }
                 Err(e) => {
                     for r in &records[stored..] {
-                        if let Err(reload) = self.reload(&r.spec.name).await {
+                        if let Err(reload) = self.reload(table, &r.spec.name).await {
                             return (stored, Some(reload));
                         }
                     }
@@ -420,15 +469,28 @@ impl JobTable {
         (stored, None)
     }
 
-    async fn reload(&mut self, name: &str) -> Result<(), StoreError> {
-        match self.store.get(&job_key(name)).await? {
+    /// One record written back against the version it was read at.
+    pub async fn update(&self, turn: &Writing<'_>, table: &SharedJobs, record: JobRecord) -> Result<(), StoreError> {
+        let mut read = crate::NameMap::default();
+        if let Some(version) = table.lock().await.version(&record.spec.name) {
+            read.insert(record.spec.name.clone(), version);
+        }
+        match self.update_all(turn, table, vec![record], &mut read).await {
+            (_, Some(e)) => Err(e),
+            (_, None) => Ok(()),
+        }
+    }
+
+    async fn reload(&self, table: &SharedJobs, name: &str) -> Result<(), StoreError> {
+        let entry = self.store.get(&job_key(name)).await?;
+        let mut jobs = table.lock().await;
+        match entry {
             Some(entry) => {
-                let record: JobRecord = serde_json::from_slice(&entry.value)
-                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", entry.key)))?;
-                self.jobs.insert(name.to_string(), (record, entry.version));
+                let record: JobRecord = crate::store::decode_json(&entry.key, &entry.value)?;
+                jobs.install(record, entry.version);
             }
             None => {
-                self.jobs.remove(name);
+                jobs.jobs.remove(name);
             }
         }
         Ok(())
@@ -451,12 +513,45 @@ mod tests {
     async fn a_corrupt_job_sequence_is_an_error_naming_the_key_and_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(FileStore::open(dir.path().join("s.redb")).unwrap());
-        let mut jobs = JobTable::load(store.clone()).await.unwrap();
-        assert_eq!(jobs.create(spec("first"), 0, "test").await.unwrap().sequence, 1);
+        let jobs = SharedJobs::new(JobTable::load(store.as_ref()).await.unwrap());
+        let writer = JobStore::new(store.clone());
+        let turn = writer.writing().await;
+        assert_eq!(writer.create(&turn, &jobs, spec("first"), 0, "test").await.unwrap().sequence, 1);
         let current = store.get(SEQUENCE_KEY).await.unwrap().unwrap();
         store.commit(vec![Write::put(SEQUENCE_KEY, Expect::Version(current.version), b"two".to_vec())]).await.unwrap();
-        let err = jobs.create(spec("second"), 0, "test").await.unwrap_err();
+        let err = writer.create(&turn, &jobs, spec("second"), 0, "test").await.unwrap_err();
         assert!(matches!(&err, StoreError::Corrupt(m) if m.contains(SEQUENCE_KEY) && m.contains("two")), "{err}");
         assert!(store.get(&job_key("second")).await.unwrap().is_none(), "nothing stored");
+    }
+
+    #[tokio::test]
+    async fn a_write_decided_on_an_older_version_never_overwrites_a_change_made_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FileStore::open(dir.path().join("s.redb")).unwrap());
+        let jobs = SharedJobs::new(JobTable::load(store.as_ref()).await.unwrap());
+        let writer = JobStore::new(store.clone());
+        let turn = writer.writing().await;
+        let record = writer.create(&turn, &jobs, spec("j"), 0, "test").await.unwrap();
+        // A pass reads the job...
+        let mut read = crate::NameMap::default();
+        read.insert("j".to_string(), jobs.lock().await.version("j").unwrap());
+        // ...a cancel is stored meanwhile...
+        let cancelled = JobRecord { state: JobState::Cancelled, ..record.clone() };
+        writer.update(&turn, &jobs, cancelled).await.unwrap();
+        // ...and the pass's decision, made before it, is refused and the cancel stands.
+        let running = JobRecord { state: JobState::Running, ..record.clone() };
+        let (stored, error) = writer.update_all(&turn, &jobs, vec![running.clone(), running], &mut read).await;
+        assert_eq!(stored, 0);
+        assert!(matches!(error, Some(StoreError::Conflict { .. })), "{error:?}");
+        assert_eq!(jobs.lock().await.get("j").unwrap().state, JobState::Cancelled);
+        // Two changes of one record in one pass: the second expects the first.
+        let mut read = crate::NameMap::default();
+        read.insert("j".to_string(), jobs.lock().await.version("j").unwrap());
+        let first = JobRecord { message: "one".into(), ..jobs.lock().await.get("j").unwrap().clone() };
+        let second = JobRecord { message: "two".into(), ..first.clone() };
+        writer.update_all(&turn, &jobs, vec![first], &mut read).await;
+        let (stored, error) = writer.update_all(&turn, &jobs, vec![second], &mut read).await;
+        assert_eq!((stored, error.is_none()), (1, true));
+        assert_eq!(jobs.lock().await.get("j").unwrap().message, "two");
     }
 }

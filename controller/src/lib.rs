@@ -21,6 +21,7 @@ pub mod log_grants;
 pub mod metrics;
 pub mod power;
 pub mod power_control;
+pub mod power_writer;
 pub mod progress;
 pub mod reconcile;
 pub mod registry;

@@ -444,28 +444,30 @@ mod tests {
     async fn job_state_shows_each_live_job_once_in_its_state_and_ended_jobs_leave() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FileStore::open(dir.path().join("s.redb")).unwrap());
-        let mut jobs = JobTable::load(store).await.unwrap();
+        let jobs = crate::jobs::SharedJobs::new(JobTable::load(store.as_ref()).await.unwrap());
+        let writer = crate::jobs::JobStore::new(store);
+        let turn = writer.writing().await;
         let spec = |name: &str| {
             JobSpec::from_manifest(&format!(
                 "name: {name}\nshards: {{min: 1, max: 1}}\ngpus_per_shard: 1\ncommand: [x]\n"
             ))
             .unwrap()
         };
-        let a = jobs.create(spec("a"), 0, "test").await.unwrap();
-        let b = jobs.create(spec("b"), 0, "test").await.unwrap();
+        let a = writer.create(&turn, &jobs, spec("a"), 0, "test").await.unwrap();
+        let b = writer.create(&turn, &jobs, spec("b"), 0, "test").await.unwrap();
         let metrics = Metrics::new().unwrap();
         let registry = NodeRegistry::default();
         let observe =
             |jobs: &JobTable| metrics.observe(jobs, &registry, Instant::now(), std::time::Duration::from_secs(10));
-        observe(&jobs);
+        observe(&*jobs.lock().await);
         let pending = |job: &str| (job.to_string(), "pending".to_string());
         assert_eq!(shown(&metrics), vec![pending("a"), pending("b")]);
 
-        jobs.update(JobRecord { state: JobState::Running, ..a }).await.unwrap();
-        jobs.update(JobRecord { state: JobState::Cancelled, ..b }).await.unwrap();
-        observe(&jobs);
+        writer.update(&turn, &jobs, JobRecord { state: JobState::Running, ..a }).await.unwrap();
+        writer.update(&turn, &jobs, JobRecord { state: JobState::Cancelled, ..b }).await.unwrap();
+        observe(&*jobs.lock().await);
         assert_eq!(shown(&metrics), vec![("a".to_string(), "running".to_string())], "a moved; b ended");
-        observe(&jobs);
+        observe(&*jobs.lock().await);
         assert_eq!(shown(&metrics).len(), 1, "a pass with no change changes nothing");
     }
 

@@ -60,10 +60,16 @@ impl Controller {
     /// acknowledgements, shard states, GPU work), and no increase is waiting its turn — there is
     /// nothing to order and the status stands; `full` runs it regardless (time-driven passes:
     /// resends, failsafe deadlines, ramps).
+    ///
+    /// `deciding`: jobs whose new records this pass decided and has not stored yet. A GPU of such
+    /// a job gets the job's cap only where the decided record keeps it too; one it leaves (a
+    /// shrink, a pause, a preemption) is lowered now, and one it takes waits until the record is
+    /// stored — so caps move before the store is written only downwards.
     pub fn enforce(
         &self,
         power: &mut PowerState,
         jobs: &JobTable,
+        deciding: Option<&crate::NameMap<&str, &crate::jobs::JobRecord>>,
         admission: Admission,
         placements_changed: bool,
         full: bool,
@@ -100,11 +106,17 @@ impl Controller {
         let pass = power.passes;
         for job in jobs.iter().filter(|j| j.state.is_active()) {
             let Some(&cap) = caps.get(job.spec.name.as_str()) else { continue };
+            let decided = deciding.and_then(|d| d.get(job.spec.name.as_str()));
+            if decided.is_some_and(|d| !d.state.is_active()) {
+                continue;
+            }
             for s in &job.shards {
                 let Some(e) = nodes.get_mut(&s.node) else { continue };
                 e.reset_cap_targets(pass);
                 for &index in &s.gpus {
-                    if let Some(k) = e.gpu_position(index) {
+                    let kept =
+                        decided.is_none_or(|d| d.shards.iter().any(|k| k.node == s.node && k.gpus.contains(&index)));
+                    if let (true, Some(k)) = (kept, e.gpu_position(index)) {
                         e.cap_targets[k] = cap;
                     }
                 }

@@ -22,7 +22,7 @@ use watt_proto::v1 as pb;
 
 use crate::auth::Principal;
 use crate::decide::{decide, JobChange, JobEvent, NodeView, Now, Reason, ShardReport, View};
-use crate::jobs::{JobRecord, JobState, JobTable};
+use crate::jobs::{JobRecord, JobState, JobStore, JobTable};
 use crate::metrics::Metrics;
 use crate::power::acks::AckTracker;
 use crate::power::admission::PowerView;
@@ -78,7 +78,9 @@ pub struct Controller {
     /// Permissions to read shards' logs from agents, and each node's key to check them.
     pub(crate) log_grants: crate::log_grants::LogGrants,
     pub(crate) store: Arc<dyn Store>,
+    /// Every job, in memory; never locked across a store write ([`JobStore`] writes).
     pub(crate) jobs: Mutex<JobTable>,
+    pub(crate) job_store: JobStore,
     pub(crate) registry: Registry,
     pub(crate) events: broadcast::Sender<pb::Event>,
     pub(crate) metrics: Metrics,
@@ -104,6 +106,16 @@ pub struct Controller {
     pub(crate) clock: crate::clock::Clock,
     /// The term this controller leads in: every order carries it (invariant 9).
     pub(crate) term: u64,
+    /// Power state applied from memory, on its way to the store (invariant 10).
+    pub(crate) power_writer: crate::power_writer::PowerWriter,
+}
+
+/// What storing a pass's changes did.
+struct Applied {
+    /// Every change was stored.
+    all: bool,
+    /// A stored change moved GPUs: a placement, an end or a resize.
+    moved_gpus: bool,
 }
 
 /// How many recent events `ListEvents` can return.
@@ -121,8 +133,8 @@ impl Controller {
         metrics: Metrics,
         term: u64,
     ) -> Result<Arc<Self>, StoreError> {
-        let jobs = JobTable::load(store.clone()).await?;
-        let power = PowerTable::load(store.clone()).await?;
+        let jobs = JobTable::load(store.as_ref()).await?;
+        let power = PowerTable::load(store.as_ref()).await?;
         let power_state = PowerState::load(power, store.as_ref()).await?;
         let run_tokens = crate::run_tokens::RunTokens::load(store.as_ref()).await?;
         let log_grants = crate::log_grants::LogGrants::load(store.as_ref()).await?;
@@ -146,6 +158,7 @@ impl Controller {
         Ok(Arc::new(Controller {
             run_tokens,
             log_grants,
+            job_store: JobStore::new(store.clone()),
             store,
             jobs: Mutex::new(jobs),
             registry,
@@ -163,6 +176,7 @@ impl Controller {
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
             clock: crate::clock::Clock::new(Instant::now()),
             term,
+            power_writer: crate::power_writer::PowerWriter::default(),
         }))
     }
 
@@ -196,6 +210,7 @@ impl Controller {
         let mut status = self.power_status.borrow().clone();
         let nodes = self.registry.lock();
         status.drawn_watts = nodes.values().map(crate::registry::NodeEntry::drawn_gpu_watts).sum();
+        status.change_unstored = self.power_writer.behind();
         status
     }
 
@@ -216,35 +231,40 @@ impl Controller {
             )
             .into());
         }
-        let mut jobs = self.jobs.lock().await;
-        let limits = self.settings.limits;
-        if jobs.len() >= limits.total {
-            return Err(RequestError::Exhausted(format!(
-                "the controller holds {} jobs, its limit (--max-jobs); ended jobs are removed after --keep-ended",
-                jobs.len()
-            )));
+        // One job write at a time: the limits and the name checked here still hold when it is
+        // stored. The table is locked only to look.
+        let turn = self.job_store.writing().await;
+        {
+            let jobs = self.jobs.lock().await;
+            let limits = self.settings.limits;
+            if jobs.len() >= limits.total {
+                return Err(RequestError::Exhausted(format!(
+                    "the controller holds {} jobs, its limit (--max-jobs); ended jobs are removed after --keep-ended",
+                    jobs.len()
+                )));
+            }
+            let live = jobs.iter().filter(|j| !j.state.is_terminal() && j.submitted_by == by.name).count();
+            if live >= limits.per_principal {
+                return Err(RequestError::Exhausted(format!(
+                    "{by} has {live} jobs not ended, its limit (--max-jobs-per-principal)"
+                )));
+            }
+            if let Some(existing) = jobs.get(&spec.name) {
+                return Err(FieldError::new(
+                    "name",
+                    format!("{:?} is taken by an existing job ({})", spec.name, existing.state.as_str()),
+                )
+                .into());
+            }
         }
-        let live = jobs.iter().filter(|j| !j.state.is_terminal() && j.submitted_by == by.name).count();
-        if live >= limits.per_principal {
-            return Err(RequestError::Exhausted(format!(
-                "{by} has {live} jobs not ended, its limit (--max-jobs-per-principal)"
-            )));
-        }
-        if let Some(existing) = jobs.get(&spec.name) {
-            return Err(FieldError::new(
-                "name",
-                format!("{:?} is taken by an existing job ({})", spec.name, existing.state.as_str()),
-            )
-            .into());
-        }
-        let record = match jobs.create(spec, unix_ms(), &by.name).await {
+        let record = match self.job_store.create(&turn, &self.jobs, spec, unix_ms(), &by.name).await {
             Ok(record) => record,
             Err(StoreError::Conflict { key }) if key.starts_with(crate::jobs::JOBS_PREFIX) => {
                 return Err(FieldError::new("name", "is taken by an existing job").into());
             }
             Err(e) => return Err(e.into()),
         };
-        drop(jobs);
+        drop(turn);
         self.emit_by(
             "job",
             &record.spec.name,
@@ -258,7 +278,8 @@ impl Controller {
 
     /// Cancel a job: its submitter's or, with the admin role, anyone's.
     pub async fn cancel(&self, name: &str, by: &Principal) -> Result<pb::Job, RequestError> {
-        let mut jobs = self.jobs.lock().await;
+        let turn = self.job_store.writing().await;
+        let jobs = self.jobs.lock().await;
         let mut record = jobs.get(name).cloned().ok_or_else(|| RequestError::NotFound(name.into()))?;
         if by.role != Role::Admin && record.submitted_by != by.name {
             let owner = if record.submitted_by.is_empty() { "before principals existed" } else { "by another" };
@@ -283,7 +304,8 @@ impl Controller {
                 }
             }
             record.state = JobState::Cancelled;
-            jobs.update(record.clone()).await?;
+            drop(jobs);
+            self.job_store.update(&turn, &self.jobs, record.clone()).await?;
             self.emit_by("job", name, "cancelled", "cancelled by request".into(), Some(by));
             self.wake();
         }
@@ -292,14 +314,16 @@ impl Controller {
 
     /// Remove the ended jobs retention no longer keeps (see [`crate::retention`]).
     pub async fn remove_expired_jobs(&self) {
-        let mut jobs = self.jobs.lock().await;
-        let expired = crate::retention::expired(jobs.iter(), unix_ms(), self.settings.retention);
+        let turn = self.job_store.writing().await;
+        let expired = {
+            let jobs = self.jobs.lock().await;
+            crate::retention::expired(jobs.iter(), unix_ms(), self.settings.retention)
+        };
         if expired.is_empty() {
             return;
         }
-        match jobs.remove_ended(&expired).await {
+        match self.job_store.remove_ended(&turn, &self.jobs, &expired).await {
             Ok(removed) => {
-                drop(jobs);
                 tracing::info!(removed, "Removed ended jobs past their retention.");
                 self.emit(
                     "controller",
@@ -521,65 +545,96 @@ impl Controller {
     }
 
     /// One pass; `full`: look at every node's shard orders, not only those that may have changed.
+    ///
+    /// Three steps, so that no power decision waits on the store (ARCHITECTURE.md, invariant
+    /// 10): decide, and move caps for the jobs as they stand, under the locks and with no store
+    /// I/O — a cut's decreases go out here; store the decisions, holding only the job writer's
+    /// turn; then caps again for the placements just stored (their increases), and shard orders.
     async fn reconcile(&self, full: bool) {
         let started = Instant::now();
-        let mut jobs = self.jobs.lock().await;
-        let mut power = self.power.lock().await;
         let mut phase = Phases::new(&self.metrics);
         let now = Now { mono_ms: self.clock.ms(Instant::now()), wall_ms: unix_ms() };
-        let decisions = {
-            let mut kept = self.kept_view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let view = self.view(&jobs, &power.table, &mut kept, now, full);
-            phase.done("view");
-            let decided_at = Instant::now();
-            let decisions = decide(&view, now);
-            self.metrics.scheduling_duration.observe(decided_at.elapsed().as_secs_f64());
-            decisions
-        };
-        phase.done("decide");
-        *self.regrow.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = decisions.regrow;
+        let (settle, place, admission, due, mut read) = {
+            let jobs = self.jobs.lock().await;
+            let mut power = self.power.lock().await;
+            let decisions = {
+                let mut kept = self.kept_view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let view = self.view(&jobs, &power.table, &mut kept, now, full);
+                phase.done("view");
+                let decided_at = Instant::now();
+                let decisions = decide(&view, now);
+                self.metrics.scheduling_duration.observe(decided_at.elapsed().as_secs_f64());
+                decisions
+            };
+            phase.done("decide");
+            *self.regrow.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = decisions.regrow;
 
-        // Nodes whose lease ran out: no session from now on, until they register again.
-        if !decisions.newly_lost.is_empty() {
-            self.registry.mark_lost(&decisions.newly_lost);
-            let lease = humantime::format_duration(self.settings.node_lease);
-            for node in &decisions.newly_lost {
-                self.emit("node", node, "lost", format!("not heard from for {lease}"));
-            }
-        }
-        // A changed waiting reason moves no GPU; a placement, an end or a resize may.
-        let placements_changed = decisions.settle.iter().chain(&decisions.place).any(|c| {
-            jobs.get(&c.record.spec.name).is_none_or(|j| j.state != c.record.state || j.shards != c.record.shards)
-        });
-        // The nodes whose orders this pass may change: where changed jobs ran and will run.
-        let mut due = self.registry.lock().take_orders_due();
-        for change in decisions.settle.iter().chain(&decisions.place) {
-            let before = jobs.get(&change.record.spec.name).map(|j| j.shards.as_slice()).unwrap_or_default();
-            for shard in before.iter().chain(&change.record.shards) {
-                if !due.contains(&shard.node) {
-                    due.insert(shard.node.clone());
+            // Nodes whose lease ran out: no session from now on, until they register again.
+            if !decisions.newly_lost.is_empty() {
+                self.registry.mark_lost(&decisions.newly_lost);
+                let lease = humantime::format_duration(self.settings.node_lease);
+                for node in &decisions.newly_lost {
+                    self.emit("node", node, "lost", format!("not heard from for {lease}"));
                 }
             }
-        }
-        // `place` was decided on top of `settle`: stored only once `settle` is.
-        if self.apply(&mut jobs, decisions.settle).await {
-            self.apply(&mut jobs, decisions.place).await;
-        }
+            // The nodes whose orders this pass may change: where changed jobs ran and will run.
+            let mut due = self.registry.lock().take_orders_due();
+            for change in decisions.settle.iter().chain(&decisions.place) {
+                let before = jobs.get(&change.record.spec.name).map(|j| j.shards.as_slice()).unwrap_or_default();
+                for shard in before.iter().chain(&change.record.shards) {
+                    if !due.contains(&shard.node) {
+                        due.insert(shard.node.clone());
+                    }
+                }
+            }
+            // The versions these decisions were made on: their writes expect them.
+            let read: crate::NameMap<String, crate::store::Version> = decisions
+                .settle
+                .iter()
+                .chain(&decisions.place)
+                .filter_map(|c| jobs.version(&c.record.spec.name).map(|v| (c.record.spec.name.clone(), v)))
+                .collect();
 
-        // Caps toward the allocation, through the planner: at most one order per node, each
-        // with an epoch reserved in the store first. The reservation is renewed while half a
-        // block is still left, so a store that stops answering leaves ~500,000 orders — cuts
-        // included — before any waits on it.
-        let nodes_known = self.registry.lock().len() as u64;
-        let wanted = nodes_known + crate::power::epochs::BLOCK / 2;
-        if let Err(e) = power.epochs.reserve(self.store.as_ref(), wanted).await {
-            tracing::warn!(error = %e, "Cannot reserve cap-order epochs in the store; orders wait for it.");
+            // Caps toward the allocation, for the placements as stored: at most one order per
+            // node, each with an epoch already reserved (the power writer keeps half a block
+            // ahead, so a store that stops answering leaves ~500,000 orders before any waits).
+            let wanted = self.registry.lock().len() as u64 + crate::power::epochs::BLOCK / 2;
+            if power.epochs.available() < wanted {
+                self.power_writer.nudge();
+            }
+            // The decided records, the later of each job's: caps leave the GPUs they give up now.
+            let deciding: crate::NameMap<&str, &JobRecord> = decisions
+                .settle
+                .iter()
+                .chain(&decisions.place)
+                .map(|c| (c.record.spec.name.as_str(), &c.record))
+                .collect();
+            let placements_moving = deciding
+                .values()
+                .any(|d| jobs.get(&d.spec.name).is_none_or(|j| j.state != d.state || j.shards != d.shards));
+            self.enforce(&mut power, &jobs, Some(&deciding), decisions.admission.clone(), placements_moving, full);
+            phase.done("caps");
+            (decisions.settle, decisions.place, decisions.admission, due, read)
+        };
+
+        // Store the decisions, `place` only once `settle` is (it was decided on top of it).
+        let mut placements_stored = false;
+        if !settle.is_empty() || !place.is_empty() {
+            let turn = self.job_store.writing().await;
+            let settled = self.apply(&turn, &mut read, settle).await;
+            placements_stored |= settled.moved_gpus;
+            if settled.all {
+                placements_stored |= self.apply(&turn, &mut read, place).await.moved_gpus;
+            }
         }
         phase.done("store");
-        self.enforce(&mut power, &jobs, decisions.admission, placements_changed, full);
-        drop(power);
-        phase.done("caps");
 
+        let jobs = self.jobs.lock().await;
+        if placements_stored {
+            // A placement, an end or a resize stored: its caps (increases included) now.
+            let mut power = self.power.lock().await;
+            self.enforce(&mut power, &jobs, None, admission, true, false);
+        }
         // Shard orders to agents.
         self.send_orders(&jobs, (!full).then_some(&due));
         phase.done("orders");
@@ -590,13 +645,25 @@ impl Controller {
         self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     }
 
-    /// Store `changes` in order (see [`JobTable::update_all`]), each with its reason as the job's
-    /// message, and announce the ones stored. What could not be stored is logged and decided
-    /// again on the next pass. Returns whether every change was stored.
-    async fn apply(&self, jobs: &mut JobTable, changes: Vec<JobChange>) -> bool {
+    /// Store `changes` in order (see [`JobStore::update_all`]; `read`: the versions they were
+    /// decided on), each with its reason as the job's message, and announce the ones stored.
+    /// What could not be stored is logged and decided again on the next pass.
+    async fn apply(
+        &self,
+        turn: &crate::jobs::Writing<'_>,
+        read: &mut crate::NameMap<String, crate::store::Version>,
+        changes: Vec<JobChange>,
+    ) -> Applied {
         if changes.is_empty() {
-            return true;
+            return Applied { all: true, moved_gpus: false };
         }
+        // A changed waiting reason moves no GPU; a placement, an end or a resize may.
+        let moved_gpus = {
+            let jobs = self.jobs.lock().await;
+            changes.iter().any(|c| {
+                jobs.get(&c.record.spec.name).is_none_or(|j| j.state != c.record.state || j.shards != c.record.shards)
+            })
+        };
         let records = changes
             .iter()
             .map(|c| {
@@ -605,7 +672,7 @@ impl Controller {
                 record
             })
             .collect();
-        let (stored, error) = jobs.update_all(records).await;
+        let (stored, error) = self.job_store.update_all(turn, &self.jobs, records, read).await;
         let all = error.is_none();
         if let Some(e) = error {
             tracing::warn!(error = %e, stored, unstored = changes.len() - stored, "Cannot store job changes; will retry.");
@@ -619,7 +686,7 @@ impl Controller {
             }
             self.emit("job", &change.record.spec.name, event.as_str(), change.reason.event_text());
         }
-        all
+        Applied { all, moved_gpus: moved_gpus && stored > 0 }
     }
 
     /// Send connected agents what they lack: starts for shards they should run, stops for shards

@@ -96,3 +96,53 @@ fn list_jobs_directly(url: &str) -> tonic::Status {
         answer.expect_err("a follower answered a call")
     })
 }
+
+/// Invariant 10: a cut while etcd hangs (SIGSTOP) goes out at once — its caps acknowledged
+/// before the answer, which says the store does not hold it yet — and is stored once etcd is
+/// back: a controller started afterwards loads it.
+#[test]
+fn a_cut_while_etcd_hangs_is_applied_at_once_and_stored_after() {
+    let etcd = Etcd::start();
+    let store = format!("etcd://{}", etcd.endpoint());
+    // A lease long enough to lead through the hang (it steps down 2/3 of it after etcd stops).
+    let args = ["--leader-lease", "12s", "--reconcile-interval", "200ms"];
+    let controller = ControllerProc::start(&store, 0, &args);
+    let url = controller.url.clone();
+    let _agents: Vec<Proc> = ["h1", "h2"].iter().map(|n| agent(&url, n, 4)).collect();
+    wait_for(Duration::from_secs(30), "both nodes ready", || (ready_nodes(&url) == 2).then_some(()));
+    set_grid(&url, "4kW", None);
+    assert!(submit(&url, &job_manifest("busy", 1, 2, 2, 4)).status.success());
+    wait_for(Duration::from_secs(30), "the job running, its caps acknowledged", || {
+        let status = wattctl_json(&url, &["power", "status"]);
+        (jobs(&url)["busy"]["state"] == "running" && status["unacknowledged_nodes"] == 0).then_some(())
+    });
+
+    etcd.pause();
+    let asked = Instant::now();
+    let cut = set_grid(&url, "2kW", None);
+    let answered = asked.elapsed();
+    eprintln!("the cut answered in {answered:?} with etcd hung");
+    let status = wattctl_json(&url, &["power", "status"]);
+    etcd.resume();
+    assert_eq!(cut["sources"][0]["available_watts"], 2000.0, "{cut}");
+    assert_eq!(cut["change_unstored"], true, "the store hung, yet the answer says it holds the cut: {cut}");
+    // The answer waits at most a second for the store, after the cut's orders went out.
+    assert!(answered < Duration::from_secs(3), "the cut took {answered:?} with etcd hung");
+    let counted = status["counted_watts"].as_f64().unwrap();
+    assert!(
+        status["unacknowledged_nodes"] == 0 && counted <= status["limit_watts"].as_f64().unwrap(),
+        "every cap acknowledged under the new limit by the time it answered: {status}"
+    );
+
+    wait_for(Duration::from_secs(20), "the cut stored once etcd is back", || {
+        (wattctl_json(&url, &["power", "status"])["change_unstored"] == false).then_some(())
+    });
+    // A controller that starts afterwards (this one resigns on SIGTERM) loads the cut.
+    drop(controller);
+    let again = ControllerProc::start(&store, 0, &args);
+    assert!(again.leading);
+    wait_for(Duration::from_secs(10), "the restarted controller to show the stored cut", || {
+        let status = wattctl_json(&again.url, &["power", "status"]);
+        (status["sources"][0]["available_watts"] == 2000.0).then_some(())
+    });
+}

@@ -15,6 +15,13 @@ pub const EPOCH_KEY: &str = "meta/cap-epoch";
 /// Epochs reserved per store write: at 25,000 orders an event, one write every 40 events.
 pub const BLOCK: u64 = 1_000_000;
 
+/// A new mark, to be written before its epochs are handed out.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    to: u64,
+    pub write: Write,
+}
+
 #[derive(Debug)]
 pub struct Epochs {
     next: u64,
@@ -47,14 +54,30 @@ impl Epochs {
 
     /// Make at least `needed` epochs available, writing a new mark when fewer are.
     pub async fn reserve(&mut self, store: &dyn Store, needed: u64) -> Result<(), StoreError> {
+        let Some(reservation) = self.reservation(needed) else { return Ok(()) };
+        let version = store.commit(vec![reservation.write.clone()]).await?;
+        self.reserved(&reservation, version);
+        Ok(())
+    }
+
+    /// The mark to write for at least `needed` epochs to be available, when fewer are: written
+    /// by whoever holds no lock the power path needs (see `crate::power_writer`), then
+    /// [`Epochs::reserved`].
+    pub fn reservation(&self, needed: u64) -> Option<Reservation> {
         if self.available() >= needed {
-            return Ok(());
+            return None;
         }
         let to = self.next + needed + BLOCK;
         let expect = if self.version == 0 { Expect::Absent } else { Expect::Version(self.version) };
-        self.version = store.commit(vec![Write::put(EPOCH_KEY, expect, to.to_string().into_bytes())]).await?;
-        self.reserved_to = to;
-        Ok(())
+        Some(Reservation { to, write: Write::put(EPOCH_KEY, expect, to.to_string().into_bytes()) })
+    }
+
+    /// `reservation`'s mark is stored, at `version`.
+    pub fn reserved(&mut self, reservation: &Reservation, version: Version) {
+        if reservation.to > self.reserved_to {
+            self.reserved_to = reservation.to;
+            self.version = version;
+        }
     }
 
     /// The next epoch, if one is reserved.

@@ -1,13 +1,13 @@
-//! Power sources and site settings as stored: `power/sources/<name>` and `power/site`, JSON,
-//! written compare-and-swap and durable before a change is acknowledged. Validation names the
-//! field and changes nothing.
+//! Power sources and site settings: the controller's copy, and as stored (`power/sources/<name>`
+//! and `power/site`, JSON). A change that can only lower the budget is applied from memory at
+//! once and stored after; one that may raise it is stored first (ARCHITECTURE.md, invariant 10):
+//! [`PowerTable::check`] says which. Validation names the field and changes nothing.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Site, Source, SourceKind};
 use crate::spec::FieldError;
-use crate::store::{Expect, Store, StoreError, Version, Write};
+use crate::store::{Expect, Store, StoreError, Write};
 
 pub const SOURCES_PREFIX: &str = "power/sources/";
 pub const SITE_KEY: &str = "power/site";
@@ -88,34 +88,73 @@ impl SiteUpdate {
     }
 }
 
-/// The controller's copy of sources and site, with store versions.
-#[derive(Debug)]
+/// A validated request to change the power table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PowerChange {
+    SetSource(SourceUpdate),
+    RemoveSource(String),
+    SetSite(SiteUpdate),
+}
+
+/// Which way a change moves the budget (ARCHITECTURE.md, invariant 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// It can only lower the budget: applied from memory at once, stored after.
+    Tightens,
+    /// It may raise it: stored first, applied once stored.
+    Loosens,
+}
+
+/// What a change did, for its event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    Source(Source),
+    Removed(String),
+    Site(Site),
+}
+
+/// The writes that store the table as of `generation`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub writes: Vec<Write>,
+    sources: BTreeSet<String>,
+}
+
+/// The controller's copy of sources and site. Decisions read it; the store holds it as of the
+/// generation `stored` (changes are counted by `generation`). Every write stores the whole table
+/// (a few keys), each key whatever its version: only the leader writes them, fenced by its term.
+#[derive(Debug, Clone)]
 pub struct PowerTable {
-    store: Arc<dyn Store>,
-    sources: BTreeMap<String, (Source, Version)>,
-    site: (Site, Version),
+    sources: BTreeMap<String, Source>,
+    site: Site,
+    generation: u64,
+    stored: u64,
+    /// Source names the store holds, so that a removed one is deleted there.
+    stored_sources: BTreeSet<String>,
 }
 
 impl PowerTable {
-    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+    pub async fn load(store: &dyn Store) -> Result<Self, StoreError> {
         let mut sources = BTreeMap::new();
         for e in store.list(SOURCES_PREFIX).await? {
             let s: Source = crate::store::decode_json(&e.key, &e.value)?;
-            sources.insert(s.name.clone(), (s, e.version));
+            sources.insert(s.name.clone(), s);
         }
         let site = match store.get(SITE_KEY).await? {
-            Some(e) => (crate::store::decode_json(&e.key, &e.value)?, e.version),
-            None => (Site::default(), 0),
+            Some(e) => crate::store::decode_json(&e.key, &e.value)?,
+            None => Site::default(),
         };
-        Ok(PowerTable { store, sources, site })
+        let stored_sources = sources.keys().cloned().collect();
+        Ok(PowerTable { sources, site, generation: 0, stored: 0, stored_sources })
     }
 
     pub fn sources(&self) -> impl Iterator<Item = &Source> {
-        self.sources.values().map(|(s, _)| s)
+        self.sources.values()
     }
 
     pub fn site(&self) -> Site {
-        self.site.0
+        self.site
     }
 
     /// Σ what every source supplies at `now`.
@@ -123,45 +162,113 @@ impl PowerTable {
         self.sources().map(|s| s.effective_watts(now_unix_ms)).sum()
     }
 
-    pub async fn set_source(&mut self, update: SourceUpdate, now_unix_ms: i64) -> Result<Source, PowerError> {
-        update.validate()?;
-        let (source, expect) = match self.sources.get(&update.name) {
-            Some((old, version)) => (
-                old.updated(update.kind, update.available_watts, update.ramp_watts_per_second, now_unix_ms),
-                Expect::Version(*version),
-            ),
-            None => (
-                Source::new(
-                    &update.name,
-                    update.kind,
-                    update.available_watts,
-                    update.ramp_watts_per_second,
-                    now_unix_ms,
-                ),
-                Expect::Absent,
-            ),
+    /// Changes applied so far (0 at load).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether the store lags behind the table.
+    pub fn unstored(&self) -> bool {
+        self.stored < self.generation
+    }
+
+    /// The generation the store holds.
+    pub fn stored_generation(&self) -> u64 {
+        self.stored
+    }
+
+    /// Check `change` against the table, naming the field at fault, and say which way it moves
+    /// the budget. Nothing changes.
+    pub fn check(&self, change: &PowerChange, now_unix_ms: i64) -> Result<Direction, PowerError> {
+        let tightens = match change {
+            PowerChange::SetSource(update) => {
+                update.validate()?;
+                match self.sources.get(&update.name) {
+                    // Never above what the source supplies now (a ramp's step included).
+                    Some(old) => update.available_watts <= old.effective_watts(now_unix_ms),
+                    // A first source turns an unmanaged (unlimited) budget into a limited one.
+                    None => self.sources.is_empty() || update.available_watts == 0.0,
+                }
+            }
+            PowerChange::RemoveSource(name) => {
+                if !self.sources.contains_key(name) {
+                    return Err(PowerError::UnknownSource(name.clone()));
+                }
+                // The last source gone leaves power unmanaged: no limit at all.
+                self.sources.len() > 1
+            }
+            PowerChange::SetSite(update) => {
+                let next = update.apply(&self.site)?;
+                let old = self.site;
+                next.reserve_ratio >= old.reserve_ratio
+                    && next.pue >= old.pue
+                    && next.node_overhead_watts >= old.node_overhead_watts
+                    && next.idle_gpu_watts >= old.idle_gpu_watts
+            }
         };
-        let key = format!("{SOURCES_PREFIX}{}", source.name);
-        let bytes = crate::store::encode_json(&key, &source)?;
-        let version = self.store.commit(vec![Write::put(key, expect, bytes)]).await?;
-        self.sources.insert(source.name.clone(), (source.clone(), version));
-        Ok(source)
+        Ok(if tightens { Direction::Tightens } else { Direction::Loosens })
     }
 
-    pub async fn remove_source(&mut self, name: &str) -> Result<(), PowerError> {
-        let (_, version) = self.sources.get(name).ok_or_else(|| PowerError::UnknownSource(name.into()))?;
-        self.store.commit(vec![Write::delete(format!("{SOURCES_PREFIX}{name}"), Expect::Version(*version))]).await?;
-        self.sources.remove(name);
-        Ok(())
+    /// Apply `change` (checked again: it may come after others); the generation rises by one.
+    pub fn apply(&mut self, change: &PowerChange, now_unix_ms: i64) -> Result<Applied, PowerError> {
+        self.check(change, now_unix_ms)?;
+        let applied = match change {
+            PowerChange::SetSource(update) => {
+                let source = match self.sources.get(&update.name) {
+                    Some(old) => {
+                        old.updated(update.kind, update.available_watts, update.ramp_watts_per_second, now_unix_ms)
+                    }
+                    None => Source::new(
+                        &update.name,
+                        update.kind,
+                        update.available_watts,
+                        update.ramp_watts_per_second,
+                        now_unix_ms,
+                    ),
+                };
+                self.sources.insert(source.name.clone(), source.clone());
+                Applied::Source(source)
+            }
+            PowerChange::RemoveSource(name) => {
+                self.sources.remove(name);
+                Applied::Removed(name.clone())
+            }
+            PowerChange::SetSite(update) => {
+                self.site = update.apply(&self.site)?;
+                Applied::Site(self.site)
+            }
+        };
+        self.generation += 1;
+        Ok(applied)
     }
 
-    pub async fn set_site(&mut self, update: SiteUpdate) -> Result<Site, PowerError> {
-        let site = update.apply(&self.site.0)?;
-        let expect = if self.site.1 == 0 { Expect::Absent } else { Expect::Version(self.site.1) };
-        let bytes = crate::store::encode_json(SITE_KEY, &site)?;
-        let version = self.store.commit(vec![Write::put(SITE_KEY, expect, bytes)]).await?;
-        self.site = (site, version);
-        Ok(site)
+    /// The writes that store the table as it is now.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut writes = Vec::with_capacity(self.sources.len() + 1);
+        for (name, source) in &self.sources {
+            let key = format!("{SOURCES_PREFIX}{name}");
+            let bytes = crate::store::encode_json(&key, source)?;
+            writes.push(Write::put(key, Expect::Any, bytes));
+        }
+        for gone in self.stored_sources.iter().filter(|name| !self.sources.contains_key(*name)) {
+            writes.push(Write::delete(format!("{SOURCES_PREFIX}{gone}"), Expect::Any));
+        }
+        writes.push(Write::put(SITE_KEY, Expect::Any, crate::store::encode_json(SITE_KEY, &self.site)?));
+        Ok(Snapshot { generation: self.generation, writes, sources: self.sources.keys().cloned().collect() })
+    }
+
+    /// The store holds something other than any generation of this table (a change stored ahead
+    /// that then did not apply): count that as a change, so the table is written over it.
+    pub fn store_diverged(&mut self) {
+        self.generation += 1;
+    }
+
+    /// The store now holds `snapshot`, taken from this table (not from a copy that went ahead).
+    pub fn stored_as(&mut self, snapshot: &Snapshot) {
+        if snapshot.generation > self.stored {
+            self.stored = snapshot.generation;
+            self.stored_sources = snapshot.sources.clone();
+        }
     }
 }
 
@@ -170,35 +277,86 @@ mod tests {
     use super::*;
     use crate::store::file::FileStore;
 
-    fn update(name: &str, watts: f64, ramp: Option<f64>) -> SourceUpdate {
-        SourceUpdate { name: name.into(), kind: SourceKind::Grid, available_watts: watts, ramp_watts_per_second: ramp }
+    fn source(name: &str, watts: f64, ramp: Option<f64>) -> PowerChange {
+        PowerChange::SetSource(SourceUpdate {
+            name: name.into(),
+            kind: SourceKind::Grid,
+            available_watts: watts,
+            ramp_watts_per_second: ramp,
+        })
     }
 
     #[tokio::test]
     async fn sources_and_site_are_durable_and_validated_by_field() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(FileStore::open(dir.path().join("w.redb")).unwrap());
-        let mut table = PowerTable::load(store.clone()).await.unwrap();
-        table.set_source(update("grid", 30e6, None), 0).await.unwrap();
-        table.set_site(SiteUpdate { reserve_ratio: Some(0.1), ..Default::default() }).await.unwrap();
+        let store = FileStore::open(dir.path().join("w.redb")).unwrap();
+        let mut table = PowerTable::load(&store).await.unwrap();
+        table.apply(&source("grid", 30e6, None), 0).unwrap();
+        table.apply(&source("solar", 1e6, None), 0).unwrap();
+        table.apply(&PowerChange::SetSite(SiteUpdate { reserve_ratio: Some(0.1), ..Default::default() }), 0).unwrap();
         for (bad, field) in [
-            (update("grid", -5.0, None), "source.available_watts"),
-            (update("grid", 1e15, None), "source.available_watts"),
-            (update("grid", f64::NAN, None), "source.available_watts"),
-            (update("grid", 1e6, Some(0.0)), "source.ramp_watts_per_second"),
-            (update("Bad Name", 1e6, None), "source.name"),
+            (source("grid", -5.0, None), "source.available_watts"),
+            (source("grid", 1e15, None), "source.available_watts"),
+            (source("grid", f64::NAN, None), "source.available_watts"),
+            (source("grid", 1e6, Some(0.0)), "source.ramp_watts_per_second"),
+            (source("Bad Name", 1e6, None), "source.name"),
+            (PowerChange::SetSite(SiteUpdate { pue: Some(0.5), ..Default::default() }), "site.pue"),
         ] {
-            match table.set_source(bad, 0).await {
+            match table.apply(&bad, 0) {
                 Err(PowerError::Invalid(e)) => assert_eq!(e.field, field),
                 other => panic!("{field}: {other:?}"),
             }
         }
-        assert!(matches!(table.remove_source("nope").await, Err(PowerError::UnknownSource(_))));
-        let bad_site = table.set_site(SiteUpdate { pue: Some(0.5), ..Default::default() }).await;
-        assert!(matches!(bad_site, Err(PowerError::Invalid(e)) if e.field == "site.pue"));
+        assert!(matches!(table.apply(&PowerChange::RemoveSource("nope".into()), 0), Err(PowerError::UnknownSource(_))));
+        assert_eq!(table.generation(), 3, "bad changes change nothing");
+        assert!(table.unstored());
+        let snapshot = table.snapshot().unwrap();
+        store.commit(snapshot.writes.clone()).await.unwrap();
+        table.stored_as(&snapshot);
+        assert!(!table.unstored());
+        // A removed source is deleted from the store by the next snapshot.
+        table.apply(&PowerChange::RemoveSource("solar".into()), 0).unwrap();
+        store.commit(table.snapshot().unwrap().writes).await.unwrap();
 
-        let reloaded = PowerTable::load(store).await.unwrap();
-        assert_eq!(reloaded.available_watts(0), 30e6, "bad updates changed nothing; good ones survived");
+        let reloaded = PowerTable::load(&store).await.unwrap();
+        assert_eq!(reloaded.available_watts(0), 30e6);
+        assert_eq!(reloaded.sources().count(), 1);
         assert_eq!(reloaded.site().reserve_ratio, 0.1);
+    }
+
+    #[test]
+    fn a_change_tightens_only_when_it_can_only_lower_the_budget() {
+        let mut table = PowerTable {
+            sources: BTreeMap::new(),
+            site: Site::default(),
+            generation: 0,
+            stored: 0,
+            stored_sources: BTreeSet::new(),
+        };
+        let site = |update: SiteUpdate| PowerChange::SetSite(update);
+        // No source is an unlimited budget: a first source limits it.
+        assert_eq!(table.check(&source("grid", 10e6, None), 0).unwrap(), Direction::Tightens);
+        table.apply(&source("grid", 10e6, None), 0).unwrap();
+        assert_eq!(table.check(&source("grid", 7e6, None), 0).unwrap(), Direction::Tightens);
+        assert_eq!(table.check(&source("grid", 10e6, None), 0).unwrap(), Direction::Tightens);
+        assert_eq!(table.check(&source("grid", 12e6, None), 0).unwrap(), Direction::Loosens);
+        assert_eq!(table.check(&source("gen", 1e6, None), 0).unwrap(), Direction::Loosens);
+        assert_eq!(table.check(&source("gen", 0.0, None), 0).unwrap(), Direction::Tightens);
+        // The last source removed leaves power unmanaged: that loosens.
+        assert_eq!(table.check(&PowerChange::RemoveSource("grid".into()), 0).unwrap(), Direction::Loosens);
+        table.apply(&source("gen", 1e6, None), 0).unwrap();
+        assert_eq!(table.check(&PowerChange::RemoveSource("gen".into()), 0).unwrap(), Direction::Tightens);
+        // A ramping source: back to what it supplies now tightens, above it loosens.
+        table.apply(&source("grid", 5e6, None), 0).unwrap();
+        table.apply(&source("grid", 10e6, Some(1e6)), 0).unwrap();
+        assert_eq!(table.check(&source("grid", 5e6, Some(1e6)), 0).unwrap(), Direction::Tightens);
+        assert_eq!(table.check(&source("grid", 6e6, Some(1e6)), 0).unwrap(), Direction::Loosens);
+        assert_eq!(table.check(&source("grid", 6e6, Some(1e6)), 2_000).unwrap(), Direction::Tightens);
+        // Site: a larger reserve, PUE, overhead or idle allowance tightens; any smaller loosens.
+        let more = SiteUpdate { reserve_ratio: Some(0.2), pue: Some(1.3), ..Default::default() };
+        assert_eq!(table.check(&site(more), 0).unwrap(), Direction::Tightens);
+        let mixed = SiteUpdate { reserve_ratio: Some(0.2), pue: Some(1.0), ..Default::default() };
+        table.apply(&site(SiteUpdate { pue: Some(1.2), ..Default::default() }), 0).unwrap();
+        assert_eq!(table.check(&site(mixed), 0).unwrap(), Direction::Loosens);
     }
 }
