@@ -6,7 +6,7 @@
 //! times, reading the controller's own power-event-to-acknowledged histogram.
 //!
 //!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30] [--events 5]
-//!         [--tls | --connection-per-agent] [--restart]
+//!         [--tls | --connection-per-agent] [--restart] [--store etcd://HOST:PORT]
 //!
 //! By default the agents share a few HTTP/2 connections and prove their names with bearer
 //! tokens. `--tls`: each agent has a TLS connection of its own and presents a node certificate
@@ -14,7 +14,8 @@
 //! baseline for TLS's cost). `--restart` kills the controller (SIGKILL) after the idle
 //! measurement, starts it again on the same store, and times until every agent holds a session
 //! again; the agents reconnect with the real agent's backoff (200 ms doubling to 10 s, equal
-//! jitter).
+//! jitter). `--store etcd://…`: the controller on that etcd (it then leads by election, every
+//! write fenced by its term) instead of a file store in a scratch directory.
 //!
 //! The controller runs as its own release process (the real binary); the generator shares the
 //! machine with it, so the controller's figures are read from /proc for its PID alone. Each
@@ -40,6 +41,12 @@ const STREAMS_PER_CONNECTION: usize = 190;
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// `--store ADDRESS`, when given.
+fn store_arg() -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == "--store").and_then(|i| args.get(i + 1)).cloned()
 }
 
 fn free_port() -> u16 {
@@ -307,7 +314,7 @@ fn main() {
         "--metrics-addr".into(),
         format!("127.0.0.1:{metrics_port}"),
         "--store".into(),
-        format!("file:{}", dir.path().join("w.redb").display()),
+        store_arg().unwrap_or_else(|| format!("file:{}", dir.path().join("w.redb").display())),
         "--node-lease".into(),
         "120s".into(),
         "--token-file".into(),

@@ -133,8 +133,14 @@ impl Controller {
         let mut draining = 0usize;
         let mut decreases_planned = false;
         let mut decrease_outstanding = false;
-        let mut sender =
-            OrderSender { epochs: &mut power.epochs, term: self.term, now_ms, out_of_epochs: false, unsent: 0 };
+        let mut sender = OrderSender {
+            epochs: &mut power.epochs,
+            term: self.term,
+            now_ms,
+            out_of_epochs: false,
+            unsent: 0,
+            withheld: 0,
+        };
         let mut books = Books::default();
         let mut buffer = Vec::new();
         for (position, e) in entries.iter_mut().enumerate() {
@@ -206,6 +212,10 @@ impl Controller {
             assert_eq!(decreases_left, 0, "the pass left decreases unsent: {left:?}");
         }
         drop(entries);
+        if sender.withheld > 0 {
+            // Increases above what the store records wait for their ceilings (invariant 9).
+            self.power_writer.nudge();
+        }
         let Books {
             counted,
             foreign_gpus,
@@ -388,10 +398,17 @@ struct OrderSender<'a> {
     out_of_epochs: bool,
     /// Orders not sent: no session, no epoch, or a full queue (sent on a later pass).
     unsent: usize,
+    /// Increases not sent until the store records their ceilings (also counted in `unsent`).
+    withheld: usize,
 }
 
 impl OrderSender<'_> {
     fn send(&mut self, e: &mut NodeEntry, order: &Order) {
+        if order.phase == Phase::Increase && !e.increase_recorded(&order.caps) {
+            self.withheld += 1;
+            self.unsent += 1;
+            return;
+        }
         let Some(session) = e.session.as_ref().filter(|_| !self.out_of_epochs) else {
             self.unsent += 1;
             return;

@@ -4,7 +4,8 @@
 //! takes it; one that may raise the budget is stored first and applied once stored. New blocks
 //! of cap-order epochs are reserved here too, ahead of need, so a pass never waits for one. No
 //! lock the power path takes (the power state, the jobs) is held across a store write: each
-//! write takes a snapshot under the lock, lets go, and writes.
+//! write takes a snapshot under the lock, lets go, and writes. Cap ceilings go through here too
+//! (invariant 9): an increase above what the store records for its node waits for the record.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,8 +13,13 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Mutex, Notify};
 
+use crate::power::ceilings::ceiling_key;
 use crate::power::table::{Applied, Direction, PowerChange, PowerError};
 use crate::reconcile::{unix_ms, Controller};
+use crate::store::{Expect, StoreError, Write};
+
+/// etcd refuses transactions of more than 128 operations by default.
+const CEILINGS_PER_COMMIT: usize = 100;
 
 /// Between tries while the store refuses power state.
 const RETRY_START: Duration = Duration::from_millis(200);
@@ -140,7 +146,7 @@ impl Controller {
 
     /// One round: the power table if it is ahead of the store, a new block of epochs if fewer
     /// than half a block remain.
-    async fn write_power_state(&self) -> Result<(), crate::store::StoreError> {
+    async fn write_power_state(&self) -> Result<(), StoreError> {
         let writer = &self.power_writer;
         let _writing = writer.writing.lock().await;
         let snapshot = {
@@ -157,6 +163,17 @@ impl Controller {
             power.table.stored_as(&snapshot);
             writer.behind.store(power.table.unstored(), Ordering::Relaxed);
             writer.stored.send_replace(power.table.stored_generation());
+        }
+        // Cap ceilings before the increases that wait for them (invariant 9); a pass then sends them.
+        let ceilings = self.registry.lock().ceilings_to_record();
+        if !ceilings.is_empty() {
+            for chunk in ceilings.chunks(CEILINGS_PER_COMMIT) {
+                let writes: Result<Vec<Write>, StoreError> =
+                    chunk.iter().map(|r| Ok(Write::put(ceiling_key(&r.node), Expect::Any, r.encode()?))).collect();
+                self.store.commit(writes?).await?;
+                self.registry.lock().ceilings_recorded(chunk);
+            }
+            self.wake();
         }
         let wanted = self.registry.lock().len() as u64 + crate::power::epochs::BLOCK / 2;
         let reservation = self.power.lock().await.epochs.reservation(wanted);

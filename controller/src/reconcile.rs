@@ -148,6 +148,14 @@ impl Controller {
             Instant::now(),
             unix_ms(),
         );
+        // Every node the store records a cap ceiling for counts at it until it registers with
+        // this controller or its failsafe deadline passes: a leader that died may have raised it.
+        let mut ceilings = Vec::new();
+        for entry in store.list(crate::power::ceilings::CEILINGS_PREFIX).await? {
+            ceilings.push(crate::power::ceilings::CeilingRecord::decode(&entry.key, &entry.value)?);
+        }
+        let clock = crate::clock::Clock::new(Instant::now());
+        registry.expect_ceilings(ceilings, Instant::now(), clock.now_ms(), unix_ms());
         tracing::info!(
             jobs = jobs.len(),
             sources = power_state.table.sources().count(),
@@ -174,7 +182,7 @@ impl Controller {
             regrow: std::sync::Mutex::new(RegrowTimes::default()),
             kept_view: std::sync::Mutex::new(KeptView::default()),
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
-            clock: crate::clock::Clock::new(Instant::now()),
+            clock,
             term,
             power_writer: crate::power_writer::PowerWriter::default(),
         }))

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use watt_proto::v1 as pb;
 
+use crate::power::ceilings::CeilingRecord;
 use crate::power::planner::{GpuCap, GpuWork, NodeCaps};
 
 /// (job, shard)
@@ -130,9 +131,41 @@ pub struct NodeEntry {
     /// What its GPUs count parked or its non-GPU draw may have changed since the view kept
     /// between passes last read them (see [`NodeEntry::take_budget_changed`]).
     budget_changed: bool,
+    /// Per GPU (as in `power.gpus`): the cap ceiling the store holds for it (see
+    /// [`crate::power::ceilings`]); empty: none recorded.
+    pub recorded_ceilings: Vec<f64>,
+    /// Ceilings to record before an increase above `recorded_ceilings` may go out.
+    pub ceilings_wanted: Option<Vec<f64>>,
 }
 
 impl NodeEntry {
+    /// The increase `caps` may go out: the store records a ceiling at or above each cap. If not,
+    /// the ceilings it needs are wanted (see [`Nodes::ceilings_to_record`]).
+    pub fn increase_recorded(&mut self, caps: &[(u32, f64)]) -> bool {
+        if CeilingRecord::allows(&self.recorded_ceilings, &self.power, caps) {
+            return true;
+        }
+        self.want_ceilings(caps);
+        false
+    }
+
+    /// Want ceilings covering what may be in force now and `caps`, and at least what is recorded.
+    fn want_ceilings(&mut self, caps: &[(u32, f64)]) {
+        let wanted: Vec<f64> = self
+            .power
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(k, g)| {
+                let ordered = caps.iter().filter(|(i, _)| *i == g.index).map(|&(_, w)| w).fold(0.0, f64::max);
+                let before = self.ceilings_wanted.as_ref().and_then(|w| w.get(k)).copied().unwrap_or(0.0);
+                let recorded = self.recorded_ceilings.get(k).copied().unwrap_or(0.0);
+                g.upper().max(ordered).max(before).max(recorded)
+            })
+            .collect();
+        self.ceilings_wanted = Some(wanted);
+    }
+
     /// GPUs of shards the agent reports running or starting: busy until it says they stopped.
     pub fn reported_busy(&self) -> Vec<u32> {
         self.shards
@@ -347,6 +380,43 @@ impl Nodes {
         self.map.get(name)
     }
 
+    /// The ceiling records to write: every node whose wanted ceilings are above its recorded.
+    pub fn ceilings_to_record(&self) -> Vec<CeilingRecord> {
+        self.map
+            .values()
+            .filter_map(|e| {
+                let wanted = e.ceilings_wanted.as_ref()?;
+                let mut record = CeilingRecord::covering(&e.power, &[], e.failsafe_after_ms)?;
+                for (g, &w) in record.gpus.iter_mut().zip(wanted) {
+                    g.ceiling_watts = g.ceiling_watts.max(w);
+                }
+                Some(record)
+            })
+            .collect()
+    }
+
+    /// `records` are stored: increases up to them may go out (the next pass sends them).
+    pub fn ceilings_recorded(&mut self, records: &[CeilingRecord]) {
+        for record in records {
+            let Some(e) = self.map.get_mut(&record.node) else { continue };
+            if e.power.gpus.len() != record.gpus.len() {
+                continue;
+            }
+            let recorded: Vec<f64> = record
+                .ceilings()
+                .iter()
+                .enumerate()
+                .map(|(k, &c)| c.max(e.recorded_ceilings.get(k).copied().unwrap_or(0.0)))
+                .collect();
+            let covered = e.ceilings_wanted.as_ref().is_none_or(|w| w.iter().zip(&recorded).all(|(w, r)| w <= r));
+            e.recorded_ceilings = recorded;
+            if covered {
+                e.ceilings_wanted = None;
+            }
+        }
+        self.power_changed = true;
+    }
+
     pub fn get_mut(&mut self, name: &str) -> Option<&mut NodeEntry> {
         self.map.get_mut(name)
     }
@@ -504,8 +574,23 @@ impl Registry {
             targets_pass: 0,
             view_position: usize::MAX,
             budget_changed: true,
+            recorded_ceilings: Vec::new(),
+            ceilings_wanted: None,
         };
+        let mut entry = entry;
         let mut nodes = self.lock();
+        // What the store records for the node stands while its GPUs are the same; the caps it
+        // registers with must be recorded too before anything above them is sent.
+        if let Some(old) = nodes.map.get(&register.node_name) {
+            let same_gpus = old.power.gpus.len() == entry.power.gpus.len()
+                && old.power.gpus.iter().zip(&entry.power.gpus).all(|(a, b)| a.index == b.index);
+            if same_gpus {
+                entry.recorded_ceilings = old.recorded_ceilings.clone();
+            }
+        }
+        if CeilingRecord::covering(&entry.power, &entry.recorded_ceilings, entry.failsafe_after_ms).is_some() {
+            entry.want_ceilings(&[]);
+        }
         nodes.map.insert(register.node_name.clone(), entry);
         nodes.generation += 1;
         nodes.power_changed = true;
@@ -564,8 +649,28 @@ impl Registry {
                 targets_pass: 0,
                 view_position: usize::MAX,
                 budget_changed: true,
+                recorded_ceilings: Vec::new(),
+                ceilings_wanted: None,
             });
         }
+    }
+
+    /// Nodes whose cap ceilings the store records (a controller that takes over): each counted
+    /// at its ceilings until it registers with this controller or its failsafe deadline passes
+    /// (see [`CeilingRecord::unheard_node`]).
+    pub fn expect_ceilings(&self, records: Vec<CeilingRecord>, now: Instant, now_ms: i64, now_unix_ms: i64) {
+        self.expect(records.iter().map(|r| r.node.clone()), now, now_unix_ms);
+        let mut known = self.lock();
+        for record in records {
+            let Some(entry) = known.map.get_mut(&record.node) else { continue };
+            entry.power = record.unheard_node(now_ms);
+            entry.above_idle_since = vec![None; entry.power.gpus.len()];
+            entry.readings_valid_from = vec![None; entry.power.gpus.len()];
+            entry.failsafe_after_ms = record.failsafe_after_ms;
+            entry.recorded_ceilings = record.ceilings();
+            entry.budget_changed = true;
+        }
+        known.power_changed = true;
     }
 
     /// A cap acknowledgement on `session` (see [`crate::power::planner::apply_ack`]): the caps the

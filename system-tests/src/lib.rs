@@ -37,6 +37,48 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
 }
 
 /// A child process killed (SIGKILL) when dropped, with its stderr lines on a channel.
+/// A small tmpfs mounted over `path` for the test's life (needs root, as scripts/test runs):
+/// a disk that can be filled to the brim and freed again.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} (this test needs root, as scripts/test runs): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { path: path.to_path_buf() }
+    }
+
+    /// Write a file at `name` until the disk is full; its size.
+    pub fn fill(&self, name: &str) -> u64 {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(self.path.join(name)).unwrap();
+        let chunk = vec![0u8; 16 << 10];
+        let mut written = 0;
+        while file.write_all(&chunk).is_ok() {
+            written += chunk.len() as u64;
+        }
+        let _ = file.sync_all();
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 pub struct Proc {
     pub child: Child,
     pub lines: mpsc::Receiver<String>,

@@ -146,3 +146,61 @@ fn a_cut_while_etcd_hangs_is_applied_at_once_and_stored_after() {
         (status["sources"][0]["available_watts"] == 2000.0).then_some(())
     });
 }
+
+/// Invariant 9's write-ahead: a leader records each node's cap ceiling before it raises a cap
+/// above it, so a leader that takes over counts a node that has not registered with it yet (its
+/// agent hung) at the caps the dead leader may have raised it to — until the node's failsafe
+/// deadline, then at its failsafe caps — and not at nothing.
+#[test]
+fn a_new_leader_counts_a_node_it_has_not_heard_from_at_its_recorded_ceiling() {
+    let etcd = Etcd::start();
+    let store = format!("etcd://{}", etcd.endpoint());
+    let args = ["--leader-lease", "2s", "--node-lease", "30s", "--reconcile-interval", "200ms"];
+    let mut first = ControllerProc::start(&store, 0, &args);
+    let mut second = ControllerProc::start(&store, 0, &args);
+    let both = format!("{},{}", first.url, second.url);
+    // The job lands on the only node there is; a second, idle node comes after.
+    let quiet = agent_with(&both, "quiet", 4, &["--failsafe-after", "8s"]);
+    wait_for(Duration::from_secs(30), "the node ready", || (ready_nodes(&both) == 1).then_some(()));
+    set_grid(&both, "20kW", None);
+    assert!(submit(&both, &job_manifest("hot", 1, 1, 1, 4)).status.success());
+    wait_for(Duration::from_secs(30), "the job running at full caps, acknowledged", || {
+        let status = wattctl_json(&both, &["power", "status"]);
+        let hot = status["jobs"].as_array().and_then(|j| j.first()).map(|j| j["cap_watts"].clone());
+        (hot == Some(700.0.into())
+            && status["unacknowledged_nodes"] == 0
+            && status["counted_watts"].as_f64() >= Some(2800.0))
+        .then_some(())
+    });
+    let _steady = agent(&both, "steady", 4);
+    wait_for(Duration::from_secs(30), "both nodes ready", || (ready_nodes(&both) == 2).then_some(()));
+
+    // The leader dies and the node with the job hangs: it cannot tell the new leader its caps.
+    let hung = quiet.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &hung]).status().unwrap().success());
+    first.proc.kill9();
+    second.wait_leading(Duration::from_secs(20));
+    let took_over = Instant::now();
+    let status = wait_for(Duration::from_secs(5), "the new leader's first power status", || {
+        let status = wattctl_json(&second.url, &["power", "status"]);
+        (status["unix_ms"].as_i64() > Some(0)).then_some(status)
+    });
+    let counted = status["counted_watts"].as_f64().unwrap();
+    assert!(counted >= 2800.0, "the hung node's 4 GPUs at 700 W must count: {status}");
+    // Past its failsafe deadline it counts at its failsafe caps (the minimum, 200 W).
+    wait_for(Duration::from_secs(20), "the hung node counted at its failsafe caps", || {
+        let status = wattctl_json(&second.url, &["power", "status"]);
+        let counted = status["counted_watts"].as_f64().unwrap();
+        (counted < 1500.0 && status["failsafe_nodes"] == 1).then_some(())
+    });
+    assert!(
+        took_over.elapsed() >= Duration::from_secs(6),
+        "counted down before its deadline: {:?}",
+        took_over.elapsed()
+    );
+    assert!(std::process::Command::new("kill").args(["-CONT", &hung]).status().unwrap().success());
+    wait_for(Duration::from_secs(30), "the node back with the new leader", || {
+        (ready_nodes(&second.url) == 2).then_some(())
+    });
+    first.leading = false;
+}

@@ -353,6 +353,47 @@ fn a_store_that_cannot_be_written_shows_in_healthz_and_clears_without_a_restart(
     assert!(metrics.lines().any(|l| l.starts_with("watt_store_write_failures_total ")), "{metrics}");
 }
 
+/// The embedded store on a disk filled to the brim: writes fail and say so (`/healthz`, the
+/// metrics), the controller keeps running; once the disk has room again the store opens its file
+/// afresh and writes succeed, with no restart and no job lost.
+#[test]
+fn the_embedded_store_on_a_full_disk_says_so_and_heals_when_there_is_room_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(dir.path(), "8m");
+    let controller = ControllerProc::start(&format!("file:{}", dir.path().join("w.redb").display()), 0, &[]);
+    let url = &controller.url;
+    for i in 0..3 {
+        assert!(submit(url, &job_manifest(&format!("before-{i}"), 1, 1, 1, 1)).status.success());
+    }
+    disk.fill("filler");
+    // redb may still have room inside its file for a few commits; the disk refuses the next.
+    let mut stored = Vec::new();
+    let refused = (0..200).find(|i| {
+        let name = format!("during-{i}");
+        let ok = submit(url, &job_manifest(&name, 1, 1, 1, 1)).status.success();
+        if ok {
+            stored.push(name);
+        }
+        !ok
+    });
+    assert!(refused.is_some(), "200 submits fit on a full disk");
+    let (code, body) = healthz(&controller);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("store: "), "{body}");
+    assert!(controller.metrics().lines().any(|l| l == "watt_store_writable 0"));
+
+    std::fs::remove_file(dir.path().join("filler")).unwrap();
+    wait_for(Duration::from_secs(20), "a write to succeed again", || {
+        submit(url, &job_manifest("after", 1, 1, 1, 1)).status.success().then_some(())
+    });
+    let (code, body) = healthz(&controller);
+    assert_eq!(code, 200, "{body}");
+    let listed = jobs(url);
+    for name in (0..3).map(|i| format!("before-{i}")).chain(stored).chain(["after".to_string()]) {
+        assert!(listed.contains_key(&name), "{name} lost: {:?}", listed.keys());
+    }
+}
+
 #[test]
 fn the_controller_reaches_an_etcd_that_takes_only_client_certificates() {
     let etcd = Etcd::start_tls();

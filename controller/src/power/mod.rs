@@ -8,6 +8,7 @@
 pub mod acks;
 pub mod admission;
 pub mod allocator;
+pub mod ceilings;
 pub mod epochs;
 pub mod meter;
 /// The speed-vs-cap curve lives in `watt-common`: the agent's simulated GPUs pace workers by it.
