@@ -100,7 +100,7 @@ fn a_signal_to_wattctl_stops_the_whole_cluster() {
         // A configuration file of this run's own: `up` adds its context there.
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
-        let child = wattctl()
+        let mut child = wattctl()
             .env("WATT_CONFIG", &config)
             .args(["up", "--nodes", "2"])
             .stdout(Stdio::piped())
@@ -111,6 +111,13 @@ fn a_signal_to_wattctl_stops_the_whole_cluster() {
         // Running: the workers of its jobs are up.
         let t0 = Instant::now();
         while processes_mentioning(&needle).iter().filter(|p| p.contains("watt-worker")).count() < 3 {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut said = String::new();
+                if let Some(mut stderr) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
+                }
+                panic!("wattctl up ended ({status}) before its workers started: {said}");
+            }
             assert!(t0.elapsed() < Duration::from_secs(60), "no workers started: {:?}", processes_mentioning(&needle));
             std::thread::park_timeout(Duration::from_millis(200));
         }

@@ -317,6 +317,9 @@ fn main() {
         store_arg().unwrap_or_else(|| format!("file:{}", dir.path().join("w.redb").display())),
         "--node-lease".into(),
         "120s".into(),
+        // One principal submits every job of the fill (a job per 25 nodes) and the probes.
+        "--max-jobs-per-principal".into(),
+        "100000".into(),
         "--token-file".into(),
         token_file(dir.path(), agents).display().to_string(),
     ];

@@ -254,7 +254,11 @@ async fn campaign_and_lead(
                 lead.resign().await;
                 match &e {
                     ControllerError::Store(s) if s.is_retryable() => {
-                        tracing::warn!(error = %e, "Cannot start leading; campaigning again.");
+                        tracing::warn!(error = %e, "Cannot start leading; campaigning again in a second.");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = &mut shutdown => return Ok(()),
+                        }
                     }
                     _ => return Err(e),
                 }

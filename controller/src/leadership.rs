@@ -75,7 +75,8 @@ pub struct Lead {
     _sole: Option<watch::Sender<bool>>,
     /// The lease to revoke when the leader resigns (etcd only).
     lease: Option<(Client, i64)>,
-    keeper: Option<tokio::task::JoinHandle<()>>,
+    /// Stops the keep-alive (its thread ends when this is dropped or sent).
+    keeper: Option<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Lead {
@@ -99,7 +100,7 @@ impl Lead {
     /// wait out the lease.
     pub async fn resign(mut self) {
         if let Some(keeper) = self.keeper.take() {
-            keeper.abort();
+            keeper.send_replace(true);
         }
         if let Some((mut client, lease)) = self.lease.take() {
             if let Err(e) = client.lease_revoke(lease).await {
@@ -112,7 +113,7 @@ impl Lead {
 impl Drop for Lead {
     fn drop(&mut self) {
         if let Some(keeper) = self.keeper.take() {
-            keeper.abort();
+            keeper.send_replace(true);
         }
     }
 }
@@ -182,8 +183,7 @@ async fn campaign_etcd(
         let (valid_tx, _) = watch::channel(step_down_at(sent, ttl));
         let (lost_tx, lost) = watch::channel(false);
         let leading = Arc::new(AtomicBool::new(false));
-        let keeper = tokio::spawn(keep_alive(client.clone(), lease, ttl, leading.clone(), valid_tx, lost_tx));
-        let mut keeper = Some(keeper);
+        let mut keeper = Some(spawn_keeper(store, lease, ttl, leading.clone(), valid_tx, lost_tx)?);
         // Campaign with this lease until it leads or the lease is lost.
         while !*lost.borrow() {
             let txn = Txn::new()
@@ -222,7 +222,7 @@ async fn campaign_etcd(
         }
         // The lease ran out while campaigning (etcd slow or away): start over with a new one.
         if let Some(keeper) = keeper.take() {
-            keeper.abort();
+            keeper.send_replace(true);
         }
         tokio::time::sleep(renew_every(ttl)).await;
     }
@@ -251,22 +251,66 @@ async fn wait_for_vacancy(client: &mut Client, from: i64, lost: &watch::Receiver
     }
 }
 
+/// Run [`keep_alive`] on a thread and runtime of its own, with a client of its own: a controller
+/// busy with a registration storm of 25,000 agents on two cores must not keep its lease's
+/// keep-alives waiting (and step down for nothing). Sending `true` on the returned sender, or
+/// dropping it, ends the thread.
+fn spawn_keeper(
+    store: &EtcdStore,
+    lease: i64,
+    ttl: Duration,
+    leading: Arc<AtomicBool>,
+    valid: watch::Sender<Instant>,
+    lost: watch::Sender<bool>,
+) -> Result<watch::Sender<bool>, StoreError> {
+    let (cancel, cancelled) = watch::channel(false);
+    let store = store.clone();
+    std::thread::Builder::new()
+        .name("watt-lease".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot start the lease's keep-alive; giving the leadership up.");
+                    let _ = lost.send(true);
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let mut cancelled = cancelled;
+                tokio::select! {
+                    () = keep_alive(&store, lease, ttl, leading, valid, lost) => {}
+                    _ = cancelled.wait_for(|stop| *stop) => {}
+                }
+            });
+        })
+        .map_err(|e| StoreError::Unavailable(format!("cannot start the lease's keep-alive thread: {e}")))?;
+    Ok(cancel)
+}
+
 /// Keep `lease` alive; move `valid` (when to stop leading) forward with each answered keep-alive;
 /// set `lost` — for good — when that moment passes, when etcd says the lease is gone, or, once
 /// `leading`, when the election key is no longer ours (an operator deleted it).
 async fn keep_alive(
-    mut client: Client,
+    store: &EtcdStore,
     lease: i64,
     ttl: Duration,
     leading: Arc<AtomicBool>,
     valid: watch::Sender<Instant>,
     lost: watch::Sender<bool>,
 ) {
+    let mut client: Option<Client> = None;
     let mut renewal = None;
     loop {
         let deadline = *valid.borrow();
         let sent = Instant::now();
         let renewed = tokio::time::timeout_at(deadline, async {
+            let client = match client.as_mut() {
+                Some(client) => client,
+                None => {
+                    client.insert(store.reconnect().await.map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?)
+                }
+            };
             let (keeper, stream) = match renewal.as_mut() {
                 Some(open) => open,
                 None => renewal.insert(client.lease_keep_alive(lease).await?),
@@ -286,7 +330,11 @@ async fn keep_alive(
                 let granted = Duration::from_secs(remaining as u64).min(ttl);
                 valid.send_replace(step_down_at(sent, granted));
                 // While campaigning the key is another's, as expected.
-                if leading.load(Ordering::Acquire) && matches!(still_ours(&mut client, lease).await, Ok(false)) {
+                let ours = match client.as_mut() {
+                    Some(client) if leading.load(Ordering::Acquire) => still_ours(client, lease).await,
+                    _ => Ok(true),
+                };
+                if matches!(ours, Ok(false)) {
                     tracing::error!("The election key is no longer this controller's: stepping down.");
                     let _ = lost.send(true);
                     return;

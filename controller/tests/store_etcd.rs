@@ -26,6 +26,23 @@ async fn the_etcd_store_conforms() {
     assert_eq!(keys, vec!["/watt/v1/conformance/basic/k".to_string()]);
 }
 
+/// A list larger than one gRPC answer may carry (4 MiB) comes back whole, in key order.
+#[tokio::test]
+async fn a_list_larger_than_one_answer_comes_back_whole() {
+    let etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    let value = vec![b'x'; 10_000];
+    for chunk in (0..600).collect::<Vec<u32>>().chunks(100) {
+        let writes = chunk.iter().map(|i| Write::put(format!("big/{i:04}"), Expect::Absent, value.clone())).collect();
+        store.commit(writes).await.unwrap();
+    }
+    store.commit(vec![Write::put("big0", Expect::Absent, b"outside".to_vec())]).await.unwrap();
+    let listed = store.list("big/").await.unwrap();
+    assert_eq!(listed.len(), 600, "6 MB under one prefix");
+    assert!(listed.windows(2).all(|w| w[0].key < w[1].key));
+    assert_eq!(listed[599].key, "big/0599");
+}
+
 #[tokio::test]
 async fn a_watch_resumes_after_etcd_restarts() {
     let mut etcd = Etcd::start();

@@ -12,12 +12,45 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Entry, Expect, Store, StoreError, Version, WatchEvent, WatchStream, Write};
 
+/// Keys a list reads per request: a page of job records, each up to a few KiB, stays well under
+/// gRPC's 4 MiB.
+const LIST_PAGE: i64 = 200;
+
+/// The end of the key range that `prefix` starts: the prefix with its last byte below 0xff
+/// raised by one (etcd's own rule; all 0xff: to the end of the keyspace).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.last_mut() {
+        if *last < 0xff {
+            *last += 1;
+            return end;
+        }
+        end.pop();
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_where_etcd_says() {
+        assert_eq!(prefix_end(b"/watt/v1/caps/"), b"/watt/v1/caps0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}
+
 /// Every key Watt writes lives under this prefix.
 pub const KEY_PREFIX: &str = "/watt/v1/";
 
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
+    /// How the client was connected, to connect another on another runtime (see [`Self::reconnect`]).
+    endpoints: Vec<String>,
+    options: ConnectOptions,
     prefix: String,
     /// Leadership every commit must still hold (invariant 9): see [`EtcdStore::fenced`].
     fence: Option<Fence>,
@@ -63,9 +96,16 @@ impl EtcdStore {
         if let Some(tls) = tls {
             options = options.with_tls(tls);
         }
-        let mut client = Client::connect(&endpoints, Some(options)).await.map_err(unavailable)?;
+        let mut client = Client::connect(&endpoints, Some(options.clone())).await.map_err(unavailable)?;
         client.status().await.map_err(unavailable)?;
-        Ok(EtcdStore { client, prefix: prefix.to_string(), fence: None })
+        Ok(EtcdStore { client, endpoints, options, prefix: prefix.to_string(), fence: None })
+    }
+
+    /// A new client to the same etcd, on the runtime this is called from: a task that must not
+    /// wait behind the controller's own work (the leadership's keep-alive) runs on a runtime of
+    /// its own, and a client's connection lives on the runtime that made it.
+    pub async fn reconnect(&self) -> Result<Client, StoreError> {
+        Client::connect(&self.endpoints, Some(self.options.clone())).await.map_err(unavailable)
     }
 
     /// The same store whose every commit also requires `fence` to hold, in the same transaction:
@@ -116,11 +156,33 @@ impl Store for EtcdStore {
         response.kvs().first().map(|kv| self.entry(kv)).transpose()
     }
 
+    /// In pages of [`LIST_PAGE`] keys, all read at the first page's revision: a gRPC answer is
+    /// at most 4 MiB, and 25,000 nodes' records are more.
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
         let mut client = self.client.clone();
-        let response =
-            client.get(self.full(prefix), Some(GetOptions::new().with_prefix())).await.map_err(unavailable)?;
-        response.kvs().iter().map(|kv| self.entry(kv)).collect()
+        let full = self.full(prefix).into_bytes();
+        let end = prefix_end(&full);
+        let (mut from, mut revision, mut out) = (full, 0, Vec::new());
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let response = client.get(from.clone(), Some(options)).await.map_err(unavailable)?;
+            if revision == 0 {
+                revision = response.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in response.kvs() {
+                out.push(self.entry(kv)?);
+            }
+            match response.kvs().last() {
+                Some(last) if response.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<Version, StoreError> {
