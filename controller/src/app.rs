@@ -279,6 +279,11 @@ async fn lead_term(
         Arc::new(store::observed::Observed::new(lead.store.clone(), shared.store_health.clone()));
     let controller = Controller::new(store, shared.config.settings(), shared.metrics.clone(), lead.term).await?;
     let signer = node_signer(&shared.config, &controller).await?;
+    if lead.is_lost() {
+        // Lost while loading (etcd slow to answer): open nothing.
+        tracing::warn!(term = lead.term, "Lost the leadership while loading; campaigning again.");
+        return Ok(TermEnd::Lost);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let wait_stop = move || {
         let mut rx = stop_rx.clone();

@@ -183,7 +183,9 @@ async fn campaign_etcd(
         let (valid_tx, _) = watch::channel(step_down_at(sent, ttl));
         let (lost_tx, lost) = watch::channel(false);
         let leading = Arc::new(AtomicBool::new(false));
-        let mut keeper = Some(spawn_keeper(store, lease, ttl, leading.clone(), valid_tx, lost_tx)?);
+        let keeper =
+            LeaseKeeper { store: store.clone(), lease, ttl, leading: leading.clone(), valid: valid_tx, lost: lost_tx };
+        let mut keeper = Some(keeper.spawn()?);
         // Campaign with this lease until it leads or the lease is lost.
         while !*lost.borrow() {
             let txn = Txn::new()
@@ -251,107 +253,108 @@ async fn wait_for_vacancy(client: &mut Client, from: i64, lost: &watch::Receiver
     }
 }
 
-/// Run [`keep_alive`] on a thread and runtime of its own, with a client of its own: a controller
-/// busy with a registration storm of 25,000 agents on two cores must not keep its lease's
-/// keep-alives waiting (and step down for nothing). Sending `true` on the returned sender, or
-/// dropping it, ends the thread.
-fn spawn_keeper(
-    store: &EtcdStore,
+/// What keeps one lease alive (see [`LeaseKeeper::run`]).
+struct LeaseKeeper {
+    store: EtcdStore,
     lease: i64,
     ttl: Duration,
+    /// Set once the campaign won: from then on the election key must stay ours.
     leading: Arc<AtomicBool>,
+    /// When to stop leading, moved forward by each answered keep-alive.
     valid: watch::Sender<Instant>,
     lost: watch::Sender<bool>,
-) -> Result<watch::Sender<bool>, StoreError> {
-    let (cancel, cancelled) = watch::channel(false);
-    let store = store.clone();
-    std::thread::Builder::new()
-        .name("watt-lease".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    tracing::error!(error = %e, "Cannot start the lease's keep-alive; giving the leadership up.");
-                    let _ = lost.send(true);
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let mut cancelled = cancelled;
-                tokio::select! {
-                    () = keep_alive(&store, lease, ttl, leading, valid, lost) => {}
-                    _ = cancelled.wait_for(|stop| *stop) => {}
-                }
-            });
-        })
-        .map_err(|e| StoreError::Unavailable(format!("cannot start the lease's keep-alive thread: {e}")))?;
-    Ok(cancel)
 }
 
-/// Keep `lease` alive; move `valid` (when to stop leading) forward with each answered keep-alive;
-/// set `lost` — for good — when that moment passes, when etcd says the lease is gone, or, once
-/// `leading`, when the election key is no longer ours (an operator deleted it).
-async fn keep_alive(
-    store: &EtcdStore,
-    lease: i64,
-    ttl: Duration,
-    leading: Arc<AtomicBool>,
-    valid: watch::Sender<Instant>,
-    lost: watch::Sender<bool>,
-) {
-    let mut client: Option<Client> = None;
-    let mut renewal = None;
-    loop {
-        let deadline = *valid.borrow();
-        let sent = Instant::now();
-        let renewed = tokio::time::timeout_at(deadline, async {
-            let client = match client.as_mut() {
-                Some(client) => client,
-                None => {
-                    client.insert(store.reconnect().await.map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?)
-                }
-            };
-            let (keeper, stream) = match renewal.as_mut() {
-                Some(open) => open,
-                None => renewal.insert(client.lease_keep_alive(lease).await?),
-            };
-            keeper.keep_alive().await?;
-            let answer = stream.message().await?;
-            Ok::<_, etcd_client::Error>(answer.map(|a| a.ttl()))
-        })
-        .await;
-        match renewed {
-            Err(_) => {
-                tracing::error!("Cannot renew the election lease in time: stepping down (or campaigning anew).");
-                let _ = lost.send(true);
-                return;
-            }
-            Ok(Ok(Some(remaining))) if remaining > 0 => {
-                let granted = Duration::from_secs(remaining as u64).min(ttl);
-                valid.send_replace(step_down_at(sent, granted));
-                // While campaigning the key is another's, as expected.
-                let ours = match client.as_mut() {
-                    Some(client) if leading.load(Ordering::Acquire) => still_ours(client, lease).await,
-                    _ => Ok(true),
+impl LeaseKeeper {
+    /// Run on a thread and runtime of its own, with a client of its own: a controller busy with a
+    /// registration storm of 25,000 agents on two cores must not keep its lease's keep-alives
+    /// waiting (and step down for nothing). Sending `true` on the returned sender, or dropping
+    /// it, ends the thread.
+    fn spawn(self) -> Result<watch::Sender<bool>, StoreError> {
+        let (cancel, mut cancelled) = watch::channel(false);
+        std::thread::Builder::new()
+            .name("watt-lease".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot start the lease's keep-alive; giving the leadership up.");
+                        let _ = self.lost.send(true);
+                        return;
+                    }
                 };
-                if matches!(ours, Ok(false)) {
-                    tracing::error!("The election key is no longer this controller's: stepping down.");
+                runtime.block_on(async move {
+                    tokio::select! {
+                        () = self.run() => {}
+                        _ = cancelled.wait_for(|stop| *stop) => {}
+                    }
+                });
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the lease's keep-alive thread: {e}")))?;
+        Ok(cancel)
+    }
+}
+
+impl LeaseKeeper {
+    /// Keep the lease alive; move `valid` (when to stop leading) forward with each answered
+    /// keep-alive; set `lost` — for good — when that moment passes, when etcd says the lease is
+    /// gone, or, once `leading`, when the election key is no longer ours (an operator deleted it).
+    async fn run(&self) {
+        let LeaseKeeper { store, lease, ttl, leading, valid, lost } = self;
+        let (lease, ttl) = (*lease, *ttl);
+        let mut client: Option<Client> = None;
+        let mut renewal = None;
+        loop {
+            let deadline = *valid.borrow();
+            let sent = Instant::now();
+            let renewed = tokio::time::timeout_at(deadline, async {
+                let client = match client.as_mut() {
+                    Some(client) => client,
+                    None => client
+                        .insert(store.reconnect().await.map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?),
+                };
+                let (keeper, stream) = match renewal.as_mut() {
+                    Some(open) => open,
+                    None => renewal.insert(client.lease_keep_alive(lease).await?),
+                };
+                keeper.keep_alive().await?;
+                let answer = stream.message().await?;
+                Ok::<_, etcd_client::Error>(answer.map(|a| a.ttl()))
+            })
+            .await;
+            match renewed {
+                Err(_) => {
+                    tracing::error!("Cannot renew the election lease in time: stepping down (or campaigning anew).");
                     let _ = lost.send(true);
                     return;
                 }
+                Ok(Ok(Some(remaining))) if remaining > 0 => {
+                    let granted = Duration::from_secs(remaining as u64).min(ttl);
+                    valid.send_replace(step_down_at(sent, granted));
+                    // While campaigning the key is another's, as expected.
+                    let ours = match client.as_mut() {
+                        Some(client) if leading.load(Ordering::Acquire) => still_ours(client, lease).await,
+                        _ => Ok(true),
+                    };
+                    if matches!(ours, Ok(false)) {
+                        tracing::error!("The election key is no longer this controller's: stepping down.");
+                        let _ = lost.send(true);
+                        return;
+                    }
+                }
+                Ok(Ok(Some(_))) => {
+                    tracing::error!("etcd says the election lease has ended: stepping down (or campaigning anew).");
+                    let _ = lost.send(true);
+                    return;
+                }
+                Ok(Ok(None) | Err(_)) => {
+                    // The keep-alive stream broke (etcd restarted, the connection moved): open a new one.
+                    renewal = None;
+                }
             }
-            Ok(Ok(Some(_))) => {
-                tracing::error!("etcd says the election lease has ended: stepping down (or campaigning anew).");
-                let _ = lost.send(true);
-                return;
-            }
-            Ok(Ok(None) | Err(_)) => {
-                // The keep-alive stream broke (etcd restarted, the connection moved): open a new one.
-                renewal = None;
-            }
+            let next = (Instant::now() + renew_every(ttl)).min(*valid.borrow());
+            tokio::time::sleep_until(next).await;
         }
-        let next = (Instant::now() + renew_every(ttl)).min(*valid.borrow());
-        tokio::time::sleep_until(next).await;
     }
 }
 
