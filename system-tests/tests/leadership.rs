@@ -202,5 +202,4 @@ fn a_new_leader_counts_a_node_it_has_not_heard_from_at_its_recorded_ceiling() {
     wait_for(Duration::from_secs(30), "the node back with the new leader", || {
         (ready_nodes(&second.url) == 2).then_some(())
     });
-    first.leading = false;
 }
