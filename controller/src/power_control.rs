@@ -214,7 +214,7 @@ impl Controller {
         drop(entries);
         if sender.withheld > 0 {
             // Increases above what the store records wait for their ceilings (invariant 9).
-            self.power_writer.nudge();
+            self.power_writer.ceilings_wanted();
         }
         let Books {
             counted,

@@ -34,11 +34,20 @@ pub struct PowerWriter {
     stored: watch::Sender<u64>,
     /// Whether a change in force is not stored yet.
     behind: AtomicBool,
+    /// Some node may want a cap ceiling recorded (it registered, or an increase waits for one):
+    /// the registry is walked for them only then, not every round.
+    ceilings_due: AtomicBool,
 }
 
 impl Default for PowerWriter {
     fn default() -> Self {
-        PowerWriter { writing: Mutex::new(()), wake: Notify::new(), stored: watch::channel(0).0, behind: false.into() }
+        PowerWriter {
+            writing: Mutex::new(()),
+            wake: Notify::new(),
+            stored: watch::channel(0).0,
+            behind: false.into(),
+            ceilings_due: false.into(),
+        }
     }
 }
 
@@ -50,6 +59,18 @@ impl PowerWriter {
 
     /// Ask for a write of what is not stored (epochs running low included).
     pub fn nudge(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A node registered: its caps in force may need recording, on the next round (a
+    /// registration storm does not run a round per registration).
+    pub fn node_registered(&self) {
+        self.ceilings_due.store(true, Ordering::Relaxed);
+    }
+
+    /// Increases wait for their ceilings: record them now.
+    pub fn ceilings_wanted(&self) {
+        self.ceilings_due.store(true, Ordering::Relaxed);
         self.wake.notify_one();
     }
 
@@ -66,14 +87,15 @@ impl Controller {
     pub async fn change_power(&self, change: &PowerChange) -> Result<(Applied, u64), PowerError> {
         let writer = &self.power_writer;
         let now = unix_ms();
-        let (direction, ahead) = {
+        // A loosening: the table as it will be, stored before it is in force.
+        let ahead = {
             let power = self.power.lock().await;
             match power.table.check(change, now)? {
-                Direction::Tightens => (Direction::Tightens, None),
+                Direction::Tightens => None,
                 Direction::Loosens => {
                     let mut next = power.table.clone();
                     next.apply(change, now)?;
-                    (Direction::Loosens, Some((power.table.generation(), next.snapshot()?)))
+                    Some((power.table.generation(), next.snapshot()?))
                 }
             }
         };
@@ -106,9 +128,6 @@ impl Controller {
                 writer.behind.store(true, Ordering::Relaxed);
                 writer.nudge();
             }
-        }
-        if direction == Direction::Tightens {
-            tracing::debug!(generation, "Power change in force; stored after.");
         }
         Ok((applied, generation))
     }
@@ -165,15 +184,20 @@ impl Controller {
             writer.stored.send_replace(power.table.stored_generation());
         }
         // Cap ceilings before the increases that wait for them (invariant 9); a pass then sends them.
-        let ceilings = self.registry.lock().ceilings_to_record();
-        if !ceilings.is_empty() {
+        if writer.ceilings_due.swap(false, Ordering::Relaxed) {
+            let ceilings = self.registry.lock().ceilings_to_record();
             for chunk in ceilings.chunks(CEILINGS_PER_COMMIT) {
                 let writes: Result<Vec<Write>, StoreError> =
                     chunk.iter().map(|r| Ok(Write::put(ceiling_key(&r.node), Expect::Any, r.encode()?))).collect();
-                self.store.commit(writes?).await?;
+                if let Err(e) = async { self.store.commit(writes?).await }.await {
+                    writer.ceilings_due.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
                 self.registry.lock().ceilings_recorded(chunk);
             }
-            self.wake();
+            if !ceilings.is_empty() {
+                self.wake();
+            }
         }
         let wanted = self.registry.lock().len() as u64 + crate::power::epochs::BLOCK / 2;
         let reservation = self.power.lock().await.epochs.reservation(wanted);

@@ -193,6 +193,8 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         let node = register.node_name.clone();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let session = c.registry.register(&register, address, tx.clone(), alive.clone(), Instant::now(), unix_ms());
+        // The caps it registers with are recorded before anything above them is sent (invariant 9).
+        c.power_writer.node_registered();
         c.emit(
             "node",
             &node,
