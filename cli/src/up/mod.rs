@@ -328,9 +328,18 @@ async fn start(
             break;
         }
         if Instant::now() > deadline {
+            // The directory goes when `up` ends: say here what the agents last said.
+            let said: Vec<String> = (1..=args.nodes)
+                .map(|i| {
+                    let log = std::fs::read_to_string(dir.join(format!("agent-{i}.log"))).unwrap_or_default();
+                    let last: Vec<&str> = log.lines().rev().take(3).collect();
+                    format!("node-{i}: {}", last.into_iter().rev().collect::<Vec<_>>().join(" | "))
+                })
+                .collect();
             return Err(Failure::Server(format!(
-                "the agents did not all register within 30 s (logs in {})",
-                dir.display()
+                "the agents did not all register within 30 s (logs in {}); last said:\n{}",
+                dir.display(),
+                said.join("\n")
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -511,10 +520,16 @@ fn forget_context(ca: &Path) {
     }
 }
 
+/// The controller, once it answers as the leader (it leads once it has loaded its store): the
+/// agents started after this find it serving, rather than backing off from its first refusals.
 async fn connect_with_retry(target: &crate::Target) -> Result<crate::Control, Failure> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match target.control().await {
+        let answered = match target.control().await {
+            Ok(mut c) => c.list_nodes(pb::ListNodesRequest {}).await.map(|_| c).map_err(Failure::from),
+            Err(e) => Err(e),
+        };
+        match answered {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
