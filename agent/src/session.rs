@@ -26,6 +26,19 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// The longest pause while the controllers answer but none leads (an election under way).
 const NO_LEADER_RETRY: Duration = Duration::from_secs(1);
+/// How often an agent whose controller caretakes looks for a leader elsewhere.
+const LEADER_PROBE: Duration = Duration::from_secs(2);
+
+/// Whether a caretaker (ARCHITECTURE.md, invariant 11) may send this: cap decreases only.
+pub fn caretaker_may_send(body: &pb::controller_message::Body) -> bool {
+    match body {
+        pb::controller_message::Body::CapOrder(o) => o.phase == pb::TransitionPhase::Decrease as i32,
+        pb::controller_message::Body::ShardOrder(_) => false,
+        pb::controller_message::Body::Registered(_)
+        | pb::controller_message::Body::Heartbeat(_)
+        | pb::controller_message::Body::Caretaking(_) => true,
+    }
+}
 
 /// The highest leader's term this agent has heard (ARCHITECTURE.md, invariant 9): a controller
 /// of a lower term has been deposed, so its session is refused and its orders ignored, and the
@@ -289,10 +302,34 @@ async fn session_once(
 
     let mut interval = Duration::from_secs(1);
     let mut tick = tokio::time::interval(interval);
+    // While the controller caretakes: a look for a leader elsewhere every LEADER_PROBE, on a
+    // task of its own (a probe may wait seconds on a controller that does not answer).
+    let mut caretaker = false;
+    config.metrics.caretaker.set(0);
+    let mut probe_tick = tokio::time::interval(LEADER_PROBE);
+    let (leader_found_tx, mut leader_found) = mpsc::channel::<String>(1);
+    // Dropped with the session: a probe under way is aborted.
+    let mut probes = tokio::task::JoinSet::new();
     // Shard state changes from the supervisor, for as long as this session lasts.
     let mut updates = shards.pending.lock().await;
     loop {
         tokio::select! {
+            Some(leader) = leader_found.recv() => {
+                tracing::info!(caretaker = %controller, leader = %leader, "A controller leads elsewhere: leaving the caretaker for it.");
+                return Ok(());
+            }
+            _ = probe_tick.tick(), if caretaker => {
+                while probes.try_join_next().is_some() {}
+                if probes.is_empty() {
+                    let (credentials, urls, found) = (credentials.clone(), config.controllers.clone(), leader_found_tx.clone());
+                    probes.spawn(async move {
+                        let tune = |endpoint: tonic::transport::Endpoint| endpoint.connect_timeout(Duration::from_secs(3));
+                        if let Ok((leader, _)) = credentials.connect_leader(&urls, service, tune).await {
+                            let _ = found.try_send(leader);
+                        }
+                    });
+                }
+            }
             Some(status) = updates.recv() => {
                 if tx.send(message(pb::agent_message::Body::ShardStatus(status))).await.is_err() {
                     return Ok(());
@@ -317,6 +354,24 @@ async fn session_once(
                 if let Some(term) = order_term.filter(|&t| !terms.accept_order(t)) {
                     tracing::warn!(term, highest = terms.highest, "Ignored an order from a deposed leader.");
                     config.metrics.stale_term_orders.inc();
+                    continue;
+                }
+                if let Some(pb::controller_message::Body::Caretaking(c)) = &m.body {
+                    if c.term == terms.highest && c.caretaking != caretaker {
+                        caretaker = c.caretaking;
+                        config.metrics.caretaker.set(i64::from(caretaker));
+                        if caretaker {
+                            tracing::warn!(controller = %controller, term = c.term, "The controller lost touch with its store: obeying cap decreases only, looking for a leader elsewhere.");
+                            probe_tick.reset();
+                        } else {
+                            tracing::info!(controller = %controller, term = c.term, "The controller leads again.");
+                            probes.abort_all();
+                        }
+                    }
+                }
+                if caretaker && m.body.as_ref().is_some_and(|b| !caretaker_may_send(b)) {
+                    tracing::warn!(controller = %controller, "Refused an order from a caretaker: only cap decreases are obeyed from one.");
+                    config.metrics.caretaker_refused.inc();
                     continue;
                 }
                 enforcer.heard(Instant::now());
@@ -361,7 +416,7 @@ async fn session_once(
                             return Ok(());
                         }
                     }
-                    Some(pb::controller_message::Body::Heartbeat(_)) | None => {}
+                    Some(pb::controller_message::Body::Heartbeat(_) | pb::controller_message::Body::Caretaking(_)) | None => {}
                 }
             }
             _ = tick.tick() => {
@@ -383,6 +438,19 @@ async fn session_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_caretaker_is_obeyed_only_when_it_lowers_caps() {
+        use pb::controller_message::Body;
+        let order = |phase: pb::TransitionPhase| {
+            Body::CapOrder(pb::CapOrder { phase: phase as i32, term: 3, ..Default::default() })
+        };
+        assert!(caretaker_may_send(&order(pb::TransitionPhase::Decrease)));
+        assert!(!caretaker_may_send(&order(pb::TransitionPhase::Increase)));
+        assert!(!caretaker_may_send(&order(pb::TransitionPhase::Unspecified)));
+        assert!(!caretaker_may_send(&Body::ShardOrder(pb::ShardOrder::default())));
+        assert!(caretaker_may_send(&Body::Heartbeat(pb::Heartbeat::default())));
+    }
 
     #[test]
     fn a_deposed_leaders_session_and_orders_are_refused() {

@@ -239,11 +239,17 @@ struct Target {
 
 impl Target {
     /// A channel to the controller that serves `service`: with several URLs (a controller's
-    /// replicas), the one that leads.
-    async fn channel(&self, service: &str) -> Result<AuthedChannel, Failure> {
+    /// replicas), the one that leads — or, `or_caretaker`, when none does, one that caretakes
+    /// (it takes power cuts while etcd is away).
+    async fn channel(&self, service: &str, or_caretaker: bool) -> Result<AuthedChannel, Failure> {
         let urls = watt_common::client::controller_urls(&self.url);
         let tune = |endpoint: tonic::transport::Endpoint| endpoint.connect_timeout(Duration::from_secs(5));
-        match self.credentials.connect_leader(&urls, service, tune).await {
+        let found = if or_caretaker {
+            self.credentials.connect_leader_or_caretaker(&urls, service, tune).await
+        } else {
+            self.credentials.connect_leader(&urls, service, tune).await
+        };
+        match found {
             Ok((_, channel)) => Ok(channel),
             Err(FindLeaderError::Client(e)) => Err(match e {
                 ClientError::Invalid { setting, message } => Failure::Usage(format!("--{setting} {message}")),
@@ -256,13 +262,13 @@ impl Target {
 
     async fn control(&self) -> Result<Control, Failure> {
         // Allow large answers (thousands of jobs or nodes) and large manifests on the way up.
-        Ok(ControlServiceClient::new(self.channel(watt_proto::v1::control_service_server::SERVICE_NAME).await?)
+        Ok(ControlServiceClient::new(self.channel(watt_proto::v1::control_service_server::SERVICE_NAME, false).await?)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20))
     }
 
     async fn power(&self) -> Result<PowerClient, Failure> {
-        Ok(PowerServiceClient::new(self.channel(watt_proto::v1::power_service_server::SERVICE_NAME).await?)
+        Ok(PowerServiceClient::new(self.channel(watt_proto::v1::power_service_server::SERVICE_NAME, true).await?)
             .max_decoding_message_size(64 << 20))
     }
 }

@@ -17,6 +17,10 @@ pub type AuthedChannel = InterceptedService<Channel, Bearer>;
 /// The header in which a controller that does not lead names the one that does.
 pub const LEADER_HEADER: &str = "watt-leader";
 
+/// The header in which a caretaker (a leader that lost touch with the store, and only lowers
+/// caps until it leads again) says the term it cares for.
+pub const CARETAKER_HEADER: &str = "watt-caretaker";
+
 /// The leader's address a follower's refusal names, if any.
 pub fn leader_hint(status: &tonic::Status) -> Option<String> {
     status.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string)
@@ -118,12 +122,34 @@ impl Credentials {
         service: &str,
         tune: impl Fn(Endpoint) -> Endpoint,
     ) -> Result<(String, AuthedChannel), FindLeaderError> {
+        self.find_leader(urls, service, tune, false).await
+    }
+
+    /// [`Self::connect_leader`], or, when none leads, a caretaker: for a power cut while etcd
+    /// is away, which a caretaker still applies.
+    pub async fn connect_leader_or_caretaker(
+        &self,
+        urls: &[String],
+        service: &str,
+        tune: impl Fn(Endpoint) -> Endpoint,
+    ) -> Result<(String, AuthedChannel), FindLeaderError> {
+        self.find_leader(urls, service, tune, true).await
+    }
+
+    async fn find_leader(
+        &self,
+        urls: &[String],
+        service: &str,
+        tune: impl Fn(Endpoint) -> Endpoint,
+        or_caretaker: bool,
+    ) -> Result<(String, AuthedChannel), FindLeaderError> {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
         let mut to_ask: std::collections::VecDeque<String> = urls.iter().cloned().collect();
         let mut asked = Vec::new();
         let mut last_error = None;
         let mut answered = false;
+        let mut caretaker = None;
         while let Some(url) = to_ask.pop_front() {
             if asked.contains(&url) || asked.len() >= urls.len() + 3 {
                 continue;
@@ -145,6 +171,9 @@ impl Credentials {
                 }
                 Ok(Ok(answer)) => {
                     answered = true;
+                    if or_caretaker && caretaker.is_none() && answer.metadata().get(CARETAKER_HEADER).is_some() {
+                        caretaker = Some((url.clone(), channel.clone()));
+                    }
                     let hint = answer.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok());
                     if let Some(leader) = hint {
                         to_ask.push_front(leader.to_string());
@@ -154,6 +183,9 @@ impl Credentials {
                 Ok(Err(status)) => last_error = Some(ClientError::Connect(format!("{url}: {}", status.message()))),
                 Err(_) => last_error = Some(ClientError::Connect(format!("{url}: no answer to a health check in 5 s"))),
             }
+        }
+        if let Some(found) = caretaker {
+            return Ok(found);
         }
         match last_error {
             Some(e) if !answered => Err(e.into()),

@@ -232,6 +232,7 @@ impl From<PowerError> for Status {
             PowerError::Invalid(field) => Status::invalid_argument(field.to_string()),
             PowerError::UnknownSource(_) => Status::not_found(e.to_string()),
             PowerError::Store(s) => RequestError::Store(s).into(),
+            PowerError::Caretaking { .. } => Status::unavailable(e.to_string()),
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::auth::Authenticator;
 use crate::config::ControllerConfig;
 use crate::error::ControllerError;
 use crate::leader_gate;
-use crate::leadership::{Election, Lead, Role};
+use crate::leadership::{Election, Lead, Role, Standing};
 use crate::metrics::Metrics;
 use crate::reconcile::Controller;
 use crate::session::AgentSessions;
@@ -76,6 +76,17 @@ impl Gates {
         self.health.set_serving::<PowerServiceServer<PowerApi>>().await;
     }
 
+    /// A caretaker (invariant 11): no new session, no client call but the power service's
+    /// (which takes only cuts then); health says NOT_SERVING for all, so no client takes it for
+    /// the leader. Sessions already open stay open.
+    async fn caretake(&self) {
+        self.health.set_not_serving::<AgentServiceServer<AgentSessions>>().await;
+        self.health.set_not_serving::<ControlServiceServer<ControlApi>>().await;
+        self.health.set_not_serving::<PowerServiceServer<PowerApi>>().await;
+        self.agents.send_replace(None);
+        self.control.send_replace(None);
+    }
+
     async fn close(&self) {
         self.health.set_not_serving::<AgentServiceServer<AgentSessions>>().await;
         self.health.set_not_serving::<ControlServiceServer<ControlApi>>().await;
@@ -88,6 +99,9 @@ impl Gates {
 
 /// What does not change from one term to the next.
 struct Shared {
+    /// The store without any term's fence: for handing a caretaker's unstored cut over
+    /// (see [`crate::power::carried`]), which is a request to the next leader, not a decision.
+    unfenced: Arc<dyn store::Store>,
     config: ControllerConfig,
     metrics: Metrics,
     store_health: StoreHealth,
@@ -113,7 +127,9 @@ pub async fn run(
 ) -> Result<(), ControllerError> {
     let metrics = Metrics::new()?;
     let store_health = StoreHealth::new(metrics.store_write_failures.clone(), metrics.store_writable.clone());
-    let election = match store::open_kind(&config.store, etcd_tls(&config)?).await? {
+    let opened = store::open_kind(&config.store, etcd_tls(&config)?).await?;
+    let unfenced = opened.store();
+    let election = match opened {
         store::Opened::File(store) => Election::Sole(store),
         store::Opened::Etcd(store) => Election::Etcd { store, lease: config.leader_lease },
     };
@@ -122,7 +138,7 @@ pub async fn run(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let (agents_gate, agents) = leader_gate::gate(role.clone());
     let (control_gate, control) = leader_gate::gate(role.clone());
-    let (power_gate, power) = leader_gate::gate(role.clone());
+    let (power_gate, power) = leader_gate::gate_with_caretaker(role.clone());
     let gates = Gates { agents, control, power, health: health_reporter };
     gates.close().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -203,7 +219,7 @@ pub async fn run(
         None => tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait_stop())),
     };
 
-    let shared = Shared { config, metrics, store_health, role: role_tx, gates, node_ca };
+    let shared = Shared { unfenced, config, metrics, store_health, role: role_tx, gates, node_ca };
     let led = campaign_and_lead(&shared, &election, shutdown).await;
     tracing::info!("Shutting down.");
     let _ = stop_tx.send(true);
@@ -267,9 +283,10 @@ async fn campaign_and_lead(
     }
 }
 
-/// Lead one term: load the controller from the store, open the gates, run its loops; on losing
-/// the leadership, stop every order first (close the gates, end the agents' sessions), then the
-/// loops (ARCHITECTURE.md, invariant 9).
+/// Lead one term: load the controller from the store, open the gates, run its loops; while the
+/// store is out of reach, care for the term (invariant 11: cap decreases only, sessions kept)
+/// and lead again if the lease held; on losing the leadership, stop every order first (close
+/// the gates, end the agents' sessions), then the loops (invariant 9).
 async fn lead_term(
     shared: &Shared,
     lead: &Lead,
@@ -298,19 +315,51 @@ async fn lead_term(
     if let Some(signer) = &signer {
         tokio::spawn(signer.clone().follow(wait_stop()));
     }
-    shared.gates.open(&controller, signer, &shared.node_ca).await;
+    shared.gates.open(&controller, signer.clone(), &shared.node_ca).await;
     shared.role.send_replace(Role::Leader { term: lead.term });
     shared.metrics.leader.set(1);
     shared.metrics.term.set(lead.term as i64);
     tracing::info!(role = "leader", term = lead.term, "Leading: this controller issues the orders now.");
 
-    let end = tokio::select! {
-        () = lead.lost() => TermEnd::Lost,
-        () = shutdown.as_mut() => TermEnd::Shutdown,
+    let mut standing = Standing::Leading;
+    let end = loop {
+        tokio::select! {
+            now = lead.changed(standing) => {
+                standing = now;
+                match now {
+                    Standing::Caretaking => {
+                        // Decreases only from here on, before anything else (invariant 11).
+                        controller.set_caretaking(true);
+                        shared.role.send_replace(Role::Caretaker { term: lead.term });
+                        shared.metrics.leader.set(0);
+                        shared.metrics.caretaker.set(1);
+                        shared.gates.caretake().await;
+                        tracing::error!(role = "caretaker", term = lead.term, "Out of touch with the store: caring for the term (cap decreases only) until the lease is renewed or lost.");
+                    }
+                    Standing::Leading => {
+                        shared.gates.open(&controller, signer.clone(), &shared.node_ca).await;
+                        shared.role.send_replace(Role::Leader { term: lead.term });
+                        shared.metrics.caretaker.set(0);
+                        shared.metrics.leader.set(1);
+                        controller.set_caretaking(false);
+                        tracing::info!(role = "leader", term = lead.term, "Leading again: the lease held.");
+                    }
+                    Standing::Lost => break TermEnd::Lost,
+                }
+            }
+            () = shutdown.as_mut() => break TermEnd::Shutdown,
+        }
     };
     // No order after this: refuse new calls, then end every agent's outbound stream.
+    controller.stop_ordering();
+    if matches!(end, TermEnd::Lost) && controller.power_writer.behind() {
+        // A cut in force that this term could not store: the next leader applies it.
+        let cut = crate::power::carried::CarriedCut::of(lead.term, &controller.power.lock().await.table);
+        tokio::spawn(hand_over(shared.unfenced.clone(), cut));
+    }
     shared.role.send_replace(Role::Follower { leader: None });
     shared.metrics.leader.set(0);
+    shared.metrics.caretaker.set(0);
     shared.gates.close().await;
     for entry in controller.registry.lock().values_mut() {
         entry.session = None;
@@ -323,6 +372,34 @@ async fn lead_term(
         tracing::error!(term = lead.term, "Lost the leadership: following; campaigning again.");
     }
     Ok(end)
+}
+
+/// Write `cut` for the next leader, retrying until the store takes it (etcd is back, or this
+/// would not have been learnt). Idempotent: one key per term.
+async fn hand_over(store: Arc<dyn store::Store>, cut: crate::power::carried::CarriedCut) {
+    let key = crate::power::carried::carried_key(cut.term);
+    let mut retry = Duration::from_millis(200);
+    loop {
+        let written = match cut.encode() {
+            Ok(value) => store.commit(vec![store::Write::put(key.clone(), store::Expect::Any, value)]).await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(_) => {
+                tracing::warn!(term = cut.term, "Handed an unstored cut to the next leader.");
+                return;
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, term = cut.term, "Cannot hand an unstored cut over yet; retrying.");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, term = cut.term, "Cannot hand an unstored cut over: set it again.");
+                return;
+            }
+        }
+    }
 }
 
 /// The signer of node certificates, when the controller has its client CA's key.
@@ -382,6 +459,9 @@ async fn healthz(
 ) -> (axum::http::StatusCode, String) {
     let role = match &*role.borrow() {
         Role::Leader { term } => format!("leader, term {term}"),
+        Role::Caretaker { term } => {
+            format!("caretaker of term {term}: out of touch with the store, cap decreases only")
+        }
         Role::Follower { leader: Some(at) } => format!("follower; the leader is at {at}"),
         Role::Follower { leader: None } => "follower; no leader elected yet".to_string(),
     };

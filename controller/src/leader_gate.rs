@@ -3,7 +3,8 @@
 //! agents and `wattctl` go there. The leader's services change with each term (they hold that
 //! term's controller), so the gate looks up the current one at every call. Health and reflection
 //! stay outside the gate: a follower answers them, and its health says NOT_SERVING for Watt's
-//! services, which is how clients probe for the leader.
+//! services, which is how clients probe for the leader. A caretaker (invariant 11) answers the
+//! power service, which takes cuts only then, and says so in a `watt-caretaker` header.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,18 +22,26 @@ use crate::leadership::Role;
 pub struct Gated<S> {
     current: watch::Receiver<Option<S>>,
     role: watch::Receiver<Role>,
+    /// Whether a caretaker serves it too.
+    caretaker_serves: bool,
 }
 
 impl<S> Clone for Gated<S> {
     fn clone(&self) -> Self {
-        Gated { current: self.current.clone(), role: self.role.clone() }
+        Gated { current: self.current.clone(), role: self.role.clone(), caretaker_serves: self.caretaker_serves }
     }
 }
 
 /// A gated service and the handle that opens it (with a term's service) and closes it.
 pub fn gate<S>(role: watch::Receiver<Role>) -> (Gated<S>, watch::Sender<Option<S>>) {
     let (open, current) = watch::channel(None);
-    (Gated { current, role }, open)
+    (Gated { current, role, caretaker_serves: false }, open)
+}
+
+/// [`gate`], for a service a caretaker answers too (the power service: it takes cuts).
+pub fn gate_with_caretaker<S>(role: watch::Receiver<Role>) -> (Gated<S>, watch::Sender<Option<S>>) {
+    let (open, current) = watch::channel(None);
+    (Gated { current, role, caretaker_serves: true }, open)
 }
 
 impl<S: NamedService> NamedService for Gated<S> {
@@ -59,9 +68,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let leading = self.role.borrow().is_leader();
+        let serves = match &*self.role.borrow() {
+            Role::Leader { .. } => true,
+            Role::Caretaker { .. } => self.caretaker_serves,
+            Role::Follower { .. } => false,
+        };
         match self.current.borrow().clone() {
-            Some(service) if leading => Box::pin(service.oneshot(request)),
+            Some(service) if serves => Box::pin(service.oneshot(request)),
             _ => {
                 let response = not_leader(&self.role.borrow()).into_http();
                 Box::pin(async move { Ok(response) })
@@ -112,14 +125,17 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let hint = match &*self.role.borrow() {
-            Role::Follower { leader: Some(at) } => http::HeaderValue::from_str(at).ok(),
+            Role::Follower { leader: Some(at) } => {
+                http::HeaderValue::from_str(at).ok().map(|at| (watt_common::client::LEADER_HEADER, at))
+            }
+            Role::Caretaker { term } => Some((watt_common::client::CARETAKER_HEADER, http::HeaderValue::from(*term))),
             _ => None,
         };
         let answer = self.inner.call(request);
         Box::pin(async move {
             let mut response = answer.await?;
-            if let Some(hint) = hint {
-                response.headers_mut().insert(watt_common::client::LEADER_HEADER, hint);
+            if let Some((name, value)) = hint {
+                response.headers_mut().insert(name, value);
             }
             Ok(response)
         })
@@ -130,11 +146,14 @@ where
 pub fn not_leader(role: &Role) -> tonic::Status {
     let leader = match role {
         Role::Follower { leader } => leader.clone(),
-        Role::Leader { .. } => None,
+        Role::Leader { .. } | Role::Caretaker { .. } => None,
     };
-    let mut status = tonic::Status::unavailable(match &leader {
-        Some(at) => format!("this controller does not lead; the leader is at {at}"),
-        None => "this controller does not lead, and no leader is elected yet; retry".to_string(),
+    let mut status = tonic::Status::unavailable(match (&leader, role) {
+        (Some(at), _) => format!("this controller does not lead; the leader is at {at}"),
+        (None, Role::Caretaker { term }) => format!(
+            "this controller lost touch with the store and only cares for term {term} (power cuts only); no leader is elected; retry"
+        ),
+        (None, _) => "this controller does not lead, and no leader is elected yet; retry".to_string(),
     });
     if let Some(value) = leader.and_then(|at| at.parse().ok()) {
         status.metadata_mut().insert(watt_common::client::LEADER_HEADER, value);

@@ -9,6 +9,14 @@
 //! which is later — so it stops before any other controller can start. Followers wait for the key
 //! to go (a watch, and a look every second) and then campaign.
 //!
+//! A leader that steps down because etcd does not answer (not because it was deposed) becomes
+//! the **caretaker** of its term ([`Standing::Caretaking`], invariant 11): while its lease may
+//! still be alive no other controller can lead, and when etcd has lost its quorum no one can, so
+//! it keeps its agents' sessions and only lowers caps. It keeps trying to renew: if etcd answers
+//! that the lease lives and the key is still its own (etcd extends every lease when its quorum
+//! returns), no one led meanwhile and it leads again in the same term; if etcd says the lease
+//! ended, it has lost the term.
+//!
 //! The embedded file store admits one controller (the file is locked), which always leads; its
 //! term is a counter in the store that each start raises.
 
@@ -42,12 +50,27 @@ pub enum Role {
     Leader {
         term: u64,
     },
+    /// Led `term` and lost touch with the store: only lowers caps until it leads again or loses
+    /// the term (invariant 11).
+    Caretaker {
+        term: u64,
+    },
 }
 
 impl Role {
     pub fn is_leader(&self) -> bool {
         matches!(self, Role::Leader { .. })
     }
+}
+
+/// Where a won leadership stands (see the module's header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Leading,
+    /// The lease could not be renewed in time: no order but a cap decrease until it is.
+    Caretaking,
+    /// For good: the lease ended, the key is another's, or the keeper is gone.
+    Lost,
 }
 
 /// When a leader whose last answered keep-alive was sent at `sent` must have stopped issuing
@@ -68,11 +91,11 @@ pub struct Lead {
     pub term: u64,
     /// The store, with every commit fenced by this leadership.
     pub store: Arc<dyn Store>,
-    /// Turns true once this leadership may no longer hold; it never turns back. Its sender
-    /// dropped (the keeper gone) counts as lost too.
-    lost: watch::Receiver<bool>,
+    /// Leading, caretaking (back and forth), then lost for good. Its sender dropped (the keeper
+    /// gone) counts as lost too.
+    standing: watch::Receiver<Standing>,
     /// The sole leader's sender, kept so its leadership is never seen as lost.
-    _sole: Option<watch::Sender<bool>>,
+    _sole: Option<watch::Sender<Standing>>,
     /// The lease to revoke when the leader resigns (etcd only).
     lease: Option<(Client, i64)>,
     /// Stops the keep-alive (its thread ends when this is dropped or sent).
@@ -81,19 +104,43 @@ pub struct Lead {
 
 impl std::fmt::Debug for Lead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lead").field("term", &self.term).field("lost", &self.is_lost()).finish_non_exhaustive()
+        f.debug_struct("Lead").field("term", &self.term).field("standing", &self.standing()).finish_non_exhaustive()
     }
 }
 
 impl Lead {
-    /// Resolves when this leadership is lost (at once, if it already is).
+    /// Where this leadership stands now.
+    pub fn standing(&self) -> Standing {
+        if self.standing.has_changed().is_err() {
+            return Standing::Lost;
+        }
+        *self.standing.borrow()
+    }
+
+    /// Resolves at the next change of [`Self::standing`] (at once if lost), with the new one.
+    pub async fn changed(&self, from: Standing) -> Standing {
+        let mut standing = self.standing.clone();
+        let now = match standing.wait_for(|s| *s != from).await {
+            Ok(now) => *now,
+            Err(_) => Standing::Lost,
+        };
+        now
+    }
+
+    /// Resolves when this leadership is lost for good (at once, if it already is).
     pub async fn lost(&self) {
-        let mut lost = self.lost.clone();
-        let _ = lost.wait_for(|lost| *lost).await;
+        let mut standing = self.standing.clone();
+        let _ = standing.wait_for(|s| *s == Standing::Lost).await;
+    }
+
+    /// Resolves when this controller stops leading: caretaking or lost.
+    pub async fn stepped_down(&self) {
+        let mut standing = self.standing.clone();
+        let _ = standing.wait_for(|s| *s != Standing::Leading).await;
     }
 
     pub fn is_lost(&self) -> bool {
-        *self.lost.borrow() || self.lost.has_changed().is_err()
+        self.standing() == Standing::Lost
     }
 
     /// Give the leadership up at once (a controller that shuts down), so a follower need not
@@ -136,8 +183,8 @@ impl Election {
         match self {
             Election::Sole(store) => {
                 let term = raise_term(store.as_ref()).await?;
-                let (sole, lost) = watch::channel(false);
-                Ok(Lead { term, store: store.clone(), lost, _sole: Some(sole), lease: None, keeper: None })
+                let (sole, standing) = watch::channel(Standing::Leading);
+                Ok(Lead { term, store: store.clone(), standing, _sole: Some(sole), lease: None, keeper: None })
             }
             Election::Etcd { store, lease } => campaign_etcd(store, *lease, advertise, role).await,
         }
@@ -177,22 +224,39 @@ async fn campaign_etcd(
     let mut client = store.client();
     loop {
         let sent = Instant::now();
-        let granted = client.lease_grant(ttl.as_secs() as i64, None).await.map_err(unavailable)?;
+        let seconds = ttl.as_secs() as i64;
+        let granted = store
+            .call(|mut client| async move { client.lease_grant(seconds, None).await })
+            .await
+            .map_err(unavailable)?;
         let lease = granted.id();
         let ttl = Duration::from_secs(granted.ttl().max(1) as u64).min(ttl);
         let (valid_tx, _) = watch::channel(step_down_at(sent, ttl));
-        let (lost_tx, lost) = watch::channel(false);
+        let (standing_tx, standing) = watch::channel(Standing::Leading);
         let leading = Arc::new(AtomicBool::new(false));
-        let keeper =
-            LeaseKeeper { store: store.clone(), lease, ttl, leading: leading.clone(), valid: valid_tx, lost: lost_tx };
+        let keeper = LeaseKeeper {
+            store: store.clone(),
+            lease,
+            ttl,
+            leading: leading.clone(),
+            valid: valid_tx,
+            standing: standing_tx,
+        };
         let mut keeper = Some(keeper.spawn()?);
-        // Campaign with this lease until it leads or the lease is lost.
-        while !*lost.borrow() {
+        // Campaign with this lease until it leads or the lease is lost (while campaigning, the
+        // keeper never caretakes: a lease it cannot renew is lost).
+        while *standing.borrow() == Standing::Leading {
             let txn = Txn::new()
                 .when([Compare::version(ELECTION_KEY, CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(ELECTION_KEY, advertise, Some(PutOptions::new().with_lease(lease)))])
                 .or_else([TxnOp::get(ELECTION_KEY, None)]);
-            let response = client.txn(txn).await.map_err(unavailable)?;
+            let response = store
+                .call(|mut client| {
+                    let txn = txn.clone();
+                    async move { client.txn(txn).await }
+                })
+                .await
+                .map_err(unavailable)?;
             let revision = response.header().map(|h| h.revision()).unwrap_or(0);
             if response.succeeded() {
                 leading.store(true, Ordering::Release);
@@ -201,7 +265,7 @@ async fn campaign_etcd(
                 return Ok(Lead {
                     term,
                     store: Arc::new(store.fenced(fence)),
-                    lost,
+                    standing,
                     _sole: None,
                     lease: Some((client, lease)),
                     keeper: keeper.take(),
@@ -220,7 +284,7 @@ async fn campaign_etcd(
                 }
                 role.send_replace(following);
             }
-            wait_for_vacancy(&mut client, revision + 1, &lost).await;
+            wait_for_vacancy(&mut client, revision + 1, &standing).await;
         }
         // The lease ran out while campaigning (etcd slow or away): start over with a new one.
         if let Some(keeper) = keeper.take() {
@@ -232,8 +296,8 @@ async fn campaign_etcd(
 
 /// Until the election key is deleted after `from` (the leader's lease ended or it resigned), a
 /// second passes (a watch can miss what happens while it starts), or our own lease is lost.
-async fn wait_for_vacancy(client: &mut Client, from: i64, lost: &watch::Receiver<bool>) {
-    let mut lost = lost.clone();
+async fn wait_for_vacancy(client: &mut Client, from: i64, standing: &watch::Receiver<Standing>) {
+    let mut standing = standing.clone();
     let watch_delete = async {
         let options = WatchOptions::new().with_start_revision(from);
         let Ok(mut stream) = client.watch(ELECTION_KEY, Some(options)).await else {
@@ -249,7 +313,7 @@ async fn wait_for_vacancy(client: &mut Client, from: i64, lost: &watch::Receiver
     tokio::select! {
         () = watch_delete => {}
         () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        _ = lost.wait_for(|lost| *lost) => {}
+        _ = standing.wait_for(|s| *s != Standing::Leading) => {}
     }
 }
 
@@ -262,7 +326,7 @@ struct LeaseKeeper {
     leading: Arc<AtomicBool>,
     /// When to stop leading, moved forward by each answered keep-alive.
     valid: watch::Sender<Instant>,
-    lost: watch::Sender<bool>,
+    standing: watch::Sender<Standing>,
 }
 
 impl LeaseKeeper {
@@ -279,7 +343,7 @@ impl LeaseKeeper {
                     Ok(runtime) => runtime,
                     Err(e) => {
                         tracing::error!(error = %e, "Cannot start the lease's keep-alive; giving the leadership up.");
-                        let _ = self.lost.send(true);
+                        self.standing.send_replace(Standing::Lost);
                         return;
                     }
                 };
@@ -296,16 +360,23 @@ impl LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    /// Keep the lease alive; move `valid` (when to stop leading) forward with each answered
-    /// keep-alive; set `lost` — for good — when that moment passes, when etcd says the lease is
-    /// gone, or, once `leading`, when the election key is no longer ours (an operator deleted it).
+    /// Keep the lease alive, moving `valid` (when to stop leading) forward with each answered
+    /// keep-alive. When that moment passes: while campaigning, the lease is lost; once leading,
+    /// the leader caretakes ([`Standing::Caretaking`]) and keeps trying, and leads again once
+    /// etcd answers that the lease lives and the key is still its own. Lost for good when etcd
+    /// says the lease is gone, or, once leading, that the election key is no longer ours (an
+    /// operator deleted it).
     async fn run(&self) {
-        let LeaseKeeper { store, lease, ttl, leading, valid, lost } = self;
+        let LeaseKeeper { store, lease, ttl, leading, valid, standing } = self;
         let (lease, ttl) = (*lease, *ttl);
         let mut client: Option<Client> = None;
         let mut renewal = None;
+        // Calls refused in a row by members that are down.
+        let mut refused = 0;
         loop {
-            let deadline = *valid.borrow();
+            let caretaking = *standing.borrow() == Standing::Caretaking;
+            // A caretaker's tries each get a renewal period: etcd may come back at any moment.
+            let deadline = if caretaking { Instant::now() + renew_every(ttl) * 2 } else { *valid.borrow() };
             let sent = Instant::now();
             let renewed = tokio::time::timeout_at(deadline, async {
                 let client = match client.as_mut() {
@@ -323,12 +394,25 @@ impl LeaseKeeper {
             })
             .await;
             match renewed {
-                Err(_) => {
-                    tracing::error!("Cannot renew the election lease in time: stepping down (or campaigning anew).");
-                    let _ = lost.send(true);
+                Err(_) if !leading.load(Ordering::Acquire) => {
+                    tracing::warn!("Cannot renew the campaign's lease in time: campaigning anew.");
+                    standing.send_replace(Standing::Lost);
                     return;
                 }
+                Err(_) => {
+                    if !caretaking {
+                        tracing::error!(
+                            "Cannot renew the election lease in time: stepping down to caretaker (cap decreases only)."
+                        );
+                        standing.send_replace(Standing::Caretaking);
+                    }
+                    // The connection may be what hangs (a partition): the next try opens a new one.
+                    tracing::debug!("A caretaker's keep-alive went unanswered.");
+                    renewal = None;
+                    client = None;
+                }
                 Ok(Ok(Some(remaining))) if remaining > 0 => {
+                    refused = 0;
                     let granted = Duration::from_secs(remaining as u64).min(ttl);
                     valid.send_replace(step_down_at(sent, granted));
                     // While campaigning the key is another's, as expected.
@@ -336,26 +420,57 @@ impl LeaseKeeper {
                         Some(client) if leading.load(Ordering::Acquire) => still_ours(client, lease).await,
                         _ => Ok(true),
                     };
-                    if matches!(ours, Ok(false)) {
-                        tracing::error!("The election key is no longer this controller's: stepping down.");
-                        let _ = lost.send(true);
-                        return;
+                    match ours {
+                        Ok(false) => {
+                            tracing::error!("The election key is no longer this controller's: stepping down.");
+                            standing.send_replace(Standing::Lost);
+                            return;
+                        }
+                        // The lease lived all along with the key on it: no one else led.
+                        Ok(true) if caretaking && Instant::now() < *valid.borrow() => {
+                            tracing::info!("etcd answers again and the lease lives: leading again in the same term.");
+                            standing.send_replace(Standing::Leading);
+                        }
+                        _ => {}
                     }
                 }
                 Ok(Ok(Some(_))) => {
                     tracing::error!("etcd says the election lease has ended: stepping down (or campaigning anew).");
-                    let _ = lost.send(true);
+                    standing.send_replace(Standing::Lost);
+                    return;
+                }
+                Ok(Err(e)) if crate::store::etcd::never_sent(&e) && refused < 4 => {
+                    // A member is down and the call went to it: try another at once (a few
+                    // times: with every member down, each call is refused at once).
+                    refused += 1;
+                    renewal = None;
+                    continue;
+                }
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) if lease_gone(client.as_mut(), lease).await => {
+                    // etcd answers an opening keep-alive for a lease it ended with this error.
+                    tracing::error!("etcd says the election lease has ended: stepping down (or campaigning anew).");
+                    standing.send_replace(Standing::Lost);
                     return;
                 }
                 Ok(Ok(None) | Err(_)) => {
+                    tracing::debug!(outcome = ?renewed, "The keep-alive stream broke.");
                     // The keep-alive stream broke (etcd restarted, the connection moved): open a new one.
                     renewal = None;
                 }
             }
-            let next = (Instant::now() + renew_every(ttl)).min(*valid.borrow());
+            let next = Instant::now() + renew_every(ttl);
+            let next = if *standing.borrow() == Standing::Leading { next.min(*valid.borrow()) } else { next };
             tokio::time::sleep_until(next).await;
         }
     }
+}
+
+/// Whether etcd says `lease` no longer exists (it ended, or was revoked); `false` when it cannot
+/// tell (no answer in a second).
+async fn lease_gone(client: Option<&mut Client>, lease: i64) -> bool {
+    let Some(client) = client else { return false };
+    let asked = tokio::time::timeout(Duration::from_secs(1), client.lease_time_to_live(lease, None)).await;
+    matches!(asked, Ok(Ok(answer)) if answer.ttl() <= 0)
 }
 
 /// Whether the election key is still held under `lease`.

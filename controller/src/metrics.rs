@@ -49,6 +49,8 @@ pub struct Metrics {
     /// 1 while this controller leads (see [`crate::leadership`]), and the term it leads or led in.
     pub leader: IntGauge,
     pub term: IntGauge,
+    /// 1 while this controller caretakes its term (invariant 11).
+    pub caretaker: IntGauge,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
@@ -187,6 +189,10 @@ impl Metrics {
             "watt_controller_leader",
             "1 while this controller leads and issues orders; 0 while it follows (or elects).",
         )?;
+        let caretaker = IntGauge::new(
+            "watt_controller_caretaker",
+            "1 while this controller cares for the term it led, out of touch with the store: it only lowers caps (invariant 11).",
+        )?;
         let term = IntGauge::new(
             "watt_controller_term",
             "The term this controller leads in, or last led in; 0 if it never led. Terms only grow.",
@@ -243,6 +249,7 @@ impl Metrics {
         registry.register(Box::new(store_writable.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(term.clone()))?;
+        registry.register(Box::new(caretaker.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
@@ -274,6 +281,7 @@ impl Metrics {
             store_write_failures,
             store_writable,
             leader,
+            caretaker,
             term,
             job_progress,
             job_shards,

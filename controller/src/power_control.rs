@@ -136,6 +136,7 @@ impl Controller {
         let mut sender = OrderSender {
             epochs: &mut power.epochs,
             term: self.term,
+            caretaking: self.caretaking(),
             now_ms,
             out_of_epochs: false,
             unsent: 0,
@@ -393,18 +394,21 @@ struct OrderSender<'a> {
     epochs: &'a mut Epochs,
     /// The leader's term, on every order.
     term: u64,
+    /// A caretaker sends decreases only (invariant 11).
+    caretaking: bool,
     now_ms: i64,
     /// None reserved (the store refused the mark): the rest are sent on a later pass.
     out_of_epochs: bool,
     /// Orders not sent: no session, no epoch, or a full queue (sent on a later pass).
     unsent: usize,
-    /// Increases not sent until the store records their ceilings (also counted in `unsent`).
+    /// Increases not sent until the store records their ceilings, or a leader leads again
+    /// (also counted in `unsent`).
     withheld: usize,
 }
 
 impl OrderSender<'_> {
     fn send(&mut self, e: &mut NodeEntry, order: &Order) {
-        if order.phase == Phase::Increase && !e.increase_recorded(&order.caps) {
+        if order.phase == Phase::Increase && (self.caretaking || !e.increase_recorded(&order.caps)) {
             self.withheld += 1;
             self.unsent += 1;
             return;

@@ -92,6 +92,7 @@ impl Controller {
             let power = self.power.lock().await;
             match power.table.check(change, now)? {
                 Direction::Tightens => None,
+                Direction::Loosens if self.caretaking() => return Err(PowerError::Caretaking { term: self.term }),
                 Direction::Loosens => {
                     let mut next = power.table.clone();
                     next.apply(change, now)?;
@@ -132,6 +133,38 @@ impl Controller {
         Ok((applied, generation))
     }
 
+    /// Apply every cut a caretaker handed over (see [`crate::power::carried`]) where it still
+    /// lowers the budget; the records' keys, to delete once the table is stored.
+    async fn take_carried_cuts(&self) -> Result<Vec<String>, StoreError> {
+        use crate::power::carried::{CarriedCut, CARRIED_PREFIX};
+        let records = self.store.list(CARRIED_PREFIX).await?;
+        let mut keys = Vec::with_capacity(records.len());
+        for record in records {
+            let cut = CarriedCut::decode(&record.key, &record.value)?;
+            let changes = cut.changes_to(&self.power.lock().await.table, unix_ms());
+            for change in &changes {
+                match self.change_power(change).await {
+                    Ok((applied, _)) => {
+                        let (subject, now) = match applied {
+                            Applied::Source(s) => (s.name.clone(), format!("{:.0} W available", s.available_watts)),
+                            Applied::Site(_) => ("site".to_string(), "site settings raised".to_string()),
+                            Applied::Removed(name) => (name, "removed".to_string()),
+                        };
+                        let text = format!("{now}: a cut made by the caretaker of term {}, not stored then", cut.term);
+                        self.emit("power", &subject, "carried-cut-applied", text);
+                    }
+                    Err(e) => tracing::warn!(error = %e, term = cut.term, "A carried cut does not apply; dropped."),
+                }
+            }
+            if !changes.is_empty() {
+                self.power_writer.behind.store(true, Ordering::Relaxed);
+                self.wake();
+            }
+            keys.push(record.key);
+        }
+        Ok(keys)
+    }
+
     /// Write what is not stored — the power table, epochs below half a block — until `stop`.
     pub async fn run_power_writer(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
@@ -163,11 +196,13 @@ impl Controller {
         }
     }
 
-    /// One round: the power table if it is ahead of the store, a new block of epochs if fewer
-    /// than half a block remain.
+    /// One round: cuts a caretaker handed over (applied, then their records deleted once the
+    /// table holding them is stored), the power table if it is ahead of the store, a new block
+    /// of epochs if fewer than half a block remain.
     async fn write_power_state(&self) -> Result<(), StoreError> {
         let writer = &self.power_writer;
         let _writing = writer.writing.lock().await;
+        let carried = self.take_carried_cuts().await?;
         let snapshot = {
             let power = self.power.lock().await;
             if power.table.unstored() {
@@ -182,6 +217,10 @@ impl Controller {
             power.table.stored_as(&snapshot);
             writer.behind.store(power.table.unstored(), Ordering::Relaxed);
             writer.stored.send_replace(power.table.stored_generation());
+        }
+        if !carried.is_empty() {
+            let writes = carried.into_iter().map(|key| Write::delete(key, Expect::Any)).collect();
+            self.store.commit(writes).await?;
         }
         // Cap ceilings before the increases that wait for them (invariant 9); a pass then sends them.
         if writer.ceilings_due.swap(false, Ordering::Relaxed) {

@@ -108,6 +108,9 @@ pub struct Controller {
     pub(crate) term: u64,
     /// Power state applied from memory, on its way to the store (invariant 10).
     pub(crate) power_writer: crate::power_writer::PowerWriter,
+    /// This controller lost touch with the store and cares for its term: passes lower caps
+    /// and do nothing else (invariant 11). Read at every order sent.
+    caretaking: std::sync::atomic::AtomicBool,
 }
 
 /// What storing a pass's changes did.
@@ -185,7 +188,37 @@ impl Controller {
             clock,
             term,
             power_writer: crate::power_writer::PowerWriter::default(),
+            caretaking: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Whether this controller only cares for its term (invariant 11): no order but a cap
+    /// decrease, no change but one that lowers the budget.
+    pub fn caretaking(&self) -> bool {
+        self.caretaking.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Send no order but decreases from now on, telling no one: the term is ending.
+    pub fn stop_ordering(&self) {
+        self.caretaking.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Start or stop caretaking, and tell every agent in session (they refuse anything but a
+    /// decrease from a caretaker, and look for a leader elsewhere meanwhile).
+    pub fn set_caretaking(&self, caretaking: bool) {
+        self.caretaking.store(caretaking, std::sync::atomic::Ordering::Release);
+        let message = pb::ControllerMessage {
+            body: Some(pb::controller_message::Body::Caretaking(pb::Caretaking { term: self.term, caretaking })),
+        };
+        for entry in self.registry.lock().values() {
+            if let Some(session) = &entry.session {
+                // A full queue: the agent hears it from the next order's refusal instead.
+                let _ = session.tx.try_send(Ok(message.clone()));
+            }
+        }
+        if !caretaking {
+            self.wake();
+        }
     }
 
     /// Ask for a reconcile pass soon.
@@ -322,6 +355,9 @@ impl Controller {
 
     /// Remove the ended jobs retention no longer keeps (see [`crate::retention`]).
     pub async fn remove_expired_jobs(&self) {
+        if self.caretaking() {
+            return;
+        }
         let turn = self.job_store.writing().await;
         let expired = {
             let jobs = self.jobs.lock().await;
@@ -624,6 +660,11 @@ impl Controller {
             phase.done("caps");
             (decisions.settle, decisions.place, decisions.admission, due, read)
         };
+        if self.caretaking() {
+            // A caretaker stores nothing and orders no shard: its pass ends with the decreases.
+            self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+            return;
+        }
 
         // Store the decisions, `place` only once `settle` is (it was decided on top of it).
         let mut placements_stored = false;
@@ -702,6 +743,9 @@ impl Controller {
     /// with `None`) are looked at, with every job that has a shard on one of them; an order is
     /// built only for a shard that is neither reported running at its epoch nor already sent.
     fn send_orders(&self, jobs: &JobTable, due: Option<&crate::NameSet<String>>) {
+        if self.caretaking() {
+            return;
+        }
         let in_scope = |node: &str| due.is_none_or(|d| d.contains(node));
         let scoped: Vec<&JobRecord> =
             jobs.iter().filter(|j| j.state.is_active() && j.shards.iter().any(|s| in_scope(&s.node))).collect();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use watt_controller::leadership::{Election, Role, ELECTION_KEY};
+use watt_controller::leadership::{Election, Role, Standing, ELECTION_KEY};
 use watt_controller::store::etcd::{EtcdStore, KEY_PREFIX};
 use watt_controller::store::{Expect, StoreError, Write};
 use watt_system_tests::Etcd;
@@ -82,9 +82,14 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_end() {
     // before `cut`: the leader must have stopped by `cut + LEASE`.
     let cut = Instant::now();
     etcd.pause();
-    let stepped_down = tokio::time::timeout(LEASE * 3, lead.lost()).await;
+    let stepped_down = tokio::time::timeout(LEASE * 3, lead.stepped_down()).await;
     let took = cut.elapsed();
     etcd.resume();
     stepped_down.expect("the leader never stepped down");
     assert!(took < LEASE, "stepped down {took:?} after etcd hung; the lease may have ended at {LEASE:?}");
+    // Unreachable, not deposed: it caretakes (invariant 11), and etcd answering before the
+    // lease ended, it leads again in the same term.
+    assert_eq!(lead.standing(), Standing::Caretaking);
+    let again = tokio::time::timeout(LEASE * 2, lead.changed(Standing::Caretaking)).await;
+    assert_eq!(again.expect("still caretaking with etcd back"), Standing::Leading);
 }

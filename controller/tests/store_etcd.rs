@@ -26,6 +26,21 @@ async fn the_etcd_store_conforms() {
     assert_eq!(keys, vec!["/watt/v1/conformance/basic/k".to_string()]);
 }
 
+/// A cluster with one member down still takes every call: the client spreads calls over the
+/// endpoints it was given, and one sent to the member that is down is sent again to another.
+#[tokio::test]
+async fn one_endpoint_down_fails_no_call() {
+    let etcd = Etcd::start();
+    let down = format!("http://127.0.0.1:{}", watt_system_tests::free_port());
+    let endpoints = vec![down.clone(), format!("http://{}", etcd.endpoint()), down];
+    let store = EtcdStore::connect(endpoints, KEY_PREFIX).await.expect("connecting failed with one endpoint down");
+    for i in 0..40 {
+        store.commit(vec![Write::put(format!("spread/{i}"), Expect::Absent, b"v".to_vec())]).await.unwrap();
+        assert!(store.get(&format!("spread/{i}")).await.unwrap().is_some());
+    }
+    assert_eq!(store.list("spread/").await.unwrap().len(), 40);
+}
+
 /// A list larger than one gRPC answer may carry (4 MiB) comes back whole, in key order.
 #[tokio::test]
 async fn a_list_larger_than_one_answer_comes_back_whole() {

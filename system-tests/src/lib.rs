@@ -121,6 +121,11 @@ impl Proc {
         }
     }
 
+    /// Every line logged since the last look, without waiting.
+    pub fn drain(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -234,6 +239,118 @@ impl Etcd {
         self.kill();
         let etcd = which("etcd").unwrap();
         self.proc = Some(self.launch(&etcd));
+    }
+}
+
+/// A real three-member etcd cluster on loopback, each member with its own data directory, for
+/// the chaos scenarios: members are killed and started again on the same ports and data.
+pub struct EtcdCluster {
+    pub members: Vec<EtcdMember>,
+    dir: tempfile::TempDir,
+    initial_cluster: String,
+}
+
+pub struct EtcdMember {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub proc: Option<Proc>,
+}
+
+impl EtcdCluster {
+    pub fn start(size: usize) -> EtcdCluster {
+        let members: Vec<EtcdMember> = (0..size)
+            .map(|i| EtcdMember { name: format!("m{i}"), client_port: free_port(), peer_port: free_port(), proc: None })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster { members, dir: tempfile::tempdir().unwrap(), initial_cluster };
+        for i in 0..size {
+            cluster.start_member(i);
+        }
+        cluster.wait_healthy(&(0..size).collect::<Vec<_>>());
+        cluster
+    }
+
+    /// `HOST:PORT,HOST:PORT,...` for `etcd://`.
+    pub fn endpoints(&self) -> String {
+        self.members.iter().map(|m| format!("127.0.0.1:{}", m.client_port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Start member `i` (again: same ports, same data; the data directory decides that it
+    /// rejoins rather than forms a cluster).
+    pub fn start_member(&mut self, i: usize) {
+        let etcd = which("etcd").unwrap_or_else(|| {
+            panic!("`etcd` is not installed: run `apt-get install -y etcd-server` (scripts/test does this)")
+        });
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let mut cmd = Command::new(etcd);
+        cmd.arg(format!("--name={}", m.name))
+            .arg(format!("--data-dir={}", self.dir.path().join(&m.name).display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster={}", self.initial_cluster))
+            .arg("--initial-cluster-token=watt-chaos")
+            .arg("--log-level=warn");
+        let proc = Proc::spawn(&format!("etcd-{}", m.name), cmd);
+        self.members[i].proc = Some(proc);
+    }
+
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Until each of `members` says it is healthy (it has a leader and serves).
+    pub fn wait_healthy(&self, members: &[usize]) {
+        for &i in members {
+            let port = self.members[i].client_port;
+            wait_for(Duration::from_secs(30), &format!("etcd member {i} healthy"), || {
+                http_get(port, "/health").filter(|body| body.contains("\"health\":\"true\"")).map(|_| ())
+            });
+        }
+    }
+}
+
+/// The body of `GET path` on `127.0.0.1:port` over plain HTTP, or `None` if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// Every sample of metric `name` in a Prometheus text body: (its labels as written, value).
+pub fn samples(body: &str, name: &str) -> Vec<(String, f64)> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (metric == name).then(|| Some((labels.to_string(), value.parse().ok()?)))?
+        })
+        .collect()
+}
+
+/// Let `how_long` pass (a scenario's own timing: an outage held for a while).
+pub fn idle(how_long: Duration) {
+    let until = StdInstant::now() + how_long;
+    while let Some(left) = until.checked_duration_since(StdInstant::now()).filter(|d| !d.is_zero()) {
+        std::thread::park_timeout(left);
     }
 }
 

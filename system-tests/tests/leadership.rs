@@ -203,3 +203,43 @@ fn a_new_leader_counts_a_node_it_has_not_heard_from_at_its_recorded_ceiling() {
         (ready_nodes(&second.url) == 2).then_some(())
     });
 }
+
+/// Invariant 11: a cut the caretaker applied but could not store outlives its term. etcd hangs
+/// (SIGSTOP) past the leader's lease: the leader caretakes, takes a cut, then learns its lease
+/// ended and hands the cut over; the next leader (here the same process, in a new term) applies
+/// it and stores it, so the budget never goes back up.
+#[test]
+fn a_cut_the_caretaker_could_not_store_is_carried_into_the_next_term() {
+    let etcd = Etcd::start();
+    let store = format!("etcd://{}", etcd.endpoint());
+    let args = ["--leader-lease", "2s", "--reconcile-interval", "200ms"];
+    let controller = ControllerProc::start(&store, 0, &args);
+    let url = controller.url.clone();
+    let _agents: Vec<Proc> = ["c1", "c2"].iter().map(|n| agent(&url, n, 4)).collect();
+    wait_for(Duration::from_secs(30), "both nodes ready", || (ready_nodes(&url) == 2).then_some(()));
+    set_grid(&url, "4kW", None);
+    let term = metric(&controller, "watt_controller_term");
+
+    etcd.pause();
+    wait_for(Duration::from_secs(5), "the leader to caretake", || {
+        (metric(&controller, "watt_controller_caretaker") == 1.0).then_some(())
+    });
+    let cut = set_grid(&url, "2kW", None);
+    assert_eq!(cut["change_unstored"], true, "{cut}");
+    assert_eq!(cut["unacknowledged_nodes"], 0, "{cut}");
+    // Past the lease: etcd ends it when it runs again, so the caretaker loses its term.
+    idle(Duration::from_secs(4));
+    etcd.resume();
+    wait_for(Duration::from_secs(30), "a leader in a new term", || {
+        let leading = metric(&controller, "watt_controller_leader") == 1.0;
+        (leading && metric(&controller, "watt_controller_term") > term).then_some(())
+    });
+    wait_for(Duration::from_secs(20), "the carried cut in force and stored", || {
+        let status = wattctl_json(&url, &["power", "status"]);
+        let holds = status["sources"][0]["available_watts"] == 2000.0 && status["change_unstored"] == false;
+        holds.then_some(())
+    });
+    let events = wattctl(&url, &["events"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(events.contains("carried-cut-applied"), "{events}");
+}

@@ -122,10 +122,28 @@ impl AgentMetrics {
             "Orders ignored because they came from a leader older than one the agent has heard.",
         )?;
         let term = IntGauge::new("watt_agent_controller_term", "The highest leader's term the agent has heard.")?;
+        let caretaker = IntGauge::new(
+            "watt_agent_controller_caretaker",
+            "1 while the agent's controller is a caretaker (out of touch with its store: cap decreases only).",
+        )?;
+        let caretaker_refused = IntCounter::new(
+            "watt_agent_caretaker_refused_orders_total",
+            "Orders refused because a caretaker sent them and they were not cap decreases.",
+        )?;
+        self.registry.register(Box::new(caretaker.clone()))?;
+        self.registry.register(Box::new(caretaker_refused.clone()))?;
         self.registry.register(Box::new(cap_orders.clone()))?;
         self.registry.register(Box::new(stale_term_orders.clone()))?;
         self.registry.register(Box::new(term.clone()))?;
-        Ok(SessionMetrics { connected, registrations, cap_orders, stale_term_orders, term })
+        Ok(SessionMetrics {
+            connected,
+            registrations,
+            cap_orders,
+            stale_term_orders,
+            term,
+            caretaker,
+            caretaker_refused,
+        })
     }
 }
 
@@ -137,6 +155,8 @@ pub struct SessionMetrics {
     pub cap_orders: IntCounter,
     pub stale_term_orders: IntCounter,
     pub term: IntGauge,
+    pub caretaker: IntGauge,
+    pub caretaker_refused: IntCounter,
 }
 
 /// Renders snapshots for one node. Labels are built once, at start.

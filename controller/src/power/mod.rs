@@ -8,6 +8,7 @@
 pub mod acks;
 pub mod admission;
 pub mod allocator;
+pub mod carried;
 pub mod ceilings;
 pub mod epochs;
 pub mod meter;

@@ -40,6 +40,9 @@ pub enum PowerError {
     UnknownSource(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A change that may raise the budget, asked of a caretaker (invariant 11).
+    #[error("this controller is the caretaker of term {term}: it cannot reach the store, so it takes only changes that lower the budget; retry once a leader is elected")]
+    Caretaking { term: u64 },
 }
 
 impl SourceUpdate {

@@ -76,6 +76,25 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Whether a call failed before it reached etcd: the connection to a member was refused (the
+/// member is down or restarting). The client spreads calls over every endpoint and sends one to
+/// a member that is down without trying another; such a call is safe to send again.
+pub(crate) fn never_sent(e: &etcd_client::Error) -> bool {
+    // The client's error names no source: start from the gRPC or transport error inside.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        etcd_client::Error::TransportError(transport) => Some(transport),
+        _ => None,
+    };
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 impl EtcdStore {
     /// Connect to `endpoints` (`http://host:port`) and check that etcd answers.
     pub async fn connect(endpoints: Vec<String>, prefix: &str) -> Result<Self, StoreError> {
@@ -96,9 +115,27 @@ impl EtcdStore {
         if let Some(tls) = tls {
             options = options.with_tls(tls);
         }
-        let mut client = Client::connect(&endpoints, Some(options.clone())).await.map_err(unavailable)?;
-        client.status().await.map_err(unavailable)?;
-        Ok(EtcdStore { client, endpoints, options, prefix: prefix.to_string(), fence: None })
+        let client = Client::connect(&endpoints, Some(options.clone())).await.map_err(unavailable)?;
+        let store = EtcdStore { client, endpoints, options, prefix: prefix.to_string(), fence: None };
+        store.call(|mut client| async move { client.status().await }).await.map_err(unavailable)?;
+        Ok(store)
+    }
+
+    /// `call` with a client, sent again (up to twice per endpoint) while it fails before
+    /// reaching etcd (see [`never_sent`]): one member down must not fail a call another can take.
+    pub(crate) async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, etcd_client::Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let attempts = self.endpoints.len() * 2;
+        let mut tried = 1;
+        loop {
+            match call(self.client.clone()).await {
+                Err(e) if tried < attempts && never_sent(&e) => tried += 1,
+                answer => return answer,
+            }
+        }
     }
 
     /// A new client to the same etcd, on the runtime this is called from: a task that must not
@@ -122,8 +159,8 @@ impl EtcdStore {
     /// Whether the fence (if any) still holds, read after a refused transaction.
     async fn fence_holds(&self) -> Result<bool, StoreError> {
         let Some(fence) = &self.fence else { return Ok(true) };
-        let mut client = self.client.clone();
-        let response = client.get(fence.key.as_str(), None).await.map_err(unavailable)?;
+        let key = fence.key.as_str();
+        let response = self.call(|mut client| async move { client.get(key, None).await }).await.map_err(unavailable)?;
         Ok(response.kvs().first().is_some_and(|kv| kv.create_revision() == fence.create_revision))
     }
 
@@ -141,9 +178,14 @@ impl EtcdStore {
     }
 
     async fn current_revision(&self) -> Result<i64, StoreError> {
-        let mut client = self.client.clone();
-        let response =
-            client.get(self.full(""), Some(GetOptions::new().with_count_only())).await.map_err(unavailable)?;
+        let key = self.full("");
+        let response = self
+            .call(|mut client| {
+                let key = key.clone();
+                async move { client.get(key, Some(GetOptions::new().with_count_only())).await }
+            })
+            .await
+            .map_err(unavailable)?;
         Ok(response.header().map(|h| h.revision()).unwrap_or(0))
     }
 }
@@ -151,15 +193,20 @@ impl EtcdStore {
 #[async_trait::async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let mut client = self.client.clone();
-        let response = client.get(self.full(key), None).await.map_err(unavailable)?;
+        let key = self.full(key);
+        let response = self
+            .call(|mut client| {
+                let key = key.clone();
+                async move { client.get(key, None).await }
+            })
+            .await
+            .map_err(unavailable)?;
         response.kvs().first().map(|kv| self.entry(kv)).transpose()
     }
 
     /// In pages of [`LIST_PAGE`] keys, all read at the first page's revision: a gRPC answer is
     /// at most 4 MiB, and 25,000 nodes' records are more.
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
-        let mut client = self.client.clone();
         let full = self.full(prefix).into_bytes();
         let end = prefix_end(&full);
         let (mut from, mut revision, mut out) = (full, 0, Vec::new());
@@ -168,7 +215,13 @@ impl Store for EtcdStore {
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let response = client.get(from.clone(), Some(options)).await.map_err(unavailable)?;
+            let response = self
+                .call(|mut client| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { client.get(from, Some(options)).await }
+                })
+                .await
+                .map_err(unavailable)?;
             if revision == 0 {
                 revision = response.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -204,8 +257,14 @@ impl Store for EtcdStore {
         if let Some(fence) = &self.fence {
             compares.push(Compare::create_revision(fence.key.as_str(), CompareOp::Equal, fence.create_revision));
         }
-        let mut client = self.client.clone();
-        let response = client.txn(Txn::new().when(compares).and_then(ops)).await.map_err(unavailable)?;
+        let txn = Txn::new().when(compares).and_then(ops);
+        let response = self
+            .call(|mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
+            })
+            .await
+            .map_err(unavailable)?;
         if response.succeeded() {
             return Ok(response.header().map(|h| h.revision()).unwrap_or(0) as Version);
         }
