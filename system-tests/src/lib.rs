@@ -248,6 +248,8 @@ pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
     dir: tempfile::TempDir,
     initial_cluster: String,
+    /// Another address each member takes clients on (besides loopback), if any.
+    also_on: Option<String>,
 }
 
 pub struct EtcdMember {
@@ -259,6 +261,12 @@ pub struct EtcdMember {
 
 impl EtcdCluster {
     pub fn start(size: usize) -> EtcdCluster {
+        EtcdCluster::start_also_on(size, None)
+    }
+
+    /// [`EtcdCluster::start`], each member also taking clients on `also_on` (an address of this
+    /// namespace: a [`Partition`]'s link to etcd).
+    pub fn start_also_on(size: usize, also_on: Option<&str>) -> EtcdCluster {
         let members: Vec<EtcdMember> = (0..size)
             .map(|i| EtcdMember { name: format!("m{i}"), client_port: free_port(), peer_port: free_port(), proc: None })
             .collect();
@@ -267,7 +275,8 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = EtcdCluster { members, dir: tempfile::tempdir().unwrap(), initial_cluster };
+        let also_on = also_on.map(str::to_string);
+        let mut cluster = EtcdCluster { members, dir: tempfile::tempdir().unwrap(), initial_cluster, also_on };
         for i in 0..size {
             cluster.start_member(i);
         }
@@ -277,7 +286,12 @@ impl EtcdCluster {
 
     /// `HOST:PORT,HOST:PORT,...` for `etcd://`.
     pub fn endpoints(&self) -> String {
-        self.members.iter().map(|m| format!("127.0.0.1:{}", m.client_port)).collect::<Vec<_>>().join(",")
+        self.endpoints_on("127.0.0.1")
+    }
+
+    /// The same on another address the members take clients on.
+    pub fn endpoints_on(&self, host: &str) -> String {
+        self.members.iter().map(|m| format!("{host}:{}", m.client_port)).collect::<Vec<_>>().join(",")
     }
 
     /// Start member `i` (again: same ports, same data; the data directory decides that it
@@ -288,11 +302,15 @@ impl EtcdCluster {
         });
         let m = &self.members[i];
         let client = format!("http://127.0.0.1:{}", m.client_port);
+        let listen = match &self.also_on {
+            Some(host) => format!("{client},http://{host}:{}", m.client_port),
+            None => client.clone(),
+        };
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let mut cmd = Command::new(etcd);
         cmd.arg(format!("--name={}", m.name))
             .arg(format!("--data-dir={}", self.dir.path().join(&m.name).display()))
-            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--listen-client-urls={listen}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
@@ -320,10 +338,92 @@ impl EtcdCluster {
     }
 }
 
+/// The address a partitioned controller listens on (see [`Partition`]); the tests' server
+/// certificate names it.
+pub const PARTITIONED_HOST: &str = "10.201.0.2";
+/// The address etcd takes the partitioned controller's calls on.
+pub const ETCD_FOR_PARTITIONED: &str = "10.202.0.1";
+
+/// A network namespace for one controller, with two links to this one: one to the agents and
+/// clients (`10.201.0.1` ↔ [`PARTITIONED_HOST`]), one to etcd ([`ETCD_FOR_PARTITIONED`] ↔
+/// `10.202.0.2`), so that the controller can be cut off from etcd and from nothing else. Needs
+/// root and `ip` (Debian's `iproute2`).
+pub struct Partition {
+    pub netns: String,
+    etcd_link: String,
+}
+
+impl Partition {
+    const NETNS: &'static str = "watt-partition";
+
+    pub fn create() -> Partition {
+        which("ip").unwrap_or_else(|| {
+            panic!("`ip` is not installed: run `apt-get install -y iproute2` (scripts/test does this)")
+        });
+        // A namespace left by a test that was killed: its links go with it.
+        let _ = Command::new("ip").args(["netns", "del", Self::NETNS]).output();
+        let ns = Self::NETNS;
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {}: {} (the partition tests need root)",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let in_ns = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", ns, "ip"];
+            all.extend_from_slice(args);
+            run(&all);
+        };
+        run(&["netns", "add", ns]);
+        in_ns(&["link", "set", "lo", "up"]);
+        for (outside, inside, outer, inner) in [
+            ("wattpa", "wattpb", "10.201.0.1/30", "10.201.0.2/30"),
+            ("wattea", "watteb", "10.202.0.1/30", "10.202.0.2/30"),
+        ] {
+            run(&["link", "add", outside, "type", "veth", "peer", "name", inside]);
+            run(&["link", "set", inside, "netns", ns]);
+            run(&["addr", "add", outer, "dev", outside]);
+            run(&["link", "set", outside, "up"]);
+            in_ns(&["addr", "add", inner, "dev", inside]);
+            in_ns(&["link", "set", inside, "up"]);
+        }
+        Partition { netns: ns.to_string(), etcd_link: "wattea".to_string() }
+    }
+
+    /// Cut the namespace off from etcd (its link down): packets go nowhere, as in a partition.
+    pub fn cut_etcd(&self) {
+        self.link(&["down"]);
+    }
+
+    pub fn heal_etcd(&self) {
+        self.link(&["up"]);
+    }
+
+    fn link(&self, state: &[&str]) {
+        let mut args = vec!["link", "set", self.etcd_link.as_str()];
+        args.extend_from_slice(state);
+        assert!(Command::new("ip").args(&args).status().unwrap().success(), "ip {}", args.join(" "));
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+    }
+}
+
 /// The body of `GET path` on `127.0.0.1:port` over plain HTTP, or `None` if nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// The same on `host`.
+pub fn http_get_at(host: &str, port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let mut s = std::net::TcpStream::connect((host, port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
     let mut text = String::new();
@@ -393,7 +493,10 @@ impl TestPki {
             let pki = TestPki { dir, authority, issued: Default::default() };
             let server = pki
                 .authority
-                .issue_server(&["127.0.0.1".into(), "localhost".into()], Duration::from_secs(86400))
+                .issue_server(
+                    &["127.0.0.1".into(), "localhost".into(), PARTITIONED_HOST.into()],
+                    Duration::from_secs(86400),
+                )
                 .unwrap();
             pki.write("controller", &server);
             pki
@@ -457,6 +560,8 @@ pub struct ControllerProc {
     pub url: String,
     pub port: u16,
     pub metrics_port: u16,
+    /// The address it listens on (its gRPC and metrics ports).
+    pub host: String,
     /// Whether it said it leads (else it said it follows).
     pub leading: bool,
 }
@@ -467,18 +572,26 @@ impl ControllerProc {
     /// Ports it picks itself may be taken by another test between the pick and the bind: it then
     /// tries again with new ones.
     pub fn start(store: &str, port: u16, extra: &[&str]) -> ControllerProc {
+        ControllerProc::start_in(None, "127.0.0.1", store, port, extra)
+    }
+
+    /// [`ControllerProc::start`] inside network namespace `netns` (when given), listening on
+    /// `host` (an address of that namespace, in the tests' server certificate).
+    pub fn start_in(netns: Option<&str>, host: &str, store: &str, port: u16, extra: &[&str]) -> ControllerProc {
         for attempt in 1.. {
             let port = if port == 0 { free_port() } else { port };
             let metrics_port = free_port();
-            let mut cmd = Command::new(bin("watt-controller"));
-            cmd.args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--metrics-addr",
-                &format!("127.0.0.1:{metrics_port}"),
-            ])
-            .args(["--store", store])
-            .args(extra);
+            let mut cmd = match netns {
+                Some(ns) => {
+                    let mut cmd = Command::new("ip");
+                    cmd.args(["netns", "exec", ns]).arg(bin("watt-controller"));
+                    cmd
+                }
+                None => Command::new(bin("watt-controller")),
+            };
+            cmd.args(["--listen", &format!("{host}:{port}"), "--metrics-addr", &format!("{host}:{metrics_port}")])
+                .args(["--store", store])
+                .args(extra);
             let tls = !extra.iter().any(|a| a.starts_with("--tls-cert") || *a == "--insecure");
             if tls {
                 let pki = TestPki::get();
@@ -496,9 +609,9 @@ impl ControllerProc {
             let up = proc.try_wait_line("Serving gRPC.", Duration::from_secs(30));
             match up.and_then(|_| proc.try_wait_line("role=", Duration::from_secs(30))) {
                 Ok(line) => {
-                    let url = format!("{scheme}://127.0.0.1:{port}");
+                    let url = format!("{scheme}://{host}:{port}");
                     let leading = line.contains("Leading");
-                    return ControllerProc { proc, url, port, metrics_port, leading };
+                    return ControllerProc { proc, url, port, metrics_port, host: host.to_string(), leading };
                 }
                 Err(why) if attempt < 3 => eprintln!("controller did not start ({why}); trying other ports"),
                 Err(why) => panic!("controller did not log \"Serving gRPC.\" in 3 attempts: {why}"),
@@ -519,7 +632,7 @@ impl ControllerProc {
     /// The controller's /metrics body.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        let mut s = std::net::TcpStream::connect((self.host.as_str(), self.metrics_port)).unwrap();
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();

@@ -254,7 +254,9 @@ fn the_leader_killed_during_a_cut_ten_times_keeps_the_budget() {
         idle(Duration::from_secs(2));
         let enforced: f64 = nodes.iter().map(|n| n.sum("watt_gpu_enforced_power_limit_watts")).sum();
         let drawn: f64 = nodes.iter().map(|n| n.sum("watt_gpu_power_watts")).sum();
-        eprintln!("trial {trial}: led again in {failover:?}; caps {enforced:.0} W, draw {drawn:.0} W, limit {limit:.0} W");
+        eprintln!(
+            "trial {trial}: led again in {failover:?}; caps {enforced:.0} W, draw {drawn:.0} W, limit {limit:.0} W"
+        );
         assert!(enforced <= limit + 1.0, "trial {trial}: caps add up to {enforced} W over the {limit} W limit");
         assert!(drawn <= limit, "trial {trial}: the GPUs draw {drawn} W over the {limit} W limit");
         // The killed controller comes back, as a follower, where the agents know it.
@@ -270,5 +272,90 @@ fn the_leader_killed_during_a_cut_ten_times_keeps_the_budget() {
     assert!(p99 < Duration::from_secs(5), "a follower took {p99:?} to lead after a kill -9: {failovers:?}");
     let after = jobs(&all)["train"].clone();
     assert_eq!(after["epoch"], placed["epoch"], "the job was started again: {placed} then {after}");
+    assert_no_start_twice(&mut nodes);
+}
+
+/// The leader cut off from etcd but not from its agents (a network namespace whose link to etcd
+/// goes down): it caretakes — no order — before its lease can end, and only then does the other
+/// controller lead; the agents leave it for the new leader by themselves, never obeying an order
+/// of the old term after one of the new, and the job runs on. When the link comes back, the old
+/// leader learns its lease ended and follows.
+#[test]
+fn the_leader_cut_off_from_etcd_stops_before_another_starts() {
+    let partition = Partition::create();
+    let etcd = EtcdCluster::start_also_on(3, Some(ETCD_FOR_PARTITIONED));
+    let args = ["--leader-lease", "3s", "--reconcile-interval", "200ms"];
+    let cut_off = format!("etcd://{}", etcd.endpoints_on(ETCD_FOR_PARTITIONED));
+    let first = ControllerProc::start_in(Some(&partition.netns), PARTITIONED_HOST, &cut_off, 0, &args);
+    assert!(first.leading, "the controller in the namespace starts first and leads");
+    let second = ControllerProc::start(&format!("etcd://{}", etcd.endpoints()), 0, &args);
+    assert!(!second.leading);
+    let both = format!("{},{}", first.url, second.url);
+    let mut nodes = vec![Node::start(&both, "p1", 4), Node::start(&both, "p2", 4)];
+    wait_for(Duration::from_secs(30), "both nodes ready", || (ready_nodes(&both) == 2).then_some(()));
+    set_grid(&both, "5kW", None);
+    assert!(submit(&both, &job_manifest("train", 1, 2, 2, 4)).status.success());
+    let placed = wait_for(Duration::from_secs(30), "the job running, its caps acknowledged", || {
+        let job = jobs(&both)["train"].clone();
+        let status = wattctl_json(&both, &["power", "status"]);
+        (job["state"] == "running" && status["unacknowledged_nodes"] == 0).then_some(job)
+    });
+    let old_term = metric(&first, "watt_controller_term");
+
+    partition.cut_etcd();
+    let cut = Instant::now();
+    // Who moves first: the cut-off leader must stop before the other can start.
+    let (mut stopped, mut started) = (None, None);
+    wait_for(Duration::from_secs(20), "the other controller to lead", || {
+        if stopped.is_none() && metric(&first, "watt_controller_leader") == 0.0 {
+            stopped = Some(cut.elapsed());
+        }
+        if started.is_none() && metric(&second, "watt_controller_leader") == 1.0 {
+            started = Some(cut.elapsed());
+        }
+        started.map(|_| ())
+    });
+    let (stopped, started) = (stopped.expect("the cut-off leader never stopped"), started.unwrap());
+    eprintln!("cut off from etcd: the leader stopped after {stopped:?}, the other led after {started:?}");
+    assert!(stopped < started, "the other controller led ({started:?}) before the cut-off one stopped ({stopped:?})");
+    assert_eq!(metric(&first, "watt_controller_caretaker"), 1.0, "cut off, not deposed: it caretakes");
+    let new_term = metric(&second, "watt_controller_term");
+    assert!(new_term > old_term);
+
+    // The agents find the new leader themselves and hear its term.
+    wait_for(Duration::from_secs(20), "the agents with the new leader", || {
+        let moved = nodes.iter().all(|n| n.one("watt_agent_controller_term") == new_term);
+        (moved && ready_nodes(&second.url) == 2).then_some(())
+    });
+    eprintln!("the agents were with the new leader {:?} after the cut", cut.elapsed());
+    let status = wattctl_json(&second.url, &["power", "status"]);
+    let cut_again = set_grid(&second.url, "3750W", None);
+    assert_eq!(cut_again["unacknowledged_nodes"], 0, "{cut_again}");
+    let after = jobs(&second.url)["train"].clone();
+    assert_eq!(after["epoch"], placed["epoch"], "the job was started again: {placed} then {after} ({status})");
+    for node in &nodes {
+        assert_eq!(
+            node.one("watt_agent_stale_term_orders_total"),
+            0.0,
+            "{}: an old-term order after a new one",
+            node.proc.name
+        );
+        assert_eq!(
+            node.one("watt_agent_caretaker_refused_orders_total"),
+            0.0,
+            "{}: the caretaker sent more than a cut",
+            node.proc.name
+        );
+    }
+
+    // The link back: the old leader hears its lease ended, and follows.
+    partition.heal_etcd();
+    wait_for(Duration::from_secs(20), "the old leader to follow", || {
+        let follows =
+            metric(&first, "watt_controller_caretaker") == 0.0 && metric(&first, "watt_controller_leader") == 0.0;
+        let healthz = http_get_at(&first.host, first.metrics_port, "/healthz").unwrap_or_default();
+        (follows && healthz.contains("follower")).then_some(())
+    });
+    assert_eq!(metric(&second, "watt_controller_leader"), 1.0);
     assert_no_start_twice(&mut nodes);
 }
