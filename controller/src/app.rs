@@ -12,6 +12,7 @@ use axum::Router;
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_stream::wrappers::TcpListenerStream;
 use watt_proto::v1 as pb;
 use watt_proto::v1::agent_service_server::AgentServiceServer;
@@ -32,6 +33,7 @@ use crate::reconcile::Controller;
 use crate::session::AgentSessions;
 use crate::store;
 use crate::store::observed::StoreHealth;
+use crate::store::replica::Replica;
 use crate::tls::{ReloadingTls, TlsFiles};
 
 /// How long open streams (agent sessions, event watches) may hold the exit after a signal.
@@ -102,6 +104,8 @@ struct Shared {
     /// The store without any term's fence: for handing a caretaker's unstored cut over
     /// (see [`crate::power::carried`]), which is a request to the next leader, not a decision.
     unfenced: Arc<dyn store::Store>,
+    /// A follower's warm copy of etcd, which a won term loads from (see [`store::replica`]).
+    replica: Option<Arc<Replica>>,
     config: ControllerConfig,
     metrics: Metrics,
     store_health: StoreHealth,
@@ -155,10 +159,21 @@ pub async fn run(
         }
     };
 
+    let replica = match &election {
+        Election::Etcd { store, .. } => {
+            let replica = Replica::new();
+            tokio::spawn(replica.clone().follow(store.as_ref().clone(), wait_stop()));
+            tokio::spawn(watch_replica(replica.clone(), metrics.clone(), wait_stop()));
+            Some(replica)
+        }
+        Election::Sole(_) => None,
+    };
     let metrics_app = Router::new()
         .route("/metrics", get(render_metrics))
         .with_state(metrics.clone())
-        .route("/healthz", get(healthz).with_state((store_health.clone(), role.clone())));
+        .route("/healthz", get(healthz).with_state((store_health.clone(), role.clone())))
+        .route("/readyz", get(readyz).with_state((replica.clone(), role.clone())))
+        .route("/livez", get(|| async { "alive\n" }));
     let metrics_server = tokio::spawn({
         let stop = wait_stop();
         async move { axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(stop).await }
@@ -219,7 +234,7 @@ pub async fn run(
         None => tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait_stop())),
     };
 
-    let shared = Shared { unfenced, config, metrics, store_health, role: role_tx, gates, node_ca };
+    let shared = Shared { unfenced, replica, config, metrics, store_health, role: role_tx, gates, node_ca };
     let led = campaign_and_lead(&shared, &election, shutdown).await;
     tracing::info!("Shutting down.");
     let _ = stop_tx.send(true);
@@ -294,7 +309,20 @@ async fn lead_term(
 ) -> Result<TermEnd, ControllerError> {
     let store: Arc<dyn store::Store> =
         Arc::new(store::observed::Observed::new(lead.store.clone(), shared.store_health.clone()));
-    let controller = Controller::new(store, shared.config.settings(), shared.metrics.clone(), lead.term).await?;
+    // From the warm copy when it has every write of the terms before (they all came before this
+    // term's revision); from etcd when it does not within a second.
+    let loading = Instant::now();
+    let copy = match &shared.replica {
+        Some(replica) => replica.snapshot_through(lead.term as i64, Duration::from_secs(1)).await,
+        None => None,
+    };
+    let (settings, metrics) = (shared.config.settings(), shared.metrics.clone());
+    let controller = match &copy {
+        Some(copy) => Controller::load(copy, store, settings, metrics, lead.term).await?,
+        None => Controller::new(store, settings, metrics, lead.term).await?,
+    };
+    let from = if copy.is_some() { "the warm copy" } else { "the store" };
+    tracing::info!(term = lead.term, from, took = ?loading.elapsed(), "Loaded the term's state.");
     let signer = node_signer(&shared.config, &controller).await?;
     if lead.is_lost() {
         // Lost while loading (etcd slow to answer): open nothing.
@@ -468,6 +496,41 @@ async fn healthz(
     match health.failure() {
         None => (axum::http::StatusCode::OK, format!("ok\n{role}\n")),
         Some(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("store: {why}\n{role}\n")),
+    }
+}
+
+/// 200 when this controller can do its part now: it leads, it caretakes (it takes cuts), or
+/// it follows with a warm copy confirmed in sync within the last 5 s (a rolling update waits
+/// for that before it moves on); 503 otherwise. Liveness is `/livez`: a store that does not
+/// answer must not get the process restarted, least of all a caretaker.
+async fn readyz(
+    State((replica, role)): State<(Option<Arc<Replica>>, watch::Receiver<Role>)>,
+) -> (axum::http::StatusCode, String) {
+    use axum::http::StatusCode;
+    match &*role.borrow() {
+        Role::Leader { term } => (StatusCode::OK, format!("leader, term {term}\n")),
+        Role::Caretaker { term } => (StatusCode::OK, format!("caretaker of term {term}\n")),
+        Role::Follower { .. } => match &replica {
+            Some(r) if r.in_sync(Instant::now()) => {
+                (StatusCode::OK, format!("follower, in sync through revision {}\n", r.progress().through))
+            }
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "follower, its copy of the store not in sync\n".to_string()),
+        },
+    }
+}
+
+/// Publish where the warm copy stands, every second.
+async fn watch_replica(replica: Arc<Replica>, metrics: Metrics, stop: impl Future<Output = ()>) {
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = every_second.tick() => {
+                metrics.replica_revision.set(replica.progress().through);
+                metrics.replica_in_sync.set(i64::from(replica.in_sync(Instant::now())));
+            }
+            () = &mut stop => return,
+        }
     }
 }
 

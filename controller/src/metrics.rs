@@ -51,6 +51,9 @@ pub struct Metrics {
     pub term: IntGauge,
     /// 1 while this controller caretakes its term (invariant 11).
     pub caretaker: IntGauge,
+    /// Where the warm copy of etcd stands (see [`crate::store::replica`]).
+    pub replica_revision: IntGauge,
+    pub replica_in_sync: IntGauge,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
@@ -193,6 +196,14 @@ impl Metrics {
             "watt_controller_caretaker",
             "1 while this controller cares for the term it led, out of touch with the store: it only lowers caps (invariant 11).",
         )?;
+        let replica_revision = IntGauge::new(
+            "watt_controller_replica_revision",
+            "The etcd revision through which this controller's warm copy of the store is complete.",
+        )?;
+        let replica_in_sync = IntGauge::new(
+            "watt_controller_replica_in_sync",
+            "1 while etcd confirmed the warm copy caught up within the last 5 s.",
+        )?;
         let term = IntGauge::new(
             "watt_controller_term",
             "The term this controller leads in, or last led in; 0 if it never led. Terms only grow.",
@@ -250,6 +261,8 @@ impl Metrics {
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(term.clone()))?;
         registry.register(Box::new(caretaker.clone()))?;
+        registry.register(Box::new(replica_revision.clone()))?;
+        registry.register(Box::new(replica_in_sync.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
@@ -282,6 +295,8 @@ impl Metrics {
             store_writable,
             leader,
             caretaker,
+            replica_revision,
+            replica_in_sync,
             term,
             job_progress,
             job_shards,

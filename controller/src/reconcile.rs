@@ -136,8 +136,21 @@ impl Controller {
         metrics: Metrics,
         term: u64,
     ) -> Result<Arc<Self>, StoreError> {
-        let jobs = JobTable::load(store.as_ref()).await?;
-        let power = PowerTable::load(store.as_ref()).await?;
+        Controller::load(store.as_ref(), store.clone(), settings, metrics, term).await
+    }
+
+    /// Load every job, source and cap ceiling from `from` (the store, or a follower's warm copy
+    /// of it: see [`crate::store::replica`]), to lead in `term` writing to `store`; the shared
+    /// keys and the epoch mark (a key each, made when absent) from `store` itself.
+    pub async fn load(
+        from: &dyn Store,
+        store: Arc<dyn Store>,
+        settings: Settings,
+        metrics: Metrics,
+        term: u64,
+    ) -> Result<Arc<Self>, StoreError> {
+        let jobs = JobTable::load(from).await?;
+        let power = PowerTable::load(from).await?;
         let power_state = PowerState::load(power, store.as_ref()).await?;
         let run_tokens = crate::run_tokens::RunTokens::load(store.as_ref()).await?;
         let log_grants = crate::log_grants::LogGrants::load(store.as_ref()).await?;
@@ -154,7 +167,7 @@ impl Controller {
         // Every node the store records a cap ceiling for counts at it until it registers with
         // this controller or its failsafe deadline passes: a leader that died may have raised it.
         let mut ceilings = Vec::new();
-        for entry in store.list(crate::power::ceilings::CEILINGS_PREFIX).await? {
+        for entry in from.list(crate::power::ceilings::CEILINGS_PREFIX).await? {
             ceilings.push(crate::power::ceilings::CeilingRecord::decode(&entry.key, &entry.value)?);
         }
         let clock = crate::clock::Clock::new(Instant::now());

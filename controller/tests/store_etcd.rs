@@ -98,3 +98,56 @@ async fn a_bad_store_address_is_refused() {
         assert!(e.to_string().contains("file:PATH or etcd://"), "{address}: {e}");
     }
 }
+
+/// A follower's warm copy: it holds what was there before it started and every write since,
+/// deletes included; a snapshot through a revision has every write up to it; after etcd
+/// compacts past the copy's watch it lists again and is whole.
+#[tokio::test]
+async fn a_warm_copy_follows_every_write() {
+    use watt_controller::store::replica::Replica;
+    let mut etcd = Etcd::start();
+    let store = connect(&etcd).await;
+    store.commit(vec![Write::put("jobs/before", Expect::Absent, b"0".to_vec())]).await.unwrap();
+    let replica = Replica::new();
+    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(replica.clone().follow(store.clone(), async move {
+        let _ = stop.await;
+    }));
+    let mut last = 0;
+    for i in 0..50 {
+        last = store.commit(vec![Write::put(format!("jobs/j{i:02}"), Expect::Absent, vec![b'x'; 100])]).await.unwrap();
+    }
+    let gone = store.get("jobs/j07").await.unwrap().unwrap();
+    last = last.max(store.commit(vec![Write::delete("jobs/j07", Expect::Version(gone.version))]).await.unwrap());
+    let copy = replica.snapshot_through(last as i64, Duration::from_secs(5)).await.expect("the copy caught up");
+    let keys: Vec<String> = copy.list("jobs/").await.unwrap().into_iter().map(|e| e.key).collect();
+    assert_eq!(keys.len(), 50, "{keys:?}");
+    assert!(keys.contains(&"jobs/before".to_string()) && !keys.contains(&"jobs/j07".to_string()));
+    assert_eq!(copy.get("jobs/j08").await.unwrap(), store.get("jobs/j08").await.unwrap(), "same value, same version");
+    assert!(replica.in_sync(tokio::time::Instant::now()));
+
+    // etcd restarts and compacts past the copy while it is away: it lists again.
+    etcd.restart();
+    let mut client = etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await.unwrap();
+    let mut after = 0;
+    for i in 0..5 {
+        // The first calls after the restart may meet the old connection, broken.
+        for attempt in 1.. {
+            match store.commit(vec![Write::put(format!("jobs/k{i}"), Expect::Absent, b"y".to_vec())]).await {
+                Ok(revision) => {
+                    after = revision;
+                    break;
+                }
+                Err(e) if attempt < 20 => {
+                    eprintln!("after the restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    client.compact(after as i64, None).await.unwrap();
+    let copy = replica.snapshot_through(after as i64, Duration::from_secs(15)).await.expect("the copy caught up again");
+    assert_eq!(copy.list("jobs/").await.unwrap().len(), 55);
+    let _ = stop_tx.send(());
+}

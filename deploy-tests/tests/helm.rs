@@ -177,6 +177,10 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
         "{args}"
     );
     assert_eq!(find(&production, "PodDisruptionBudget", "watt-controller")["spec"]["maxUnavailable"], 1);
+    // Ready: leader, caretaker, or a follower in sync; alive whatever the store does.
+    let container = &controller["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
     assert!(docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"), "no budget for one replica");
 }
 

@@ -50,9 +50,17 @@ fn two_controllers_elect_one_leader_and_the_follower_takes_over_when_it_is_kille
         (job["state"] == "running").then_some(job)
     });
 
-    // The leader dies without a word: its lease ends, the follower leads within it and more.
+    // The follower keeps a warm copy of etcd, in sync: it is ready.
+    let ready = http_get(second.metrics_port, "/readyz").unwrap_or_default();
+    assert!(ready.starts_with("follower, in sync"), "{ready}");
+    assert_eq!(http_get(second.metrics_port, "/livez").as_deref(), Some("alive\n"));
+
+    // The leader dies without a word: its lease ends, the follower leads within it and more,
+    // loading the term from its warm copy.
     let killed = Instant::now();
     first.proc.kill9();
+    let loaded = second.proc.wait_line("Loaded the term's state.", Duration::from_secs(20));
+    assert!(loaded.contains("the warm copy"), "{loaded}");
     second.wait_leading(Duration::from_secs(20));
     let failover = killed.elapsed();
     assert!(failover < Duration::from_secs(8), "the follower took {failover:?} to lead after a 2 s lease");

@@ -164,11 +164,44 @@ impl EtcdStore {
         Ok(response.kvs().first().is_some_and(|kv| kv.create_revision() == fence.create_revision))
     }
 
-    fn full(&self, key: &str) -> String {
+    /// Every key under `prefix`, in key order, and the revision they were all read at.
+    pub(crate) async fn list_with_revision(&self, prefix: &str) -> Result<(Vec<Entry>, i64), StoreError> {
+        let full = self.full(prefix).into_bytes();
+        let end = prefix_end(&full);
+        let (mut from, mut revision, mut out) = (full, 0, Vec::new());
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let response = self
+                .call(|mut client| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { client.get(from, Some(options)).await }
+                })
+                .await
+                .map_err(unavailable)?;
+            if revision == 0 {
+                revision = response.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in response.kvs() {
+                out.push(self.entry(kv)?);
+            }
+            match response.kvs().last() {
+                Some(last) if response.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((out, revision)),
+            }
+        }
+    }
+
+    pub(crate) fn full(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
-    fn entry(&self, kv: &etcd_client::KeyValue) -> Result<Entry, StoreError> {
+    pub(crate) fn entry(&self, kv: &etcd_client::KeyValue) -> Result<Entry, StoreError> {
         let key = kv.key_str().map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(Entry {
             key: key.strip_prefix(&self.prefix).unwrap_or(key).to_string(),
@@ -207,35 +240,7 @@ impl Store for EtcdStore {
     /// In pages of [`LIST_PAGE`] keys, all read at the first page's revision: a gRPC answer is
     /// at most 4 MiB, and 25,000 nodes' records are more.
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
-        let full = self.full(prefix).into_bytes();
-        let end = prefix_end(&full);
-        let (mut from, mut revision, mut out) = (full, 0, Vec::new());
-        loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
-            if revision > 0 {
-                options = options.with_revision(revision);
-            }
-            let response = self
-                .call(|mut client| {
-                    let (from, options) = (from.clone(), options.clone());
-                    async move { client.get(from, Some(options)).await }
-                })
-                .await
-                .map_err(unavailable)?;
-            if revision == 0 {
-                revision = response.header().map(|h| h.revision()).unwrap_or(0);
-            }
-            for kv in response.kvs() {
-                out.push(self.entry(kv)?);
-            }
-            match response.kvs().last() {
-                Some(last) if response.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => return Ok(out),
-            }
-        }
+        Ok(self.list_with_revision(prefix).await?.0)
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<Version, StoreError> {

@@ -23,6 +23,7 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> R
 pub mod etcd;
 pub mod file;
 pub mod observed;
+pub mod replica;
 
 use std::fmt;
 use std::sync::Arc;
