@@ -6,7 +6,7 @@
 //! times, reading the controller's own power-event-to-acknowledged histogram.
 //!
 //!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30] [--events 5]
-//!         [--tls | --connection-per-agent] [--restart] [--store etcd://HOST:PORT]
+//!         [--tls | --connection-per-agent] [--restart] [--store etcd://HOST:PORT [--failover]]
 //!
 //! By default the agents share a few HTTP/2 connections and prove their names with bearer
 //! tokens. `--tls`: each agent has a TLS connection of its own and presents a node certificate
@@ -15,7 +15,12 @@
 //! measurement, starts it again on the same store, and times until every agent holds a session
 //! again; the agents reconnect with the real agent's backoff (200 ms doubling to 10 s, equal
 //! jitter). `--store etcd://…`: the controller on that etcd (it then leads by election, every
-//! write fenced by its term) instead of a file store in a scratch directory.
+//! write fenced by its term) instead of a file store in a scratch directory. `--failover` (with
+//! an etcd store, shared connections): a second controller runs as a standby once every agent
+//! holds a session; the leader is killed (SIGKILL) and the bench times until the standby leads
+//! and until every agent holds a session with it. The agents know both controllers and, as the
+//! real agent does, try the other when one refuses or fails, pausing at most a second while a
+//! controller answers that none leads.
 //!
 //! The controller runs as its own release process (the real binary); the generator shares the
 //! machine with it, so the controller's figures are read from /proc for its PID alone. Each
@@ -65,6 +70,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
 }
 
+/// A series's value (`name`, labels included as the exposition writes them); 0 if absent.
 fn metric(metrics_port: u16, name: &str) -> f64 {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) else { return 0.0 };
     let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
@@ -203,8 +209,9 @@ fn start_controller(args: &[String]) -> std::process::Child {
 /// How a simulated agent reaches the controller.
 #[derive(Clone)]
 enum Link {
-    /// A channel shared with other agents (multiplexed HTTP/2), proving its name with a token.
-    Shared(Channel),
+    /// A channel per controller (a replica each), shared with other agents (multiplexed HTTP/2),
+    /// proving its name with a token.
+    Shared(Vec<Channel>),
     /// A connection of its own: TLS with its node certificate, or plain text with its token.
     Own { endpoint: Box<Endpoint>, token: bool },
 }
@@ -212,10 +219,40 @@ enum Link {
 /// Sessions refused on a first try or lost (the agent tried again, as the real one does).
 static RETRIES: AtomicU64 = AtomicU64::new(0);
 
+/// How a session ended.
+#[derive(PartialEq)]
+enum Ended {
+    /// It was registered, then ended.
+    Held,
+    /// A controller answered that it does not lead.
+    NoLeader,
+    Failed,
+}
+
 async fn agent(link: Link, i: usize, sent: Arc<AtomicU64>) {
     let mut backoff = Duration::from_millis(200);
+    // Which controller to try first (of several only with `--failover`).
+    let mut replica = 0;
+    let replicas = match &link {
+        Link::Shared(channels) => channels.len(),
+        Link::Own { .. } => 1,
+    };
     loop {
-        if session(&link, i, &sent).await {
+        // One attempt asks each controller in turn until one holds the session, as the agent's
+        // search for the leader does.
+        let (mut held, mut no_leader) = (false, false);
+        for _ in 0..replicas {
+            match session(&link, replica, i, &sent).await {
+                Ended::Held => {
+                    held = true;
+                    break;
+                }
+                Ended::NoLeader => no_leader = true,
+                Ended::Failed => {}
+            }
+            replica += 1;
+        }
+        if held {
             backoff = Duration::from_millis(200);
         }
         RETRIES.fetch_add(1, Ordering::Relaxed);
@@ -223,16 +260,20 @@ async fn agent(link: Link, i: usize, sent: Arc<AtomicU64>) {
         let jitter = 0.5 + 0.5 * ((i as u64 * 7_919 + RETRIES.load(Ordering::Relaxed)) % 1_000) as f64 / 1_000.0;
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
+        if no_leader {
+            // As the agent: an election under way is asked about again within a second.
+            backoff = backoff.min(Duration::from_secs(1));
+        }
     }
 }
 
-/// One session, until it ends; whether it got as far as `Registered`.
-async fn session(link: &Link, i: usize, sent: &Arc<AtomicU64>) -> bool {
+/// One session with controller `replica` (modulo how many there are), until it ends.
+async fn session(link: &Link, replica: usize, i: usize, sent: &Arc<AtomicU64>) -> Ended {
     let (channel, token) = match link {
-        Link::Shared(channel) => (channel.clone(), true),
+        Link::Shared(channels) => (channels[replica % channels.len()].clone(), true),
         Link::Own { endpoint, token } => match endpoint.connect().await {
             Ok(channel) => (channel, *token),
-            Err(_) => return false,
+            Err(_) => return Ended::Failed,
         },
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -242,11 +283,17 @@ async fn session(link: &Link, i: usize, sent: &Arc<AtomicU64>) -> bool {
     } else {
         AgentServiceClient::new(with_token(channel, String::new())).session(ReceiverStream::new(rx)).await
     };
-    let Ok(response) = call else { return false };
+    let response = match call {
+        Ok(response) => response,
+        Err(status) if status.code() == tonic::Code::Unavailable && status.message().contains("does not lead") => {
+            return Ended::NoLeader
+        }
+        Err(_) => return Ended::Failed,
+    };
     let mut inbound = response.into_inner();
     // The first answer is `Registered`.
     if !matches!(inbound.message().await, Ok(Some(_))) {
-        return false;
+        return Ended::Failed;
     }
     // Answer cap orders as an agent does: apply, then acknowledge what is in force.
     let acks = tx.clone();
@@ -284,7 +331,7 @@ async fn session(link: &Link, i: usize, sent: &Arc<AtomicU64>) -> bool {
         tick.tick().await;
         // The session is over when the controller stops answering (its stream ended).
         if answering.is_finished() || tx.send(telemetry(i)).await.is_err() {
-            return true;
+            return Ended::Held;
         }
         sent.fetch_add(1, Ordering::Relaxed);
     }
@@ -330,6 +377,13 @@ fn main() {
     }
     let mut controller = start_controller(&controller_args);
     let pid = controller.id();
+    // `--failover`: the standby's ports, known to the agents from the start.
+    let failover = flags.iter().any(|a| a == "--failover");
+    assert!(
+        !failover || (store_arg().is_some() && mode == Mode::Shared),
+        "--failover needs --store etcd://… and shared connections"
+    );
+    let (standby_port, standby_metrics_port) = (free_port(), free_port());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let sent = Arc::new(AtomicU64::new(0));
     let scheme = if mode == Mode::Tls { "https" } else { "http" };
@@ -353,9 +407,15 @@ fn main() {
                 }
             }
         }
+        // The standby's channels connect when first used: it starts later.
+        let standby = Endpoint::from_shared(format!("http://127.0.0.1:{standby_port}")).unwrap();
+        let standby_channels: Vec<Channel> = (0..connections).map(|_| standby.connect_lazy()).collect();
         for i in 0..agents {
             let link = match (mode, &pki) {
-                (Mode::Shared, _) => Link::Shared(channels[i % connections].clone()),
+                (Mode::Shared, _) if failover => {
+                    Link::Shared(vec![channels[i % connections].clone(), standby_channels[i % connections].clone()])
+                }
+                (Mode::Shared, _) => Link::Shared(vec![channels[i % connections].clone()]),
                 (Mode::Tls, Some(p)) => Link::Own {
                     endpoint: Box::new(
                         endpoint
@@ -418,6 +478,44 @@ fn main() {
             "controller killed and restarted: {back} of {agents} sessions again after {:.1} s",
             down.elapsed().as_secs_f64()
         );
+        std::thread::park_timeout(Duration::from_secs(3));
+    }
+    let (mut url, mut metrics_port) = (url, metrics_port);
+    if failover {
+        let mut standby_args = controller_args.clone();
+        standby_args[1] = format!("127.0.0.1:{standby_port}");
+        standby_args[3] = format!("127.0.0.1:{standby_metrics_port}");
+        let mut standby = start_controller(&standby_args);
+        let synced = Instant::now();
+        while metric(standby_metrics_port, "watt_controller_replica_in_sync") < 1.0 {
+            assert!(synced.elapsed() < Duration::from_secs(60), "the standby's copy never caught up");
+            std::thread::park_timeout(Duration::from_millis(200));
+        }
+        println!("standby in sync {:.1} s after it started", synced.elapsed().as_secs_f64());
+        std::thread::park_timeout(Duration::from_secs(2));
+        let _ = controller.kill();
+        let _ = controller.wait();
+        let killed = Instant::now();
+        while metric(standby_metrics_port, "watt_controller_leader") < 1.0 {
+            assert!(killed.elapsed() < Duration::from_secs(60), "the standby never led");
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+        let leads = killed.elapsed().as_secs_f64();
+        let back = loop {
+            let n = sessions_gauge(standby_metrics_port);
+            if n as usize >= agents || killed.elapsed() > Duration::from_secs(300) {
+                break n;
+            }
+            std::thread::park_timeout(Duration::from_millis(200));
+        };
+        println!(
+            "leader killed: the standby leads after {leads:.2} s (its load from its warm copy: {:.3} s); {back} of {agents} sessions with it after {:.1} s",
+            metric(standby_metrics_port, "watt_controller_term_load_seconds{from=\"warm_copy\"}"),
+            killed.elapsed().as_secs_f64()
+        );
+        std::mem::swap(&mut controller, &mut standby);
+        url = format!("http://127.0.0.1:{standby_port}");
+        metrics_port = standby_metrics_port;
         std::thread::park_timeout(Duration::from_secs(3));
     }
     let events = arg("--events", 5);

@@ -321,7 +321,9 @@ async fn lead_term(
         Some(copy) => Controller::load(copy, store, settings, metrics, lead.term).await?,
         None => Controller::new(store, settings, metrics, lead.term).await?,
     };
-    let from = if copy.is_some() { "the warm copy" } else { "the store" };
+    let (from, label) = if copy.is_some() { ("the warm copy", "warm_copy") } else { ("the store", "store") };
+    shared.metrics.term_load_seconds.reset();
+    shared.metrics.term_load_seconds.with_label_values(&[label]).set(loading.elapsed().as_secs_f64());
     tracing::info!(term = lead.term, from, took = ?loading.elapsed(), "Loaded the term's state.");
     let signer = node_signer(&shared.config, &controller).await?;
     if lead.is_lost() {

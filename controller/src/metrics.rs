@@ -54,6 +54,7 @@ pub struct Metrics {
     /// Where the warm copy of etcd stands (see [`crate::store::replica`]).
     pub replica_revision: IntGauge,
     pub replica_in_sync: IntGauge,
+    pub term_load_seconds: GaugeVec,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
@@ -196,6 +197,13 @@ impl Metrics {
             "watt_controller_caretaker",
             "1 while this controller cares for the term it led, out of touch with the store: it only lowers caps (invariant 11).",
         )?;
+        let term_load_seconds = GaugeVec::new(
+            Opts::new(
+                "watt_controller_term_load_seconds",
+                "How long loading the last term won took, by where it loaded from (warm_copy or store).",
+            ),
+            &["from"],
+        )?;
         let replica_revision = IntGauge::new(
             "watt_controller_replica_revision",
             "The etcd revision through which this controller's warm copy of the store is complete.",
@@ -262,6 +270,7 @@ impl Metrics {
         registry.register(Box::new(term.clone()))?;
         registry.register(Box::new(caretaker.clone()))?;
         registry.register(Box::new(replica_revision.clone()))?;
+        registry.register(Box::new(term_load_seconds.clone()))?;
         registry.register(Box::new(replica_in_sync.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
@@ -297,6 +306,7 @@ impl Metrics {
             caretaker,
             replica_revision,
             replica_in_sync,
+            term_load_seconds,
             term,
             job_progress,
             job_shards,

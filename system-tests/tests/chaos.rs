@@ -127,9 +127,18 @@ fn a_cut_during_etcd_quorum_loss_is_applied_at_once_and_the_leader_resumes_when_
     });
 
     // A 25% cut: answered at once, every cap acknowledged under it by then.
+    let ack_seconds = |c: &ControllerProc| {
+        (metric(c, "watt_power_event_to_ack_seconds_sum"), metric(c, "watt_power_event_to_ack_seconds_count"))
+    };
+    let before = ack_seconds(&first);
     let asked = Instant::now();
     let cut = set_grid(&both, "3kW", None);
     let answered = asked.elapsed();
+    let after = ack_seconds(&first);
+    assert_eq!(after.1 - before.1, 1.0, "one power event, its caps acknowledged by the answer");
+    let acked_in = after.0 - before.0;
+    eprintln!("the cut's caps acknowledged {acked_in:.3} s after it was asked, during quorum loss");
+    assert!(acked_in < 1.0, "the cut took {acked_in} s to be acknowledged during quorum loss");
     eprintln!("the cut during quorum loss answered in {answered:?}");
     assert_eq!(cut["sources"][0]["available_watts"], 3000.0, "{cut}");
     assert_eq!(cut["change_unstored"], true, "{cut}");

@@ -125,13 +125,21 @@ fn a_cut_while_etcd_hangs_is_applied_at_once_and_stored_after() {
         (jobs(&url)["busy"]["state"] == "running" && status["unacknowledged_nodes"] == 0).then_some(())
     });
 
+    let acks_before = (
+        metric(&controller, "watt_power_event_to_ack_seconds_sum"),
+        metric(&controller, "watt_power_event_to_ack_seconds_count"),
+    );
     etcd.pause();
     let asked = Instant::now();
     let cut = set_grid(&url, "2kW", None);
     let answered = asked.elapsed();
     eprintln!("the cut answered in {answered:?} with etcd hung");
     let status = wattctl_json(&url, &["power", "status"]);
+    let acked_in = metric(&controller, "watt_power_event_to_ack_seconds_sum") - acks_before.0;
+    let events = metric(&controller, "watt_power_event_to_ack_seconds_count") - acks_before.1;
     etcd.resume();
+    assert_eq!(events, 1.0, "one power event, its caps acknowledged");
+    assert!(acked_in < 1.0, "the cut's caps took {acked_in} s to be acknowledged with etcd hung");
     assert_eq!(cut["sources"][0]["available_watts"], 2000.0, "{cut}");
     assert_eq!(cut["change_unstored"], true, "the store hung, yet the answer says it holds the cut: {cut}");
     // The answer waits at most a second for the store, after the cut's orders went out.
