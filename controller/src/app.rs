@@ -130,7 +130,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     let metrics = Metrics::new()?;
-    let store_health = StoreHealth::new(metrics.store_write_failures.clone(), metrics.store_writable.clone());
+    let store_health = StoreHealth::new(metrics.store_errors.clone(), metrics.store_up.clone());
     let opened = store::open_kind(&config.store, etcd_tls(&config)?).await?;
     let unfenced = opened.store();
     let election = match opened {

@@ -44,8 +44,8 @@ pub struct Metrics {
     /// Calls refused, by gRPC code: `unauthenticated` or `permission_denied`.
     pub refused_calls: IntCounterVec,
     /// Store writes that failed (conflicts aside), and whether the last one succeeded.
-    pub store_write_failures: IntCounter,
-    pub store_writable: IntGauge,
+    pub store_errors: IntCounter,
+    pub store_up: IntGauge,
     /// 1 while this controller leads (see [`crate::leadership`]), and the term it leads or led in.
     pub leader: IntGauge,
     pub term: IntGauge,
@@ -181,12 +181,12 @@ impl Metrics {
             ),
             &["code"],
         )?;
-        let store_write_failures = IntCounter::new(
-            "watt_store_write_failures_total",
+        let store_errors = IntCounter::new(
+            "watt_store_errors_total",
             "Store writes that failed (a full disk, an unreachable etcd); compare-and-swap conflicts are not counted.",
         )?;
-        let store_writable = IntGauge::new(
-            "watt_store_writable",
+        let store_up = IntGauge::new(
+            "watt_store_up",
             "1 while the store's last write succeeded, 0 after one failed (until one succeeds again).",
         )?;
         let leader = IntGauge::new(
@@ -264,8 +264,8 @@ impl Metrics {
         registry.register(Box::new(power_event_open.clone()))?;
         registry.register(Box::new(insecure_listener.clone()))?;
         registry.register(Box::new(refused_calls.clone()))?;
-        registry.register(Box::new(store_write_failures.clone()))?;
-        registry.register(Box::new(store_writable.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
+        registry.register(Box::new(store_up.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(term.clone()))?;
         registry.register(Box::new(caretaker.clone()))?;
@@ -300,8 +300,8 @@ impl Metrics {
             power_event_open,
             insecure_listener,
             refused_calls,
-            store_write_failures,
-            store_writable,
+            store_errors,
+            store_up,
             leader,
             caretaker,
             replica_revision,

@@ -341,7 +341,7 @@ fn a_store_that_cannot_be_written_shows_in_healthz_and_clears_without_a_restart(
     let (code, body) = healthz(&controller);
     assert_eq!(code, 503, "{body}");
     assert!(body.starts_with("store: "), "{body}");
-    assert!(controller.metrics().lines().any(|l| l == "watt_store_writable 0"));
+    assert!(controller.metrics().lines().any(|l| l == "watt_store_up 0"));
     // The store is back: the next write succeeds and clears it, with the same controller.
     etcd.restart();
     wait_for(Duration::from_secs(30), "a write to succeed again", || {
@@ -351,8 +351,8 @@ fn a_store_that_cannot_be_written_shows_in_healthz_and_clears_without_a_restart(
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with("ok\nleader, term "), "{body}");
     let metrics = controller.metrics();
-    assert!(metrics.lines().any(|l| l == "watt_store_writable 1"), "{metrics}");
-    assert!(metrics.lines().any(|l| l.starts_with("watt_store_write_failures_total ")), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "watt_store_up 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("watt_store_errors_total ")), "{metrics}");
 }
 
 /// The embedded store on a disk filled to the brim: writes fail and say so (`/healthz`, the
@@ -382,7 +382,7 @@ fn the_embedded_store_on_a_full_disk_says_so_and_heals_when_there_is_room_again(
     let (code, body) = healthz(&controller);
     assert_eq!(code, 503, "{body}");
     assert!(body.starts_with("store: "), "{body}");
-    assert!(controller.metrics().lines().any(|l| l == "watt_store_writable 0"));
+    assert!(controller.metrics().lines().any(|l| l == "watt_store_up 0"));
 
     std::fs::remove_file(dir.path().join("filler")).unwrap();
     wait_for(Duration::from_secs(20), "a write to succeed again", || {

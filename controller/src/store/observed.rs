@@ -1,6 +1,6 @@
 //! The store as the operator sees it: every call's outcome, so a full disk or an unreachable
-//! etcd shows in `/healthz` (503, saying why) and in `watt_store_write_failures_total` and
-//! `watt_store_writable`, and clears by itself — no restart: a failed write with the next write
+//! etcd shows in `/healthz` (503, saying why) and in `watt_store_errors_total` and
+//! `watt_store_up`, and clears by itself — no restart: a failed write with the next write
 //! that succeeds, a failed read with the next call that succeeds (a read that succeeds says
 //! nothing about a full disk). A compare-and-swap conflict, or a write refused because this
 //! controller no longer leads, is the store working as meant, not a failure.
