@@ -103,6 +103,8 @@ pub struct PowerView {
     pub measured_watts: f64,
     /// The change just made is in force but not in the controller's store yet.
     pub change_unstored: bool,
+    /// Nonzero: the answering controller caretakes this term (etcd out of reach; cuts only).
+    pub caretaker_term: u64,
     pub measured_violations: u64,
     pub overdraw_seconds: f64,
     pub worst_overdraw_watts: f64,
@@ -136,6 +138,7 @@ impl From<pb::PowerStatus> for PowerView {
             budget_violations: s.budget_violations,
             measured_watts: s.measured_watts,
             change_unstored: s.change_unstored,
+            caretaker_term: s.caretaker_term,
             measured_violations: s.measured_violations,
             overdraw_seconds: s.overdraw_seconds,
             worst_overdraw_watts: s.worst_overdraw_watts,
@@ -204,6 +207,13 @@ impl PowerView {
             "Nodes:       {} awaiting acknowledgement, {} at failsafe",
             self.unacknowledged_nodes, self.failsafe_nodes
         );
+        if self.caretaker_term > 0 {
+            let _ = writeln!(
+                out,
+                "Controller:  CARETAKER of term {} — etcd is out of its reach: it applies cuts, and raises or moves nothing until a leader leads",
+                self.caretaker_term
+            );
+        }
         if self.change_unstored {
             let _ = writeln!(
                 out,

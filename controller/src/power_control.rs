@@ -334,6 +334,7 @@ impl Controller {
             notes,
             budget_violations: self.metrics.budget_violations.with_label_values(&["counted"]).get(),
             unix_ms: wall_ms,
+            caretaker_term: if self.caretaking() { self.term } else { 0 },
             unenforced_nodes: unenforced.nodes,
             unenforced_excess_watts: unenforced.measured_excess_watts,
             floor_watts: admission.floor_watts,

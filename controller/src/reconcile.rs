@@ -265,6 +265,7 @@ impl Controller {
         let nodes = self.registry.lock();
         status.drawn_watts = nodes.values().map(crate::registry::NodeEntry::drawn_gpu_watts).sum();
         status.change_unstored = self.power_writer.behind();
+        status.caretaker_term = if self.caretaking() { self.term } else { 0 };
         status
     }
 

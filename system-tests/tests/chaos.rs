@@ -157,6 +157,9 @@ fn a_cut_during_etcd_quorum_loss_is_applied_at_once_and_the_leader_resumes_when_
     eprintln!("the cut during quorum loss answered in {answered:?}");
     assert_eq!(cut["sources"][0]["available_watts"], 3000.0, "{cut}");
     assert_eq!(cut["change_unstored"], true, "{cut}");
+    assert_eq!(cut["caretaker_term"].as_f64(), Some(term), "the answer says a caretaker took it: {cut}");
+    let shown = String::from_utf8_lossy(&wattctl(&both, &["power", "status"]).stdout).to_string();
+    assert!(shown.contains("CARETAKER of term"), "{shown}");
     assert_eq!(cut["unacknowledged_nodes"], 0, "a cap of the cut not acknowledged when it answered: {cut}");
     // The answer waits one second for the store, after the caps were acknowledged.
     assert!(answered < Duration::from_secs(3), "the cut took {answered:?}");
@@ -205,6 +208,7 @@ fn a_cut_during_etcd_quorum_loss_is_applied_at_once_and_the_leader_resumes_when_
     // Leading again means raising again: the budget back up, stored first.
     let raised = set_grid(&both, "4kW", None);
     assert_eq!(raised["change_unstored"], false, "{raised}");
+    assert_eq!(raised["caretaker_term"], 0, "{raised}");
     for node in &nodes {
         assert_eq!(node.one("watt_agent_stale_term_orders_total"), 0.0, "{}", node.proc.name);
         assert_eq!(node.one("watt_agent_caretaker_refused_orders_total"), 0.0, "{}", node.proc.name);
