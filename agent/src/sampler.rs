@@ -273,6 +273,7 @@ fn carry_full_fields(sample: &mut GpuSample, full: &GpuSample) {
     sample.pcie = full.pcie;
     sample.ecc = full.ecc;
     sample.processes.clone_from(&full.processes);
+    sample.activity = full.activity;
 }
 
 /// Sample every `interval` until `shutdown` resolves, publishing each round on `tx`.

@@ -43,6 +43,30 @@ const FIELDS: &[DcgmField] = &[
         value: |v| v.reading.energy_joules_total.map(|j| j * 1000.0),
     },
     gauge("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", |v| Some((v.sample.utilization_ratio * 100.0).round())),
+    // Profiling fields: DCGM reports these as ratios, 0 to 1.
+    gauge("DCGM_FI_PROF_SM_ACTIVE", "The ratio of cycles an SM has at least 1 warp assigned (in %).", |v| {
+        v.sample.activity.map(|a| a.sm_active)
+    }),
+    gauge("DCGM_FI_PROF_SM_OCCUPANCY", "The ratio of number of warps resident on an SM (in %).", |v| {
+        v.sample.activity.map(|a| a.sm_occupancy)
+    }),
+    gauge("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "Ratio of cycles the tensor (HMMA) pipe is active (in %).", |v| {
+        v.sample.activity.map(|a| a.tensor_active)
+    }),
+    gauge(
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+        "Ratio of cycles the device memory interface is active sending or receiving data (in %).",
+        |v| v.sample.activity.map(|a| a.dram_active),
+    ),
+    gauge("DCGM_FI_PROF_PIPE_FP16_ACTIVE", "Ratio of cycles the fp16 pipes are active (in %).", |v| {
+        v.sample.activity.map(|a| a.fp16_active)
+    }),
+    gauge("DCGM_FI_PROF_PIPE_FP32_ACTIVE", "Ratio of cycles the fp32 pipes are active (in %).", |v| {
+        v.sample.activity.map(|a| a.fp32_active)
+    }),
+    gauge("DCGM_FI_PROF_PIPE_FP64_ACTIVE", "Ratio of cycles the fp64 pipes are active (in %).", |v| {
+        v.sample.activity.map(|a| a.fp64_active)
+    }),
     gauge("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).", |v| {
         Some((v.sample.memory_utilization_ratio * 100.0).round())
     }),

@@ -58,6 +58,14 @@ pub const GPU_METRICS: &[GpuMetric] = &[
     gauge("watt_gpu_power_limit_max_watts", "Highest power limit the GPU accepts.", |v| Some(v.info.power_limit.max_watts)),
     gauge("watt_gpu_power_limit_default_watts", "The board's default power limit.", |v| Some(v.info.power_limit.default_watts)),
     gauge("watt_gpu_utilization_ratio", "Share of the last sample period a kernel was running, 0 to 1.", |v| Some(v.sample.utilization_ratio)),
+    // The performance monitor's (GPM, Hopper and newer) shares of the last detail period.
+    gauge("watt_gpu_sm_active_ratio", "Share of time the SMs had a warp resident, 0 to 1 (GPM).", |v| v.sample.activity.map(|a| a.sm_active)),
+    gauge("watt_gpu_sm_occupancy_ratio", "Resident warps over the SMs' maximum, 0 to 1 (GPM).", |v| v.sample.activity.map(|a| a.sm_occupancy)),
+    gauge("watt_gpu_tensor_active_ratio", "Share of time the tensor pipes were busy, 0 to 1 (GPM).", |v| v.sample.activity.map(|a| a.tensor_active)),
+    gauge("watt_gpu_dram_active_ratio", "Share of time the memory interface was busy, 0 to 1 (GPM).", |v| v.sample.activity.map(|a| a.dram_active)),
+    gauge("watt_gpu_fp16_active_ratio", "Share of time the FP16 pipes were busy, 0 to 1 (GPM).", |v| v.sample.activity.map(|a| a.fp16_active)),
+    gauge("watt_gpu_fp32_active_ratio", "Share of time the FP32 pipes were busy, 0 to 1 (GPM).", |v| v.sample.activity.map(|a| a.fp32_active)),
+    gauge("watt_gpu_fp64_active_ratio", "Share of time the FP64 pipes were busy, 0 to 1 (GPM).", |v| v.sample.activity.map(|a| a.fp64_active)),
     gauge(
         "watt_gpu_memory_utilization_ratio",
         "Share of the last sample period device memory was read or written, 0 to 1.",
@@ -448,6 +456,16 @@ mod tests {
         assert_eq!(energy_mj, snapshot.gpus[0].energy_joules_total.unwrap() * 1000.0);
         assert_eq!(value(&f, "DCGM_FI_DEV_POWER_MGMT_LIMIT", "0"), Some(700.0));
         assert_eq!(value(&f, "DCGM_FI_DEV_XID_ERRORS", "0"), Some(0.0));
+        // Profiling fields as DCGM gives them: ratios, 0 to 1, the same as Watt's own names.
+        let a = s.activity.expect("an H200 has a performance monitor");
+        assert_eq!(value(&f, "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "0"), Some(a.tensor_active));
+        assert_eq!(value(&f, "DCGM_FI_PROF_SM_ACTIVE", "0"), Some(a.sm_active));
+        assert_eq!(value(&f, "DCGM_FI_PROF_DRAM_ACTIVE", "0"), Some(a.dram_active));
+        assert_eq!(value(&f, "DCGM_FI_PROF_SM_OCCUPANCY", "0"), Some(a.sm_occupancy));
+        assert_eq!(value(&f, "watt_gpu_tensor_active_ratio", "0"), Some(a.tensor_active));
+        for name in ["DCGM_FI_PROF_SM_ACTIVE", "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "watt_gpu_sm_occupancy_ratio"] {
+            assert!((0.0..=1.0).contains(&value(&f, name, "1").unwrap()), "{name} is a ratio");
+        }
         let labels: Vec<_> = f.iter().find(|m| m.name() == "DCGM_FI_DEV_GPU_TEMP").unwrap().get_metric()[0]
             .get_label()
             .iter()
@@ -455,6 +473,21 @@ mod tests {
             .collect();
         for want in ["gpu", "UUID", "device", "modelName", "Hostname"] {
             assert!(labels.iter().any(|l| l == want), "label {want} missing from {labels:?}");
+        }
+    }
+
+    /// A GPU without a performance monitor (an A100) exports no activity family at all.
+    #[test]
+    fn a_gpu_without_gpm_exports_no_activity() {
+        let backend = Arc::new(SimBackend::new(SimModel::A100, 1, 9));
+        let mut sampler = Sampler::new(backend.clone(), 10, 1, Arc::new(XidLog::new(1)));
+        let renderer =
+            Renderer::new("n1", &sampler.inventory(), true, Duration::from_secs(5), AgentMetrics::new().unwrap());
+        let snapshot = sampler.sample_once();
+        let f = renderer.families(&snapshot, snapshot.taken_at);
+        assert!(value(&f, "watt_gpu_power_watts", "0").is_some());
+        for name in ["watt_gpu_sm_active_ratio", "watt_gpu_tensor_active_ratio", "DCGM_FI_PROF_SM_ACTIVE"] {
+            assert!(f.iter().all(|m| m.name() != name || m.get_metric().is_empty()), "{name} exported without GPM");
         }
     }
 

@@ -84,6 +84,24 @@ pub struct GpuSample {
     pub pcie: Option<PcieThroughput>,
     pub ecc: Option<EccCounts>,
     pub processes: Option<Vec<GpuProcess>>,
+    /// What the GPU's units were busy with since the last `Full` read, from its performance
+    /// monitor (GPM: Hopper and newer); `None` on GPUs without one, and on the first read.
+    pub activity: Option<GpuActivity>,
+}
+
+/// Shares of the last period, each 0–1, as the GPU's performance monitor (GPM) counts them and
+/// DCGM's profiling fields report them: SMs with a warp resident (`sm_active`), resident warps
+/// of the SMs' maximum (`sm_occupancy`), the tensor pipes busy (`tensor_active`), the memory
+/// interface busy (`dram_active`), and the FP16, FP32 and FP64 pipes busy.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GpuActivity {
+    pub sm_active: f64,
+    pub sm_occupancy: f64,
+    pub tensor_active: f64,
+    pub dram_active: f64,
+    pub fp16_active: f64,
+    pub fp32_active: f64,
+    pub fp64_active: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

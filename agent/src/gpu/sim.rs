@@ -25,9 +25,26 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    Detail, EccCounts, GpuBackend, GpuError, GpuEvent, GpuInfo, GpuProcess, GpuSample, PcieThroughput,
+    Detail, EccCounts, GpuActivity, GpuBackend, GpuError, GpuEvent, GpuInfo, GpuProcess, GpuSample, PcieThroughput,
     PowerLimitConstraints, ThrottleReasons,
 };
+
+/// What a GPU's performance monitor would count over a tick at `utilization`: dense math keeps
+/// the tensor pipes about as busy as the SMs (an H200 under a bf16 matmul: SM 97%, tensor 94%,
+/// DRAM 16%), an all-reduce keeps memory busier than the tensor pipes.
+fn activity(utilization: f64, dense_math: bool) -> GpuActivity {
+    let u = utilization.clamp(0.0, 1.0);
+    let (tensor, dram) = if dense_math { (0.97 * u, 0.17 * u) } else { (0.05 * u, 1.1 * u) };
+    GpuActivity {
+        sm_active: u,
+        sm_occupancy: 0.45 * u,
+        tensor_active: tensor.clamp(0.0, 1.0),
+        dram_active: dram.clamp(0.0, 1.0),
+        fp16_active: 0.02 * u,
+        fp32_active: 0.08 * u,
+        fp64_active: 0.0,
+    }
+}
 
 /// The driver's update period: power and energy change every 100 ms, not faster.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -54,6 +71,8 @@ pub struct SimModel {
     /// Steady-state temperature is `ambient + per_watt * power`.
     pub ambient_celsius: f64,
     pub celsius_per_watt: f64,
+    /// It has a performance monitor (GPM): Hopper and newer.
+    pub gpm: bool,
 }
 
 impl SimModel {
@@ -70,6 +89,7 @@ impl SimModel {
         memory_clock_hertz: 2_619e6,
         ambient_celsius: 28.0,
         celsius_per_watt: 0.055,
+        gpm: true,
     };
     /// H200 SXM 141 GB: 200–700 W, default 700 W.
     pub const H200: SimModel = SimModel {
@@ -84,6 +104,7 @@ impl SimModel {
         memory_clock_hertz: 3_201e6,
         ambient_celsius: 28.0,
         celsius_per_watt: 0.052,
+        gpm: true,
     };
     /// A100 SXM4 80 GB: 100–400 W, default 400 W.
     pub const A100: SimModel = SimModel {
@@ -98,6 +119,7 @@ impl SimModel {
         memory_clock_hertz: 1_593e6,
         ambient_celsius: 30.0,
         celsius_per_watt: 0.085,
+        gpm: false,
     };
 
     pub const ALL: [SimModel; 3] = [Self::H100, Self::H200, Self::A100];
@@ -169,6 +191,9 @@ pub struct SimGpu {
     power_limit_watts: f64,
     // What the driver reports, updated once per tick.
     utilization: f64,
+    /// This tick's work is dense math (a training step's compute phase, someone's heavy load):
+    /// tensor pipes busy; otherwise the links and memory are (an all-reduce) or nothing is.
+    dense_math: bool,
     demand_watts: f64,
     power_watts: f64,
     recent_power: VecDeque<f64>,
@@ -200,6 +225,7 @@ impl SimGpu {
             compute_ticks,
             power_limit_watts: model.power_limit.default_watts,
             utilization: 0.0,
+            dense_math: false,
             demand_watts: model.idle_watts,
             power_watts: model.idle_watts,
             recent_power: VecDeque::with_capacity(10),
@@ -259,6 +285,12 @@ impl SimGpu {
             (None, SimLoad::Training, Phase::Busy { .. }) => (0.3 + 0.03 * jitter).clamp(0.0, 1.0),
         };
 
+        self.dense_math = match (self.utilization_override, self.load, self.phase) {
+            (Some(u), _, _) => u >= 0.5,
+            (None, SimLoad::Foreign, _) => true,
+            (None, SimLoad::Training, Phase::Busy { .. }) => computing,
+            _ => false,
+        };
         let m = &self.model;
         let dynamic = (m.peak_demand_watts - m.idle_watts) * utilization.powf(0.9);
         self.utilization = utilization;
@@ -373,6 +405,7 @@ impl SimGpu {
                 rx_bytes_per_second: self.utilization * 2.4e9,
             });
             sample.ecc = Some(self.ecc);
+            sample.activity = self.model.gpm.then(|| activity(self.utilization, self.dense_math));
             sample.processes = Some(if has_job {
                 vec![GpuProcess { pid: self.pid, used_memory_bytes: Some(self.job_memory_bytes - 512 * MIB) }]
             } else {
@@ -651,6 +684,36 @@ mod tests {
                 gpu.power_watts()
             })
             .collect()
+    }
+
+    #[test]
+    fn the_activity_counters_follow_the_load_and_exist_only_with_gpm() {
+        let mut gpu = SimGpu::new(SimModel::H200, 3, 0);
+        gpu.advance_to(20);
+        let idle = gpu.read(Detail::Full).activity.expect("an H200 has GPM");
+        assert!(idle.sm_active < 0.01 && idle.tensor_active < 0.01, "{idle:?}");
+        assert_eq!(gpu.read(Detail::Fast).activity, None, "read on full samples only");
+        gpu.set_load(SimLoad::Training);
+        // Over a few steps: compute phases keep the tensor pipes busy, all-reduces the memory.
+        let (mut dense, mut reduce) = (0.0f64, 0.0f64);
+        for tick in 21..200 {
+            gpu.advance_to(tick);
+            let a = gpu.read(Detail::Full).activity.unwrap();
+            for share in [a.sm_active, a.sm_occupancy, a.tensor_active, a.dram_active, a.fp16_active, a.fp32_active] {
+                assert!((0.0..=1.0).contains(&share), "{a:?}");
+            }
+            if a.tensor_active > 0.8 {
+                dense = dense.max(a.tensor_active);
+                assert!(a.dram_active < 0.2, "{a:?}");
+            } else if a.sm_active > 0.2 {
+                reduce = reduce.max(a.dram_active);
+                assert!(a.tensor_active < 0.05, "{a:?}");
+            }
+        }
+        assert!(dense > 0.85 && reduce > 0.25, "tensor {dense}, memory in all-reduces {reduce}");
+        let mut old = SimGpu::new(SimModel::A100, 3, 0);
+        old.advance_to(5);
+        assert_eq!(old.read(Detail::Full).activity, None, "an A100 has no GPM");
     }
 
     #[test]
