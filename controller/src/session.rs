@@ -204,8 +204,11 @@ impl pb::agent_service_server::AgentService for AgentSessions {
         c.wake();
 
         // Heartbeats, so the agent can tell a quiet controller from a lost one: several per the
-        // agent's failsafe deadline, for as long as this is the node's current session.
+        // agent's failsafe deadline, for as long as this is the node's current session. A
+        // caretaker says so with each (invariant 11): the notice sent when caretaking began may
+        // have met a full queue.
         let beat = tx.clone();
+        let caring = self.controller.clone();
         let every =
             (crate::registry::failsafe_after(&register) / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
         tokio::spawn(async move {
@@ -219,6 +222,14 @@ impl pb::agent_service_server::AgentService for AgentSessions {
                 let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::Heartbeat(heartbeat)) };
                 if beat.send(Ok(message)).await.is_err() {
                     return;
+                }
+                if caring.caretaking() {
+                    let notice = pb::Caretaking { term: caring.term, caretaking: true };
+                    let message =
+                        pb::ControllerMessage { body: Some(pb::controller_message::Body::Caretaking(notice)) };
+                    if beat.send(Ok(message)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
