@@ -16,10 +16,42 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use watt_proto::v1 as pb;
 
-use crate::gpu::sim::SimBackend;
+use crate::gpu::sim::{SimBackend, SimWorkload};
 use crate::progress::{ProgressSink, WorkerProgress};
 use crate::sampler::NodeSnapshot;
 use crate::supervisor::{LastExit, Launch, Report, Supervisor};
+
+/// The workload a shard's order asks the simulated GPUs for; balanced when it names none, and
+/// when it names one that does not exist (said in the log).
+fn sim_workload(order: &pb::ShardOrder) -> SimWorkload {
+    let Some(value) = order.env.get(SimWorkload::ENV) else { return SimWorkload::Balanced };
+    SimWorkload::parse(value).unwrap_or_else(|| {
+        tracing::warn!(
+            job = %order.job,
+            "{}={value:?} is not a simulated workload (balanced, compute-bound, memory-bound); running it balanced",
+            SimWorkload::ENV
+        );
+        SimWorkload::Balanced
+    })
+}
+
+/// The GPUs' activity averaged, for the wire; none when no GPU has a performance monitor.
+fn mean_activity(gpus: &[crate::gpu::GpuActivity]) -> Option<pb::GpuActivity> {
+    if gpus.is_empty() {
+        return None;
+    }
+    let n = gpus.len() as f64;
+    let mean = |share: fn(&crate::gpu::GpuActivity) -> f64| gpus.iter().map(share).sum::<f64>() / n;
+    Some(pb::GpuActivity {
+        sm_active: mean(|a| a.sm_active),
+        sm_occupancy: mean(|a| a.sm_occupancy),
+        tensor_active: mean(|a| a.tensor_active),
+        dram_active: mean(|a| a.dram_active),
+        fp16_active: mean(|a| a.fp16_active),
+        fp32_active: mean(|a| a.fp32_active),
+        fp64_active: mean(|a| a.fp64_active),
+    })
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardRecord {
@@ -32,6 +64,8 @@ pub struct ShardRecord {
     pub progress_sent: bool,
     /// The speed last written to the shard's speed file (simulated GPUs).
     pub speed: Option<f64>,
+    /// What its steps are bound by on simulated GPUs (the job's `WATT_SIM_WORKLOAD`).
+    pub workload: SimWorkload,
     pub last_exit: LastExit,
 }
 
@@ -45,6 +79,7 @@ impl ShardRecord {
             progress: None,
             progress_sent: true,
             speed: None,
+            workload: sim_workload(order),
             last_exit: LastExit::default(),
         }
     }
@@ -204,27 +239,29 @@ impl ShardTable {
     fn load_sim_gpus(&self) {
         let Some(sim) = &self.sim else { return };
         let shards = self.lock();
-        let busy: std::collections::HashSet<u32> =
-            shards.values().filter(|r| active(r.state)).flat_map(|r| r.order.gpu_indices.iter().copied()).collect();
+        let busy: std::collections::HashMap<u32, SimWorkload> = shards
+            .values()
+            .filter(|r| active(r.state))
+            .flat_map(|r| r.order.gpu_indices.iter().map(|&gpu| (gpu, r.workload)))
+            .collect();
         drop(shards);
         for gpu in crate::gpu::GpuBackend::gpus(sim.as_ref()) {
-            sim.set_training(gpu.index, busy.contains(&gpu.index));
+            sim.set_training(gpu.index, busy.get(&gpu.index).copied());
         }
     }
 }
 
 impl ShardTable {
-    /// Progress the controller has not had yet, with the energy its GPUs have drawn so far.
+    /// Progress the controller has not had yet, with the energy its GPUs have drawn so far, the
+    /// lowest cap in force on them and what they were doing: what the controller learns each
+    /// job's speed curve from.
     pub fn take_progress(&self, snapshot: &NodeSnapshot) -> Vec<pb::ShardProgress> {
-        let energy_of = |gpus: &[u32]| -> f64 {
-            snapshot
-                .inventory
-                .iter()
-                .zip(&snapshot.gpus)
-                .filter(|(info, _)| gpus.contains(&info.index))
-                .filter_map(|(_, reading)| reading.energy_joules_total)
-                .sum()
-        };
+        fn of<'a>(
+            snapshot: &'a NodeSnapshot,
+            gpus: &'a [u32],
+        ) -> impl Iterator<Item = &'a crate::sampler::GpuReading> + 'a {
+            snapshot.inventory.iter().zip(&snapshot.gpus).filter(|(info, _)| gpus.contains(&info.index)).map(|(_, r)| r)
+        }
         let mut shards = self.lock();
         shards
             .iter_mut()
@@ -232,6 +269,10 @@ impl ShardTable {
             .filter_map(|((job, shard), r)| {
                 r.progress_sent = true;
                 let p = r.progress.as_ref()?;
+                let gpus = &r.order.gpu_indices;
+                let caps = of(snapshot, gpus).filter_map(|reading| reading.sample.as_ref()?.power_limit_watts);
+                let activity: Vec<_> =
+                    of(snapshot, gpus).filter_map(|reading| reading.sample.as_ref()?.activity).collect();
                 Some(pb::ShardProgress {
                     job: job.clone(),
                     shard: *shard,
@@ -240,22 +281,25 @@ impl ShardTable {
                     samples: p.samples,
                     loss: p.loss,
                     extra: p.extra.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-                    energy_joules: energy_of(&r.order.gpu_indices),
+                    energy_joules: of(snapshot, gpus).filter_map(|reading| reading.energy_joules_total).sum(),
                     unix_ms: p.unix_ms,
+                    cap_watts: caps.reduce(f64::min),
+                    activity: mean_activity(&activity),
                 })
             })
             .collect()
     }
 
     /// Simulated GPUs: write each running shard's speed at its GPUs' caps (the slowest GPU sets
-    /// the pace of a synchronous step) where it changed, for `watt-worker --step-time`.
+    /// the pace of a synchronous step), on its workload's true curve, where it changed, for
+    /// `watt-worker --step-time`.
     pub fn publish_speeds(&self, snapshot: &NodeSnapshot) {
         if self.sim.is_none() {
             return;
         }
-        let curve = watt_common::curve::Curve::default();
         let mut shards = self.lock();
         for ((job, shard), r) in shards.iter_mut().filter(|(_, r)| active(r.state)) {
+            let curve = r.workload.curve();
             let speed = snapshot
                 .inventory
                 .iter()

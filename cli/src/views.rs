@@ -93,6 +93,8 @@ pub struct JobView {
     pub message: String,
     pub preemptions: u32,
     pub progress: Option<ProgressView>,
+    /// How fast it runs against its cap, as the controller learned it.
+    pub speed_curve: Option<SpeedCurveView>,
     /// Where it last ran and how each shard ended (kept once it is off its GPUs).
     pub last_run: Vec<ShardEndView>,
     /// The end of each failed shard's log, read from its node (describe only).
@@ -108,6 +110,60 @@ pub struct ProgressView {
     pub samples_per_second: f64,
     pub energy_per_step_joules: f64,
     pub updated_unix_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SpeedCurveView {
+    /// speed(cap) = (cap / max)^exponent.
+    pub exponent: f64,
+    pub exponent_sd: f64,
+    pub speed_at_60_percent: f64,
+    pub speed_at_80_percent: f64,
+    pub observations: u32,
+    pub distinct_caps: u32,
+    /// "shared", "activity" or "measured".
+    pub source: String,
+    pub in_use: bool,
+}
+
+impl From<pb::SpeedCurve> for SpeedCurveView {
+    fn from(c: pb::SpeedCurve) -> Self {
+        let source = match c.source() {
+            pb::SpeedCurveSource::Shared => "shared",
+            pb::SpeedCurveSource::Activity => "activity",
+            pb::SpeedCurveSource::Measured => "measured",
+            pb::SpeedCurveSource::Unspecified => "unknown",
+        };
+        SpeedCurveView {
+            exponent: c.exponent,
+            exponent_sd: c.exponent_sd,
+            speed_at_60_percent: c.speed_at_60_percent,
+            speed_at_80_percent: c.speed_at_80_percent,
+            observations: c.observations,
+            distinct_caps: c.distinct_caps,
+            source: source.into(),
+            in_use: c.in_use,
+        }
+    }
+}
+
+impl SpeedCurveView {
+    /// "speed at 60/80/100% of max cap: 0.83/0.95/1.00, from 14 observations at 3 caps".
+    pub fn sentence(&self) -> String {
+        let whence = match self.source.as_str() {
+            "measured" => format!("from {} observations at {} caps", self.observations, self.distinct_caps),
+            "activity" => "from its GPU activity, not yet measured at two caps".into(),
+            _ => "the shared curve, nothing measured yet".into(),
+        };
+        format!(
+            "speed at 60/80/100% of max cap: {:.2}/{:.2}/1.00, {whence} (exponent {:.2} ± {:.2}){}",
+            self.speed_at_60_percent,
+            self.speed_at_80_percent,
+            self.exponent,
+            self.exponent_sd,
+            if self.in_use { "" } else { "; not used: the controller shares power by one curve" }
+        )
+    }
 }
 
 impl From<pb::JobProgress> for ProgressView {
@@ -150,6 +206,7 @@ impl From<pb::Job> for JobView {
             message: job.message,
             preemptions: job.preemptions,
             progress: job.progress.map(ProgressView::from),
+            speed_curve: job.speed_curve.map(SpeedCurveView::from),
             last_run: job
                 .last_run
                 .into_iter()
@@ -258,6 +315,9 @@ impl JobView {
                 p.steps_per_second, p.samples_per_second
             );
             let _ = writeln!(out, "Energy:         {:.1} J/step (the job's GPUs, last 30 s)", p.energy_per_step_joules);
+        }
+        if let Some(c) = &self.speed_curve {
+            let _ = writeln!(out, "Speed curve:    {}", c.sentence());
         }
         if self.placement.is_empty() && !self.last_run.is_empty() {
             out.push_str("Last run:\n");

@@ -12,6 +12,7 @@ pub use watt_common::logging::LogFormat;
 
 use crate::reconcile::Settings;
 use crate::retention::{JobLimits, Retention};
+use crate::speed_curves::CurvePolicy;
 
 /// Watt's controller: agent sessions, the durable job store, the gang scheduler.
 #[derive(Debug, Parser)]
@@ -124,6 +125,11 @@ pub struct Args {
     #[arg(long, env = "WATT_MAX_JOBS_PER_PRINCIPAL", value_name = "N")]
     pub max_jobs_per_principal: Option<usize>,
 
+    /// Which speed curves power is shared by: each job's, learned from its progress at the caps
+    /// it ran under, or one shared curve for every job [default: learned].
+    #[arg(long, env = "WATT_SPEED_CURVES", value_enum)]
+    pub speed_curves: Option<CurvePolicy>,
+
     /// Log format [default: text].
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -160,6 +166,7 @@ pub struct FileConfig {
     pub keep_ended_jobs: Option<usize>,
     pub max_jobs: Option<usize>,
     pub max_jobs_per_principal: Option<usize>,
+    pub speed_curves: Option<CurvePolicy>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -185,6 +192,7 @@ pub struct ControllerConfig {
     pub settle_time: Duration,
     pub retention: Retention,
     pub limits: JobLimits,
+    pub speed_curves: CurvePolicy,
     pub log_format: LogFormat,
 }
 
@@ -272,6 +280,7 @@ impl Args {
                 per_principal: self.max_jobs_per_principal.or(file.max_jobs_per_principal).unwrap_or(1_000),
                 total: self.max_jobs.or(file.max_jobs).unwrap_or(100_000),
             },
+            speed_curves: self.speed_curves.or(file.speed_curves).unwrap_or_default(),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         };
         config.validate()?;
@@ -427,6 +436,7 @@ impl ControllerConfig {
             settle_time: self.settle_time,
             retention: self.retention,
             limits: self.limits,
+            speed_curves: self.speed_curves,
             // Several telemetry messages per lease, at most one a second.
             telemetry_interval: (self.node_lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(1)),
         }

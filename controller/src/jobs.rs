@@ -249,6 +249,7 @@ impl JobRecord {
             message: self.message.clone(),
             preemptions: self.preemptions,
             progress: None,
+            speed_curve: None,
             last_run: self.last_run.iter().map(ShardOutcome::to_proto).collect(),
             submitted_by: self.submitted_by.clone(),
         }

@@ -32,6 +32,7 @@ pub mod scheduler;
 pub mod secrets;
 pub mod session;
 pub mod spec;
+pub mod speed_curves;
 pub mod store;
 pub mod tls;
 

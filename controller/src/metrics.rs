@@ -57,6 +57,8 @@ pub struct Metrics {
     pub term_load_seconds: GaugeVec,
     /// Per running job, from its workers' progress reports: step, steps/s, samples/s, J/step.
     pub job_progress: [GaugeVec; 4],
+    /// Per running job, its learned speed curve (see [`crate::speed_curves`]).
+    pub job_curve: [GaugeVec; 4],
     /// Per job the allocation holds: shards kept and the cap of every GPU (0 while paused).
     pub job_shards: GaugeVec,
     pub job_cap: GaugeVec,
@@ -69,6 +71,14 @@ pub struct Metrics {
     /// allocation no longer holds removed (not every one cleared and made again).
     job_power_shown: std::sync::Arc<std::sync::Mutex<crate::NameSet<String>>>,
 }
+
+/// The per-job speed-curve metrics, in the order of [`Metrics::job_curve`].
+const JOB_CURVE: [(&str, &str); 4] = [
+    ("watt_job_speed_at_60_percent_cap_ratio", "A running job's learned speed at 60% of its GPUs' maximum cap, relative to its speed at the maximum."),
+    ("watt_job_speed_at_80_percent_cap_ratio", "A running job's learned speed at 80% of its GPUs' maximum cap, relative to its speed at the maximum."),
+    ("watt_job_speed_curve_exponent", "The exponent of a running job's learned speed curve, speed = (cap / max)^exponent: 0 flat (memory-bound), 1 in proportion to the cap."),
+    ("watt_job_speed_curve_observations", "Windows of steady caps a running job's speed curve was measured over."),
+];
 
 /// The per-job progress metrics, in the order of [`Metrics::job_progress`].
 const JOB_PROGRESS: [(&str, &str); 4] = [
@@ -222,6 +232,10 @@ impl Metrics {
         for g in &job_progress {
             registry.register(Box::new(g.clone()))?;
         }
+        let job_curve = [gauge(JOB_CURVE[0])?, gauge(JOB_CURVE[1])?, gauge(JOB_CURVE[2])?, gauge(JOB_CURVE[3])?];
+        for g in &job_curve {
+            registry.register(Box::new(g.clone()))?;
+        }
         let job_shards = GaugeVec::new(
             Opts::new("watt_job_shards", "Shards the power allocation keeps for each placed job (0 while paused)."),
             &["job"],
@@ -309,6 +323,7 @@ impl Metrics {
             term_load_seconds,
             term,
             job_progress,
+            job_curve,
             job_shards,
             job_cap,
             job_state,
@@ -367,16 +382,29 @@ impl Metrics {
     }
 
     /// Running jobs' progress; jobs that stopped running leave the metrics (bounded labels).
-    pub fn observe_progress(&self, jobs: &JobTable, book: &crate::progress::ProgressBook) {
-        for g in &self.job_progress {
+    pub fn observe_progress(
+        &self,
+        jobs: &JobTable,
+        book: &crate::progress::ProgressBook,
+        curves: &crate::speed_curves::SpeedCurves,
+    ) {
+        for g in self.job_progress.iter().chain(&self.job_curve) {
             g.reset();
         }
         for job in jobs.iter().filter(|j| j.state.is_active()) {
-            if let Some(p) = book.job(&job.spec.name) {
-                self.set_progress(&job.spec.name, &p);
+            let name = job.spec.name.as_str();
+            if let Some(p) = book.job(name) {
+                self.set_progress(name, &p);
+            }
+            if let Some(c) = curves.describe(name, true) {
+                let values = [c.speed_at_60_percent, c.speed_at_80_percent, c.exponent, f64::from(c.observations)];
+                for (g, v) in self.job_curve.iter().zip(values) {
+                    g.with_label_values(&[name]).set(v);
+                }
             }
         }
         book.retain(|name| jobs.get(name).is_some());
+        curves.retain(|name| jobs.get(name).is_some_and(|j| !j.state.is_terminal()));
     }
 
     /// One job's progress metrics, as its rank 0 reports (between passes too).

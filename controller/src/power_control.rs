@@ -639,6 +639,7 @@ mod tests {
             settle_time: Duration::from_secs(2),
             retention: crate::retention::Retention { keep_for: Duration::from_secs(7 * 86_400), keep_count: 10_000 },
             limits: crate::retention::JobLimits { per_principal: 1_000, total: 100_000 },
+            speed_curves: crate::speed_curves::CurvePolicy::Learned,
         };
         Controller::new(store, settings, Metrics::new().unwrap(), 1).await.unwrap()
     }

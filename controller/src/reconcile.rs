@@ -49,6 +49,8 @@ pub struct Settings {
     pub retention: crate::retention::Retention,
     /// How many jobs a principal, and everyone, may have stored.
     pub limits: crate::retention::JobLimits,
+    /// Which speed curves power is shared by (see [`crate::speed_curves`]).
+    pub speed_curves: crate::speed_curves::CurvePolicy,
 }
 
 /// Why a client request failed.
@@ -96,6 +98,8 @@ pub struct Controller {
     pub(crate) acks: AckTracker,
     /// Workers' progress by job.
     pub(crate) progress: crate::progress::ProgressBook,
+    /// Each job's speed curve, learned from that progress.
+    pub(crate) speed_curves: crate::speed_curves::SpeedCurves,
     /// When growth may next be tried: see [`crate::regrow`].
     regrow: std::sync::Mutex<RegrowTimes>,
     /// The nodes' part of the view, kept between passes (only the pass uses it).
@@ -195,6 +199,7 @@ impl Controller {
             wake: Notify::new(),
             acks: AckTracker::default(),
             progress: crate::progress::ProgressBook::default(),
+            speed_curves: crate::speed_curves::SpeedCurves::default(),
             regrow: std::sync::Mutex::new(RegrowTimes::default()),
             kept_view: std::sync::Mutex::new(KeptView::default()),
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
@@ -479,6 +484,8 @@ impl Controller {
         let nodes = self.registry.lock();
         let mut job = record.to_proto(|i| reported_state(&nodes, record, i).unwrap_or(pb::ShardState::Unspecified));
         job.progress = progress;
+        let in_use = self.settings.speed_curves == crate::speed_curves::CurvePolicy::Learned;
+        job.speed_curve = self.speed_curves.describe(&record.spec.name, in_use);
         job
     }
 
@@ -573,6 +580,15 @@ impl Controller {
         self.registry.set_idle_allowance(site.idle_gpu_watts);
         let mut nodes = self.registry.lock();
         let rebuilt = kept.bring_up_to_date(&mut nodes, available, site, &self.clock);
+        // Each job's curve, where power is shared by them and one moved (rebuilt views start
+        // with none).
+        if self.settings.speed_curves == crate::speed_curves::CurvePolicy::Learned {
+            let generation = self.speed_curves.generation();
+            if rebuilt || kept.curves_generation != Some(generation) {
+                kept.power.curves = self.speed_curves.curves();
+                kept.curves_generation = Some(generation);
+            }
+        }
         let changed = nodes.take_reports_changed();
         kept.read_reports(&nodes, &live, (!full && !rebuilt).then_some(&changed));
         drop(nodes);
@@ -702,7 +718,7 @@ impl Controller {
         self.send_orders(&jobs, (!full).then_some(&due));
         phase.done("orders");
         self.metrics.observe(&jobs, &self.registry, Instant::now(), self.settings.node_lease);
-        self.metrics.observe_progress(&jobs, &self.progress);
+        self.metrics.observe_progress(&jobs, &self.progress, &self.speed_curves);
         drop(jobs);
         phase.done("books");
         self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
@@ -923,6 +939,8 @@ struct KeptView {
     /// The submission and epoch each job's reports and positions were read at: a placement
     /// never changes within one (every start, shrink and growth takes a new epoch).
     report_epochs: HashMap<String, (u64, u64)>,
+    /// The speed curves' generation `power.curves` holds.
+    curves_generation: Option<u64>,
 }
 
 impl KeptView {

@@ -73,8 +73,8 @@ pub fn regrow<N: Schedulable>(
         return growth;
     };
     let idle = power.site.idle_gpu_watts;
-    let one_shard =
-        f64::from(job.spec.gpus_per_shard) * (Curve::default().cap_for_speed(1.0 - job.spec.flex, cap_now) - idle);
+    let curve: Curve = power.curves.get(&job.spec.name).map_or_else(Curve::default, |c| c.flex_curve);
+    let one_shard = f64::from(job.spec.gpus_per_shard) * (curve.cap_for_speed(1.0 - job.spec.flex, cap_now) - idle);
     if admission.budget_watts - allocation.total_watts < one_shard {
         return growth;
     }

@@ -331,6 +331,10 @@ async fn serve_inbound(
                     return Ok(());
                 }
                 let rank0 = (p.shard == 0).then(|| p.job.clone());
+                // A curve that moved shares power differently (when power is short).
+                if c.speed_curves.record(&p) {
+                    c.wake();
+                }
                 c.progress.record(p);
                 if let Some(progress) = rank0.and_then(|job| c.progress.job(&job).map(|p| (job, p))) {
                     c.metrics.set_progress(&progress.0, &progress.1);

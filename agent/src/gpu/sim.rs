@@ -23,26 +23,84 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use watt_common::curve::Curve;
 
 use super::{
     Detail, EccCounts, GpuActivity, GpuBackend, GpuError, GpuEvent, GpuInfo, GpuProcess, GpuSample, PcieThroughput,
     PowerLimitConstraints, ThrottleReasons,
 };
 
-/// What a GPU's performance monitor would count over a tick at `utilization`: dense math keeps
-/// the tensor pipes about as busy as the SMs (an H200 under a bf16 matmul: SM 97%, tensor 94%,
-/// DRAM 16%), an all-reduce keeps memory busier than the tensor pipes.
-fn activity(utilization: f64, dense_math: bool) -> GpuActivity {
-    let u = utilization.clamp(0.0, 1.0);
-    let (tensor, dram) = if dense_math { (0.97 * u, 0.17 * u) } else { (0.05 * u, 1.1 * u) };
-    GpuActivity {
-        sm_active: u,
-        sm_occupancy: 0.45 * u,
-        tensor_active: tensor.clamp(0.0, 1.0),
-        dram_active: dram.clamp(0.0, 1.0),
-        fp16_active: 0.02 * u,
-        fp32_active: 0.08 * u,
-        fp64_active: 0.0,
+/// What a simulated training step is bound by: it sets the step's true speed curve (what the
+/// agent paces `watt-worker` by), what the performance monitor counts, and how much the GPU would
+/// draw uncapped. Chosen per job by its environment, `WATT_SIM_WORKLOAD` (simulated GPUs only),
+/// so the local cluster can run jobs whose curves differ, as real ones do: on an A40, 200 W of
+/// 300 W cost a compute-bound job 7–11% of its speed, while memory-bound phases barely notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SimWorkload {
+    /// The shared curve (speed 0.9 at 70% of the maximum cap); tensor pipes and memory about
+    /// equally busy.
+    #[default]
+    Balanced,
+    /// Dense math: speed goes with the SM clock (0.82 at 70% of the maximum cap, 0.68 at 50%);
+    /// tensor pipes busy, memory mostly idle (an H200 under a bf16 matmul: SM 97%, tensor 94%,
+    /// DRAM 16%).
+    ComputeBound,
+    /// Bandwidth-bound: speed barely moves with the cap (0.95 at 50%); memory busy, tensor pipes
+    /// mostly waiting; draws less than a dense step uncapped.
+    MemoryBound,
+}
+
+impl SimWorkload {
+    /// The job environment variable that chooses it.
+    pub const ENV: &'static str = "WATT_SIM_WORKLOAD";
+
+    /// From the variable's value: `balanced`, `compute-bound` or `memory-bound`.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "balanced" => Some(SimWorkload::Balanced),
+            "compute-bound" => Some(SimWorkload::ComputeBound),
+            "memory-bound" => Some(SimWorkload::MemoryBound),
+            _ => None,
+        }
+    }
+
+    /// The true speed of a step against the cap.
+    pub fn curve(self) -> Curve {
+        match self {
+            SimWorkload::Balanced => Curve::default(),
+            SimWorkload::ComputeBound => Curve { exponent: 0.55 },
+            SimWorkload::MemoryBound => Curve { exponent: 0.08 },
+        }
+    }
+
+    /// The share of a dense step's dynamic power it would draw uncapped.
+    fn demand_share(self) -> f64 {
+        match self {
+            SimWorkload::Balanced | SimWorkload::ComputeBound => 1.0,
+            SimWorkload::MemoryBound => 0.75,
+        }
+    }
+
+    /// What a GPU's performance monitor would count over a tick at `utilization`, in a step's
+    /// compute phase (`computing`) or its all-reduce (memory and links busier than the tensor
+    /// pipes, whatever the workload).
+    fn activity(self, utilization: f64, computing: bool) -> GpuActivity {
+        let u = utilization.clamp(0.0, 1.0);
+        let (tensor, dram) = match (computing, self) {
+            (false, _) => (0.05 * u, 1.1 * u),
+            (true, SimWorkload::ComputeBound) => (0.97 * u, 0.17 * u),
+            (true, SimWorkload::Balanced) => (0.55 * u, 0.5 * u),
+            (true, SimWorkload::MemoryBound) => (0.25 * u, 0.85 * u),
+        };
+        GpuActivity {
+            sm_active: u,
+            sm_occupancy: 0.45 * u,
+            tensor_active: tensor.clamp(0.0, 1.0),
+            dram_active: dram.clamp(0.0, 1.0),
+            fp16_active: 0.02 * u,
+            fp32_active: 0.08 * u,
+            fp64_active: 0.0,
+        }
     }
 }
 
@@ -159,7 +217,7 @@ pub enum SimLoad {
     #[default]
     Idle,
     /// A Watt shard's training steps.
-    Training,
+    Training(SimWorkload),
     /// A process Watt did not start, running flat out.
     Foreign,
 }
@@ -277,22 +335,26 @@ impl SimGpu {
             (Some(u), _, _) => u,
             (None, SimLoad::Idle, _) => 0.0,
             (None, SimLoad::Foreign, _) => (0.95 + 0.02 * jitter).clamp(0.0, 1.0),
-            (None, SimLoad::Training, Phase::Stall { .. }) => (0.04 + 0.04 * jitter).clamp(0.0, 1.0),
-            (None, SimLoad::Training, Phase::Busy { level, .. }) if computing => {
+            (None, SimLoad::Training(_), Phase::Stall { .. }) => (0.04 + 0.04 * jitter).clamp(0.0, 1.0),
+            (None, SimLoad::Training(_), Phase::Busy { level, .. }) if computing => {
                 (level + 0.02 * jitter).clamp(0.0, 1.0)
             }
             // The step's all-reduce: links busy, tensor cores mostly waiting.
-            (None, SimLoad::Training, Phase::Busy { .. }) => (0.3 + 0.03 * jitter).clamp(0.0, 1.0),
+            (None, SimLoad::Training(_), Phase::Busy { .. }) => (0.3 + 0.03 * jitter).clamp(0.0, 1.0),
         };
 
         self.dense_math = match (self.utilization_override, self.load, self.phase) {
             (Some(u), _, _) => u >= 0.5,
             (None, SimLoad::Foreign, _) => true,
-            (None, SimLoad::Training, Phase::Busy { .. }) => computing,
+            (None, SimLoad::Training(_), Phase::Busy { .. }) => computing,
             _ => false,
         };
         let m = &self.model;
-        let dynamic = (m.peak_demand_watts - m.idle_watts) * utilization.powf(0.9);
+        let share = match self.load {
+            SimLoad::Training(workload) => workload.demand_share(),
+            SimLoad::Idle | SimLoad::Foreign => 1.0,
+        };
+        let dynamic = (m.peak_demand_watts - m.idle_watts) * share * utilization.powf(0.9);
         self.utilization = utilization;
         self.demand_watts = (m.idle_watts * (1.0 + 0.01 * jitter) + dynamic * (1.0 + 0.015 * jitter)).max(0.0);
         // The driver's power controller holds draw at or just under the limit when it binds.
@@ -405,7 +467,11 @@ impl SimGpu {
                 rx_bytes_per_second: self.utilization * 2.4e9,
             });
             sample.ecc = Some(self.ecc);
-            sample.activity = self.model.gpm.then(|| activity(self.utilization, self.dense_math));
+            let workload = match self.load {
+                SimLoad::Training(workload) => workload,
+                SimLoad::Idle | SimLoad::Foreign => SimWorkload::ComputeBound,
+            };
+            sample.activity = self.model.gpm.then(|| workload.activity(self.utilization, self.dense_math));
             sample.processes = Some(if has_job {
                 vec![GpuProcess { pid: self.pid, used_memory_bytes: Some(self.job_memory_bytes - 512 * MIB) }]
             } else {
@@ -497,16 +563,16 @@ impl SimBackend {
     /// Set what runs on a GPU: from now on, its readings follow that load. A GPU marked as
     /// running someone else's process ([`SimBackend::set_foreign`]) keeps it while no Watt shard
     /// is on it.
-    pub fn set_training(&self, index: u32, training: bool) {
+    pub fn set_training(&self, index: u32, training: Option<SimWorkload>) {
         if let Some(slot) = self.slots.get(index as usize) {
             let ticks = self.ticks_now();
             let mut gpu = lock(&slot.gpu);
             gpu.advance_to(ticks);
             let foreign = slot.faults.foreign.load(Ordering::Relaxed);
             gpu.set_load(match (training, foreign) {
-                (true, _) => SimLoad::Training,
-                (false, true) => SimLoad::Foreign,
-                (false, false) => SimLoad::Idle,
+                (Some(workload), _) => SimLoad::Training(workload),
+                (None, true) => SimLoad::Foreign,
+                (None, false) => SimLoad::Idle,
             });
         }
     }
@@ -515,7 +581,10 @@ impl SimBackend {
     pub fn set_foreign(&self, index: u32, foreign: bool) {
         if let Some(slot) = self.slots.get(index as usize) {
             slot.faults.foreign.store(foreign, Ordering::Relaxed);
-            let training = lock(&slot.gpu).load() == SimLoad::Training;
+            let training = match lock(&slot.gpu).load() {
+                SimLoad::Training(workload) => Some(workload),
+                SimLoad::Idle | SimLoad::Foreign => None,
+            };
             self.set_training(index, training);
         }
     }
@@ -677,13 +746,34 @@ mod tests {
         let mut gpu = SimGpu::new(SimModel::H100, seed, index);
         gpu.set_power_limit(cap);
         gpu.advance_to(5);
-        gpu.set_load(SimLoad::Training);
+        gpu.set_load(SimLoad::Training(SimWorkload::Balanced));
         (0..ticks)
             .map(|_| {
                 gpu.advance_to(gpu.tick() + 1);
                 gpu.power_watts()
             })
             .collect()
+    }
+
+    /// Mean tensor and DRAM activity of a GPU running `workload` over 60 s of steps, and its
+    /// highest draw uncapped.
+    fn profile(workload: SimWorkload) -> (f64, f64, f64) {
+        let mut gpu = SimGpu::new(SimModel::H200, 3, 0);
+        gpu.advance_to(20);
+        gpu.set_load(SimLoad::Training(workload));
+        let (mut tensor, mut dram, mut top) = (0.0, 0.0, 0.0f64);
+        for tick in 21..621 {
+            gpu.advance_to(tick);
+            let s = gpu.read(Detail::Full);
+            let a = s.activity.unwrap();
+            for share in [a.sm_active, a.sm_occupancy, a.tensor_active, a.dram_active, a.fp16_active, a.fp32_active] {
+                assert!((0.0..=1.0).contains(&share), "{a:?}");
+            }
+            tensor += a.tensor_active / 600.0;
+            dram += a.dram_active / 600.0;
+            top = top.max(s.power_watts);
+        }
+        (tensor, dram, top)
     }
 
     #[test]
@@ -693,15 +783,12 @@ mod tests {
         let idle = gpu.read(Detail::Full).activity.expect("an H200 has GPM");
         assert!(idle.sm_active < 0.01 && idle.tensor_active < 0.01, "{idle:?}");
         assert_eq!(gpu.read(Detail::Fast).activity, None, "read on full samples only");
-        gpu.set_load(SimLoad::Training);
+        gpu.set_load(SimLoad::Training(SimWorkload::ComputeBound));
         // Over a few steps: compute phases keep the tensor pipes busy, all-reduces the memory.
         let (mut dense, mut reduce) = (0.0f64, 0.0f64);
         for tick in 21..200 {
             gpu.advance_to(tick);
             let a = gpu.read(Detail::Full).activity.unwrap();
-            for share in [a.sm_active, a.sm_occupancy, a.tensor_active, a.dram_active, a.fp16_active, a.fp32_active] {
-                assert!((0.0..=1.0).contains(&share), "{a:?}");
-            }
             if a.tensor_active > 0.8 {
                 dense = dense.max(a.tensor_active);
                 assert!(a.dram_active < 0.2, "{a:?}");
@@ -714,6 +801,26 @@ mod tests {
         let mut old = SimGpu::new(SimModel::A100, 3, 0);
         old.advance_to(5);
         assert_eq!(old.read(Detail::Full).activity, None, "an A100 has no GPM");
+    }
+
+    #[test]
+    fn each_workload_shows_its_bound_in_the_counters_and_its_curve() {
+        let (compute, balanced, memory) =
+            (profile(SimWorkload::ComputeBound), profile(SimWorkload::Balanced), profile(SimWorkload::MemoryBound));
+        let boundness = |(tensor, dram, _): (f64, f64, f64)| tensor / (tensor + dram);
+        assert!(boundness(compute) > 0.65, "{compute:?}");
+        assert!((0.35..0.6).contains(&boundness(balanced)), "{balanced:?}");
+        assert!(boundness(memory) < 0.3, "{memory:?}");
+        assert!(compute.2 > 690.0 && memory.2 < 600.0, "a memory-bound step draws less uncapped: {memory:?}");
+        // The true curves: at 70% of the maximum cap, 0.82 / 0.90 / 0.97 of full speed.
+        let at = |w: SimWorkload| w.curve().speed(490.0, 700.0);
+        assert!((at(SimWorkload::ComputeBound) - 0.822).abs() < 0.005);
+        assert!((at(SimWorkload::Balanced) - 0.9).abs() < 1e-9);
+        assert!(at(SimWorkload::MemoryBound) > 0.97);
+        assert_eq!(SimWorkload::parse("memory-bound"), Some(SimWorkload::MemoryBound));
+        assert_eq!(SimWorkload::parse("compute-bound"), Some(SimWorkload::ComputeBound));
+        assert_eq!(SimWorkload::parse("balanced"), Some(SimWorkload::Balanced));
+        assert_eq!(SimWorkload::parse("fast"), None);
     }
 
     #[test]
@@ -739,18 +846,18 @@ mod tests {
     #[test]
     fn the_backend_follows_the_work_placed_on_each_gpu() {
         let backend = SimBackend::new(SimModel::H200, 4, 5);
-        backend.set_training(1, true);
+        backend.set_training(1, Some(SimWorkload::MemoryBound));
         backend.set_foreign(2, true);
         let gpu = |i: u32| lock(&backend.slots[i as usize].gpu).load();
         assert_eq!(
             [gpu(0), gpu(1), gpu(2), gpu(3)],
-            [SimLoad::Idle, SimLoad::Training, SimLoad::Foreign, SimLoad::Idle]
+            [SimLoad::Idle, SimLoad::Training(SimWorkload::MemoryBound), SimLoad::Foreign, SimLoad::Idle]
         );
-        backend.set_training(2, true);
-        assert_eq!(gpu(2), SimLoad::Training, "a Watt shard placed there runs");
-        backend.set_training(2, false);
+        backend.set_training(2, Some(SimWorkload::Balanced));
+        assert_eq!(gpu(2), SimLoad::Training(SimWorkload::Balanced), "a Watt shard placed there runs");
+        backend.set_training(2, None);
         assert_eq!(gpu(2), SimLoad::Foreign, "the other process is still there");
-        backend.set_training(1, false);
+        backend.set_training(1, None);
         assert_eq!(gpu(1), SimLoad::Idle);
     }
 

@@ -10,8 +10,8 @@ use crate::NameMap;
 
 use crate::jobs::JobRecord;
 use crate::power::allocator::{allocate, Allocation, JobLoad};
-use crate::power::curve::Curve;
 use crate::power::planner::{GpuCap, GpuWork, NodeCaps};
+use crate::power::speed_fit::FittedCurves;
 use crate::power::{gpu_budget_watts, safe_limit_watts, Site};
 use crate::scheduler::ShardAssignment;
 
@@ -48,6 +48,8 @@ pub struct PowerView {
     /// Per node: its GPUs parked, and its draw besides them.
     node_parked_watts: Vec<f64>,
     node_non_gpu_watts: Vec<f64>,
+    /// Each job's speed curves, by name; a job not here runs on the shared one.
+    pub curves: crate::NameMap<String, FittedCurves>,
 }
 
 impl PowerView {
@@ -214,6 +216,7 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
         }
         in_jobs_parked += parked;
         if cap_min <= cap_max && cap_max.is_finite() {
+            let curves = power.curves.get(&record.spec.name).copied().unwrap_or_default();
             loads.push(JobLoad {
                 name: record.spec.name.clone(),
                 priority: record.spec.priority,
@@ -224,7 +227,8 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
                 min_shards: record.spec.shards.min.min(shards.len() as u32),
                 cap_min,
                 cap_max,
-                curve: Curve::default(),
+                curve: curves.curve,
+                flex_curve: curves.flex_curve,
                 given_up_watts,
             });
         }

@@ -47,7 +47,11 @@ pub struct JobLoad {
     /// The cap range every one of its GPUs accepts: [highest minimum, lowest maximum].
     pub cap_min: f64,
     pub cap_max: f64,
+    /// Its speed against the cap: what power is shared by.
     pub curve: Curve,
+    /// The curve its flex is kept on: where the curve is learned, the steepest its fit finds
+    /// likely, so the slowdown promised holds where the estimate is off; else the same curve.
+    pub flex_curve: Curve,
     /// Per shard placed, what its GPUs count together once the job gives it up (shrunk or
     /// paused); a shard not listed counts its GPUs at the idle allowance.
     pub given_up_watts: Vec<f64>,
@@ -109,7 +113,7 @@ impl Work {
 
     fn flex_floor(&self) -> f64 {
         self.load
-            .curve
+            .flex_curve
             .cap_for_speed(1.0 - self.load.flex, self.load.cap_max)
             .clamp(self.load.cap_min, self.load.cap_max)
     }
@@ -288,6 +292,7 @@ mod tests {
             cap_min: 200.0,
             cap_max: 700.0,
             curve: Curve::default(),
+            flex_curve: Curve::default(),
             given_up_watts: Vec::new(),
         }
     }

@@ -1,5 +1,5 @@
 //! Power: where it comes from (sources, with ramp rates), what is left for GPUs (the budget),
-//! how it is shared (the [`allocator`]), and how the cluster moves from one allocation to the
+//! how it is shared (the [`allocator`], on each job's [`speed_fit`]), and how the cluster moves from one allocation to the
 //! next without ever drawing more than it may (the [`planner`]).
 //!
 //! Everything here is plain data and pure functions of it; times are passed in as Unix
@@ -15,6 +15,7 @@ pub mod meter;
 /// The speed-vs-cap curve lives in `watt-common`: the agent's simulated GPUs pace workers by it.
 pub use watt_common::curve;
 pub mod planner;
+pub mod speed_fit;
 pub mod table;
 
 use serde::{Deserialize, Serialize};

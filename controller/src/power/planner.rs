@@ -458,6 +458,8 @@ mod tests {
         Wait(i64),
         /// A job arrives, or finishes.
         Toggle(usize),
+        /// A job's learned speed curve moves (its exponent, and the one its flex is kept on).
+        Relearn(usize, f64, f64),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -469,6 +471,7 @@ mod tests {
             (0usize..6, prop_oneof![Just(70.0), 90.0f64..260.0]).prop_map(|(n, w)| Step::Draw(n, w)),
             (100i64..6_000).prop_map(Step::Wait),
             (0usize..3).prop_map(Step::Toggle),
+            (0usize..3, 0.02f64..0.95, 0.0f64..0.3).prop_map(|(j, e, margin)| Step::Relearn(j, e, margin)),
         ]
     }
 
@@ -519,13 +522,13 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
-        fn budget_safety_and_decrease_before_increase_hold_at_every_step_through_cuts_arrivals_lost_acks_and_cut_links(steps in prop::collection::vec(step(), 1..60)) {
+        fn budget_safety_and_decrease_before_increase_hold_at_every_step_through_cuts_arrivals_lost_acks_cut_links_and_learned_curves(steps in prop::collection::vec(step(), 1..60)) {
             const FAILSAFE_MS: i64 = 10_000;
             let mut nodes: Vec<NodeCaps> = (0..6).map(|i| node(&format!("n{i}"), 4, 200.0)).collect();
             // Three 2-node jobs of 1×4 GPUs... each node holds one 4-GPU shard of some job.
-            let jobs: Vec<JobLoad> = (0..3).map(|j| JobLoad {
+            let mut jobs: Vec<JobLoad> = (0..3).map(|j| JobLoad {
                 name: format!("j{j}"), priority: j, sequence: j as u64, flex: 0.1 * j as f64, gpus_per_shard: 4,
-                shards: 2, min_shards: 1, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(), given_up_watts: Vec::new(),
+                shards: 2, min_shards: 1, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(), flex_curve: Curve::default(), given_up_watts: Vec::new(),
             }).collect();
             let mut present = [true; 3];
             let full = 24.0 * 700.0;
@@ -571,6 +574,10 @@ mod tests {
                     }
                     // Someone else's load, on a node whose job is gone (a placed job's GPUs are Watt's).
                     Step::Draw(n, w) => if !present[n / 2] { for g in &mut nodes[n].gpus { g.measured_watts = w; } },
+                    Step::Relearn(j, exponent, margin) => {
+                        jobs[j].curve = Curve { exponent };
+                        jobs[j].flex_curve = Curve { exponent: (exponent + margin).min(0.95) };
+                    }
                     Step::Wait(ms) => {
                         now += ms;
                         for (i, n) in nodes.iter().enumerate() { if n.reachable { last_heard[i] = now; } }
