@@ -127,23 +127,31 @@ fn free_port() -> Result<u16, Failure> {
         .map_err(|e| Failure::Server(format!("no free port: {e}")))
 }
 
-/// The demo jobs: three `watt-worker` jobs sized to the cluster, a priority and a flexibility each.
+/// The demo jobs: three `watt-worker` jobs sized to the cluster, a priority and a flexibility
+/// each, and each its own true speed curve on the simulated GPUs (`WATT_SIM_WORKLOAD`): the
+/// pretraining job compute-bound, the fine-tune balanced, the sweep memory-bound — what the
+/// controller learns and shares power by.
 fn demo_jobs(args: &UpArgs, worker: &Path, dir: &Path) -> Vec<serde_json::Value> {
     let per_shard = (args.gpus_per_node / 2).max(1);
     let n = args.nodes;
-    [("pretrain", 10, 0.1, (n / 2).max(1), n), ("finetune", 5, 0.3, 1, (n / 2).max(1)), ("sweep", 1, 0.5, 1, n)]
-        .into_iter()
-        .map(|(name, priority, flex, min, max)| {
-            serde_json::json!({
-                "name": name, "priority": priority, "flex": flex,
-                "shards": {"min": min, "max": max}, "gpus_per_shard": per_shard,
-                "checkpoint_dir": dir.join("checkpoints").join(name).display().to_string(),
-                "stop_grace": "10s",
-                "command": [worker.display().to_string(), "--steps", "100000000", "--step-time", "100ms",
-                            "--model", "mlp", "--checkpoint-every", "20", "--log-every", "100"],
-            })
+    [
+        ("pretrain", 10, 0.1, (n / 2).max(1), n, "compute-bound"),
+        ("finetune", 5, 0.3, 1, (n / 2).max(1), "balanced"),
+        ("sweep", 1, 0.5, 1, n, "memory-bound"),
+    ]
+    .into_iter()
+    .map(|(name, priority, flex, min, max, workload)| {
+        serde_json::json!({
+            "name": name, "priority": priority, "flex": flex,
+            "env": {"WATT_SIM_WORKLOAD": workload},
+            "shards": {"min": min, "max": max}, "gpus_per_shard": per_shard,
+            "checkpoint_dir": dir.join("checkpoints").join(name).display().to_string(),
+            "stop_grace": "10s",
+            "command": [worker.display().to_string(), "--steps", "100000000", "--step-time", "100ms",
+                        "--model", "mlp", "--checkpoint-every", "20", "--log-every", "100"],
         })
-        .collect()
+    })
+    .collect()
 }
 
 async fn set_source(power: &mut crate::PowerClient, s: &scenario::Source) -> Result<(), Failure> {

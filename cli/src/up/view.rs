@@ -37,8 +37,8 @@ pub fn frame(t: Duration, end: Option<Duration>, status: &pb::PowerStatus, jobs:
     let _ = writeln!(out, "Sources  {}\n", sources.join(" · "));
     let _ = writeln!(
         out,
-        "{:<12} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}",
-        "JOB", "STATE", "SHARDS", "CAP", "STEPS/S", "STEP", "J/STEP"
+        "{:<12} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
+        "JOB", "STATE", "SHARDS", "CAP", "STEPS/S", "STEP", "J/STEP", "SPEED AT 60/80% CAP"
     );
     let caps: BTreeMap<&str, &pb::JobPower> = status.jobs.iter().map(|j| (j.name.as_str(), j)).collect();
     for job in jobs {
@@ -47,16 +47,21 @@ pub fn frame(t: Duration, end: Option<Duration>, status: &pb::PowerStatus, jobs:
         let cap =
             caps.get(spec.name.as_str()).filter(|p| !p.paused).map_or("-".to_string(), |p| show_watts(p.cap_watts));
         let p = job.progress.unwrap_or_default();
+        let curve = job.speed_curve.map_or("-".to_string(), |c| {
+            let view = crate::views::SpeedCurveView::from(c);
+            format!("{:.2}/{:.2} ({})", view.speed_at_60_percent, view.speed_at_80_percent, view.source)
+        });
         let _ = writeln!(
             out,
-            "{:<12} {:<10} {:>8} {:>9} {:>9.1} {:>9} {:>9.0}",
+            "{:<12} {:<10} {:>8} {:>9} {:>9.1} {:>9} {:>9.0}  {}",
             spec.name,
             job_state(job.state),
             format!("{}/{}..{}", job.shards.len(), range.min, range.max),
             cap,
             p.steps_per_second,
             p.step,
-            p.energy_per_step_joules
+            p.energy_per_step_joules,
+            curve
         );
     }
     let _ = writeln!(out, "\nEvents");
@@ -116,6 +121,8 @@ pub struct Summary {
     full_rate: BTreeMap<String, f64>,
     /// Steps done and time spent running from the first power event on.
     after: BTreeMap<String, (f64, f64)>,
+    /// Each job's speed curve as last learned.
+    curves: BTreeMap<String, crate::views::SpeedCurveView>,
 }
 
 impl Summary {
@@ -129,6 +136,9 @@ impl Summary {
         for job in s.jobs {
             let Some(spec) = &job.spec else { continue };
             self.priority.insert(spec.name.clone(), spec.priority);
+            if let Some(c) = job.speed_curve {
+                self.curves.insert(spec.name.clone(), c.into());
+            }
             let Some(p) = &job.progress else { continue };
             let entry = self.steps.entry(spec.name.clone()).or_insert((p.step, p.step));
             entry.1 = entry.1.max(p.step);
@@ -173,6 +183,9 @@ impl Summary {
         let _ = writeln!(out, "  energy used             {:.3} kWh (measured draw)", self.energy_joules / 3.6e6);
         for (name, (first, last)) in &self.steps {
             let _ = writeln!(out, "  steps {name:<17} {}", last.saturating_sub(*first));
+        }
+        for (name, curve) in &self.curves {
+            let _ = writeln!(out, "  curve {name:<17} {}", curve.sentence());
         }
         match self.weighted_kept() {
             Some(k) if self.events > 0 => {
