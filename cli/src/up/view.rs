@@ -37,8 +37,8 @@ pub fn frame(t: Duration, end: Option<Duration>, status: &pb::PowerStatus, jobs:
     let _ = writeln!(out, "Sources  {}\n", sources.join(" · "));
     let _ = writeln!(
         out,
-        "{:<12} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
-        "JOB", "STATE", "SHARDS", "CAP", "STEPS/S", "STEP", "J/STEP", "SPEED AT 60/80% CAP"
+        "{:<12} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}  SPEED AT 60/80% CAP",
+        "JOB", "STATE", "SHARDS", "CAP", "STEPS/S", "STEP", "J/STEP"
     );
     let caps: BTreeMap<&str, &pb::JobPower> = status.jobs.iter().map(|j| (j.name.as_str(), j)).collect();
     for job in jobs {
