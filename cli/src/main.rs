@@ -151,6 +151,25 @@ enum Power {
         #[arg(value_parser = power::parse_ratio)]
         reserve: f64,
     },
+    /// Change site settings; each left out stays as it is.
+    SetSite {
+        /// The share of available power never allocated, e.g. 10%.
+        #[arg(long, value_parser = power::parse_ratio)]
+        reserve: Option<f64>,
+        /// Facility power per watt of IT power, e.g. 1.2.
+        #[arg(long)]
+        pue: Option<f64>,
+        /// What a node draws besides its GPUs when its agent does not say, e.g. 800W.
+        #[arg(long, value_parser = power::parse_watts)]
+        node_overhead: Option<f64>,
+        /// What a GPU with no work may draw, e.g. 100W.
+        #[arg(long, value_parser = power::parse_watts)]
+        idle_gpu: Option<f64>,
+        /// The fastest counted power may rise, over any second and any minute, e.g. 5MW/min or
+        /// 80kW/s; 0 removes the limit. Cuts are never slowed.
+        #[arg(long, value_parser = power::parse_ramp)]
+        ramp_up: Option<f64>,
+    },
     /// Print the power status on every change.
     Watch,
 }
@@ -404,6 +423,21 @@ async fn run_power(target: &Target, output: Output, what: Power) -> Result<(), F
         Power::RemoveSource { name } => client.remove_source(pb::RemoveSourceRequest { name }).await?,
         Power::SetReserve { reserve } => {
             client.set_site(pb::SetSiteRequest { reserve_ratio: Some(reserve), ..Default::default() }).await?
+        }
+        Power::SetSite { reserve, pue, node_overhead, idle_gpu, ramp_up } => {
+            let request = pb::SetSiteRequest {
+                reserve_ratio: reserve,
+                pue,
+                node_overhead_watts: node_overhead,
+                idle_gpu_watts: idle_gpu,
+                ramp_up_watts_per_second: ramp_up,
+            };
+            if request == pb::SetSiteRequest::default() {
+                return Err(Failure::Usage(
+                    "set-site: give at least one of --reserve, --pue, --node-overhead, --idle-gpu, --ramp-up".into(),
+                ));
+            }
+            client.set_site(request).await?
         }
         Power::Watch => {
             let mut stream = client.watch_power(pb::WatchPowerRequest {}).await?.into_inner();

@@ -24,9 +24,13 @@ pub fn parse_watts(text: &str) -> Result<f64, String> {
     Ok(value * scale)
 }
 
-/// Parse "2MW/s" (the "/s" may be left out).
+/// Parse "2MW/s" or "5MW/min" into W/s (the "/s" may be left out).
 pub fn parse_ramp(text: &str) -> Result<f64, String> {
-    parse_watts(text.trim().trim_end_matches("/s"))
+    let t = text.trim();
+    match t.strip_suffix("/min") {
+        Some(per_minute) => parse_watts(per_minute).map(|w| w / 60.0),
+        None => parse_watts(t.trim_end_matches("/s")),
+    }
 }
 
 /// Parse "10%" or "0.1".
@@ -114,6 +118,11 @@ pub struct PowerView {
     pub unenforced_excess_watts: f64,
     pub foreign_gpus: u32,
     pub foreign_watts: f64,
+    /// The site's ramp limit on counted power, W/s (none: not limited).
+    pub ramp_up_watts_per_second: Option<f64>,
+    /// How fast counted power moved over the last second and minute, W/s.
+    pub ramp_1s_watts_per_second: f64,
+    pub ramp_60s_watts_per_second: f64,
     pub sources: Vec<SourceView>,
     pub jobs: Vec<JobPowerView>,
     pub notes: Vec<String>,
@@ -148,6 +157,9 @@ impl From<pb::PowerStatus> for PowerView {
             unenforced_excess_watts: s.unenforced_excess_watts,
             foreign_gpus: s.foreign_gpus,
             foreign_watts: s.foreign_watts,
+            ramp_up_watts_per_second: site.ramp_up_watts_per_second,
+            ramp_1s_watts_per_second: s.ramp_1s_watts_per_second,
+            ramp_60s_watts_per_second: s.ramp_60s_watts_per_second,
             sources: s
                 .sources
                 .into_iter()
@@ -191,6 +203,15 @@ impl PowerView {
             show_watts(self.counted_watts)
         );
         let _ = writeln!(out, "Drawn:       {}  (measured, GPUs)", show_watts(self.drawn_watts));
+        let limit = self.ramp_up_watts_per_second.map_or("no ramp limit".to_string(), |r| {
+            format!("rises held under {}/s, {}/min", show_watts(r), show_watts(r * 60.0))
+        });
+        let _ = writeln!(
+            out,
+            "Ramp:        {}/s over the last second, {}/s over the last minute ({limit})",
+            show_watts(self.ramp_1s_watts_per_second),
+            show_watts(self.ramp_60s_watts_per_second)
+        );
         let _ = writeln!(
             out,
             "Measured:    {}  (GPUs and non-GPU: what the meter judges)",

@@ -278,6 +278,7 @@ impl pb::power_service_server::PowerService for PowerApi {
             pue: r.pue,
             node_overhead_watts: r.node_overhead_watts,
             idle_gpu_watts: r.idle_gpu_watts,
+            ramp_up_watts_per_second: r.ramp_up_watts_per_second,
         };
         Ok(Response::new(self.change(PowerChange::SetSite(update), &by).await?))
     }

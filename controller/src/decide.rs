@@ -146,6 +146,12 @@ pub enum Reason {
     },
     /// GPUs are free but the budget cannot hold it at its minimum cap.
     PowerWaiting,
+    /// Its start would raise counted power by `step_watts` at once, more than the site's ramp
+    /// limit allows now (`per_second_watts` in a quiet second).
+    RampWaiting {
+        step_watts: u64,
+        per_second_watts: u64,
+    },
     Grown {
         from: usize,
         to: usize,
@@ -168,6 +174,13 @@ impl fmt::Display for Reason {
             Reason::Shrunk { to } => write!(f, "shrunk to {to} shard(s): the power budget cannot hold more"),
             Reason::Placed { summary } => write!(f, "placed: {summary}"),
             Reason::PowerWaiting => f.write_str("waiting for power: the budget cannot hold it at its minimum cap"),
+            Reason::RampWaiting { step_watts, per_second_watts } if step_watts > per_second_watts => write!(
+                f,
+                "waiting: its start alone raises counted power by {step_watts} W at once, more than the site's ramp limit allows in a second ({per_second_watts} W); raise ramp_up or make the job smaller"
+            ),
+            Reason::RampWaiting { step_watts, .. } => {
+                write!(f, "waiting for the site's ramp limit: its start raises counted power by {step_watts} W")
+            }
             Reason::Grown { from, to } => write!(f, "grown from {from} to {to} shard(s): power and GPUs allow it"),
             Reason::Waiting(why) => why.fmt(f),
             Reason::Cancelled => f.write_str("cancelled"),
@@ -379,6 +392,8 @@ pub fn decide(view: &View, now: Now) -> Decisions {
             ports.entry(first.node.as_str()).or_default().insert(job.master_port);
         }
     }
+    // What the site's ramp limit lets starts add at once this pass.
+    let mut ramp_room = view.power.ramp.now_watts;
     for start in &plan.starts {
         let Some(mut record) = jobs.get(&start.job).cloned() else { continue };
         let mut shards = start.shards.clone();
@@ -393,6 +408,19 @@ pub fn decide(view: &View, now: Now) -> Decisions {
             Some(&(false, keep)) => shards.truncate(keep as usize),
             None => {}
         }
+        let step = view.power.start_step_watts(&shards);
+        if step > ramp_room {
+            let reason = Reason::RampWaiting {
+                step_watts: step.round() as u64,
+                per_second_watts: view.power.ramp.per_second_watts.round() as u64,
+            };
+            if record.hold != Some(Hold::RampWaiting) || record.message != reason.to_string() {
+                record.hold = Some(Hold::RampWaiting);
+                place.push(JobChange { record, event: None, reason });
+            }
+            continue;
+        }
+        ramp_room -= step;
         let used = ports.entry(start.shards[0].node.as_str()).or_default();
         record.master_port = pick_master_port(used);
         used.insert(record.master_port);
@@ -556,6 +584,7 @@ mod tests {
         drawing: HashMap<String, f64>,
         available_watts: f64,
         regrow: RegrowTimes,
+        ramp: crate::power::admission::RampRoom,
     }
 
     impl Cluster {
@@ -577,6 +606,7 @@ mod tests {
                 drawing: HashMap::new(),
                 available_watts: f64::INFINITY,
                 regrow: RegrowTimes::default(),
+                ramp: crate::power::admission::RampRoom::default(),
             }
         }
 
@@ -597,6 +627,7 @@ mod tests {
                 let caps = NodeCaps::new(n.name.clone(), gpus, 0.0);
                 power.add_node(&caps, 0.0);
             }
+            power.ramp = self.ramp;
             let view = View {
                 jobs: self.jobs.iter().collect(),
                 nodes: &self.nodes,
@@ -777,6 +808,31 @@ mod tests {
         c.jobs[0] = change.record.clone();
         let d = c.decide(0, 0);
         assert!(d.place.is_empty(), "a job already held for power is not changed again: {:?}", d.place);
+    }
+
+    #[test]
+    fn a_start_waits_for_the_site_ramp_and_one_no_second_of_ramp_can_hold_says_so() {
+        // One shard of 8 GPUs: from 100 W idle to its 200 W minimum cap, a step of 800 W.
+        let mut c = Cluster::new(&["a"]);
+        c.jobs.push(record("j", 0, (1, 1), JobState::Pending, &[]));
+        c.ramp = crate::power::admission::RampRoom { now_watts: 500.0, per_second_watts: 1_000.0 };
+        let d = c.decide(0, 0);
+        let held = only(&d.place);
+        assert_eq!(held.reason, Reason::RampWaiting { step_watts: 800, per_second_watts: 1_000 });
+        assert_eq!((held.record.state, held.record.hold), (JobState::Pending, Some(Hold::RampWaiting)));
+        assert!(held.reason.to_string().starts_with("waiting for the site's ramp limit"), "{}", held.reason);
+        c.jobs[0] = held.record.clone();
+        c.jobs[0].message = held.reason.to_string();
+        assert!(c.decide(0, 0).place.is_empty(), "held once, not rewritten every pass");
+        // A second later there is room: it starts.
+        c.ramp.now_watts = 1_000.0;
+        let started = only(&c.decide(0, 0).place).clone();
+        assert_eq!((started.event, started.record.state), (Some(JobEvent::Placed), JobState::Starting));
+        // A start no second of ramp can hold waits, and says what to change.
+        c.jobs[0] = record("j", 0, (1, 1), JobState::Pending, &[]);
+        c.ramp = crate::power::admission::RampRoom { now_watts: 600.0, per_second_watts: 600.0 };
+        let reason = only(&c.decide(0, 0).place).reason.to_string();
+        assert!(reason.contains("more than the site's ramp limit allows in a second (600 W)"), "{reason}");
     }
 
     #[test]

@@ -79,13 +79,16 @@ impl JobState {
 }
 
 /// Why a job off its GPUs waits, when the scheduler's own reason ("waiting for 16 GPUs") must
-/// not replace it: it was preempted, its node was lost, the power budget paused it or holds it.
+/// not replace it: it was preempted, its node was lost, the power budget paused it or holds it,
+/// the site's ramp limit holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Hold {
     Preempted,
     NodeLost,
     PowerPaused,
     PowerWaiting,
+    /// Its start would raise counted power faster than the site's ramp limit allows now.
+    RampWaiting,
 }
 
 /// A job as stored.

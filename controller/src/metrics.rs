@@ -27,6 +27,10 @@ pub struct Metrics {
     pub budget_violations: IntCounterVec,
     pub overdraw_seconds: Counter,
     pub overdraw_worst: Gauge,
+    /// How fast counted power moved, W/s, over the last `window` ("1s", "60s").
+    pub ramp: GaugeVec,
+    /// The site's ramp limit, W/s (0: none).
+    pub ramp_limit: Gauge,
     pub infeasible: IntGauge,
     pub unenforced_nodes: IntGauge,
     pub foreign_gpus: IntGauge,
@@ -139,6 +143,19 @@ impl Metrics {
             "watt_power_overdraw_worst_watts",
             "The largest measured overdraw past the settle time since the controller started.",
         )?;
+        let ramp = GaugeVec::new(
+            Opts::new(
+                "watt_power_ramp_watts_per_second",
+                "How fast counted power moved over the last window (1s, 60s), W/s; negative while falling. Rises are held under the site's ramp_up.",
+            ),
+            &["window"],
+        )?;
+        let ramp_limit = Gauge::new(
+            "watt_power_ramp_limit_watts_per_second",
+            "The site's ramp_up limit on counted power, W/s; 0 when none is set.",
+        )?;
+        registry.register(Box::new(ramp.clone()))?;
+        registry.register(Box::new(ramp_limit.clone()))?;
         let infeasible = IntGauge::new(
             "watt_power_infeasible",
             "1 while the limit is below what the cluster draws with every job paused (watt_power_watts{what=\"floor\"}).",
@@ -302,6 +319,8 @@ impl Metrics {
             budget_violations,
             overdraw_seconds,
             overdraw_worst,
+            ramp,
+            ramp_limit,
             infeasible,
             unenforced_nodes,
             foreign_gpus,
@@ -334,6 +353,9 @@ impl Metrics {
 
     /// Refresh the power gauges from a status.
     pub fn observe_power(&self, s: &watt_proto::v1::PowerStatus) {
+        self.ramp_limit.set(s.site.and_then(|site| site.ramp_up_watts_per_second).unwrap_or(0.0));
+        self.ramp.with_label_values(&["1s"]).set(s.ramp_1s_watts_per_second);
+        self.ramp.with_label_values(&["60s"]).set(s.ramp_60s_watts_per_second);
         for (what, value) in [
             ("available", s.available_watts),
             ("limit", s.limit_watts),

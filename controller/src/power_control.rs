@@ -36,10 +36,14 @@ pub struct PowerState {
     pub epochs: Epochs,
     violating: bool,
     infeasible: bool,
-    /// What the last pass that moved caps admitted.
+    /// What the last pass that moved caps admitted, and the site it showed.
     last: Option<Admission>,
+    shown_site: Option<Site>,
     /// Passes that moved caps: marks which nodes' targets a pass has reset.
     passes: u64,
+    /// Increases wait on the site's ramp limit: time alone frees them (see
+    /// [`crate::power::ramp`]).
+    pub(crate) ramp_holding: bool,
 }
 
 impl PowerState {
@@ -47,7 +51,16 @@ impl PowerState {
     pub async fn load(table: PowerTable, store: &dyn crate::store::Store) -> Result<Self, crate::store::StoreError> {
         // Before marks, controllers started at the wall clock in microseconds.
         let epochs = Epochs::load(store, (unix_ms().max(0) as u64) * 1_000).await?;
-        Ok(PowerState { table, epochs, violating: false, infeasible: false, last: None, passes: 0 })
+        Ok(PowerState {
+            table,
+            epochs,
+            violating: false,
+            infeasible: false,
+            last: None,
+            shown_site: None,
+            passes: 0,
+            ramp_holding: false,
+        })
     }
 }
 
@@ -81,7 +94,8 @@ impl Controller {
                 && !power_changed
                 && !placements_changed
                 && !nodes.owed().more_to_order
-                && power.last.as_ref() == Some(&admission);
+                && power.last.as_ref() == Some(&admission)
+                && power.shown_site == Some(power.table.site());
             if unchanged {
                 return;
             }
@@ -92,6 +106,7 @@ impl Controller {
         let now_ms = self.clock.ms(now);
         let wall_ms = unix_ms();
         let site = power.table.site();
+        power.shown_site = Some(site);
         let idle = site.idle_gpu_watts;
         let allocation = admission.allocation.unwrap_or_else(|| allocate(admission.budget_watts, &[], 0.0, idle));
         let caps: crate::NameMap<&str, f64> =
@@ -177,14 +192,20 @@ impl Controller {
             decrease_outstanding |= e.power.decrease_outstanding(now_ms);
             books.add(e, now_ms, idle);
         }
-        // Phase 2, when nothing is lowered and nothing waits to be: increases within the headroom.
+        // What is counted now is in force from now: the ramp's windows start from it.
+        self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(now_ms, books.counted);
+        // Phase 2, when nothing is lowered and nothing waits to be: increases within the headroom,
+        // and within the site's ramp limit.
         if !decreases_planned && !decrease_outstanding {
+            let ceiling = site.ramp_up_watts_per_second.map_or(f64::INFINITY, |ramp| {
+                self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).ceiling(now_ms, ramp)
+            });
             let (snapshot, targets): (Vec<&NodeCaps>, Vec<&[f64]>) =
                 entries.iter().map(|e| (&e.power, e.cap_targets.as_slice())).unzip();
             let orders = planner::increases(
                 &snapshot,
                 &targets,
-                admission.limit_watts,
+                admission.limit_watts.min(ceiling),
                 now_ms,
                 idle,
                 MAX_INCREASE_NODES_PER_PASS,
@@ -228,6 +249,8 @@ impl Controller {
             more_to_order,
             unenforced,
         } = books;
+        self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(now_ms, counted);
+        power.ramp_holding = site.ramp_up_watts_per_second.is_some() && more_to_order;
         let owed = OwedAcks { nodes: owing, more_to_order };
         nodes.set_owed(owed);
         self.acks.after_pass(owed, &self.metrics);
@@ -341,6 +364,8 @@ impl Controller {
             infeasible,
             foreign_gpus,
             foreign_watts,
+            ramp_1s_watts_per_second: self.ramp_rate(now_ms, 1_000),
+            ramp_60s_watts_per_second: self.ramp_rate(now_ms, 60_000),
             // The meter's figures (see `Controller::look_at_the_meter`) carry over between passes.
             ..self.meter_fields()
         };
@@ -495,6 +520,29 @@ pub fn site_proto(site: &Site) -> pb::Site {
         pue: site.pue,
         node_overhead_watts: site.node_overhead_watts,
         idle_gpu_watts: site.idle_gpu_watts,
+        ramp_up_watts_per_second: site.ramp_up_watts_per_second,
+    }
+}
+
+impl Controller {
+    /// How fast counted power moved over the window ending at `now_ms`, W/s.
+    fn ramp_rate(&self, now_ms: i64, window_ms: i64) -> f64 {
+        self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).rate(now_ms, window_ms)
+    }
+
+    /// Counted power stands between passes: the ramp's rates move with time alone. Shown in the
+    /// status (readers see it; watchers are not woken for it) and the metrics.
+    fn look_at_the_ramp(&self, now_ms: i64) {
+        let counted = self.power_status.borrow().counted_watts;
+        self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(now_ms, counted);
+        let (second, minute) = (self.ramp_rate(now_ms, 1_000), self.ramp_rate(now_ms, 60_000));
+        self.metrics.ramp.with_label_values(&["1s"]).set(second);
+        self.metrics.ramp.with_label_values(&["60s"]).set(minute);
+        self.power_status.send_if_modified(|s| {
+            s.ramp_1s_watts_per_second = second;
+            s.ramp_60s_watts_per_second = minute;
+            false
+        });
     }
 }
 
@@ -506,6 +554,7 @@ impl Controller {
     /// [`crate::power::meter`]). Cheap: one walk over the registry, no store, no power lock.
     pub fn look_at_the_meter(&self) {
         let now = Instant::now();
+        self.look_at_the_ramp(self.clock.ms(now));
         let (limit, feasible, limited, site_overhead, idle) = {
             let s = self.power_status.borrow();
             let site = s.site.unwrap_or_default();

@@ -104,6 +104,11 @@ pub struct Controller {
     regrow: std::sync::Mutex<RegrowTimes>,
     /// The nodes' part of the view, kept between passes (only the pass uses it).
     kept_view: std::sync::Mutex<KeptView>,
+    /// Counted power over the last minute, for the site's ramp limit: see
+    /// [`crate::power::ramp`]. Locked after `power`; the meter takes it alone.
+    pub(crate) ramp: std::sync::Mutex<crate::power::ramp::CountedHistory>,
+    /// A start waits on the site's ramp limit: time alone frees it.
+    ramp_starts_held: std::sync::atomic::AtomicBool,
     /// Measured draw against the limit: see [`crate::power::meter`].
     pub(crate) meter: std::sync::Mutex<crate::power::meter::Meter>,
     /// The clock every deadline is on (see [`crate::clock`]).
@@ -203,6 +208,8 @@ impl Controller {
             regrow: std::sync::Mutex::new(RegrowTimes::default()),
             kept_view: std::sync::Mutex::new(KeptView::default()),
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
+            ramp: std::sync::Mutex::new(crate::power::ramp::CountedHistory::default()),
+            ramp_starts_held: std::sync::atomic::AtomicBool::new(false),
             clock,
             term,
             power_writer: crate::power_writer::PowerWriter::default(),
@@ -541,6 +548,9 @@ impl Controller {
             if power.table.sources().any(|s| s.effective_watts(wall_ms) < s.available_watts) {
                 return true; // Ramping.
             }
+            if power.ramp_holding || self.ramp_starts_held.load(std::sync::atomic::Ordering::Relaxed) {
+                return true; // Increases or a start wait on the site's ramp limit.
+            }
         }
         let lease = self.settings.node_lease;
         let nodes = self.registry.lock();
@@ -580,6 +590,18 @@ impl Controller {
         self.registry.set_idle_allowance(site.idle_gpu_watts);
         let mut nodes = self.registry.lock();
         let rebuilt = kept.bring_up_to_date(&mut nodes, available, site, &self.clock);
+        // The site's ramp limit: what starts may add at once.
+        kept.power.ramp = match site.ramp_up_watts_per_second {
+            None => crate::power::admission::RampRoom::default(),
+            Some(ramp) => {
+                let history = self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let counted = history.latest().unwrap_or(0.0);
+                crate::power::admission::RampRoom {
+                    now_watts: (history.ceiling(now.mono_ms, ramp) - counted).max(0.0),
+                    per_second_watts: ramp,
+                }
+            }
+        };
         // Each job's curve, where power is shared by them and one moved (rebuilt views start
         // with none).
         if self.settings.speed_curves == crate::speed_curves::CurvePolicy::Learned {
@@ -709,6 +731,9 @@ impl Controller {
         phase.done("store");
 
         let jobs = self.jobs.lock().await;
+        // Time alone frees a start the site's ramp limit holds: the tick runs passes for it.
+        let held = jobs.iter().any(|j| j.hold == Some(crate::jobs::Hold::RampWaiting) && !j.state.is_active());
+        self.ramp_starts_held.store(held, std::sync::atomic::Ordering::Relaxed);
         if placements_stored {
             // A placement, an end or a resize stored: its caps (increases included) now.
             let mut power = self.power.lock().await;

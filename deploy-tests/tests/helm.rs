@@ -97,7 +97,8 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
             "WattPowerNearBudget",
             "WattNoLeader",
             "WattStoreUnwritable",
-            "WattScrapeFailing"
+            "WattScrapeFailing",
+            "WattRampAboveLimit"
         ]
     );
     let test = find(&docs, "Pod", "watt-test-controller");

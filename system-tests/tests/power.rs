@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use watt_system_tests::*;
@@ -256,4 +256,131 @@ fn an_elastic_job_shrunk_for_power_grows_back_when_power_returns() {
     let p = settled(&url, "the regrowth acknowledged");
     assert_eq!(p["budget_violations"], 0, "{p}");
     assert_eq!(p["measured_violations"], 0, "{p}");
+}
+
+/// The steepest rise of counted power within any second of `trace` ((unix ms, W) as each
+/// status published it: counted power changes only at the passes that publish).
+fn steepest_rise_within_a_second(trace: &[(f64, f64)]) -> f64 {
+    trace
+        .iter()
+        .map(|&(end, at_end)| {
+            let in_force_at_start = trace.iter().rev().find(|&&(t, _)| t <= end - 1_000.0).map(|&(_, w)| w);
+            let lowest = trace
+                .iter()
+                .filter(|&&(t, _)| t > end - 1_000.0 && t <= end)
+                .map(|&(_, w)| w)
+                .chain(in_force_at_start)
+                .fold(f64::INFINITY, f64::min);
+            at_end - lowest
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Every status `wattctl power watch` prints, from now until `done` says so.
+fn watch_until(url: &str, what: &str, start: impl FnOnce(), done: impl Fn(&Value) -> bool) -> (Vec<(f64, f64)>, f64) {
+    let mut watch = wattctl_command(url, Some(&TestPki::get().admin()), &["-o", "json", "power", "watch"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let statuses = lines_of(watch.stdout.take().unwrap());
+    let status = || -> Value {
+        let line = statuses.recv_timeout(Duration::from_secs(10)).expect("a power status from `wattctl power watch`");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    let first = status();
+    let mut trace = vec![(f(&first, "unix_ms"), f(&first, "counted_watts"))];
+    let t0 = Instant::now();
+    start();
+    loop {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{what} did not finish: {trace:?}");
+        let p = status();
+        trace.push((f(&p, "unix_ms"), f(&p, "counted_watts")));
+        if done(&p) {
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    (trace, t0.elapsed().as_secs_f64())
+}
+
+#[test]
+fn the_site_ramp_limit_shapes_a_job_start_and_a_restore_and_never_slows_a_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", dir.path().join("watt.redb").display());
+    let controller = ControllerProc::start(&store, 0, &["--reconcile-interval", "200ms"]);
+    let url = controller.url.clone();
+    let _agents: Vec<Proc> = (1..=4).map(|i| agent(&url, &format!("node-{i}"), 8)).collect();
+    wait_for(Duration::from_secs(30), "4 nodes", || {
+        (wattctl_json(&url, &["nodes"]).as_array().unwrap().iter().filter(|n| n["state"] == "ready").count() == 4)
+            .then_some(())
+    });
+    // 32 H100s: 22.4 kW at full power, under a 30 kW grid less its 5% reserve.
+    set_grid(&url, "30kW", None);
+    let job = |i: u32| {
+        format!("name: job-{i}\nshards: {{min: 1, max: 1}}\ngpus_per_shard: 8\ncommand: {IDLE_COMMAND}\nflex: 0.3\n")
+    };
+    for i in 1..=3 {
+        assert!(submit(&url, &job(i)).status.success());
+    }
+    let at_full = |p: &Value, jobs: usize| {
+        p["jobs"].as_array().unwrap().iter().filter(|j| f(j, "cap_watts") == 700.0).count() == jobs
+            && p["unacknowledged_nodes"] == 0
+    };
+    wait_for(Duration::from_secs(30), "3 jobs running at full power", || at_full(&power(&url), 3).then_some(()));
+    let out = wattctl(&url, &["power", "set-site", "--ramp-up", "120kW/min"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let site = power(&url);
+    assert_eq!(f(&site, "ramp_up_watts_per_second"), 2_000.0, "120 kW/min is 2 kW/s: {site}");
+    let bad = wattctl(&url, &["power", "set-site", "--ramp-up=-5kW/s"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("site.ramp_up_watts_per_second"));
+
+    // A job of 8 GPUs starts: 8 × 100 W at once (idle to its minimum cap), then 4 kW of caps,
+    // along the ramp.
+    let before = f(&power(&url), "counted_watts");
+    let (start, start_seconds) = watch_until(
+        &url,
+        "the start",
+        || assert!(submit(&url, &job(4)).status.success()),
+        |p| f(p, "counted_watts") >= before + 8.0 * (700.0 - 100.0) - 1.0,
+    );
+    let start_rise = steepest_rise_within_a_second(&start);
+    assert!(start_rise <= 2_000.0 + 1e-6, "the start rose {start_rise} W within a second: {start:?}");
+    assert!(start_seconds > 1.5, "4.8 kW at 2 kW/s: {start_seconds:.1} s");
+    let full = f(&power(&url), "counted_watts");
+
+    // A 30% cut is an emergency: not slowed by the ramp. Every cap acknowledged at once.
+    let t0 = Instant::now();
+    set_grid(&url, "16.5kW", None);
+    let cut = wait_for(Duration::from_secs(5), "the cut acknowledged", || {
+        let p = power(&url);
+        (p["unacknowledged_nodes"] == 0 && f(&p, "counted_watts") <= f(&p, "limit_watts")).then_some(p)
+    });
+    let cut_seconds = t0.elapsed().as_secs_f64();
+    let fell = full - f(&cut, "counted_watts");
+    assert!(fell > 3.0 * 2_000.0, "the cut took {fell} W off, over three seconds of ramp");
+    assert!(cut_seconds < 1.5, "and took {cut_seconds:.2} s: a cut is never slowed by the ramp");
+
+    // The restore: back to full power, along the ramp.
+    let (restore, restore_seconds) = watch_until(
+        &url,
+        "the restore",
+        || {
+            set_grid(&url, "30kW", None);
+        },
+        |p| f(p, "counted_watts") >= full - 1.0,
+    );
+    let restore_rise = steepest_rise_within_a_second(&restore);
+    assert!(restore_rise <= 2_000.0 + 1e-6, "the restore rose {restore_rise} W within a second: {restore:?}");
+    // (22.4 − 15.7) kW at 2 kW/s: at least three seconds.
+    assert!(restore_seconds > 2.5, "the restore took {restore_seconds:.1} s: {restore:?}");
+    eprintln!(
+        "start in {start_seconds:.1} s (steepest rise within a second {start_rise:.0} W); cut of {fell:.0} W acknowledged in {cut_seconds:.2} s; restore in {restore_seconds:.1} s (steepest {restore_rise:.0} W)"
+    );
+    let done = power(&url);
+    assert_eq!(done["budget_violations"], 0, "{done}");
+    assert_eq!(done["measured_violations"], 0, "{done}");
+    let metrics = controller.metrics();
+    assert!(metrics.lines().any(|l| l == "watt_power_ramp_limit_watts_per_second 2000"), "{metrics}");
+    assert!(metrics.contains("watt_power_ramp_watts_per_second{window=\"1s\"}"), "{metrics}");
 }

@@ -365,6 +365,10 @@ async fn start(
             }]
         }
     };
+    if let Some(ramp) = scenario.and_then(|s| s.ramp_up_watts_per_second) {
+        let site = pb::SetSiteRequest { ramp_up_watts_per_second: Some(ramp), ..Default::default() };
+        power.set_site(site).await?;
+    }
     for s in &sources {
         set_source(&mut power, s).await?;
     }

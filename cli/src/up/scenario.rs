@@ -27,6 +27,8 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scenario {
     pub name: String,
+    /// The site's ramp limit on counted power, W/s.
+    pub ramp_up_watts_per_second: Option<f64>,
     pub sources: Vec<Source>,
     pub events: Vec<Event>,
     pub duration: Duration,
@@ -36,6 +38,7 @@ pub struct Scenario {
 #[serde(deny_unknown_fields)]
 struct File {
     name: String,
+    ramp_up: Option<String>,
     sources: Vec<FileSource>,
     #[serde(default)]
     events: Vec<FileEvent>,
@@ -106,7 +109,9 @@ impl Scenario {
         if events.last().is_some_and(|e| e.at > duration) {
             return Err("duration: ends before the last event".into());
         }
-        Ok(Scenario { name: file.name, sources, events, duration })
+        let ramp_up_watts_per_second =
+            file.ramp_up.as_deref().map(parse_ramp).transpose().map_err(|e| format!("ramp_up: {e}"))?;
+        Ok(Scenario { name: file.name, ramp_up_watts_per_second, sources, events, duration })
     }
 
     /// The same timeline played `speed` times faster.
@@ -117,6 +122,7 @@ impl Scenario {
         for s in &mut self.sources {
             s.ramp_watts_per_second = s.ramp_watts_per_second.map(|r| r * speed);
         }
+        self.ramp_up_watts_per_second = self.ramp_up_watts_per_second.map(|r| r * speed);
         self.duration = self.duration.div_f64(speed);
         self
     }

@@ -123,6 +123,11 @@ pub struct Summary {
     after: BTreeMap<String, (f64, f64)>,
     /// Each job's speed curve as last learned.
     curves: BTreeMap<String, crate::views::SpeedCurveView>,
+    /// Counted power's fastest rise over a second and over a minute, its fastest fall over a
+    /// second, W/s; and the site's ramp limit.
+    ramp_rise: (f64, f64),
+    ramp_fall: f64,
+    ramp_limit: Option<f64>,
 }
 
 impl Summary {
@@ -132,6 +137,10 @@ impl Summary {
 
     pub fn record(&mut self, s: &Sample) {
         self.energy_joules += s.status.drawn_watts * s.dt;
+        let (second, minute) = (s.status.ramp_1s_watts_per_second, s.status.ramp_60s_watts_per_second);
+        self.ramp_rise = (self.ramp_rise.0.max(second), self.ramp_rise.1.max(minute));
+        self.ramp_fall = self.ramp_fall.min(second);
+        self.ramp_limit = s.status.site.and_then(|site| site.ramp_up_watts_per_second);
         self.infeasible_seen |= s.status.infeasible;
         for job in s.jobs {
             let Some(spec) = &job.spec else { continue };
@@ -199,6 +208,14 @@ impl Summary {
                 let _ = writeln!(out, "  weighted throughput kept n/a (no power event)");
             }
         }
+        let _ = writeln!(
+            out,
+            "  ramp (counted power)    rose at most {}/s over 1 s, {}/s over 60 s; fell at most {}/s over 1 s ({})",
+            show_watts(self.ramp_rise.0),
+            show_watts(self.ramp_rise.1),
+            show_watts(-self.ramp_fall),
+            self.ramp_limit.map_or("no ramp limit set".to_string(), |r| format!("limit {}/s", show_watts(r)))
+        );
         let _ = writeln!(out, "  power events            {}", self.events);
         let _ = writeln!(out, "  worst event → every cap acknowledged  {:.0} ms", self.worst_ack.as_secs_f64() * 1e3);
         let _ = writeln!(out, "  budget violations       {}", self.violations);

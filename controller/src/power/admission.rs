@@ -50,6 +50,38 @@ pub struct PowerView {
     node_non_gpu_watts: Vec<f64>,
     /// Each job's speed curves, by name; a job not here runs on the shared one.
     pub curves: crate::NameMap<String, FittedCurves>,
+    /// The site's ramp limit now: how much counted power may still rise this moment, and the
+    /// most one second ever allows (both infinite without a limit). See [`crate::power::ramp`].
+    pub ramp: RampRoom,
+}
+
+/// How much the site's ramp limit lets counted power rise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RampRoom {
+    /// Now: the ceiling less what is counted.
+    pub now_watts: f64,
+    /// In a second with nothing else rising: one second of ramp.
+    pub per_second_watts: f64,
+}
+
+impl Default for RampRoom {
+    fn default() -> Self {
+        RampRoom { now_watts: f64::INFINITY, per_second_watts: f64::INFINITY }
+    }
+}
+
+impl PowerView {
+    /// What starting `shards` adds to counted power at once: each GPU goes from what it counts
+    /// parked to its minimum cap under a Watt shard (the rest of its cap is raised by the
+    /// planner, along the ramp). A GPU not in the view adds nothing here (it is not counted).
+    pub fn start_step_watts(&self, shards: &[ShardAssignment]) -> f64 {
+        shards
+            .iter()
+            .filter_map(|s| self.node(&s.node, None).map(|gpus| (s, gpus)))
+            .flat_map(|(s, gpus)| s.gpus.iter().filter_map(|i| gpus.iter().find(|g| g.index == *i)))
+            .map(|g| (g.min_watts - g.parked_watts).max(0.0))
+            .sum()
+    }
 }
 
 impl PowerView {

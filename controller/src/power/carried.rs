@@ -65,6 +65,8 @@ impl CarriedCut {
             pue: stricter(then.pue, now.pue),
             node_overhead_watts: stricter(then.node_overhead_watts, now.node_overhead_watts),
             idle_gpu_watts: stricter(then.idle_gpu_watts, now.idle_gpu_watts),
+            // Not a limit on the budget: a ramp moves nothing a cut must carry.
+            ramp_up_watts_per_second: None,
         };
         if site != SiteUpdate::default() {
             changes.push(PowerChange::SetSite(site));

@@ -15,6 +15,7 @@ pub mod meter;
 /// The speed-vs-cap curve lives in `watt-common`: the agent's simulated GPUs pace workers by it.
 pub use watt_common::curve;
 pub mod planner;
+pub mod ramp;
 pub mod speed_fit;
 pub mod table;
 
@@ -116,11 +117,22 @@ pub struct Site {
     /// What a GPU with no work draws at most. Idle GPUs are parked at their minimum cap, but with
     /// no process on them they draw far less (an H100 idles near 70 W under a 200 W cap).
     pub idle_gpu_watts: f64,
+    /// The fastest counted power may rise, W/s, over any second and any minute (see
+    /// [`ramp`]): cap increases — restores, resumes, regrowth, a start's caps — are shaped to
+    /// it. None: as fast as the planner's waves go.
+    #[serde(default)]
+    pub ramp_up_watts_per_second: Option<f64>,
 }
 
 impl Default for Site {
     fn default() -> Self {
-        Site { reserve_ratio: 0.05, pue: 1.0, node_overhead_watts: 0.0, idle_gpu_watts: 100.0 }
+        Site {
+            reserve_ratio: 0.05,
+            pue: 1.0,
+            node_overhead_watts: 0.0,
+            idle_gpu_watts: 100.0,
+            ramp_up_watts_per_second: None,
+        }
     }
 }
 
@@ -155,7 +167,7 @@ mod tests {
 
     #[test]
     fn the_budget_takes_reserve_pue_and_overhead() {
-        let site = Site { reserve_ratio: 0.1, pue: 1.2, node_overhead_watts: 0.0, idle_gpu_watts: 100.0 };
+        let site = Site { reserve_ratio: 0.1, pue: 1.2, ..Site::default() };
         assert!((gpu_budget_watts(12e6, &site, 1e6) - 8e6).abs() < 1e-6);
     }
 }

@@ -281,14 +281,41 @@ pub fn increases<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
                 g.in_flight = Some(InFlight { target: t, upper: t, epoch: 0, sent_ms: now_ms });
             }
         }
-        let cost = raised.counted_watts(now_ms, idle_allowance) - node.counted_watts(now_ms, idle_allowance);
+        let before = node.counted_watts(now_ms, idle_allowance);
+        let cost = raised.counted_watts(now_ms, idle_allowance) - before;
         if cost <= headroom {
             headroom -= cost;
             orders.push(Order { node: n, phase: Phase::Increase, caps });
+            continue;
         }
+        // Not all of it fits (a ramp limit, or headroom another node took): each GPU goes the
+        // same share of its way, as far as the headroom allows, and the rest on later passes.
+        // Steps too small to be worth an order wait for more headroom.
+        let share = headroom / cost;
+        if headroom < MIN_PARTIAL_STEP_WATTS * caps.len() as f64 {
+            break;
+        }
+        let partial: Vec<(u32, f64)> = caps
+            .iter()
+            .map(|&(index, t)| {
+                let from = node.gpus.iter().find(|g| g.index == index).map_or(t, GpuCap::upper);
+                (index, (from + share * (t - from)).floor().clamp(from.min(t), t))
+            })
+            .collect();
+        for (g, &(_, t)) in raised.gpus.iter_mut().filter(|g| caps.iter().any(|c| c.0 == g.index)).zip(&partial) {
+            g.in_flight = Some(InFlight { target: t, upper: t, epoch: 0, sent_ms: now_ms });
+        }
+        let cost = raised.counted_watts(now_ms, idle_allowance) - before;
+        if cost <= headroom && cost > 0.0 {
+            orders.push(Order { node: n, phase: Phase::Increase, caps: partial });
+        }
+        break;
     }
     orders
 }
+
+/// The least a partial increase raises per GPU, on average: smaller steps wait for headroom.
+pub const MIN_PARTIAL_STEP_WATTS: f64 = 5.0;
 
 /// Record that `order` was sent with `epoch` at `now`.
 pub fn mark_sent(node: &mut NodeCaps, order: &Order, epoch: u64, now_ms: i64) {
@@ -341,6 +368,24 @@ mod tests {
     fn node(name: &str, gpus: u32, cap: f64) -> NodeCaps {
         let gpus = (0..gpus).map(|index| GpuCap::new(index, 200.0, 700.0, 200.0, cap, GpuWork::Watt)).collect();
         NodeCaps::new(name.into(), gpus, 0.0)
+    }
+
+    #[test]
+    fn an_increase_that_does_not_fit_goes_part_of_the_way_and_the_rest_later() {
+        // Two nodes of 4 GPUs at 300 W, both to 700 W: 3.2 kW of increases, 1 kW of headroom.
+        let mut nodes = vec![node("a", 4, 300.0), node("b", 4, 300.0)];
+        let targets = vec![vec![700.0; 4], vec![700.0; 4]];
+        let counted = counted_watts(&nodes, 0, IDLE);
+        let orders = increases(&nodes, &targets, counted + 1_000.0, 0, IDLE, 100);
+        assert_eq!(orders, vec![Order { node: 0, phase: Phase::Increase, caps: (0..4).map(|i| (i, 550.0)).collect() }]);
+        mark_sent(&mut nodes[0], &orders[0], 1, 0);
+        assert_eq!(counted_watts(&nodes, 0, IDLE), counted + 1_000.0, "to the headroom, not beyond");
+        // Headroom too small to be worth an order: nothing, and nothing is lost — the target stands.
+        let counted = counted_watts(&nodes, 0, IDLE);
+        assert!(increases(&nodes, &targets, counted + 19.0, 0, IDLE, 100).is_empty());
+        let orders = increases(&nodes, &targets, counted + 800.0, 10, IDLE, 100);
+        assert_eq!(orders[0].caps, (0..4).map(|i| (i, 700.0)).collect::<Vec<_>>(), "a's last 600 W fit: {orders:?}");
+        assert_eq!(orders[1].caps, (0..4).map(|i| (i, 350.0)).collect::<Vec<_>>(), "b starts on the rest: {orders:?}");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct SiteUpdate {
     pub pue: Option<f64>,
     pub node_overhead_watts: Option<f64>,
     pub idle_gpu_watts: Option<f64>,
+    /// The site's ramp limit; `Some(0.0)` removes it.
+    pub ramp_up_watts_per_second: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +84,16 @@ impl SiteUpdate {
         check("pue", self.pue, 1.0, 3.0, "")?;
         check("node_overhead_watts", self.node_overhead_watts, 0.0, 100_000.0, " W")?;
         check("idle_gpu_watts", self.idle_gpu_watts, 0.0, 2_000.0, " W")?;
+        check("ramp_up_watts_per_second", self.ramp_up_watts_per_second, 0.0, MAX_SOURCE_WATTS, " W/s")?;
         Ok(Site {
             reserve_ratio: self.reserve_ratio.unwrap_or(site.reserve_ratio),
             pue: self.pue.unwrap_or(site.pue),
             node_overhead_watts: self.node_overhead_watts.unwrap_or(site.node_overhead_watts),
             idle_gpu_watts: self.idle_gpu_watts.unwrap_or(site.idle_gpu_watts),
+            ramp_up_watts_per_second: match self.ramp_up_watts_per_second {
+                None => site.ramp_up_watts_per_second,
+                Some(r) => (r > 0.0).then_some(r),
+            },
         })
     }
 }
