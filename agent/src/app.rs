@@ -166,6 +166,11 @@ pub async fn run(
     let logs_tls = config.node_cert_files();
     tracing::info!(addr = %logs_addr, tls = logs_tls.is_some(), "Serving shards' logs to holders of a grant.");
     let session = config.controller.clone().zip(session_metrics).map(|(controller, metrics)| {
+        let power_trace = Arc::new(crate::power_trace::PowerTrace::default());
+        // Swings at 1–5 Hz need the driver's own 10 Hz: slower rounds would only mislead.
+        if config.sample_interval <= crate::power_trace::FINEST_USEFUL_INTERVAL {
+            tokio::spawn(crate::power_trace::collect(rx.clone(), shards.clone(), power_trace.clone(), stop_rx.clone()));
+        }
         let session_config = SessionConfig {
             controllers: watt_common::client::controller_urls(&controller),
             credentials: config.credentials.clone(),
@@ -177,6 +182,7 @@ pub async fn run(
             logs_tls: logs_tls.is_some(),
             log_access: log_access.clone(),
             metrics,
+            power_trace,
         };
         tokio::spawn(session::run(
             session_config,

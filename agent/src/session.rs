@@ -97,6 +97,8 @@ pub struct SessionConfig {
     /// Who may read those logs: the session gives it the key grants are checked with.
     pub log_access: Arc<crate::logs::LogAccess>,
     pub metrics: SessionMetrics,
+    /// The node's power at every round, sent once a second (see [`crate::power_trace`]).
+    pub power_trace: Arc<crate::power_trace::PowerTrace>,
 }
 
 /// Keep a session open until `stop` turns true.
@@ -425,6 +427,11 @@ async fn session_once(
                     return Ok(());
                 }
                 shards.publish_speeds(&snapshot);
+                if let Some(trace) = config.power_trace.take() {
+                    if tx.send(message(pb::agent_message::Body::PowerTrace(trace))).await.is_err() {
+                        return Ok(());
+                    }
+                }
                 for progress in shards.take_progress(&snapshot) {
                     if tx.send(message(pb::agent_message::Body::ShardProgress(progress))).await.is_err() {
                         return Ok(());

@@ -53,6 +53,19 @@ fn mean_activity(gpus: &[crate::gpu::GpuActivity]) -> Option<pb::GpuActivity> {
     })
 }
 
+/// The job's simulated step length in 100 ms ticks (`WATT_SIM_STEP_PERIOD`, e.g. `1s`), 0.2–60 s;
+/// none when it names none, or a value that is not such a duration (said in the log).
+fn sim_step_ticks(order: &pb::ShardOrder) -> Option<u32> {
+    let value = order.env.get("WATT_SIM_STEP_PERIOD")?;
+    match humantime::parse_duration(value) {
+        Ok(d) if (0.2..=60.0).contains(&d.as_secs_f64()) => Some((d.as_secs_f64() * 10.0).round() as u32),
+        _ => {
+            tracing::warn!(job = %order.job, "WATT_SIM_STEP_PERIOD={value:?} is not a duration between 200ms and 60s; each GPU keeps its own step");
+            None
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardRecord {
     pub epoch: u64,
@@ -64,8 +77,10 @@ pub struct ShardRecord {
     pub progress_sent: bool,
     /// The speed last written to the shard's speed file (simulated GPUs).
     pub speed: Option<f64>,
-    /// What its steps are bound by on simulated GPUs (the job's `WATT_SIM_WORKLOAD`).
+    /// What its steps are bound by on simulated GPUs (the job's `WATT_SIM_WORKLOAD`), and how
+    /// long one takes there in 100 ms ticks (`WATT_SIM_STEP_PERIOD`; none: each GPU's own).
     pub workload: SimWorkload,
+    pub step_ticks: Option<u32>,
     pub last_exit: LastExit,
 }
 
@@ -80,6 +95,7 @@ impl ShardRecord {
             progress_sent: true,
             speed: None,
             workload: sim_workload(order),
+            step_ticks: sim_step_ticks(order),
             last_exit: LastExit::default(),
         }
     }
@@ -235,18 +251,28 @@ impl ShardTable {
         self.lock().iter().map(|((job, shard), r)| r.status(job, *shard)).collect()
     }
 
+    /// Which job each GPU with an active shard runs.
+    pub fn gpu_jobs(&self) -> BTreeMap<u32, String> {
+        self.lock()
+            .iter()
+            .filter(|(_, r)| active(r.state))
+            .flat_map(|((job, _), r)| r.order.gpu_indices.iter().map(move |&gpu| (gpu, job.clone())))
+            .collect()
+    }
+
     /// Simulated GPUs: every GPU of a shard starting, running or stopping trains; the rest idle.
     fn load_sim_gpus(&self) {
         let Some(sim) = &self.sim else { return };
         let shards = self.lock();
-        let busy: std::collections::HashMap<u32, SimWorkload> = shards
+        let busy: std::collections::HashMap<u32, (SimWorkload, Option<u32>)> = shards
             .values()
             .filter(|r| active(r.state))
-            .flat_map(|r| r.order.gpu_indices.iter().map(|&gpu| (gpu, r.workload)))
+            .flat_map(|r| r.order.gpu_indices.iter().map(|&gpu| (gpu, (r.workload, r.step_ticks))))
             .collect();
         drop(shards);
         for gpu in crate::gpu::GpuBackend::gpus(sim.as_ref()) {
-            sim.set_training(gpu.index, busy.get(&gpu.index).copied());
+            let load = busy.get(&gpu.index).copied();
+            sim.set_training_steps(gpu.index, load.map(|(w, _)| w), load.and_then(|(_, s)| s));
         }
     }
 }

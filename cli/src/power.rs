@@ -87,6 +87,42 @@ pub struct JobPowerView {
     pub shards: u32,
     pub gpus: u32,
     pub paused: bool,
+    pub swing: Option<SwingView>,
+}
+
+/// How a load's power swung over the last 10 s analyzed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SwingView {
+    /// p95 − p5 of its power sampled at 10 Hz.
+    pub swing_watts: f64,
+    pub mean_watts: f64,
+    /// Share of its variation at 0.1–1 Hz and at 1–5 Hz, 0–1.
+    pub share_0_1_to_1_hz: f64,
+    pub share_1_to_5_hz: f64,
+}
+
+impl From<pb::PowerSwing> for SwingView {
+    fn from(s: pb::PowerSwing) -> Self {
+        SwingView {
+            swing_watts: s.swing_watts,
+            mean_watts: s.mean_watts,
+            share_0_1_to_1_hz: s.share_0_1_to_1_hz,
+            share_1_to_5_hz: s.share_1_to_5_hz,
+        }
+    }
+}
+
+impl SwingView {
+    /// "3.6 kW (p95 − p5 over 10 s), 97% of its variation at 1–5 Hz, 2% at 0.1–1 Hz".
+    pub fn sentence(&self) -> String {
+        format!(
+            "{} (p95 − p5 over 10 s, mean {}), {:.0}% of its variation at 1–5 Hz, {:.0}% at 0.1–1 Hz",
+            show_watts(self.swing_watts),
+            show_watts(self.mean_watts),
+            self.share_1_to_5_hz * 100.0,
+            self.share_0_1_to_1_hz * 100.0
+        )
+    }
 }
 
 /// `wattctl power status -o json`: stable field names.
@@ -123,6 +159,8 @@ pub struct PowerView {
     /// How fast counted power moved over the last second and minute, W/s.
     pub ramp_1s_watts_per_second: f64,
     pub ramp_60s_watts_per_second: f64,
+    /// The site's GPU power swing over the last 10 s analyzed.
+    pub swing: Option<SwingView>,
     pub sources: Vec<SourceView>,
     pub jobs: Vec<JobPowerView>,
     pub notes: Vec<String>,
@@ -160,6 +198,7 @@ impl From<pb::PowerStatus> for PowerView {
             ramp_up_watts_per_second: site.ramp_up_watts_per_second,
             ramp_1s_watts_per_second: s.ramp_1s_watts_per_second,
             ramp_60s_watts_per_second: s.ramp_60s_watts_per_second,
+            swing: s.swing.map(SwingView::from),
             sources: s
                 .sources
                 .into_iter()
@@ -180,6 +219,7 @@ impl From<pb::PowerStatus> for PowerView {
                     shards: j.shards,
                     gpus: j.gpus,
                     paused: j.paused,
+                    swing: j.swing.map(SwingView::from),
                 })
                 .collect(),
             notes: s.notes,
@@ -203,6 +243,9 @@ impl PowerView {
             show_watts(self.counted_watts)
         );
         let _ = writeln!(out, "Drawn:       {}  (measured, GPUs)", show_watts(self.drawn_watts));
+        if let Some(swing) = &self.swing {
+            let _ = writeln!(out, "Swing:       {}", swing.sentence());
+        }
         let limit = self.ramp_up_watts_per_second.map_or("no ramp limit".to_string(), |r| {
             format!("rises held under {}/s, {}/min", show_watts(r), show_watts(r * 60.0))
         });
@@ -293,10 +336,13 @@ impl PowerView {
                         if j.paused { "paused".into() } else { show_watts(j.cap_watts) },
                         j.shards.to_string(),
                         j.gpus.to_string(),
+                        j.swing.map_or("-".into(), |s| {
+                            format!("{} ({:.0}% at 1–5 Hz)", show_watts(s.swing_watts), s.share_1_to_5_hz * 100.0)
+                        }),
                     ]
                 })
                 .collect();
-            out.push_str(&table(&["  JOB", "CAP/GPU", "SHARDS", "GPUS"], &rows));
+            out.push_str(&table(&["  JOB", "CAP/GPU", "SHARDS", "GPUS", "SWING"], &rows));
         }
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");

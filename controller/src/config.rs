@@ -130,6 +130,11 @@ pub struct Args {
     #[arg(long, env = "WATT_SPEED_CURVES", value_enum)]
     pub speed_curves: Option<CurvePolicy>,
 
+    /// The share of the site's power variation in one frequency band (0.1–1 Hz, 1–5 Hz) above
+    /// which the WattPowerSwing alert fires, 0–1 [default: 0.5].
+    #[arg(long, env = "WATT_SWING_ALERT_SHARE", value_name = "SHARE")]
+    pub swing_alert_share: Option<f64>,
+
     /// Log format [default: text].
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -167,6 +172,7 @@ pub struct FileConfig {
     pub max_jobs: Option<usize>,
     pub max_jobs_per_principal: Option<usize>,
     pub speed_curves: Option<CurvePolicy>,
+    pub swing_alert_share: Option<f64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -193,6 +199,7 @@ pub struct ControllerConfig {
     pub retention: Retention,
     pub limits: JobLimits,
     pub speed_curves: CurvePolicy,
+    pub swing_alert_share: f64,
     pub log_format: LogFormat,
 }
 
@@ -281,6 +288,7 @@ impl Args {
                 total: self.max_jobs.or(file.max_jobs).unwrap_or(100_000),
             },
             speed_curves: self.speed_curves.or(file.speed_curves).unwrap_or_default(),
+            swing_alert_share: self.swing_alert_share.or(file.swing_alert_share).unwrap_or(0.5),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         };
         config.validate()?;
@@ -333,6 +341,14 @@ impl ControllerConfig {
                 flag: "leader-lease",
                 key: "leader_lease",
                 message: format!("must be whole seconds between 2s and 1m; got {}", show(lease)),
+            });
+        }
+        let share = self.swing_alert_share;
+        if !(share.is_finite() && (0.0..=1.0).contains(&share)) {
+            return Err(ConfigError::Invalid {
+                flag: "swing-alert-share",
+                key: "swing_alert_share",
+                message: format!("must be a share between 0 and 1; got {share}"),
             });
         }
         let url = &self.advertise_url;
@@ -437,6 +453,7 @@ impl ControllerConfig {
             retention: self.retention,
             limits: self.limits,
             speed_curves: self.speed_curves,
+            swing_alert_share: self.swing_alert_share,
             // Several telemetry messages per lease, at most one a second.
             telemetry_interval: (self.node_lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(1)),
         }

@@ -34,6 +34,7 @@ pub mod session;
 pub mod spec;
 pub mod speed_curves;
 pub mod store;
+pub mod swings;
 pub mod tls;
 
 pub use error::ControllerError;

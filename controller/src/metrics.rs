@@ -31,6 +31,14 @@ pub struct Metrics {
     pub ramp: GaugeVec,
     /// The site's ramp limit, W/s (0: none).
     pub ramp_limit: Gauge,
+    /// Power swings over the last 10 s analyzed (see [`crate::swings`]): the site's, and each
+    /// running job's, with each band's share of the variation.
+    pub swing: Gauge,
+    pub swing_band: GaugeVec,
+    pub job_swing: GaugeVec,
+    pub job_swing_band: GaugeVec,
+    /// The band share above which `WattPowerSwing` fires (`--swing-alert-share`).
+    pub swing_alert: Gauge,
     pub infeasible: IntGauge,
     pub unenforced_nodes: IntGauge,
     pub foreign_gpus: IntGauge,
@@ -155,6 +163,41 @@ impl Metrics {
             "The site's ramp_up limit on counted power, W/s; 0 when none is set.",
         )?;
         registry.register(Box::new(ramp.clone()))?;
+        let swing = Gauge::new(
+            "watt_power_swing_watts",
+            "The site's GPU power swing over the last 10 s analyzed (sampled at 10 Hz): p95 − p5.",
+        )?;
+        let swing_band = GaugeVec::new(
+            Opts::new(
+                "watt_power_swing_band_ratio",
+                "Share of the site's GPU power variation over the last 10 s in each band (0.1-1Hz, 1-5Hz).",
+            ),
+            &["band"],
+        )?;
+        let job_swing = GaugeVec::new(
+            Opts::new(
+                "watt_job_power_swing_watts",
+                "A running job's GPU power swing over the last 10 s analyzed: p95 − p5.",
+            ),
+            &["job"],
+        )?;
+        let job_swing_band = GaugeVec::new(
+            Opts::new(
+                "watt_job_power_swing_band_ratio",
+                "Share of a running job's GPU power variation over the last 10 s in each band (0.1-1Hz, 1-5Hz).",
+            ),
+            &["job", "band"],
+        )?;
+        let swing_alert = Gauge::new(
+            "watt_power_swing_alert_ratio",
+            "The share of the site's power variation in one band above which WattPowerSwing fires (--swing-alert-share).",
+        )?;
+        for m in [&swing, &swing_alert] {
+            registry.register(Box::new(m.clone()))?;
+        }
+        for m in [&swing_band, &job_swing, &job_swing_band] {
+            registry.register(Box::new(m.clone()))?;
+        }
         registry.register(Box::new(ramp_limit.clone()))?;
         let infeasible = IntGauge::new(
             "watt_power_infeasible",
@@ -321,6 +364,11 @@ impl Metrics {
             overdraw_worst,
             ramp,
             ramp_limit,
+            swing,
+            swing_band,
+            job_swing,
+            job_swing_band,
+            swing_alert,
             infeasible,
             unenforced_nodes,
             foreign_gpus,
@@ -352,6 +400,25 @@ impl Metrics {
     }
 
     /// Refresh the power gauges from a status.
+    /// The swings of the last window; jobs no longer in it leave the per-job metrics.
+    pub fn observe_swings(&self, report: &crate::swings::SwingReport) {
+        use crate::power::swing::BANDS;
+        if let Some(site) = report.site {
+            self.swing.set(site.swing_watts);
+            for (band, share) in BANDS.iter().zip(site.band_shares) {
+                self.swing_band.with_label_values(&[band.name]).set(share);
+            }
+        }
+        self.job_swing.reset();
+        self.job_swing_band.reset();
+        for (job, s) in &report.jobs {
+            self.job_swing.with_label_values(&[job]).set(s.swing_watts);
+            for (band, share) in BANDS.iter().zip(s.band_shares) {
+                self.job_swing_band.with_label_values(&[job.as_str(), band.name]).set(share);
+            }
+        }
+    }
+
     pub fn observe_power(&self, s: &watt_proto::v1::PowerStatus) {
         self.ramp_limit.set(s.site.and_then(|site| site.ramp_up_watts_per_second).unwrap_or(0.0));
         self.ramp.with_label_values(&["1s"]).set(s.ramp_1s_watts_per_second);

@@ -326,10 +326,15 @@ impl Controller {
                     gpus: if a.paused { 0 } else { a.shards * record.map(|r| r.spec.gpus_per_shard).unwrap_or(0) },
                     paused: a.paused,
                     shards_wanted: record.map(|r| r.spec.shards.max).unwrap_or(a.shards),
+                    swing: None,
                 }
             })
             .collect();
         job_power.sort_by(|a, b| a.name.cmp(&b.name));
+        let swings = self.last_swings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        for j in &mut job_power {
+            j.swing = swings.jobs.get(&j.name).copied().map(swing_proto);
+        }
         let status = pb::PowerStatus {
             sources: power
                 .table
@@ -364,6 +369,7 @@ impl Controller {
             infeasible,
             foreign_gpus,
             foreign_watts,
+            swing: swings.site.map(swing_proto),
             ramp_1s_watts_per_second: self.ramp_rate(now_ms, 1_000),
             ramp_60s_watts_per_second: self.ramp_rate(now_ms, 60_000),
             // The meter's figures (see `Controller::look_at_the_meter`) carry over between passes.
@@ -514,6 +520,15 @@ pub fn source_kind(kind: SourceKind) -> pb::SourceKind {
     }
 }
 
+pub fn swing_proto(s: crate::power::swing::Swing) -> pb::PowerSwing {
+    pb::PowerSwing {
+        swing_watts: s.swing_watts,
+        share_0_1_to_1_hz: s.band_shares[0],
+        share_1_to_5_hz: s.band_shares[1],
+        mean_watts: s.mean_watts,
+    }
+}
+
 pub fn site_proto(site: &Site) -> pb::Site {
     pb::Site {
         reserve_ratio: site.reserve_ratio,
@@ -528,6 +543,21 @@ impl Controller {
     /// How fast counted power moved over the window ending at `now_ms`, W/s.
     fn ramp_rate(&self, now_ms: i64, window_ms: i64) -> f64 {
         self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).rate(now_ms, window_ms)
+    }
+
+    /// The swings of the last window, per job and for the site: metrics, and the status (readers
+    /// see it; watchers are not woken for it).
+    pub fn look_at_the_swings(&self, now_unix_ms: i64) {
+        let report = self.swings.analyze(now_unix_ms);
+        self.metrics.observe_swings(&report);
+        self.power_status.send_if_modified(|s| {
+            s.swing = report.site.map(swing_proto);
+            for j in &mut s.jobs {
+                j.swing = report.jobs.get(&j.name).copied().map(swing_proto);
+            }
+            false
+        });
+        *self.last_swings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = report;
     }
 
     /// Counted power stands between passes: the ramp's rates move with time alone. Shown in the
@@ -641,10 +671,16 @@ impl Controller {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(METER_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => self.look_at_the_meter(),
                 () = &mut shutdown => return,
+            }
+            // Swings once a second: a 10 s window moves little in a quarter of one.
+            ticks += 1;
+            if ticks % 4 == 0 {
+                self.look_at_the_swings(unix_ms());
             }
         }
     }
@@ -689,6 +725,7 @@ mod tests {
             retention: crate::retention::Retention { keep_for: Duration::from_secs(7 * 86_400), keep_count: 10_000 },
             limits: crate::retention::JobLimits { per_principal: 1_000, total: 100_000 },
             speed_curves: crate::speed_curves::CurvePolicy::Learned,
+            swing_alert_share: 0.5,
         };
         Controller::new(store, settings, Metrics::new().unwrap(), 1).await.unwrap()
     }

@@ -51,6 +51,8 @@ pub struct Settings {
     pub limits: crate::retention::JobLimits,
     /// Which speed curves power is shared by (see [`crate::speed_curves`]).
     pub speed_curves: crate::speed_curves::CurvePolicy,
+    /// The band share of power variation the swing alert fires above (see [`crate::swings`]).
+    pub swing_alert_share: f64,
 }
 
 /// Why a client request failed.
@@ -104,6 +106,10 @@ pub struct Controller {
     regrow: std::sync::Mutex<RegrowTimes>,
     /// The nodes' part of the view, kept between passes (only the pass uses it).
     kept_view: std::sync::Mutex<KeptView>,
+    /// Every node's power at each sampling round, and the swings last found in it: see
+    /// [`crate::swings`].
+    pub(crate) swings: crate::swings::Swings,
+    pub(crate) last_swings: std::sync::Mutex<crate::swings::SwingReport>,
     /// Counted power over the last minute, for the site's ramp limit: see
     /// [`crate::power::ramp`]. Locked after `power`; the meter takes it alone.
     pub(crate) ramp: std::sync::Mutex<crate::power::ramp::CountedHistory>,
@@ -160,6 +166,7 @@ impl Controller {
     ) -> Result<Arc<Self>, StoreError> {
         let jobs = JobTable::load(from).await?;
         let power = PowerTable::load(from).await?;
+        metrics.swing_alert.set(settings.swing_alert_share);
         let power_state = PowerState::load(power, store.as_ref()).await?;
         let run_tokens = crate::run_tokens::RunTokens::load(store.as_ref()).await?;
         let log_grants = crate::log_grants::LogGrants::load(store.as_ref()).await?;
@@ -209,6 +216,8 @@ impl Controller {
             kept_view: std::sync::Mutex::new(KeptView::default()),
             meter: std::sync::Mutex::new(crate::power::meter::Meter::new(settings.settle_time)),
             ramp: std::sync::Mutex::new(crate::power::ramp::CountedHistory::default()),
+            swings: crate::swings::Swings::default(),
+            last_swings: std::sync::Mutex::new(crate::swings::SwingReport::default()),
             ramp_starts_held: std::sync::atomic::AtomicBool::new(false),
             clock,
             term,

@@ -110,6 +110,38 @@ fn validate_shard_status(s: &pb::ShardStatus) -> Result<pb::ShardState, Status> 
     }
 }
 
+/// A node's power trace: as many offsets as rounds, as many of each job's readings, finite
+/// watts ≥ 0, at most a minute of rounds at 10 Hz and 64 jobs.
+fn validate_trace(t: &pb::PowerTrace) -> Result<(), Status> {
+    let rounds = t.node_watts.len();
+    if rounds > 600 {
+        return Err(invalid("power_trace.node_watts", format!("has {rounds} rounds; at most 600")));
+    }
+    if t.offsets_ms.len() != rounds {
+        return Err(invalid(
+            "power_trace.offsets_ms",
+            format!("has {} offsets for {rounds} rounds", t.offsets_ms.len()),
+        ));
+    }
+    if t.jobs.len() > 64 {
+        return Err(invalid("power_trace.jobs", format!("has {} jobs; at most 64", t.jobs.len())));
+    }
+    let watts_ok = |w: &f32| w.is_finite() && *w >= 0.0;
+    if !t.node_watts.iter().all(watts_ok) {
+        return Err(invalid("power_trace.node_watts", "must be finite numbers ≥ 0"));
+    }
+    for j in &t.jobs {
+        crate::spec::validate_name(&j.job).map_err(|e| invalid("power_trace.jobs.job", e.message))?;
+        if j.watts.len() != rounds || !j.watts.iter().all(watts_ok) {
+            return Err(invalid(
+                "power_trace.jobs.watts",
+                format!("must have {rounds} finite numbers ≥ 0 (job {:?})", j.job),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_progress(p: &pb::ShardProgress) -> Result<(), Status> {
     crate::spec::validate_name(&p.job).map_err(|e| invalid("shard_progress.job", e.message))?;
     if !(p.energy_joules.is_finite() && p.energy_joules >= 0.0) {
@@ -339,6 +371,13 @@ async fn serve_inbound(
                 if let Some(progress) = rank0.and_then(|job| c.progress.job(&job).map(|p| (job, p))) {
                     c.metrics.set_progress(&progress.0, &progress.1);
                 }
+            }
+            Some(Body::PowerTrace(t)) => {
+                validate_trace(&t)?;
+                if !c.registry.touch(node, heard) {
+                    return Ok(());
+                }
+                c.swings.record(node, &t);
             }
             Some(Body::Register(_)) => return Err(invalid("body", "register may only be the first message")),
             None => return Err(invalid("body", "is required")),

@@ -98,7 +98,8 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
             "WattNoLeader",
             "WattStoreUnwritable",
             "WattScrapeFailing",
-            "WattRampAboveLimit"
+            "WattRampAboveLimit",
+            "WattPowerSwing"
         ]
     );
     let test = find(&docs, "Pod", "watt-test-controller");

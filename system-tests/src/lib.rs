@@ -663,12 +663,11 @@ pub fn agent_with(controller: &str, node: &str, gpus: u32, extra: &[&str]) -> Pr
     if !extra.contains(&"--logs-addr") {
         cmd.args(["--logs-addr", "127.0.0.1:0"]);
     }
-    cmd.args(["--backend", "sim", "--sim-gpus", &gpus.to_string(), "--node-name", node]).args([
-        "--sample-interval",
-        "200ms",
-        "--controller",
-        controller,
-    ]);
+    cmd.args(["--backend", "sim", "--sim-gpus", &gpus.to_string(), "--node-name", node])
+        .args(["--controller", controller]);
+    if !extra.contains(&"--sample-interval") {
+        cmd.args(["--sample-interval", "200ms"]);
+    }
     if !extra.contains(&"--state-dir") {
         cmd.arg("--state-dir").arg(state_dir(node));
     }

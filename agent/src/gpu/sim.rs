@@ -246,6 +246,8 @@ pub struct SimGpu {
     /// One training step, in ticks, and how many of them compute (the rest communicate).
     step_ticks: u32,
     compute_ticks: u32,
+    /// Its own step, drawn from the seed, for when no job sets one.
+    own_step: (u32, u32),
     power_limit_watts: f64,
     // What the driver reports, updated once per tick.
     utilization: f64,
@@ -281,6 +283,7 @@ impl SimGpu {
             load_since: 0,
             step_ticks,
             compute_ticks,
+            own_step: (step_ticks, compute_ticks),
             power_limit_watts: model.power_limit.default_watts,
             utilization: 0.0,
             dense_math: false,
@@ -387,6 +390,18 @@ impl SimGpu {
     /// Pin utilization to `u` in [0, 1], or give control back to the load.
     pub fn set_utilization(&mut self, u: Option<f64>) {
         self.utilization_override = u.map(|u| u.clamp(0.0, 1.0));
+    }
+
+    /// The training step's length in ticks, as a synchronous job sets it for all its GPUs (70%
+    /// of it compute); `None`: the GPU's own.
+    pub fn set_step_ticks(&mut self, ticks: Option<u32>) {
+        (self.step_ticks, self.compute_ticks) = match ticks {
+            Some(t) => {
+                let t = t.clamp(2, 600);
+                (t, ((f64::from(t) * 0.7).round() as u32).clamp(1, t - 1))
+            }
+            None => self.own_step,
+        };
     }
 
     /// What runs on the GPU from the next tick on.
@@ -564,10 +579,17 @@ impl SimBackend {
     /// running someone else's process ([`SimBackend::set_foreign`]) keeps it while no Watt shard
     /// is on it.
     pub fn set_training(&self, index: u32, training: Option<SimWorkload>) {
+        self.set_training_steps(index, training, None);
+    }
+
+    /// The same, with the job's step length in ticks (`None`: the GPU's own): the GPUs of a
+    /// synchronous job step together, so its power swings at its step rate.
+    pub fn set_training_steps(&self, index: u32, training: Option<SimWorkload>, step_ticks: Option<u32>) {
         if let Some(slot) = self.slots.get(index as usize) {
             let ticks = self.ticks_now();
             let mut gpu = lock(&slot.gpu);
             gpu.advance_to(ticks);
+            gpu.set_step_ticks(step_ticks);
             let foreign = slot.faults.foreign.load(Ordering::Relaxed);
             gpu.set_load(match (training, foreign) {
                 (Some(workload), _) => SimLoad::Training(workload),

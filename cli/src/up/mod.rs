@@ -304,7 +304,8 @@ async fn start(
             format!("--metrics-addr=127.0.0.1:{port}"),
             // Several agents on one machine: each its own logs port, which it tells the controller.
             "--logs-addr=127.0.0.1:0".into(),
-            "--sample-interval=500ms".into(),
+            // The driver's 10 Hz: what power-swing monitoring needs.
+            "--sample-interval=100ms".into(),
             format!("--controller={}", target.url),
             format!("--ca={}", pki.join("ca.pem").display()),
             format!("--tls-cert={}", pki.join(format!("node-{i}.pem")).display()),

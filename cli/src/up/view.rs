@@ -128,6 +128,9 @@ pub struct Summary {
     ramp_rise: (f64, f64),
     ramp_fall: f64,
     ramp_limit: Option<f64>,
+    /// Each job's largest power swing seen, and the site's.
+    swings: BTreeMap<String, crate::power::SwingView>,
+    site_swing: Option<crate::power::SwingView>,
 }
 
 impl Summary {
@@ -141,6 +144,19 @@ impl Summary {
         self.ramp_rise = (self.ramp_rise.0.max(second), self.ramp_rise.1.max(minute));
         self.ramp_fall = self.ramp_fall.min(second);
         self.ramp_limit = s.status.site.and_then(|site| site.ramp_up_watts_per_second);
+        let larger = |seen: Option<&crate::power::SwingView>, now: pb::PowerSwing| {
+            let now = crate::power::SwingView::from(now);
+            seen.filter(|s| s.swing_watts >= now.swing_watts).copied().unwrap_or(now)
+        };
+        if let Some(swing) = s.status.swing {
+            self.site_swing = Some(larger(self.site_swing.as_ref(), swing));
+        }
+        for j in &s.status.jobs {
+            if let Some(swing) = j.swing {
+                let seen = larger(self.swings.get(&j.name), swing);
+                self.swings.insert(j.name.clone(), seen);
+            }
+        }
         self.infeasible_seen |= s.status.infeasible;
         for job in s.jobs {
             let Some(spec) = &job.spec else { continue };
@@ -195,6 +211,12 @@ impl Summary {
         }
         for (name, curve) in &self.curves {
             let _ = writeln!(out, "  curve {name:<17} {}", curve.sentence());
+        }
+        for (name, swing) in &self.swings {
+            let _ = writeln!(out, "  swing {name:<17} largest {}", swing.sentence());
+        }
+        if let Some(swing) = &self.site_swing {
+            let _ = writeln!(out, "  swing (site)            largest {}", swing.sentence());
         }
         match self.weighted_kept() {
             Some(k) if self.events > 0 => {

@@ -17,6 +17,7 @@ pub use watt_common::curve;
 pub mod planner;
 pub mod ramp;
 pub mod speed_fit;
+pub mod swing;
 pub mod table;
 
 use serde::{Deserialize, Serialize};
