@@ -6,14 +6,14 @@
 //! arrived — holding each node's last round at each point, sums them for the site and per job,
 //! and analyzes each sum: the swing (p95 − p5) and the share of its variation at 0.1–1 Hz and at
 //! 1–5 Hz. A node whose rounds do not cover the window (it joined, left or fell silent) is left
-//! out of that window rather than counted as a swing.
+//! out of that window rather than counted as a swing; one silent for 15 s is forgotten.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 use watt_proto::v1 as pb;
 
-use crate::power::swing::{analyze, Swing};
+use crate::power::swing::{Analyzer, Swing};
 use crate::NameMap;
 
 /// The window analyzed, the grid's step, and how far behind now it ends.
@@ -25,12 +25,37 @@ const COVER_MS: i64 = 600;
 /// Rounds kept per node.
 const KEEP_MS: i64 = WINDOW_MS + DELAY_MS + 3_000;
 
-#[derive(Debug, Clone)]
-struct Round {
-    unix_ms: i64,
-    node_watts: f64,
-    /// (job, watts), few per node.
-    jobs: Vec<(String, f64)>,
+/// A node's recent rounds, as columns: a round's time, the node's watts, and per job seen on
+/// it the job's watts (0 in rounds it was not there). Columns, not a list of rounds: the
+/// once-a-second walk over 25,000 nodes reads them in order.
+#[derive(Debug, Default)]
+struct NodeTrace {
+    times: VecDeque<i64>,
+    node_watts: VecDeque<f32>,
+    jobs: Vec<(String, VecDeque<f32>)>,
+}
+
+impl NodeTrace {
+    fn push(&mut self, unix_ms: i64, node_watts: f32, watts_of: impl Fn(&str) -> Option<f32>, new_jobs: &[&str]) {
+        for &job in new_jobs {
+            if !self.jobs.iter().any(|(j, _)| j == job) {
+                self.jobs.push((job.to_owned(), std::iter::repeat_n(0.0, self.times.len()).collect()));
+            }
+        }
+        self.times.push_back(unix_ms);
+        self.node_watts.push_back(node_watts);
+        for (job, column) in &mut self.jobs {
+            column.push_back(watts_of(job).unwrap_or(0.0));
+        }
+    }
+
+    fn pop_front(&mut self) {
+        self.times.pop_front();
+        self.node_watts.pop_front();
+        for (_, column) in &mut self.jobs {
+            column.pop_front();
+        }
+    }
 }
 
 /// The swings of one window.
@@ -43,39 +68,36 @@ pub struct SwingReport {
 /// Every node's recent rounds.
 #[derive(Debug, Default)]
 pub struct Swings {
-    nodes: Mutex<NameMap<String, VecDeque<Round>>>,
+    nodes: Mutex<NameMap<String, NodeTrace>>,
 }
 
 impl Swings {
-    fn lock(&self) -> std::sync::MutexGuard<'_, NameMap<String, VecDeque<Round>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, NameMap<String, NodeTrace>> {
         self.nodes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Take a node's trace (already validated: see `session::validate_trace`).
     pub fn record(&self, node: &str, trace: &pb::PowerTrace) {
         let mut nodes = self.lock();
-        let rounds = nodes.entry(node.to_owned()).or_default();
+        let rounds = match nodes.get_mut(node) {
+            Some(rounds) => rounds,
+            None => nodes.entry(node.to_owned()).or_default(),
+        };
+        let new_jobs: Vec<&str> = trace.jobs.iter().map(|j| j.job.as_str()).collect();
         for (i, (&offset, &watts)) in trace.offsets_ms.iter().zip(&trace.node_watts).enumerate() {
             let unix_ms = trace.start_unix_ms + i64::from(offset);
-            if rounds.back().is_some_and(|r| r.unix_ms >= unix_ms) {
+            if rounds.times.back().is_some_and(|&t| t >= unix_ms) {
                 continue;
             }
-            let jobs = trace
-                .jobs
-                .iter()
-                .filter_map(|j| j.watts.get(i).map(|&w| (j.job.clone(), f64::from(w))))
-                .filter(|&(_, w)| w > 0.0)
-                .collect();
-            rounds.push_back(Round { unix_ms, node_watts: f64::from(watts), jobs });
+            let watts_of = |job: &str| trace.jobs.iter().find(|j| j.job == job).and_then(|j| j.watts.get(i).copied());
+            rounds.push(unix_ms, watts, watts_of, &new_jobs);
         }
-        while rounds.front().is_some_and(|r| unix_now_hint(rounds.back()) - r.unix_ms > KEEP_MS) {
+        let newest = rounds.times.back().copied().unwrap_or(i64::MIN);
+        while rounds.times.front().is_some_and(|&t| newest - t > KEEP_MS) {
             rounds.pop_front();
         }
-    }
-
-    /// Forget a node (it left the registry).
-    pub fn forget(&self, node: &str) {
-        self.lock().remove(node);
+        // A job gone from the node for all its kept rounds leaves it.
+        rounds.jobs.retain(|(_, column)| column.iter().any(|&w| w > 0.0));
     }
 
     /// The swings of the window ending [`DELAY_MS`] before `now_unix_ms`.
@@ -84,43 +106,53 @@ impl Swings {
         let start = end - WINDOW_MS;
         let points = (WINDOW_MS / STEP_MS) as usize;
         let mut site = vec![0.0; points];
-        let mut jobs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut index: NameMap<String, usize> = NameMap::default();
+        let mut series: Vec<Vec<f64>> = Vec::new();
         let mut any = false;
+        // Which round is in force at each point of the grid, per node (reused).
+        let mut at_point = vec![0usize; points];
         let mut nodes = self.lock();
-        nodes.retain(|_, rounds| rounds.back().is_some_and(|r| now_unix_ms - r.unix_ms <= KEEP_MS));
+        nodes.retain(|_, rounds| rounds.times.back().is_some_and(|&t| now_unix_ms - t <= KEEP_MS));
         for rounds in nodes.values() {
-            let covers = rounds.front().is_some_and(|r| r.unix_ms <= start + COVER_MS)
-                && rounds.back().is_some_and(|r| r.unix_ms >= end - COVER_MS);
+            let covers = rounds.times.front().is_some_and(|&t| t <= start + COVER_MS)
+                && rounds.times.back().is_some_and(|&t| t >= end - COVER_MS);
             if !covers {
                 continue;
             }
             any = true;
             // Walk the grid and the rounds together: the last round at or before each point.
             let mut at = 0usize;
-            for (i, point) in site.iter_mut().enumerate() {
+            for (i, slot) in at_point.iter_mut().enumerate() {
                 let t = start + i as i64 * STEP_MS + STEP_MS / 2;
-                while at + 1 < rounds.len() && rounds[at + 1].unix_ms <= t {
+                while at + 1 < rounds.times.len() && rounds.times[at + 1] <= t {
                     at += 1;
                 }
-                let round = &rounds[at];
-                *point += round.node_watts;
-                for (job, watts) in &round.jobs {
-                    jobs.entry(job.clone()).or_insert_with(|| vec![0.0; points])[i] += watts;
+                *slot = at;
+                site[i] += f64::from(rounds.node_watts[at]);
+            }
+            for (job, column) in &rounds.jobs {
+                let next = series.len();
+                let k = match index.get(job.as_str()) {
+                    Some(&k) => k,
+                    None => {
+                        index.insert(job.clone(), next);
+                        series.push(vec![0.0; points]);
+                        next
+                    }
+                };
+                for (point, &at) in series[k].iter_mut().zip(&at_point) {
+                    *point += f64::from(column[at]);
                 }
             }
         }
         drop(nodes);
         let hz = 1_000.0 / STEP_MS as f64;
+        let analyzer = Analyzer::new(points);
         SwingReport {
-            site: if any { analyze(&site, hz) } else { None },
-            jobs: jobs.into_iter().filter_map(|(job, series)| Some((job, analyze(&series, hz)?))).collect(),
+            site: if any { analyzer.analyze(&site, hz) } else { None },
+            jobs: index.into_iter().filter_map(|(job, k)| Some((job, analyzer.analyze(&series[k], hz)?))).collect(),
         }
     }
-}
-
-/// The newest round's time: rounds are dropped relative to it (a node's own clock).
-fn unix_now_hint(newest: Option<&Round>) -> i64 {
-    newest.map_or(i64::MIN, |r| r.unix_ms)
 }
 
 #[cfg(test)]

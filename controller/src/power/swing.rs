@@ -10,8 +10,10 @@
 //! divides the window (a 1 s step in 10 s) lands in its bins exactly, and a taper would smear a
 //! 1.0 Hz line into the 0.9 Hz bin of the other band.
 
+use std::sync::Arc;
+
 use rustfft::num_complex::Complex;
-use rustfft::FftPlanner;
+use rustfft::{Fft, FftPlanner};
 
 /// A band of frequencies, Hz: `[low, high)`, the last band closed at Nyquist.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,9 +36,43 @@ pub struct Swing {
     pub band_shares: [f64; 2],
 }
 
-/// The swing of `samples` taken at `sample_hz`; none with fewer than 8 samples or any that is
-/// not finite.
+/// Analyzes series of one length: the FFT is planned once (planning costs more than a 100-point
+/// transform).
+pub struct Analyzer {
+    fft: Arc<dyn Fft<f64>>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Analyzer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Analyzer").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+impl Analyzer {
+    pub fn new(len: usize) -> Self {
+        Analyzer { fft: FftPlanner::new().plan_fft_forward(len), len }
+    }
+
+    /// The swing of `samples` taken at `sample_hz`; none with fewer than 8 samples, a length
+    /// other than the planned one, or any sample that is not finite.
+    pub fn analyze(&self, samples: &[f64], sample_hz: f64) -> Option<Swing> {
+        if samples.len() != self.len {
+            return None;
+        }
+        swing_of(samples, sample_hz, self.fft.as_ref())
+    }
+}
+
+/// The swing of `samples` taken at `sample_hz` (planning its FFT: see [`Analyzer`] for many).
 pub fn analyze(samples: &[f64], sample_hz: f64) -> Option<Swing> {
+    if samples.is_empty() {
+        return None;
+    }
+    swing_of(samples, sample_hz, FftPlanner::new().plan_fft_forward(samples.len()).as_ref())
+}
+
+fn swing_of(samples: &[f64], sample_hz: f64, fft: &dyn Fft<f64>) -> Option<Swing> {
     let n = samples.len();
     if n < 8 || !sample_hz.is_finite() || sample_hz <= 0.0 || samples.iter().any(|w| !w.is_finite()) {
         return None;
@@ -48,7 +84,7 @@ pub fn analyze(samples: &[f64], sample_hz: f64) -> Option<Swing> {
     let swing_watts = at(0.95) - at(0.05);
 
     let mut buffer: Vec<Complex<f64>> = samples.iter().map(|&w| Complex { re: w - mean_watts, im: 0.0 }).collect();
-    FftPlanner::new().plan_fft_forward(n).process(&mut buffer);
+    fft.process(&mut buffer);
     // One-sided power per bin (bins 1..=n/2; the mean is bin 0, removed above).
     let resolution = sample_hz / n as f64;
     let bins: Vec<(f64, f64)> = (1..=n / 2).map(|k| (k as f64 * resolution, buffer[k].norm_sqr())).collect();
