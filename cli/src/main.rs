@@ -169,6 +169,10 @@ enum Power {
         /// 80kW/s; 0 removes the limit. Cuts are never slowed.
         #[arg(long, value_parser = power::parse_ramp)]
         ramp_up: Option<f64>,
+        /// How fast a cancelled job's caps come down before its shards are stopped, e.g.
+        /// 5MW/min; 0: at once. Cuts are never slowed.
+        #[arg(long, value_parser = power::parse_ramp)]
+        ramp_down: Option<f64>,
     },
     /// Print the power status on every change.
     Watch,
@@ -424,17 +428,19 @@ async fn run_power(target: &Target, output: Output, what: Power) -> Result<(), F
         Power::SetReserve { reserve } => {
             client.set_site(pb::SetSiteRequest { reserve_ratio: Some(reserve), ..Default::default() }).await?
         }
-        Power::SetSite { reserve, pue, node_overhead, idle_gpu, ramp_up } => {
+        Power::SetSite { reserve, pue, node_overhead, idle_gpu, ramp_up, ramp_down } => {
             let request = pb::SetSiteRequest {
                 reserve_ratio: reserve,
                 pue,
                 node_overhead_watts: node_overhead,
                 idle_gpu_watts: idle_gpu,
                 ramp_up_watts_per_second: ramp_up,
+                ramp_down_watts_per_second: ramp_down,
             };
             if request == pb::SetSiteRequest::default() {
                 return Err(Failure::Usage(
-                    "set-site: give at least one of --reserve, --pue, --node-overhead, --idle-gpu, --ramp-up".into(),
+                    "set-site: give at least one of --reserve, --pue, --node-overhead, --idle-gpu, --ramp-up, --ramp-down"
+                        .into(),
                 ));
             }
             client.set_site(request).await?

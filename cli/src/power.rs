@@ -154,8 +154,10 @@ pub struct PowerView {
     pub unenforced_excess_watts: f64,
     pub foreign_gpus: u32,
     pub foreign_watts: f64,
-    /// The site's ramp limit on counted power, W/s (none: not limited).
+    /// The site's ramp limit on counted power, W/s (none: not limited), and how fast a cancel's
+    /// caps come down (none: at once).
     pub ramp_up_watts_per_second: Option<f64>,
+    pub ramp_down_watts_per_second: Option<f64>,
     /// How fast counted power moved over the last second and minute, W/s.
     pub ramp_1s_watts_per_second: f64,
     pub ramp_60s_watts_per_second: f64,
@@ -196,6 +198,7 @@ impl From<pb::PowerStatus> for PowerView {
             foreign_gpus: s.foreign_gpus,
             foreign_watts: s.foreign_watts,
             ramp_up_watts_per_second: site.ramp_up_watts_per_second,
+            ramp_down_watts_per_second: site.ramp_down_watts_per_second,
             ramp_1s_watts_per_second: s.ramp_1s_watts_per_second,
             ramp_60s_watts_per_second: s.ramp_60s_watts_per_second,
             swing: s.swing.map(SwingView::from),
@@ -246,9 +249,12 @@ impl PowerView {
         if let Some(swing) = &self.swing {
             let _ = writeln!(out, "Swing:       {}", swing.sentence());
         }
-        let limit = self.ramp_up_watts_per_second.map_or("no ramp limit".to_string(), |r| {
+        let mut limit = self.ramp_up_watts_per_second.map_or("no ramp limit".to_string(), |r| {
             format!("rises held under {}/s, {}/min", show_watts(r), show_watts(r * 60.0))
         });
+        if let Some(r) = self.ramp_down_watts_per_second {
+            limit.push_str(&format!("; cancels ramp down at {}/s", show_watts(r)));
+        }
         let _ = writeln!(
             out,
             "Ramp:        {}/s over the last second, {}/s over the last minute ({limit})",

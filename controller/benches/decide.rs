@@ -50,6 +50,7 @@ fn record(spec: JobSpec, state: JobState, shards: Vec<ShardAssignment>) -> JobRe
         last_run: Vec::new(),
         hold: None,
         submitted_by: String::new(),
+        stopping: None,
     }
 }
 

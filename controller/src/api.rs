@@ -206,10 +206,12 @@ impl PowerApi {
                 "site".to_string(),
                 "site-set",
                 format!(
-                    "reserve {:.1}%, PUE {}, node overhead {:.0} W",
+                    "reserve {:.1}%, PUE {}, node overhead {:.0} W, ramp up {}, ramp down {}",
                     site.reserve_ratio * 100.0,
                     site.pue,
-                    site.node_overhead_watts
+                    site.node_overhead_watts,
+                    site.ramp_up_watts_per_second.map_or("unlimited".into(), |r| format!("{r:.0} W/s")),
+                    site.ramp_down_watts_per_second.map_or("at once".into(), |r| format!("{r:.0} W/s")),
                 ),
             ),
         };
@@ -279,6 +281,7 @@ impl pb::power_service_server::PowerService for PowerApi {
             node_overhead_watts: r.node_overhead_watts,
             idle_gpu_watts: r.idle_gpu_watts,
             ramp_up_watts_per_second: r.ramp_up_watts_per_second,
+            ramp_down_watts_per_second: r.ramp_down_watts_per_second,
         };
         Ok(Response::new(self.change(PowerChange::SetSite(update), &by).await?))
     }

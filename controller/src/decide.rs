@@ -312,6 +312,17 @@ pub fn decide(view: &View, now: Now) -> Decisions {
             });
         } else if let Some((record, reason)) = advance(job, view, now) {
             settle.push(JobChange { event: Some(JobEvent::Reached(record.state)), record, reason });
+        } else if job.stopping.is_some_and(|s| now.wall_ms >= s.until_unix_ms) {
+            // Its caps came down along the site's ramp-down: now its shards stop.
+            let mut record = job.clone();
+            unplace(&mut record, None, view, now);
+            record.state = JobState::Cancelled;
+            record.stopping = None;
+            settle.push(JobChange {
+                record,
+                event: Some(JobEvent::Reached(JobState::Cancelled)),
+                reason: Reason::Cancelled,
+            });
         }
     }
     for change in &settle {
@@ -462,6 +473,17 @@ pub fn decide(view: &View, now: Now) -> Decisions {
                 event: Some(JobEvent::Grown),
                 reason: Reason::Grown { from, to },
             });
+        }
+    }
+    // A cancelled job ramping down that anything else takes off its GPUs (a lost node, a
+    // preemption, a pause for power) is cancelled: it never waits to run again.
+    for change in decisions.settle.iter_mut().chain(decisions.place.iter_mut()) {
+        if change.record.stopping.is_some() && !change.record.state.is_active() {
+            change.record.state = JobState::Cancelled;
+            change.record.stopping = None;
+            change.record.hold = None;
+            change.event = Some(JobEvent::Reached(JobState::Cancelled));
+            change.reason = Reason::Cancelled;
         }
     }
     decisions
@@ -628,6 +650,7 @@ mod tests {
                 power.add_node(&caps, 0.0);
             }
             power.ramp = self.ramp;
+            power.now_unix_ms = wall_ms;
             let view = View {
                 jobs: self.jobs.iter().collect(),
                 nodes: &self.nodes,
@@ -808,6 +831,33 @@ mod tests {
         c.jobs[0] = change.record.clone();
         let d = c.decide(0, 0);
         assert!(d.place.is_empty(), "a job already held for power is not changed again: {:?}", d.place);
+    }
+
+    #[test]
+    fn a_cancelled_job_keeps_its_gpus_with_its_cap_along_the_ramp_down_then_ends() {
+        let mut c = Cluster::new(&["a", "b"]);
+        c.available_watts = 1e6;
+        let mut job = record("j", 0, (1, 1), JobState::Running, &["a"]);
+        job.stopping =
+            Some(crate::jobs::Stopping { since_unix_ms: 1_000, until_unix_ms: 5_000, from_cap_watts: 700.0 });
+        c.jobs.push(job);
+        c.locate_placements();
+        c.report("j", &[(1, pb::ShardState::Running, None)]);
+        // Half way: it still runs, at half way between 700 W and its 200 W minimum.
+        let d = c.decide(0, 3_000);
+        assert!(d.settle.is_empty() && d.place.is_empty(), "{:?} {:?}", d.settle, d.place);
+        let cap = d.admission.allocation.unwrap().jobs[0].cap_watts;
+        assert!((cap - 450.0).abs() < 1e-6, "{cap}");
+        // At the end of the ramp: cancelled, off its GPUs.
+        let d = c.decide(0, 5_000);
+        let done = only(&d.settle);
+        assert_eq!((done.record.state, done.reason.clone()), (JobState::Cancelled, Reason::Cancelled));
+        assert!(done.record.shards.is_empty() && done.record.stopping.is_none());
+        // Taken off its GPUs by anything else meanwhile (its node lost): cancelled, not pending.
+        c.nodes[0].last_seen_ms = -LEASE_MS - 1;
+        let d = c.decide(0, 2_000);
+        let lost = only(&d.settle);
+        assert_eq!((lost.record.state, lost.record.hold), (JobState::Cancelled, None));
     }
 
     #[test]

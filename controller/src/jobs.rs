@@ -120,6 +120,29 @@ pub struct JobRecord {
     /// only an admin may cancel one).
     #[serde(default)]
     pub submitted_by: String,
+    /// Cancelled, and its caps coming down along the site's ramp-down before its shards stop.
+    #[serde(default)]
+    pub stopping: Option<Stopping>,
+}
+
+/// A cancel that lowers the job's caps along the site's `ramp_down` before its shards get
+/// SIGTERM: the job keeps its GPUs (nothing else is placed on them) and its cap falls from
+/// `from_cap_watts` to its GPUs' minimum between `since_unix_ms` and `until_unix_ms`; then it is
+/// cancelled. A power cut meanwhile is not slowed: the allocator may give it less, or pause it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stopping {
+    pub since_unix_ms: i64,
+    pub until_unix_ms: i64,
+    pub from_cap_watts: f64,
+}
+
+impl Stopping {
+    /// The highest cap the job may have at `now_unix_ms`: from its cap then down to `floor`.
+    pub fn cap_at(&self, now_unix_ms: i64, floor: f64) -> f64 {
+        let span = (self.until_unix_ms - self.since_unix_ms).max(1) as f64;
+        let done = ((now_unix_ms - self.since_unix_ms) as f64 / span).clamp(0.0, 1.0);
+        (self.from_cap_watts - (self.from_cap_watts - floor).max(0.0) * done).max(floor)
+    }
 }
 
 /// How one shard of a job's last run ended.
@@ -181,6 +204,7 @@ impl JobRecord {
             last_run: Vec::new(),
             hold: None,
             submitted_by: String::new(),
+            stopping: None,
         }
     }
 
@@ -374,6 +398,7 @@ impl JobStore {
                 last_run: Vec::new(),
                 hold: None,
                 submitted_by: submitted_by.to_string(),
+                stopping: None,
             };
             let key = job_key(&spec.name);
             let writes = vec![

@@ -536,6 +536,7 @@ pub fn site_proto(site: &Site) -> pb::Site {
         node_overhead_watts: site.node_overhead_watts,
         idle_gpu_watts: site.idle_gpu_watts,
         ramp_up_watts_per_second: site.ramp_up_watts_per_second,
+        ramp_down_watts_per_second: site.ramp_down_watts_per_second,
     }
 }
 

@@ -115,6 +115,8 @@ pub struct Controller {
     pub(crate) ramp: std::sync::Mutex<crate::power::ramp::CountedHistory>,
     /// A start waits on the site's ramp limit: time alone frees it.
     ramp_starts_held: std::sync::atomic::AtomicBool,
+    /// A cancelled job's caps come down along the site's ramp-down: time alone moves them.
+    ramp_downs_running: std::sync::atomic::AtomicBool,
     /// Measured draw against the limit: see [`crate::power::meter`].
     pub(crate) meter: std::sync::Mutex<crate::power::meter::Meter>,
     /// The clock every deadline is on (see [`crate::clock`]).
@@ -219,6 +221,7 @@ impl Controller {
             swings: crate::swings::Swings::default(),
             last_swings: std::sync::Mutex::new(crate::swings::SwingReport::default()),
             ramp_starts_held: std::sync::atomic::AtomicBool::new(false),
+            ramp_downs_running: std::sync::atomic::AtomicBool::new(false),
             clock,
             term,
             power_writer: crate::power_writer::PowerWriter::default(),
@@ -364,6 +367,21 @@ impl Controller {
                 if record.submitted_by.is_empty() { String::new() } else { format!(" ({})", record.submitted_by) }
             )));
         }
+        if record.state.is_active() && record.stopping.is_none() {
+            if let Some(stopping) = self.ramp_down_for(&record).await {
+                let seconds = (stopping.until_unix_ms - stopping.since_unix_ms) as f64 / 1_000.0;
+                record.stopping = Some(stopping);
+                record.message = format!(
+                    "cancelling: its caps come down along the site's ramp-down over {seconds:.1} s, then its shards stop"
+                );
+                drop(jobs);
+                self.job_store.update(&turn, &self.jobs, record.clone()).await?;
+                self.emit_by("job", name, "cancelling", record.message.clone(), Some(by));
+                self.ramp_downs_running.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.wake();
+                return Ok(self.job_proto(&record));
+            }
+        }
         if !record.state.is_terminal() {
             {
                 let reported = self.registry.lock();
@@ -380,12 +398,40 @@ impl Controller {
                 }
             }
             record.state = JobState::Cancelled;
+            record.stopping = None;
             drop(jobs);
             self.job_store.update(&turn, &self.jobs, record.clone()).await?;
             self.emit_by("job", name, "cancelled", "cancelled by request".into(), Some(by));
             self.wake();
         }
         Ok(self.job_proto(&record))
+    }
+
+    /// How a cancel of `record` ramps its caps down, when the site sets a ramp-down and the job
+    /// runs above its GPUs' minimum: from its cap now to the highest minimum of its GPUs, at the
+    /// site's rate for all its GPUs together.
+    async fn ramp_down_for(&self, record: &JobRecord) -> Option<crate::jobs::Stopping> {
+        let ramp = self.power.lock().await.table.site().ramp_down_watts_per_second?;
+        let from = self.power_status.borrow().jobs.iter().find(|j| j.name == record.spec.name && !j.paused)?.cap_watts;
+        let floor = {
+            let nodes = self.registry.lock();
+            record
+                .shards
+                .iter()
+                .flat_map(|s| {
+                    let e = nodes.get(&s.node);
+                    s.gpus.iter().filter_map(move |i| e?.power.gpus.iter().find(|g| g.index == *i).map(|g| g.min_watts))
+                })
+                .fold(0.0f64, f64::max)
+        };
+        let gpus = record.shards.iter().map(|s| s.gpus.len()).sum::<usize>() as f64;
+        let ms = (gpus * (from - floor) / ramp * 1_000.0).ceil();
+        // Under a fifth of a second: a pass or two; stop at once.
+        if !ms.is_finite() || ms < 200.0 {
+            return None;
+        }
+        let now = unix_ms();
+        Some(crate::jobs::Stopping { since_unix_ms: now, until_unix_ms: now + ms as i64, from_cap_watts: from })
     }
 
     /// Remove the ended jobs retention no longer keeps (see [`crate::retention`]).
@@ -557,8 +603,11 @@ impl Controller {
             if power.table.sources().any(|s| s.effective_watts(wall_ms) < s.available_watts) {
                 return true; // Ramping.
             }
-            if power.ramp_holding || self.ramp_starts_held.load(std::sync::atomic::Ordering::Relaxed) {
-                return true; // Increases or a start wait on the site's ramp limit.
+            if power.ramp_holding
+                || self.ramp_starts_held.load(std::sync::atomic::Ordering::Relaxed)
+                || self.ramp_downs_running.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                return true; // Increases or a start wait on the site's ramp, or caps ramp down.
             }
         }
         let lease = self.settings.node_lease;
@@ -599,6 +648,7 @@ impl Controller {
         self.registry.set_idle_allowance(site.idle_gpu_watts);
         let mut nodes = self.registry.lock();
         let rebuilt = kept.bring_up_to_date(&mut nodes, available, site, &self.clock);
+        kept.power.now_unix_ms = now.wall_ms;
         // The site's ramp limit: what starts may add at once.
         kept.power.ramp = match site.ramp_up_watts_per_second {
             None => crate::power::admission::RampRoom::default(),
@@ -743,6 +793,8 @@ impl Controller {
         // Time alone frees a start the site's ramp limit holds: the tick runs passes for it.
         let held = jobs.iter().any(|j| j.hold == Some(crate::jobs::Hold::RampWaiting) && !j.state.is_active());
         self.ramp_starts_held.store(held, std::sync::atomic::Ordering::Relaxed);
+        let stopping = jobs.iter().any(|j| j.stopping.is_some() && j.state.is_active());
+        self.ramp_downs_running.store(stopping, std::sync::atomic::Ordering::Relaxed);
         if placements_stored {
             // A placement, an end or a resize stored: its caps (increases included) now.
             let mut power = self.power.lock().await;

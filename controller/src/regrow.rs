@@ -60,7 +60,7 @@ pub fn regrow<N: Schedulable>(
     let mut candidates: Vec<&JobRecord> = jobs
         .iter()
         .copied()
-        .filter(|j| j.state == JobState::Running && (j.shards.len() as u32) < j.spec.shards.max)
+        .filter(|j| j.state == JobState::Running && j.stopping.is_none() && (j.shards.len() as u32) < j.spec.shards.max)
         .filter(|j| waiting_priority.is_none_or(|p| p < j.spec.priority))
         .collect();
     candidates.sort_by(|a, b| b.spec.priority.cmp(&a.spec.priority).then(a.sequence.cmp(&b.sequence)));

@@ -305,7 +305,7 @@ fn watch_until(url: &str, what: &str, start: impl FnOnce(), done: impl Fn(&Value
 }
 
 #[test]
-fn the_site_ramp_limit_shapes_a_job_start_and_a_restore_and_never_slows_a_cut() {
+fn the_site_ramp_limits_shape_a_start_a_restore_and_a_cancel_and_never_slow_a_cut() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("file:{}", dir.path().join("watt.redb").display());
     let controller = ControllerProc::start(&store, 0, &["--reconcile-interval", "200ms"]);
@@ -377,6 +377,32 @@ fn the_site_ramp_limit_shapes_a_job_start_and_a_restore_and_never_slows_a_cut() 
     eprintln!(
         "start in {start_seconds:.1} s (steepest rise within a second {start_rise:.0} W); cut of {fell:.0} W acknowledged in {cut_seconds:.2} s; restore in {restore_seconds:.1} s (steepest {restore_rise:.0} W)"
     );
+    // A cancel with a ramp-down: job-4's caps come down at 2 kW/s (8 GPUs, 700 → 200 W: 2 s)
+    // while it keeps its GPUs, then its shard stops.
+    let out = wattctl(&url, &["power", "set-site", "--ramp-down", "2kW/s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t0 = Instant::now();
+    let out = wattctl(&url, &["cancel", "job-4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut caps = Vec::new();
+    let cancelled_after = loop {
+        assert!(t0.elapsed() < Duration::from_secs(10), "job-4 never ended: caps {caps:?}");
+        let job = &jobs(&url)["job-4"];
+        if job["state"] == "cancelled" {
+            break t0.elapsed().as_secs_f64();
+        }
+        assert_eq!(job["state"], "running", "{job}");
+        assert!(job["message"].as_str().unwrap().starts_with("cancelling: its caps come down"), "{job}");
+        let p = power(&url);
+        if let Some(j) = p["jobs"].as_array().unwrap().iter().find(|j| j["name"] == "job-4") {
+            caps.push(f(j, "cap_watts"));
+        }
+        idle(Duration::from_millis(100));
+    };
+    eprintln!("cancel: caps {caps:?}, cancelled after {cancelled_after:.2} s");
+    assert!(caps.windows(2).all(|w| w[1] <= w[0]), "caps only come down: {caps:?}");
+    assert!(caps.iter().any(|&c| c > 250.0 && c < 650.0), "caps went through the ramp: {caps:?}");
+    assert!((1.8..6.0).contains(&cancelled_after), "stopped after the ramp: {cancelled_after:.2} s");
     let done = power(&url);
     assert_eq!(done["budget_violations"], 0, "{done}");
     assert_eq!(done["measured_violations"], 0, "{done}");

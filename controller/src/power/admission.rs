@@ -50,6 +50,8 @@ pub struct PowerView {
     node_non_gpu_watts: Vec<f64>,
     /// Each job's speed curves, by name; a job not here runs on the shared one.
     pub curves: crate::NameMap<String, FittedCurves>,
+    /// The wall time of the view: where a cancelled job's caps are on their ramp down.
+    pub now_unix_ms: i64,
     /// The site's ramp limit now: how much counted power may still rise this moment, and the
     /// most one second ever allows (both infinite without a limit). See [`crate::power::ramp`].
     pub ramp: RampRoom,
@@ -247,6 +249,10 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
             continue;
         }
         in_jobs_parked += parked;
+        // A cancelled job ramping down may have no more than its ramp allows now.
+        if let Some(stopping) = record.stopping {
+            cap_max = cap_max.min(stopping.cap_at(power.now_unix_ms, cap_min)).max(cap_min);
+        }
         if cap_min <= cap_max && cap_max.is_finite() {
             let curves = power.curves.get(&record.spec.name).copied().unwrap_or_default();
             loads.push(JobLoad {

@@ -67,6 +67,7 @@ impl CarriedCut {
             idle_gpu_watts: stricter(then.idle_gpu_watts, now.idle_gpu_watts),
             // Not a limit on the budget: a ramp moves nothing a cut must carry.
             ramp_up_watts_per_second: None,
+            ramp_down_watts_per_second: None,
         };
         if site != SiteUpdate::default() {
             changes.push(PowerChange::SetSite(site));

@@ -123,6 +123,10 @@ pub struct Site {
     /// it. None: as fast as the planner's waves go.
     #[serde(default)]
     pub ramp_up_watts_per_second: Option<f64>,
+    /// The fastest a job Watt chooses to stop (a cancel) has its caps lowered, W/s, before its
+    /// shards get SIGTERM. None: at once. A source cut is never slowed by it.
+    #[serde(default)]
+    pub ramp_down_watts_per_second: Option<f64>,
 }
 
 impl Default for Site {
@@ -133,6 +137,7 @@ impl Default for Site {
             node_overhead_watts: 0.0,
             idle_gpu_watts: 100.0,
             ramp_up_watts_per_second: None,
+            ramp_down_watts_per_second: None,
         }
     }
 }

@@ -30,8 +30,9 @@ pub struct SiteUpdate {
     pub pue: Option<f64>,
     pub node_overhead_watts: Option<f64>,
     pub idle_gpu_watts: Option<f64>,
-    /// The site's ramp limit; `Some(0.0)` removes it.
+    /// The site's ramp limits; `Some(0.0)` removes one.
     pub ramp_up_watts_per_second: Option<f64>,
+    pub ramp_down_watts_per_second: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,7 @@ impl SiteUpdate {
         check("node_overhead_watts", self.node_overhead_watts, 0.0, 100_000.0, " W")?;
         check("idle_gpu_watts", self.idle_gpu_watts, 0.0, 2_000.0, " W")?;
         check("ramp_up_watts_per_second", self.ramp_up_watts_per_second, 0.0, MAX_SOURCE_WATTS, " W/s")?;
+        check("ramp_down_watts_per_second", self.ramp_down_watts_per_second, 0.0, MAX_SOURCE_WATTS, " W/s")?;
         Ok(Site {
             reserve_ratio: self.reserve_ratio.unwrap_or(site.reserve_ratio),
             pue: self.pue.unwrap_or(site.pue),
@@ -92,6 +94,10 @@ impl SiteUpdate {
             idle_gpu_watts: self.idle_gpu_watts.unwrap_or(site.idle_gpu_watts),
             ramp_up_watts_per_second: match self.ramp_up_watts_per_second {
                 None => site.ramp_up_watts_per_second,
+                Some(r) => (r > 0.0).then_some(r),
+            },
+            ramp_down_watts_per_second: match self.ramp_down_watts_per_second {
+                None => site.ramp_down_watts_per_second,
                 Some(r) => (r > 0.0).then_some(r),
             },
         })
