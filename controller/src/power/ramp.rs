@@ -8,7 +8,8 @@
 //! counted at any moment in it by no more than the ramp × its length. So the ceiling on what may
 //! be counted now is the lowest value of the last second plus one second of ramp, or the lowest
 //! of the last minute plus a minute of ramp, whichever is lower — and because the new value then
-//! stands until the next change, every window that will end with it in force is kept too.
+//! stands until the next change, every window that will end with it in force is kept too. Each
+//! lookback is [`GUARD_MS`] longer than its window, so clocks a little apart agree.
 //!
 //! Only rises are limited here: a decrease Watt is made to take (a source cut) is an emergency
 //! and is never slowed.
@@ -17,6 +18,11 @@ use std::collections::VecDeque;
 
 /// The windows the ramp is held over, in ms.
 pub const WINDOWS_MS: [i64; 2] = [1_000, 60_000];
+/// How much further back the ceiling looks than each window: a rise that lands just as a window
+/// closes on the one before it would, on a clock a few milliseconds off (the status' wall clock
+/// against the pass's monotonic one, a meter reading taken a little late), show as two in one
+/// window. Costs at most 5% of the ramp.
+pub const GUARD_MS: i64 = 50;
 
 /// Counted power over the last minute.
 #[derive(Debug, Clone, Default)]
@@ -67,7 +73,7 @@ impl CountedHistory {
     pub fn ceiling(&self, now_ms: i64, watts_per_second: f64) -> f64 {
         WINDOWS_MS
             .iter()
-            .filter_map(|&w| Some(self.lowest(now_ms, w)? + watts_per_second * w as f64 / 1_000.0))
+            .filter_map(|&w| Some(self.lowest(now_ms, w + GUARD_MS)? + watts_per_second * w as f64 / 1_000.0))
             .fold(f64::INFINITY, f64::min)
     }
 
