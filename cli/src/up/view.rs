@@ -140,9 +140,13 @@ impl Summary {
 
     pub fn record(&mut self, s: &Sample) {
         self.energy_joules += s.status.drawn_watts * s.dt;
-        let (second, minute) = (s.status.ramp_1s_watts_per_second, s.status.ramp_60s_watts_per_second);
-        self.ramp_rise = (self.ramp_rise.0.max(second), self.ramp_rise.1.max(minute));
-        self.ramp_fall = self.ramp_fall.min(second);
+        // From the first event on: before it, nodes joining and jobs starting on an empty cluster
+        // rise as they come (a node's idle GPUs count when it registers, Watt's doing or not).
+        if !s.before_first_event {
+            let (second, minute) = (s.status.ramp_1s_watts_per_second, s.status.ramp_60s_watts_per_second);
+            self.ramp_rise = (self.ramp_rise.0.max(second), self.ramp_rise.1.max(minute));
+            self.ramp_fall = self.ramp_fall.min(second);
+        }
         self.ramp_limit = s.status.site.and_then(|site| site.ramp_up_watts_per_second);
         let larger = |seen: Option<&crate::power::SwingView>, now: pb::PowerSwing| {
             let now = crate::power::SwingView::from(now);
@@ -232,7 +236,7 @@ impl Summary {
         }
         let _ = writeln!(
             out,
-            "  ramp (counted power)    rose at most {}/s over 1 s, {}/s over 60 s; fell at most {}/s over 1 s ({})",
+            "  ramp (counted power)    from the first event on, rose at most {}/s over 1 s, {}/s over 60 s; fell at most {}/s over 1 s ({})",
             show_watts(self.ramp_rise.0),
             show_watts(self.ramp_rise.1),
             show_watts(-self.ramp_fall),
