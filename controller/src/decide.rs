@@ -18,9 +18,10 @@ use std::fmt;
 
 use watt_proto::v1 as pb;
 
-use crate::jobs::{Hold, JobRecord, JobState, ShardOutcome};
+use crate::jobs::{Hold, JobRecord, JobState, ShardOutcome, StopThen, Stopping};
 use crate::power::admission::{admit, Admission, PowerView, Run};
 use crate::regrow::{regrow, RegrowTimes};
+use crate::scheduler::Preemption;
 use crate::scheduler::{self, RunningJob, Schedulable, ShardAssignment, WaitReason};
 use crate::{NameMap, NameSet};
 
@@ -159,6 +160,18 @@ pub enum Reason {
     /// The scheduler's reason.
     Waiting(WaitReason),
     Cancelled,
+    /// A decrease Watt chose (`then`: a preemption, a pause or a shrink) waits while the job's
+    /// caps come down along the site's ramp-down, over `ms`.
+    RampingDown {
+        ms: u64,
+        then: Box<Reason>,
+    },
+    /// A start waits while `job`'s caps come down to make room.
+    RampDownWaiting {
+        job: String,
+    },
+    /// The room a ramp-down was making is no longer needed: the job stays, its caps rise again.
+    RampDownCalledOff,
 }
 
 impl fmt::Display for Reason {
@@ -184,6 +197,17 @@ impl fmt::Display for Reason {
             Reason::Grown { from, to } => write!(f, "grown from {from} to {to} shard(s): power and GPUs allow it"),
             Reason::Waiting(why) => why.fmt(f),
             Reason::Cancelled => f.write_str("cancelled"),
+            Reason::RampingDown { ms, then } => write!(
+                f,
+                "making room: its caps come down along the site's ramp-down over {:.1} s, then it is {then}",
+                *ms as f64 / 1_000.0
+            ),
+            Reason::RampDownWaiting { job } => {
+                write!(f, "waiting while job {job}'s caps come down along the site's ramp-down to make room")
+            }
+            Reason::RampDownCalledOff => {
+                f.write_str("running on: the room its ramp-down was making is no longer needed")
+            }
         }
     }
 }
@@ -211,6 +235,8 @@ pub enum JobEvent {
     Shrunk,
     Placed,
     Grown,
+    /// Its caps began coming down along the site's ramp-down, to make room.
+    RampingDown,
     /// Its shards' reports moved it to this state.
     Reached(JobState),
 }
@@ -224,6 +250,7 @@ impl JobEvent {
             JobEvent::Shrunk => "shrunk",
             JobEvent::Placed => "placed",
             JobEvent::Grown => "grown",
+            JobEvent::RampingDown => "ramping-down",
             JobEvent::Reached(state) => state.as_str(),
         }
     }
@@ -312,7 +339,7 @@ pub fn decide(view: &View, now: Now) -> Decisions {
             });
         } else if let Some((record, reason)) = advance(job, view, now) {
             settle.push(JobChange { event: Some(JobEvent::Reached(record.state)), record, reason });
-        } else if job.stopping.is_some_and(|s| now.wall_ms >= s.until_unix_ms) {
+        } else if job.stopping.is_some_and(|s| s.then == StopThen::Cancel && now.wall_ms >= s.until_unix_ms) {
             // Its caps came down along the site's ramp-down: now its shards stop.
             let mut record = job.clone();
             unplace(&mut record, None, view, now);
@@ -364,10 +391,38 @@ pub fn decide(view: &View, now: Now) -> Decisions {
         .map(|a| a.jobs.iter().map(|j| (j.name.as_str(), (j.paused, j.shards))).collect())
         .unwrap_or_default();
 
-    // 4. In one ordered batch: preemptions first (their GPUs are what starts stand on), then
-    // power pauses and shrinks, then starts, then changed waiting reasons.
+    // 4. Decreases Watt chose rather than had to come down along the site's ramp-down first
+    // (invariant 12): while one does, its job keeps its GPUs and nothing starts.
+    let power_decreased: Vec<&JobRecord> = jobs
+        .iter()
+        .filter(|j| j.state.is_active() && !preempted.contains(j.spec.name.as_str()))
+        .filter(|j| {
+            verdict.get(j.spec.name.as_str()).is_some_and(|&(paused, keep)| paused || (keep as usize) < j.shards.len())
+        })
+        .collect();
+    let room = make_room(&jobs, view, now, &plan.preemptions, &power_decreased, &verdict);
+    let making_room = !room.later.is_empty();
+    // The decreases that happen now: this pass's, or, while room is being made (no start), those
+    // the budget of what runs makes regardless and those whose ramp is done.
+    let decrease: NameMap<&str, (bool, u32)> = match &room.without_starts {
+        Some(now_verdict) if making_room => {
+            let mut decrease: NameMap<&str, (bool, u32)> = now_verdict.clone();
+            for j in &power_decreased {
+                let name = j.spec.name.as_str();
+                if !decrease.contains_key(name) && !room.later.contains(name) {
+                    decrease.insert(name, verdict[name]);
+                }
+            }
+            decrease
+        }
+        _ => verdict.clone(),
+    };
+
+    // 5. In one ordered batch: preemptions first (their GPUs are what starts stand on), then
+    // power pauses and shrinks, then ramp-downs begun and called off, then starts, then changed
+    // waiting reasons.
     let mut place = Vec::new();
-    for p in &plan.preemptions {
+    for p in plan.preemptions.iter().filter(|p| !room.later.contains(p.job.as_str())) {
         let Some(mut record) = jobs.get(&p.job).cloned() else { continue };
         unplace(&mut record, Some(Hold::Preempted), view, now);
         record.preemptions += 1;
@@ -378,7 +433,10 @@ pub fn decide(view: &View, now: Now) -> Decisions {
         });
     }
     for job in jobs.iter().filter(|j| j.state.is_active() && !preempted.contains(j.spec.name.as_str())) {
-        match verdict.get(job.spec.name.as_str()) {
+        if room.later.contains(job.spec.name.as_str()) {
+            continue;
+        }
+        match decrease.get(job.spec.name.as_str()) {
             Some(&(true, _)) => {
                 let mut record = job.clone();
                 unplace(&mut record, Some(Hold::PowerPaused), view, now);
@@ -395,8 +453,19 @@ pub fn decide(view: &View, now: Now) -> Decisions {
             _ => {}
         }
     }
+    place.extend(room.begun);
+    // A ramp-down making room no decrease wants any more is called off: the job runs on.
+    let wanted: NameSet<&str> =
+        preempted.iter().copied().chain(power_decreased.iter().map(|j| j.spec.name.as_str())).collect();
+    for job in jobs.iter().filter(|j| j.state.is_active() && !wanted.contains(j.spec.name.as_str())) {
+        if job.stopping.is_some_and(|s| s.then == StopThen::MakeRoom) {
+            let mut record = job.clone();
+            record.stopping = None;
+            place.push(JobChange { record, event: None, reason: Reason::RampDownCalledOff });
+        }
+    }
     // Nothing started, stopped, paused or shrunk: a shrunk job may grow back.
-    let quiet = place.is_empty() && plan.starts.is_empty();
+    let quiet = place.is_empty() && plan.starts.is_empty() && !making_room;
     let mut ports: NameMap<&str, HashSet<u16>> = NameMap::default();
     for job in jobs.iter().filter(|j| j.state.is_active()) {
         if let Some(first) = job.shards.first() {
@@ -407,6 +476,14 @@ pub fn decide(view: &View, now: Now) -> Decisions {
     let mut ramp_room = view.power.ramp.now_watts;
     for start in &plan.starts {
         let Some(mut record) = jobs.get(&start.job).cloned() else { continue };
+        if let Some(job) = room.later.iter().min() {
+            let reason = Reason::RampDownWaiting { job: job.clone() };
+            if record.hold != Some(Hold::RampDownWaiting) || record.message != reason.to_string() {
+                record.hold = Some(Hold::RampDownWaiting);
+                place.push(JobChange { record, event: None, reason });
+            }
+            continue;
+        }
         let mut shards = start.shards.clone();
         match verdict.get(start.job.as_str()) {
             Some(&(true, _)) => {
@@ -452,7 +529,25 @@ pub fn decide(view: &View, now: Now) -> Decisions {
         }
     }
 
-    // 5. Growth of a job below its size, when everything else is settled.
+    // While room is being made nothing starts: the caps are for what runs once this batch is
+    // stored, the jobs ramping down at their caps on the ramp.
+    let admission = if making_room {
+        let changed: NameMap<&str, &JobRecord> =
+            place.iter().map(|c| (c.record.spec.name.as_str(), &c.record)).collect();
+        let runs: Vec<Run> = jobs
+            .iter()
+            .map(|j| match changed.get(j.spec.name.as_str()) {
+                Some(record) => Run::as_placed(record, None),
+                None => Run::as_placed(j, at(j)),
+            })
+            .filter(|run| run.job.state.is_active())
+            .collect();
+        admit(view.power, &runs)
+    } else {
+        admission
+    };
+
+    // 6. Growth of a job below its size, when everything else is settled.
     let mut decisions = Decisions { newly_lost, settle, place, admission, regrow: view.regrow, scheduler_idle: quiet };
     if quiet {
         let current: Vec<&JobRecord> = jobs.iter().collect();
@@ -475,18 +570,117 @@ pub fn decide(view: &View, now: Now) -> Decisions {
             });
         }
     }
-    // A cancelled job ramping down that anything else takes off its GPUs (a lost node, a
-    // preemption, a pause for power) is cancelled: it never waits to run again.
     for change in decisions.settle.iter_mut().chain(decisions.place.iter_mut()) {
-        if change.record.stopping.is_some() && !change.record.state.is_active() {
-            change.record.state = JobState::Cancelled;
-            change.record.stopping = None;
-            change.record.hold = None;
-            change.event = Some(JobEvent::Reached(JobState::Cancelled));
-            change.reason = Reason::Cancelled;
+        match change.record.stopping.map(|s| s.then) {
+            // A cancelled job ramping down that anything else takes off its GPUs (a lost node, a
+            // preemption, a pause for power) is cancelled: it never waits to run again.
+            Some(StopThen::Cancel) if !change.record.state.is_active() => {
+                change.record.state = JobState::Cancelled;
+                change.record.stopping = None;
+                change.record.hold = None;
+                change.event = Some(JobEvent::Reached(JobState::Cancelled));
+                change.reason = Reason::Cancelled;
+            }
+            // The room is made (or it went off its GPUs anyway): the ramp is over.
+            Some(StopThen::MakeRoom) if !change.record.state.is_active() || change.event == Some(JobEvent::Shrunk) => {
+                change.record.stopping = None;
+            }
+            _ => {}
         }
     }
     decisions
+}
+
+/// What the site's ramp-down makes of a pass's decreases.
+struct Room<'a> {
+    /// Jobs whose decrease waits while their caps come down (by name).
+    later: NameSet<String>,
+    /// Ramp-downs begun this pass.
+    begun: Vec<JobChange>,
+    /// The pauses and shrinks of a pass with no start (the budget of what runs now): those
+    /// happen whatever Watt chooses. Worked out only when a decrease could be chosen.
+    without_starts: Option<NameMap<&'a str, (bool, u32)>>,
+}
+
+/// Which of a pass's decreases — `preemptions`, and `power_decreased`, the running jobs the
+/// budget (`verdict`) pauses or shrinks — Watt chose rather than had to, and so first come down
+/// along the site's ramp-down (invariant 12). A preemption is always chosen; a pause or shrink
+/// is chosen when the budget of what runs now, without this pass's starts, would not make it (a
+/// source cut is never slowed). A chosen decrease happens at once when its ramp is done, would
+/// take under [`crate::jobs::SHORTEST_RAMP_DOWN_MS`], or the site sets no ramp-down. Each ramp
+/// starts when the ones under way end, so that together they keep the site's rate.
+fn make_room<'a>(
+    jobs: &'a Jobs,
+    view: &View,
+    now: Now,
+    preemptions: &[Preemption],
+    power_decreased: &[&JobRecord],
+    verdict: &NameMap<&str, (bool, u32)>,
+) -> Room<'a> {
+    let mut room = Room { later: NameSet::default(), begun: Vec::new(), without_starts: None };
+    let Some(rate) = view.power.site.ramp_down_watts_per_second.filter(|r| *r > 0.0) else { return room };
+    if preemptions.is_empty() && power_decreased.is_empty() {
+        return room;
+    }
+    let at = |j: &JobRecord| view.placed_at.get(&j.spec.name).map(Vec::as_slice);
+    let runs: Vec<Run> = jobs.iter().filter(|j| j.state.is_active()).map(|j| Run::as_placed(j, at(j))).collect();
+    let budget = admit(view.power, &runs);
+    let allocated: NameMap<&str, &crate::power::allocator::JobAllocation> =
+        budget.allocation.iter().flat_map(|a| &a.jobs).map(|j| (j.name.as_str(), j)).collect();
+    let forced = |j: &JobRecord| {
+        allocated.get(j.spec.name.as_str()).is_some_and(|a| a.paused || (a.shards as usize) < j.shards.len())
+    };
+    let mut starts_at = crate::jobs::ramp_downs_end(jobs.iter(), now.wall_ms);
+    let chosen = preemptions.iter().map(|p| (p.job.as_str(), Reason::Preempted { by: p.by.clone() })).chain(
+        power_decreased.iter().map(|j| {
+            let name = j.spec.name.as_str();
+            match verdict.get(name) {
+                Some(&(false, keep)) => (name, Reason::Shrunk { to: keep }),
+                _ => (name, Reason::PowerPaused),
+            }
+        }),
+    );
+    for (name, then) in chosen {
+        let Some(job) = jobs.get(name) else { continue };
+        if forced(job) {
+            continue;
+        }
+        if let Some(stopping) = job.stopping {
+            if now.wall_ms < stopping.until_unix_ms {
+                room.later.insert(name.to_string());
+            }
+            continue;
+        }
+        let from = allocated.get(name).map(|a| a.cap_watts);
+        let floor = view.power.floor_watts(&job.shards);
+        let gpus = job.shards.iter().map(|s| s.gpus.len()).sum();
+        let Some(stopping) = from
+            .zip(floor)
+            .and_then(|(from, floor)| Stopping::along(rate, gpus, from, floor, starts_at, StopThen::MakeRoom))
+        else {
+            continue;
+        };
+        starts_at = stopping.until_unix_ms;
+        let mut record = job.clone();
+        record.stopping = Some(stopping);
+        let ms = (stopping.until_unix_ms - now.wall_ms).max(0) as u64;
+        room.later.insert(name.to_string());
+        room.begun.push(JobChange {
+            record,
+            event: Some(JobEvent::RampingDown),
+            reason: Reason::RampingDown { ms, then: Box::new(then) },
+        });
+    }
+    room.without_starts = Some(
+        allocated
+            .iter()
+            .filter_map(|(name, a)| {
+                let job = jobs.get(name)?;
+                forced(job).then_some((job.spec.name.as_str(), (a.paused, a.shards)))
+            })
+            .collect(),
+    );
+    room
 }
 
 /// The next state of an active job from its shards' reports, if it changes. The record is
@@ -607,6 +801,7 @@ mod tests {
         available_watts: f64,
         regrow: RegrowTimes,
         ramp: crate::power::admission::RampRoom,
+        site: Site,
     }
 
     impl Cluster {
@@ -629,6 +824,7 @@ mod tests {
                 available_watts: f64::INFINITY,
                 regrow: RegrowTimes::default(),
                 ramp: crate::power::admission::RampRoom::default(),
+                site: Site::default(),
             }
         }
 
@@ -640,7 +836,7 @@ mod tests {
         }
 
         fn decide(&self, mono_ms: i64, wall_ms: i64) -> Decisions {
-            let mut power = PowerView::new(self.available_watts, Site::default());
+            let mut power = PowerView::new(self.available_watts, self.site);
             for n in &self.nodes {
                 let measured_watts = self.drawing.get(&n.name).copied().unwrap_or(0.0);
                 let gpu =
@@ -838,8 +1034,12 @@ mod tests {
         let mut c = Cluster::new(&["a", "b"]);
         c.available_watts = 1e6;
         let mut job = record("j", 0, (1, 1), JobState::Running, &["a"]);
-        job.stopping =
-            Some(crate::jobs::Stopping { since_unix_ms: 1_000, until_unix_ms: 5_000, from_cap_watts: 700.0 });
+        job.stopping = Some(Stopping {
+            since_unix_ms: 1_000,
+            until_unix_ms: 5_000,
+            from_cap_watts: 700.0,
+            then: StopThen::Cancel,
+        });
         c.jobs.push(job);
         c.locate_placements();
         c.report("j", &[(1, pb::ShardState::Running, None)]);
@@ -858,6 +1058,222 @@ mod tests {
         let d = c.decide(0, 2_000);
         let lost = only(&d.settle);
         assert_eq!((lost.record.state, lost.record.hold), (JobState::Cancelled, None));
+    }
+
+    impl Cluster {
+        /// Store a pass's changes, as the shell does.
+        fn store(&mut self, d: &Decisions) {
+            for change in d.settle.iter().chain(&d.place) {
+                let at = self.jobs.iter().position(|j| j.spec.name == change.record.spec.name).expect("known job");
+                self.jobs[at] = change.record.clone();
+                self.jobs[at].message = change.reason.to_string();
+            }
+            self.locate_placements();
+        }
+
+        fn cap_of(d: &Decisions, job: &str) -> f64 {
+            let allocation = d.admission.allocation.as_ref().expect("allocated");
+            allocation.jobs.iter().find(|j| j.name == job).expect("allocated job").cap_watts
+        }
+    }
+
+    fn change<'d>(changes: &'d [JobChange], job: &str) -> &'d JobChange {
+        changes.iter().find(|c| c.record.spec.name == job).unwrap_or_else(|| panic!("no change to {job}: {changes:#?}"))
+    }
+
+    /// "high" (priority 5) waits for node a, where "low" runs; the site ramps down at 2 kW/s.
+    fn one_node_preemption_at_2_kw_per_second() -> Cluster {
+        let mut c = Cluster::new(&["a"]);
+        c.site.ramp_down_watts_per_second = Some(2_000.0);
+        c.jobs.push(record("low", 0, (1, 1), JobState::Running, &["a"]));
+        c.jobs.push(record("high", 5, (1, 1), JobState::Pending, &[]));
+        c.locate_placements();
+        c
+    }
+
+    #[test]
+    fn a_preemption_waits_while_the_victims_caps_come_down_along_the_ramp_down() {
+        // 8 GPUs from 700 W to their 200 W minimum at 2 kW/s: 2 s.
+        let mut c = one_node_preemption_at_2_kw_per_second();
+        let d = c.decide(0, 1_000);
+        let low = change(&d.place, "low");
+        assert_eq!(low.event, Some(JobEvent::RampingDown));
+        let then = Box::new(Reason::Preempted { by: "high".into() });
+        assert_eq!(low.reason, Reason::RampingDown { ms: 2_000, then });
+        assert_eq!(
+            low.reason.to_string(),
+            "making room: its caps come down along the site's ramp-down over 2.0 s, then it is preempted by higher-priority job high"
+        );
+        assert_eq!((low.record.state, low.record.shards.len()), (JobState::Running, 1), "it keeps its GPUs");
+        let stopping = low.record.stopping.expect("ramping down");
+        assert_eq!((stopping.since_unix_ms, stopping.until_unix_ms, stopping.then), (1_000, 3_000, StopThen::MakeRoom));
+        let high = change(&d.place, "high");
+        assert_eq!(high.reason, Reason::RampDownWaiting { job: "low".into() });
+        assert_eq!((high.record.state, high.record.hold), (JobState::Pending, Some(Hold::RampDownWaiting)));
+        assert!(!d.scheduler_idle);
+        assert_eq!(Cluster::cap_of(&d, "low"), 700.0);
+        c.store(&d);
+
+        // Half way: nothing changes, its cap is half way down.
+        let d = c.decide(0, 2_000);
+        assert!(d.place.is_empty(), "{:#?}", d.place);
+        assert!((Cluster::cap_of(&d, "low") - 450.0).abs() < 1e-6);
+
+        // The ramp is done: preempted, and the start stands on its GPUs in the same batch.
+        let d = c.decide(0, 3_000);
+        let low = change(&d.place, "low");
+        assert_eq!((low.event, &low.reason), (Some(JobEvent::Preempted), &Reason::Preempted { by: "high".into() }));
+        assert_eq!(
+            (low.record.state, low.record.hold, low.record.stopping),
+            (JobState::Pending, Some(Hold::Preempted), None)
+        );
+        let high = change(&d.place, "high");
+        assert_eq!((high.event, high.record.state), (Some(JobEvent::Placed), JobState::Starting));
+    }
+
+    #[test]
+    fn a_ramp_down_making_room_no_one_needs_any_more_is_called_off() {
+        let mut c = one_node_preemption_at_2_kw_per_second();
+        let d = c.decide(0, 1_000);
+        c.store(&d);
+        // The job it made room for is cancelled before the ramp is done.
+        c.jobs.retain(|j| j.spec.name != "high");
+        let d = c.decide(0, 2_000);
+        let low = only(&d.place);
+        assert_eq!((low.event, &low.reason), (None, &Reason::RampDownCalledOff));
+        assert_eq!((low.record.state, low.record.stopping), (JobState::Running, None));
+        c.store(&d);
+        assert_eq!(Cluster::cap_of(&c.decide(0, 2_100), "low"), 700.0, "its cap may rise again");
+    }
+
+    fn ramps_of(c: &Cluster, job: &str) -> (i64, i64) {
+        let job = c.jobs.iter().find(|j| j.spec.name == job).expect("known job");
+        job.stopping.map(|s| (s.since_unix_ms, s.until_unix_ms)).expect("ramping down")
+    }
+
+    #[test]
+    fn ramp_downs_begun_together_follow_one_another_so_together_they_keep_the_rate() {
+        let mut c = Cluster::new(&["a", "b"]);
+        c.site.ramp_down_watts_per_second = Some(2_000.0);
+        c.jobs.push(record("low-a", 0, (1, 1), JobState::Running, &["a"]));
+        c.jobs.push(record("low-b", 0, (1, 1), JobState::Running, &["b"]));
+        c.jobs.push(record("high", 5, (2, 2), JobState::Pending, &[]));
+        c.locate_placements();
+        let d = c.decide(0, 1_000);
+        let mut ramps: Vec<(i64, i64)> = ["low-a", "low-b"]
+            .iter()
+            .map(|j| change(&d.place, j).record.stopping.expect("ramping down"))
+            .map(|s| (s.since_unix_ms, s.until_unix_ms))
+            .collect();
+        ramps.sort();
+        assert_eq!(ramps, vec![(1_000, 3_000), (3_000, 5_000)]);
+        c.store(&d);
+        // The second holds its cap until its turn.
+        let d = c.decide(0, 2_000);
+        let caps = [Cluster::cap_of(&d, "low-a"), Cluster::cap_of(&d, "low-b")];
+        assert!(caps.contains(&700.0) && caps.iter().any(|c| (c - 450.0).abs() < 1e-6), "{caps:?}");
+        // The first done, the second not: the first goes, the start still waits.
+        let (first, second) = if ramps_of(&c, "low-a").0 == 1_000 { ("low-a", "low-b") } else { ("low-b", "low-a") };
+        let d = c.decide(0, 3_500);
+        assert_eq!(change(&d.place, first).event, Some(JobEvent::Preempted));
+        assert!(d.place.iter().all(|ch| ch.record.spec.name != second), "{:#?}", d.place);
+        assert!(d.place.iter().all(|ch| ch.event != Some(JobEvent::Placed)), "{:#?}", d.place);
+        c.store(&d);
+        let d = c.decide(0, 5_000);
+        assert_eq!(change(&d.place, second).event, Some(JobEvent::Preempted));
+        assert_eq!(change(&d.place, "high").event, Some(JobEvent::Placed));
+    }
+
+    #[test]
+    fn a_pause_a_start_causes_ramps_down_first_but_a_cut_pauses_at_once() {
+        // Both jobs at their minimum are 3,200 W; the limit, 95% of 3,000 W, holds one and the
+        // other node's GPUs idle (2,400 W). The higher-priority start takes the power.
+        let mut c = Cluster::new(&["a", "b"]);
+        c.available_watts = 3_000.0;
+        c.site.ramp_down_watts_per_second = Some(100.0);
+        c.jobs.push(record("low", 0, (1, 1), JobState::Running, &["a"]));
+        c.jobs.push(record("high", 5, (1, 1), JobState::Pending, &[]));
+        c.locate_placements();
+        let d = c.decide(0, 0);
+        let low = change(&d.place, "low");
+        let Reason::RampingDown { ms, then } = &low.reason else { panic!("{:?}", low.reason) };
+        assert_eq!(**then, Reason::PowerPaused);
+        // From 2,050 W / 8 to 200 W, 8 GPUs at 100 W/s.
+        assert_eq!(*ms, 4_500);
+        assert_eq!(change(&d.place, "high").reason, Reason::RampDownWaiting { job: "low".into() });
+        c.store(&d);
+        let d = c.decide(0, 4_500);
+        assert_eq!(change(&d.place, "low").reason, Reason::PowerPaused);
+        assert_eq!(change(&d.place, "high").event, Some(JobEvent::Placed));
+
+        // A source cut the running job alone no longer fits: paused at once, not along the ramp.
+        let mut c = Cluster::new(&["a", "b"]);
+        c.available_watts = 2_000.0;
+        c.site.ramp_down_watts_per_second = Some(100.0);
+        c.jobs.push(record("low", 0, (1, 1), JobState::Running, &["a"]));
+        c.locate_placements();
+        let d = c.decide(0, 0);
+        let low = only(&d.place);
+        assert_eq!((low.event, &low.reason), (Some(JobEvent::Paused), &Reason::PowerPaused));
+    }
+
+    proptest::proptest! {
+        /// With power to spare, every decrease is chosen (preemptions): each job preempted first
+        /// had its caps brought down along the site's ramp-down over at least the time its GPUs
+        /// take at that rate, no two ramps ran at once, and no job was lost on the way.
+        #[test]
+        fn chosen_decreases_wait_for_their_ramp_and_ramps_never_overlap(
+            arrivals in proptest::collection::vec((0i64..10, 1u32..=2, 0usize..30), 1..8),
+            rate in 500.0f64..20_000.0,
+        ) {
+            let mut c = Cluster::new(&["a", "b", "c"]);
+            c.site.ramp_down_watts_per_second = Some(rate);
+            let mut windows: NameMap<String, Vec<(i64, i64)>> = NameMap::default();
+            for step in 0..60 {
+                let wall = step as i64 * 250;
+                for (i, &(priority, shards, at)) in arrivals.iter().enumerate() {
+                    if at == step {
+                        c.jobs.push(record(&format!("j{i}"), priority, (shards, shards), JobState::Pending, &[]));
+                    }
+                }
+                let before = c.jobs.clone();
+                let d = c.decide(0, wall);
+                for ch in d.settle.iter().chain(&d.place) {
+                    let name = &ch.record.spec.name;
+                    let prior = before.iter().find(|j| &j.spec.name == name).expect("known job");
+                    match ch.event {
+                        Some(JobEvent::Preempted) => {
+                            let gpus = prior.shards.iter().map(|s| s.gpus.len()).sum::<usize>() as f64;
+                            let needed_ms = (gpus * 500.0 / rate * 1_000.0).ceil();
+                            if needed_ms >= crate::jobs::SHORTEST_RAMP_DOWN_MS {
+                                let s = prior.stopping.expect("ramped down first");
+                                proptest::prop_assert_eq!(s.then, StopThen::MakeRoom);
+                                proptest::prop_assert!(s.until_unix_ms <= wall);
+                                proptest::prop_assert!((s.until_unix_ms - s.since_unix_ms) as f64 >= needed_ms);
+                            }
+                        }
+                        Some(JobEvent::RampingDown) => {
+                            let s = ch.record.stopping.expect("a ramp");
+                            proptest::prop_assert!(s.since_unix_ms >= wall);
+                            windows.entry(name.clone()).or_default().push((s.since_unix_ms, s.until_unix_ms));
+                        }
+                        _ if ch.reason == Reason::RampDownCalledOff => {
+                            let last = windows.get_mut(name).and_then(|w| w.last_mut()).expect("a ramp to call off");
+                            last.1 = last.1.min(wall);
+                        }
+                        _ => {}
+                    }
+                }
+                c.store(&d);
+                let states: Vec<JobState> = c.jobs.iter().map(|j| j.state).collect();
+                proptest::prop_assert!(states.iter().all(|s| !s.is_terminal()), "{states:?}");
+            }
+            let mut all: Vec<(i64, i64)> = windows.into_values().flatten().filter(|(a, b)| a < b).collect();
+            all.sort();
+            for pair in all.windows(2) {
+                proptest::prop_assert!(pair[0].1 <= pair[1].0, "overlapping ramps {pair:?}");
+            }
+        }
     }
 
     #[test]

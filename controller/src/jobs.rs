@@ -80,7 +80,7 @@ impl JobState {
 
 /// Why a job off its GPUs waits, when the scheduler's own reason ("waiting for 16 GPUs") must
 /// not replace it: it was preempted, its node was lost, the power budget paused it or holds it,
-/// the site's ramp limit holds it.
+/// the site's ramp limits hold it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Hold {
     Preempted,
@@ -89,6 +89,8 @@ pub enum Hold {
     PowerWaiting,
     /// Its start would raise counted power faster than the site's ramp limit allows now.
     RampWaiting,
+    /// Another job's caps are coming down along the site's ramp-down to make room.
+    RampDownWaiting,
 }
 
 /// A job as stored.
@@ -120,21 +122,40 @@ pub struct JobRecord {
     /// only an admin may cancel one).
     #[serde(default)]
     pub submitted_by: String,
-    /// Cancelled, and its caps coming down along the site's ramp-down before its shards stop.
+    /// Its caps coming down along the site's ramp-down before its shards stop: cancelled, or
+    /// making room for a decision of the reconcile pass (see [`StopThen`]).
     #[serde(default)]
     pub stopping: Option<Stopping>,
 }
 
-/// A cancel that lowers the job's caps along the site's `ramp_down` before its shards get
-/// SIGTERM: the job keeps its GPUs (nothing else is placed on them) and its cap falls from
-/// `from_cap_watts` to its GPUs' minimum between `since_unix_ms` and `until_unix_ms`; then it is
-/// cancelled. A power cut meanwhile is not slowed: the allocator may give it less, or pause it.
+/// A decrease Watt chose, shaped by the site's `ramp_down` (ARCHITECTURE.md invariant 12): the
+/// job keeps its GPUs (nothing else is placed on them) and its cap falls from `from_cap_watts`
+/// to its GPUs' minimum between `since_unix_ms` and `until_unix_ms`; then its shards get
+/// SIGTERM. A power cut meanwhile is not slowed: the allocator may give it less, or pause it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stopping {
     pub since_unix_ms: i64,
     pub until_unix_ms: i64,
     pub from_cap_watts: f64,
+    /// What happens at the end of the ramp.
+    #[serde(default)]
+    pub then: StopThen,
 }
+
+/// What ends a job's ramp-down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopThen {
+    /// It was cancelled: it ends cancelled, whatever else happens meanwhile.
+    #[default]
+    Cancel,
+    /// A pass chose to preempt, pause or shrink it to make room: the pass that finds the ramp
+    /// over and still wants the room does so; one that no longer wants it calls the ramp off.
+    MakeRoom,
+}
+
+/// A ramp-down under this long is a pass or two: the decrease happens at once.
+pub const SHORTEST_RAMP_DOWN_MS: f64 = 200.0;
 
 impl Stopping {
     /// The highest cap the job may have at `now_unix_ms`: from its cap then down to `floor`.
@@ -143,6 +164,34 @@ impl Stopping {
         let done = ((now_unix_ms - self.since_unix_ms) as f64 / span).clamp(0.0, 1.0);
         (self.from_cap_watts - (self.from_cap_watts - floor).max(0.0) * done).max(floor)
     }
+
+    /// The ramp that takes `gpus` GPUs from `from_cap_watts` down to `floor_watts` at the site's
+    /// `watts_per_second`, starting at `start_unix_ms` — after every other job's ramp-down, so
+    /// that together they keep the site's rate. `None` when it would take under
+    /// [`SHORTEST_RAMP_DOWN_MS`].
+    pub fn along(
+        watts_per_second: f64,
+        gpus: usize,
+        from_cap_watts: f64,
+        floor_watts: f64,
+        start_unix_ms: i64,
+        then: StopThen,
+    ) -> Option<Stopping> {
+        let ms = (gpus as f64 * (from_cap_watts - floor_watts) / watts_per_second * 1_000.0).ceil();
+        if !ms.is_finite() || ms < SHORTEST_RAMP_DOWN_MS {
+            return None;
+        }
+        Some(Stopping { since_unix_ms: start_unix_ms, until_unix_ms: start_unix_ms + ms as i64, from_cap_watts, then })
+    }
+}
+
+/// When the last ramp-down under way among `jobs` ends (`now` when none): the next one starts
+/// then, so that two never add up past the site's rate.
+pub fn ramp_downs_end<'a>(jobs: impl IntoIterator<Item = &'a JobRecord>, now_unix_ms: i64) -> i64 {
+    jobs.into_iter()
+        .filter(|j| j.state.is_active())
+        .filter_map(|j| j.stopping.map(|s| s.until_unix_ms))
+        .fold(now_unix_ms, i64::max)
 }
 
 /// How one shard of a job's last run ended.

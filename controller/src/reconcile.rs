@@ -22,7 +22,7 @@ use watt_proto::v1 as pb;
 
 use crate::auth::Principal;
 use crate::decide::{decide, JobChange, JobEvent, NodeView, Now, Reason, ShardReport, View};
-use crate::jobs::{JobRecord, JobState, JobStore, JobTable};
+use crate::jobs::{JobRecord, JobState, JobStore, JobTable, StopThen, Stopping};
 use crate::metrics::Metrics;
 use crate::power::acks::AckTracker;
 use crate::power::admission::PowerView;
@@ -367,19 +367,17 @@ impl Controller {
                 if record.submitted_by.is_empty() { String::new() } else { format!(" ({})", record.submitted_by) }
             )));
         }
+        // Making room already: the same ramp goes on, and ends cancelled.
+        if let Some(stopping) = record.stopping.as_mut().filter(|s| s.then == StopThen::MakeRoom) {
+            stopping.then = StopThen::Cancel;
+            let seconds = (stopping.until_unix_ms - unix_ms()).max(0) as f64 / 1_000.0;
+            return self.cancel_along_the_ramp(turn, jobs, record, seconds, by).await;
+        }
         if record.state.is_active() && record.stopping.is_none() {
-            if let Some(stopping) = self.ramp_down_for(&record).await {
-                let seconds = (stopping.until_unix_ms - stopping.since_unix_ms) as f64 / 1_000.0;
+            if let Some(stopping) = self.ramp_down_for(&record, &jobs).await {
+                let seconds = (stopping.until_unix_ms - unix_ms()).max(0) as f64 / 1_000.0;
                 record.stopping = Some(stopping);
-                record.message = format!(
-                    "cancelling: its caps come down along the site's ramp-down over {seconds:.1} s, then its shards stop"
-                );
-                drop(jobs);
-                self.job_store.update(&turn, &self.jobs, record.clone()).await?;
-                self.emit_by("job", name, "cancelling", record.message.clone(), Some(by));
-                self.ramp_downs_running.store(true, std::sync::atomic::Ordering::Relaxed);
-                self.wake();
-                return Ok(self.job_proto(&record));
+                return self.cancel_along_the_ramp(turn, jobs, record, seconds, by).await;
             }
         }
         if !record.state.is_terminal() {
@@ -407,10 +405,31 @@ impl Controller {
         Ok(self.job_proto(&record))
     }
 
+    /// Store a cancel whose caps come down along the site's ramp-down, ending in `seconds`.
+    async fn cancel_along_the_ramp(
+        &self,
+        turn: crate::jobs::Writing<'_>,
+        jobs: tokio::sync::MutexGuard<'_, JobTable>,
+        mut record: JobRecord,
+        seconds: f64,
+        by: &Principal,
+    ) -> Result<pb::Job, RequestError> {
+        let name = record.spec.name.clone();
+        record.message = format!(
+            "cancelling: its caps come down along the site's ramp-down over {seconds:.1} s, then its shards stop"
+        );
+        drop(jobs);
+        self.job_store.update(&turn, &self.jobs, record.clone()).await?;
+        self.emit_by("job", &name, "cancelling", record.message.clone(), Some(by));
+        self.ramp_downs_running.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wake();
+        Ok(self.job_proto(&record))
+    }
+
     /// How a cancel of `record` ramps its caps down, when the site sets a ramp-down and the job
     /// runs above its GPUs' minimum: from its cap now to the highest minimum of its GPUs, at the
-    /// site's rate for all its GPUs together.
-    async fn ramp_down_for(&self, record: &JobRecord) -> Option<crate::jobs::Stopping> {
+    /// site's rate for all its GPUs together, after the ramp-downs under way among `jobs`.
+    async fn ramp_down_for(&self, record: &JobRecord, jobs: &JobTable) -> Option<Stopping> {
         let ramp = self.power.lock().await.table.site().ramp_down_watts_per_second?;
         let from = self.power_status.borrow().jobs.iter().find(|j| j.name == record.spec.name && !j.paused)?.cap_watts;
         let floor = {
@@ -424,14 +443,9 @@ impl Controller {
                 })
                 .fold(0.0f64, f64::max)
         };
-        let gpus = record.shards.iter().map(|s| s.gpus.len()).sum::<usize>() as f64;
-        let ms = (gpus * (from - floor) / ramp * 1_000.0).ceil();
-        // Under a fifth of a second: a pass or two; stop at once.
-        if !ms.is_finite() || ms < 200.0 {
-            return None;
-        }
-        let now = unix_ms();
-        Some(crate::jobs::Stopping { since_unix_ms: now, until_unix_ms: now + ms as i64, from_cap_watts: from })
+        let gpus = record.shards.iter().map(|s| s.gpus.len()).sum::<usize>();
+        let start = crate::jobs::ramp_downs_end(jobs.iter(), unix_ms());
+        Stopping::along(ramp, gpus, from, floor, start, StopThen::Cancel)
     }
 
     /// Remove the ended jobs retention no longer keeps (see [`crate::retention`]).

@@ -403,6 +403,44 @@ fn the_site_ramp_limits_shape_a_start_a_restore_and_a_cancel_and_never_slow_a_cu
     assert!(caps.windows(2).all(|w| w[1] <= w[0]), "caps only come down: {caps:?}");
     assert!(caps.iter().any(|&c| c > 250.0 && c < 650.0), "caps went through the ramp: {caps:?}");
     assert!((1.8..6.0).contains(&cancelled_after), "stopped after the ramp: {cancelled_after:.2} s");
+
+    // A preemption with a ramp-down: job-5 (priority 5, two 8-GPU shards) takes node-4 and one
+    // running job's node. That job's caps come down at 2 kW/s while it keeps its GPUs and job-5
+    // waits; then it is preempted and job-5 starts.
+    let t0 = Instant::now();
+    let urgent =
+        format!("name: job-5\npriority: 5\nshards: {{min: 2, max: 2}}\ngpus_per_shard: 8\ncommand: {IDLE_COMMAND}\n");
+    assert!(submit(&url, &urgent).status.success());
+    let (mut victim, mut caps) = (None::<String>, Vec::new());
+    let preempted_after = loop {
+        assert!(t0.elapsed() < Duration::from_secs(15), "no preemption: {victim:?}, caps {caps:?}");
+        let all = jobs(&url);
+        let making_room = (1..=3).map(|i| format!("job-{i}")).find(|n| {
+            all[n.as_str()]["message"].as_str().is_some_and(|m| m.starts_with("making room: its caps come down"))
+        });
+        if victim.is_none() {
+            victim = making_room;
+        }
+        if let Some(v) = &victim {
+            if all[v.as_str()]["state"] == "pending" {
+                break t0.elapsed().as_secs_f64();
+            }
+            assert_eq!(all[v.as_str()]["state"], "running", "it keeps its GPUs while its caps come down");
+            assert_eq!(all["job-5"]["state"], "pending", "job-5 waits for the room: {}", all["job-5"]);
+            if let Some(j) = power(&url)["jobs"].as_array().unwrap().iter().find(|j| j["name"] == v.as_str()) {
+                caps.push(f(j, "cap_watts"));
+            }
+        }
+        idle(Duration::from_millis(100));
+    };
+    let victim = victim.unwrap();
+    eprintln!("preemption of {victim}: caps {caps:?}, preempted after {preempted_after:.2} s");
+    assert!(caps.windows(2).all(|w| w[1] <= w[0]), "caps only come down: {caps:?}");
+    assert!(caps.iter().any(|&c| c > 250.0 && c < 650.0), "caps went through the ramp: {caps:?}");
+    assert!(preempted_after > 1.5, "preempted after the ramp: {preempted_after:.2} s");
+    let preempted = &jobs(&url)[victim.as_str()];
+    assert!(preempted["message"].as_str().unwrap().contains("preempted by higher-priority job job-5"), "{preempted}");
+    wait_for(Duration::from_secs(15), "job-5 running", || (jobs(&url)["job-5"]["state"] == "running").then_some(()));
     let done = power(&url);
     assert_eq!(done["budget_violations"], 0, "{done}");
     assert_eq!(done["measured_violations"], 0, "{done}");

@@ -84,6 +84,19 @@ impl PowerView {
             .map(|g| (g.min_watts - g.parked_watts).max(0.0))
             .sum()
     }
+
+    /// The lowest cap one cap can give every GPU of `shards`: the highest of their minimums
+    /// (`None` when one is not in the view).
+    pub fn floor_watts(&self, shards: &[ShardAssignment]) -> Option<f64> {
+        let mut floor = 0.0f64;
+        for s in shards {
+            let gpus = self.node(&s.node, None)?;
+            for i in &s.gpus {
+                floor = floor.max(gpus.iter().find(|g| g.index == *i)?.min_watts);
+            }
+        }
+        Some(floor)
+    }
 }
 
 impl PowerView {
