@@ -124,6 +124,8 @@ pub struct SpeedCurveView {
     /// "shared", "activity" or "measured".
     pub source: String,
     pub in_use: bool,
+    /// A probe is under way (see the proto's `SpeedCurve.probing`).
+    pub probing: bool,
 }
 
 impl From<pb::SpeedCurve> for SpeedCurveView {
@@ -143,6 +145,7 @@ impl From<pb::SpeedCurve> for SpeedCurveView {
             distinct_caps: c.distinct_caps,
             source: source.into(),
             in_use: c.in_use,
+            probing: c.probing,
         }
     }
 }
@@ -161,7 +164,13 @@ impl SpeedCurveView {
             self.speed_at_80_percent,
             self.exponent,
             self.exponent_sd,
-            if self.in_use { "" } else { "; not used: the controller shares power by one curve" }
+            if !self.in_use {
+                "; not used: the controller shares power by one curve"
+            } else if self.probing {
+                "; measuring it: where power is short its cap is lowered within its flex for a window"
+            } else {
+                ""
+            }
         )
     }
 }

@@ -28,6 +28,7 @@ fn jobs(learned: bool) -> Vec<JobLoad> {
                 cap_max: 700.0,
                 curve: if learned { Curve { exponent } } else { Curve::default() },
                 flex_curve: if learned { Curve { exponent: exponent + 0.04 } } else { Curve::default() },
+                probe: false,
                 given_up_watts: Vec::new(),
             }
         })

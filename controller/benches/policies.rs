@@ -67,6 +67,7 @@ fn cluster(flex: &[f64], heterogeneous: bool) -> Vec<Job> {
             cap_max: 700.0,
             curve: Curve::default(),
             flex_curve: Curve::default(),
+            probe: false,
             given_up_watts: Vec::new(),
         });
         gpus += shards * GPUS_PER_NODE;
@@ -162,7 +163,7 @@ fn step(jobs: &[Job], budget: f64, idle: f64) -> ([Score; 5], Vec<Placed>) {
     };
     let shared = watt(&|_| FittedCurves::default());
     let learned = watt(&|j| j.fit.curves());
-    let oracle = watt(&|j| FittedCurves { curve: j.truth, flex_curve: j.truth });
+    let oracle = watt(&|j| FittedCurves { curve: j.truth, flex_curve: j.truth, probe: false });
     ([score(&uniform), score(&preempt), score(&shared), score(&learned), score(&oracle)], learned)
 }
 

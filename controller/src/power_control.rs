@@ -747,6 +747,62 @@ mod tests {
         }
     }
 
+    /// The probe, through a whole pass: a job whose curve is unsure, at a cap that has not moved
+    /// for over a minute while power is short, has its cap lowered within its flex for a window;
+    /// `describe` says so.
+    #[tokio::test]
+    async fn an_unsure_curve_at_a_steady_cap_is_probed_within_its_flex_where_power_is_short() {
+        use crate::power::table::{PowerChange, SourceUpdate};
+        use crate::power::SourceKind;
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path()).await;
+        let (tx, _rx) = tokio::sync::mpsc::channel(64);
+        c.registry.register(
+            &register(5_000),
+            None,
+            tx,
+            Arc::new(AtomicBool::new(true)),
+            Instant::now(),
+            crate::reconcile::unix_ms(),
+        );
+        let admin = crate::auth::Principal {
+            name: "ops".into(),
+            role: watt_common::auth::Role::Admin,
+            credential: crate::auth::Credential::Token,
+        };
+        let manifest = "name: j\nshards: {min: 1, max: 1}\ngpus_per_shard: 1\ncommand: [train]\nflex: 0.3\n";
+        c.submit(crate::spec::JobSpec::from_manifest(manifest).unwrap(), &admin).await.unwrap();
+        let grid = SourceUpdate {
+            name: "grid".into(),
+            kind: SourceKind::Grid,
+            available_watts: 600.0,
+            ramp_watts_per_second: None,
+        };
+        c.change_power(&PowerChange::SetSource(grid)).await.unwrap();
+        c.reconcile_once().await;
+        let cap = || c.power_status.borrow().jobs.iter().find(|j| j.name == "j").map(|j| j.cap_watts);
+        // 95% of 600 W for its one GPU.
+        assert_eq!(cap(), Some(570.0));
+        // Seventy seconds of progress at that cap, ending now.
+        let now = crate::reconcile::unix_ms();
+        for s in 0..70 {
+            c.speed_curves.record(&pb::ShardProgress {
+                job: "j".into(),
+                shard: 0,
+                epoch: 1,
+                step: s * 10,
+                unix_ms: now - 70_000 + s as i64 * 1_000,
+                cap_watts: Some(570.0),
+                ..Default::default()
+            });
+        }
+        c.reconcile_once().await;
+        let probed = cap().unwrap();
+        assert!((probed - 570.0 * (1.0 - crate::power::allocator::PROBE_STEP)).abs() < 1e-6, "{probed}");
+        let curve = c.job("j").await.unwrap().speed_curve.unwrap();
+        assert!(curve.probing, "{curve:?}");
+    }
+
     /// Invariant 1 for an unreachable node, decided on the paused clock: it counts at its caps
     /// until its agent's failsafe deadline (its last word + `failsafe_after`), at its failsafe
     /// caps after — whatever the wall clock does meanwhile.

@@ -612,6 +612,11 @@ impl Controller {
         if regrow_due != 0 && wall_ms >= regrow_due {
             return true; // A job's resize cool-down ran out.
         }
+        if self.settings.speed_curves == crate::speed_curves::CurvePolicy::Learned
+            && self.speed_curves.probe_due(wall_ms)
+        {
+            return true; // A probe of a job's curve starts or ends.
+        }
         {
             let power = self.power.lock().await;
             if power.table.sources().any(|s| s.effective_watts(wall_ms) < s.available_watts) {
@@ -675,9 +680,10 @@ impl Controller {
                 }
             }
         };
-        // Each job's curve, where power is shared by them and one moved (rebuilt views start
-        // with none).
+        // Each job's curve, where power is shared by them and one moved or a probe started or
+        // ended (rebuilt views start with none).
         if self.settings.speed_curves == crate::speed_curves::CurvePolicy::Learned {
+            self.speed_curves.tick(now.wall_ms);
             let generation = self.speed_curves.generation();
             if rebuilt || kept.curves_generation != Some(generation) {
                 kept.power.curves = self.speed_curves.curves();
@@ -736,6 +742,7 @@ impl Controller {
                 decisions
             };
             phase.done("decide");
+            self.speed_curves.set_power_short(decisions.admission.allocation.as_ref().is_some_and(|a| a.short));
             *self.regrow.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = decisions.regrow;
 
             // Nodes whose lease ran out: no session from now on, until they register again.

@@ -12,11 +12,18 @@
 //! The prior comes from the job's GPU activity (the mean of its shards' tensor, FP and DRAM
 //! shares, smoothed over reports); without it (GPUs without GPM) the shared curve.
 //!
+//! A curve is learned from caps that differ. When a job's curve is still uncertain and its cap
+//! has not moved for [`PROBE_AFTER_STEADY_MS`] (nothing else teaches it), the book asks for a
+//! probe: for [`PROBE_MS`] the allocator may lower the job's cap within its flex, where power is
+//! short (see [`crate::power::allocator::PROBE_STEP`]); a window at the lower cap then says how
+//! much speed the watts bought. At most one probe per job every [`PROBE_EVERY_MS`], and none
+//! starts while the last allocation had power to spare.
+//!
 //! The book is in memory, like [`crate::progress`]: a new leader learns again from the next
 //! reports, starting from the activity prior.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use watt_proto::v1 as pb;
@@ -33,6 +40,14 @@ const REALLOCATE_AFTER: f64 = 0.02;
 const ACTIVITY_SMOOTHING: f64 = 0.05;
 /// Caps closer than this (relative) are the same cap for a window.
 const SAME_CAP: f64 = 0.005;
+/// A curve less sure than this (the standard deviation of its exponent) is worth a probe...
+const PROBE_WHILE_SD: f64 = 0.05;
+/// ...once its cap has not moved for this long.
+pub const PROBE_AFTER_STEADY_MS: i64 = 60_000;
+/// How long a probe lowers the cap: a window once the new cap is in force, with room to spare.
+pub const PROBE_MS: i64 = 3 * WINDOW_MS;
+/// The least time between two probes of one job.
+pub const PROBE_EVERY_MS: i64 = 600_000;
 
 /// Which curves the allocator shares power by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -63,6 +78,13 @@ struct JobCurve {
     activity: Option<(f64, f64)>,
     /// The curves power was last shared by.
     announced: FittedCurves,
+    /// Since when the cap has not moved, in this placement.
+    steady_since_ms: Option<i64>,
+    /// Observations in this placement.
+    observed: u32,
+    /// A probe runs until then.
+    probe_until_ms: Option<i64>,
+    last_probe_ms: Option<i64>,
 }
 
 impl JobCurve {
@@ -74,6 +96,25 @@ impl JobCurve {
             window: None,
             activity: None,
             announced: FittedCurves::default(),
+            steady_since_ms: None,
+            observed: 0,
+            probe_until_ms: None,
+            last_probe_ms: None,
+        }
+    }
+
+    /// What a tick at `now_ms` changes of its probe: `Some(true)` starts one, `Some(false)`
+    /// ends one.
+    fn probe_change(&self, now_ms: i64) -> Option<bool> {
+        match self.probe_until_ms {
+            Some(until) => (now_ms >= until).then_some(false),
+            None => {
+                let wanted = self.observed > 0
+                    && self.fit.exponent().1 >= PROBE_WHILE_SD
+                    && self.steady_since_ms.is_some_and(|since| now_ms - since >= PROBE_AFTER_STEADY_MS)
+                    && self.last_probe_ms.is_none_or(|last| now_ms - last >= PROBE_EVERY_MS);
+                wanted.then_some(true)
+            }
         }
     }
 
@@ -100,6 +141,9 @@ impl JobCurve {
             return;
         };
         let restart = Window { cap_watts: cap, from_ms: ms, from_step: step };
+        if self.window.is_none_or(|w| (w.cap_watts - cap).abs() > SAME_CAP * cap) {
+            self.steady_since_ms = Some(ms);
+        }
         match self.window {
             Some(w) if (w.cap_watts - cap).abs() <= SAME_CAP * cap && step >= w.from_step && ms >= w.from_ms => {
                 if ms - w.from_ms < WINDOW_MS {
@@ -108,6 +152,7 @@ impl JobCurve {
                 let steps = step - w.from_step;
                 if steps > 0 {
                     self.fit.observe(self.epoch, cap, steps as f64 * 1_000.0 / (ms - w.from_ms) as f64);
+                    self.observed += 1;
                 }
                 self.window = Some(restart);
             }
@@ -122,6 +167,8 @@ pub struct SpeedCurves {
     jobs: Mutex<NameMap<String, JobCurve>>,
     /// Grows whenever a curve moved enough to share power differently.
     generation: AtomicU64,
+    /// Whether the last allocation found power short: probes start only then.
+    power_short: AtomicBool,
 }
 
 impl SpeedCurves {
@@ -141,6 +188,8 @@ impl SpeedCurves {
             job.epoch = p.epoch;
             job.shard_caps.clear();
             job.window = None;
+            job.steady_since_ms = None;
+            job.observed = 0;
         }
         if let Some(a) = &p.activity {
             job.take_activity(a);
@@ -171,9 +220,47 @@ impl SpeedCurves {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// Every job's curves as last announced, for the allocator.
+    /// Every job's curves as last announced, for the allocator, with the probes under way.
     pub fn curves(&self) -> NameMap<String, FittedCurves> {
-        self.lock().iter().map(|(name, job)| (name.clone(), job.announced)).collect()
+        let probe = |job: &JobCurve| FittedCurves { probe: job.probe_until_ms.is_some(), ..job.announced };
+        self.lock().iter().map(|(name, job)| (name.clone(), probe(job))).collect()
+    }
+
+    /// What the last allocation found: whether power is short.
+    pub fn set_power_short(&self, short: bool) {
+        self.power_short.store(short, Ordering::Relaxed);
+    }
+
+    /// What a tick at `now_ms` changes of `job`'s probe: none starts while power is to spare
+    /// (the allocator would not lower a cap, and the curve does not matter then).
+    fn probe_change(&self, job: &JobCurve, now_ms: i64) -> Option<bool> {
+        job.probe_change(now_ms).filter(|&start| !start || self.power_short.load(Ordering::Relaxed))
+    }
+
+    /// Whether a [`SpeedCurves::tick`] at `now_ms` would start or end a probe.
+    pub fn probe_due(&self, now_ms: i64) -> bool {
+        self.lock().values().any(|job| self.probe_change(job, now_ms).is_some())
+    }
+
+    /// Start the probes due at `now_ms` and end those over; power is shared again (the
+    /// generation moves) when any did. Returns whether any did.
+    pub fn tick(&self, now_ms: i64) -> bool {
+        let mut changed = false;
+        for job in self.lock().values_mut() {
+            match self.probe_change(job, now_ms) {
+                Some(true) => {
+                    job.probe_until_ms = Some(now_ms + PROBE_MS);
+                    job.last_probe_ms = Some(now_ms);
+                }
+                Some(false) => job.probe_until_ms = None,
+                None => continue,
+            }
+            changed = true;
+        }
+        if changed {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+        changed
     }
 
     /// A job's curve as `wattctl describe job` shows it.
@@ -198,6 +285,7 @@ impl SpeedCurves {
             speed_at_60_percent: curve.speed(0.6, 1.0),
             speed_at_80_percent: curve.speed(0.8, 1.0),
             in_use,
+            probing: job.probe_until_ms.is_some(),
         })
     }
 
@@ -280,6 +368,39 @@ mod tests {
         let jobs = book.lock();
         assert_eq!(jobs["j"].shard_caps.len(), 1);
         assert_eq!(jobs["j"].window.map(|w| (w.cap_watts, w.from_step)), Some((700.0, 60)));
+    }
+
+    #[test]
+    fn an_uncertain_curve_at_a_steady_cap_is_probed_then_not_again_for_a_while() {
+        let book = SpeedCurves::default();
+        let mut step = 0.0;
+        run(&book, 1, 0, 60, 700.0, 0.5, &mut step);
+        // The cap has not moved since the first report, at 0 s.
+        assert!(!book.probe_due(PROBE_AFTER_STEADY_MS), "not while power is to spare");
+        book.set_power_short(true);
+        assert!(!book.probe_due(PROBE_AFTER_STEADY_MS - 1), "not before a steady minute");
+        let generation = book.generation();
+        assert!(book.tick(PROBE_AFTER_STEADY_MS) && book.generation() > generation);
+        assert!(book.curves()["j"].probe && book.describe("j", true).unwrap().probing);
+        assert!(!book.tick(PROBE_AFTER_STEADY_MS + PROBE_MS - 1), "it runs its span");
+        assert!(book.tick(PROBE_AFTER_STEADY_MS + PROBE_MS), "then ends");
+        assert!(!book.curves()["j"].probe);
+        // Power was not short: the cap never moved, the curve is as unsure; not again so soon.
+        let next = PROBE_AFTER_STEADY_MS + PROBE_EVERY_MS;
+        assert!(!book.probe_due(next - 1) && book.probe_due(next));
+
+        // Where the probe lowered the cap, the curve is learned, and no further probe is due.
+        let book = SpeedCurves::default();
+        book.set_power_short(true);
+        let mut step = 0.0;
+        run(&book, 1, 0, 60, 700.0, 0.5, &mut step);
+        book.tick(60_000);
+        run(&book, 1, 60, 30, 595.0, 0.5, &mut step);
+        book.tick(90_000);
+        run(&book, 1, 90, 700, 700.0, 0.5, &mut step);
+        let learned = book.describe("j", true).unwrap();
+        assert!(learned.exponent_sd < PROBE_WHILE_SD && (learned.exponent - 0.5).abs() < 0.05, "{learned:?}");
+        assert!(!book.probe_due(90_000 + PROBE_EVERY_MS + 1), "a curve known well is not probed");
     }
 
     #[test]

@@ -280,6 +280,7 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
                 cap_max,
                 curve: curves.curve,
                 flex_curve: curves.flex_curve,
+                probe: curves.probe,
                 given_up_watts,
             });
         }

@@ -25,11 +25,21 @@
 //! figures. When even every job paused does not fit, the allocation says so (`fits: false`): the
 //! limit is infeasible.
 //!
+//! Where power is short and a job's curve is to be measured (`JobLoad::probe`), its cap is then
+//! lowered by [`PROBE_STEP`] — never below its flex floor, so its promised slowdown holds, and
+//! never raised, so the budget holds: the watts it leaves are left unspent for the probe's span.
+//! The speed at two caps is what teaches its curve.
+//!
 //! Weights: each distinct priority among the running jobs is a level; the lowest level weighs 1,
 //! the next 2, and so on. Levels rather than raw priorities keep weights bounded whatever numbers
 //! users pick.
 
 use super::curve::Curve;
+
+/// A probe lowers a job's cap by this share of it, down to its flex floor at most.
+pub const PROBE_STEP: f64 = 0.15;
+/// A probe that would move the cap by less than this share teaches too little: none.
+const PROBE_LEAST_STEP: f64 = 0.05;
 
 /// A running job as the allocator sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +62,9 @@ pub struct JobLoad {
     /// The curve its flex is kept on: where the curve is learned, the steepest its fit finds
     /// likely, so the slowdown promised holds where the estimate is off; else the same curve.
     pub flex_curve: Curve,
+    /// Its curve is to be measured: where power is short, its cap is lowered within its flex
+    /// (see [`PROBE_STEP`]).
+    pub probe: bool,
     /// Per shard placed, what its GPUs count together once the job gives it up (shrunk or
     /// paused); a shard not listed counts its GPUs at the idle allowance.
     pub given_up_watts: Vec<f64>,
@@ -79,6 +92,9 @@ pub struct Allocation {
     pub fits: bool,
     /// What an operator should know: pauses, shrinks, an impossible budget.
     pub notes: Vec<String>,
+    /// The budget holds less than every running job at its maximum cap: power is short, and
+    /// the curves decide who gets it.
+    pub short: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -221,6 +237,14 @@ pub fn allocate(budget_watts: f64, jobs: &[JobLoad], others_watts: f64, idle_gpu
             work[i].cap = work[i].load.cap_min;
         }
     }
+    let short = power(&work, &|w| w.load.cap_max) > for_jobs;
+    for &i in &running {
+        let w = &mut work[i];
+        let lowered = (w.cap * (1.0 - PROBE_STEP)).max(w.flex_floor());
+        if short && w.load.probe && lowered <= w.cap * (1.0 - PROBE_LEAST_STEP) {
+            w.cap = lowered;
+        }
+    }
 
     let total_watts = power(&work, &|w| w.cap) + idle_watts(&work);
     // Not fitting with every job paused is the caller's to say: it knows the whole floor.
@@ -239,6 +263,7 @@ pub fn allocate(budget_watts: f64, jobs: &[JobLoad], others_watts: f64, idle_gpu
         total_watts,
         fits,
         notes,
+        short,
     }
 }
 
@@ -293,12 +318,44 @@ mod tests {
             cap_max: 700.0,
             curve: Curve::default(),
             flex_curve: Curve::default(),
+            probe: false,
             given_up_watts: Vec::new(),
         }
     }
 
     fn get<'a>(a: &'a Allocation, name: &str) -> &'a JobAllocation {
         a.jobs.iter().find(|j| j.name == name).unwrap()
+    }
+
+    #[test]
+    fn a_probe_lowers_a_jobs_cap_within_its_flex_and_only_where_power_is_short() {
+        let probed = |flex| JobLoad { probe: true, ..job("probed", 1, 1, flex, 4, 4) };
+        let other = job("other", 1, 2, 0.3, 4, 4);
+        // 64 GPUs under 80% of their full power: 560 W each.
+        let budget = 0.8 * 64.0 * 700.0;
+        let without = allocate(budget, &[job("probed", 1, 1, 0.3, 4, 4), other.clone()], 0.0, 100.0);
+        let with = allocate(budget, &[probed(0.3), other.clone()], 0.0, 100.0);
+        let (before, after) = (get(&without, "probed").cap_watts, get(&with, "probed").cap_watts);
+        assert!(
+            (before - 560.0).abs() < 1e-6 && (after - before * (1.0 - PROBE_STEP)).abs() < 1e-6,
+            "{before} → {after}"
+        );
+        assert!(get(&with, "probed").within_flex, "within its flex");
+        assert_eq!(get(&with, "other").cap_watts, get(&without, "other").cap_watts, "no other cap moves");
+        assert!(with.total_watts < without.total_watts && with.fits, "the watts it leaves go unspent");
+
+        // No flex: its floor is its full cap, no room to learn in. A 5% flex: a smaller step.
+        let rigid = allocate(budget, &[probed(0.0), other.clone()], 0.0, 100.0);
+        assert_eq!(get(&rigid, "probed").cap_watts, 700.0, "{rigid:?}");
+        let budget = 0.9 * 64.0 * 700.0;
+        let tight = allocate(budget, &[probed(0.05), other.clone()], 0.0, 100.0);
+        let floor = Curve::default().cap_for_speed(0.95, 700.0);
+        let cap = get(&tight, "probed").cap_watts;
+        assert!((cap - floor).abs() < 1e-6 && cap <= 630.0 * (1.0 - PROBE_LEAST_STEP), "{cap} W, floor {floor} W");
+
+        // Power to spare: nothing to learn for, nothing lowered.
+        let plenty = allocate(1e9, &[probed(0.3), other], 0.0, 100.0);
+        assert_eq!(get(&plenty, "probed").cap_watts, 700.0);
     }
 
     #[test]

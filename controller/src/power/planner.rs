@@ -504,7 +504,8 @@ mod tests {
         /// A job arrives, or finishes.
         Toggle(usize),
         /// A job's learned speed curve moves (its exponent, and the one its flex is kept on).
-        Relearn(usize, f64, f64),
+        /// Job j's curve and flex curve learned anew, and whether it is to be probed.
+        Relearn(usize, f64, f64, bool),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -516,7 +517,8 @@ mod tests {
             (0usize..6, prop_oneof![Just(70.0), 90.0f64..260.0]).prop_map(|(n, w)| Step::Draw(n, w)),
             (100i64..6_000).prop_map(Step::Wait),
             (0usize..3).prop_map(Step::Toggle),
-            (0usize..3, 0.02f64..0.95, 0.0f64..0.3).prop_map(|(j, e, margin)| Step::Relearn(j, e, margin)),
+            (0usize..3, 0.02f64..0.95, 0.0f64..0.3, prop::bool::ANY)
+                .prop_map(|(j, e, margin, probe)| Step::Relearn(j, e, margin, probe)),
         ]
     }
 
@@ -573,7 +575,8 @@ mod tests {
             // Three 2-node jobs of 1×4 GPUs... each node holds one 4-GPU shard of some job.
             let mut jobs: Vec<JobLoad> = (0..3).map(|j| JobLoad {
                 name: format!("j{j}"), priority: j, sequence: j as u64, flex: 0.1 * j as f64, gpus_per_shard: 4,
-                shards: 2, min_shards: 1, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(), flex_curve: Curve::default(), given_up_watts: Vec::new(),
+                shards: 2, min_shards: 1, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(), flex_curve: Curve::default(), probe: false,
+                given_up_watts: Vec::new(),
             }).collect();
             let mut present = [true; 3];
             let full = 24.0 * 700.0;
@@ -619,9 +622,10 @@ mod tests {
                     }
                     // Someone else's load, on a node whose job is gone (a placed job's GPUs are Watt's).
                     Step::Draw(n, w) => if !present[n / 2] { for g in &mut nodes[n].gpus { g.measured_watts = w; } },
-                    Step::Relearn(j, exponent, margin) => {
+                    Step::Relearn(j, exponent, margin, probe) => {
                         jobs[j].curve = Curve { exponent };
                         jobs[j].flex_curve = Curve { exponent: (exponent + margin).min(0.95) };
+                        jobs[j].probe = probe;
                     }
                     Step::Wait(ms) => {
                         now += ms;

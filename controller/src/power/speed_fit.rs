@@ -46,12 +46,16 @@ const MEMORY_BOUND_EXPONENT: f64 = 0.05;
 pub struct FittedCurves {
     pub curve: Curve,
     pub flex_curve: Curve,
+    /// The curve is uncertain and nothing has moved the job's cap for a while: where power is
+    /// short, the allocator may lower its cap within its flex to measure it (see
+    /// [`crate::speed_curves`]).
+    pub probe: bool,
 }
 
 impl Default for FittedCurves {
     /// The shared curve, for both.
     fn default() -> Self {
-        FittedCurves { curve: Curve::default(), flex_curve: Curve::default() }
+        FittedCurves { curve: Curve::default(), flex_curve: Curve::default(), probe: false }
     }
 }
 
@@ -229,6 +233,7 @@ impl SpeedFit {
         FittedCurves {
             curve: Curve { exponent: mean },
             flex_curve: Curve { exponent: (mean + FLEX_MARGIN_SD * sd).clamp(MIN_EXPONENT, MAX_EXPONENT) },
+            probe: false,
         }
     }
 }
