@@ -183,6 +183,7 @@ pub async fn run(
             log_access: log_access.clone(),
             metrics,
             power_trace,
+            labels: config.labels.clone(),
         };
         tokio::spawn(session::run(
             session_config,

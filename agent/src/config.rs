@@ -209,6 +209,11 @@ pub struct Args {
     /// out how the controller counts and reports them.
     #[arg(long, env = "WATT_SIM_FOREIGN_GPUS", value_name = "LIST", value_delimiter = ',')]
     pub sim_foreign_gpus: Option<Vec<u32>>,
+
+    /// This node's labels, `rack=r12,row=r3`: the controller's power domains (feeds, rows,
+    /// racks) select their nodes by them.
+    #[arg(long, env = "WATT_LABELS", value_name = "KEY=VALUE[,KEY=VALUE...]")]
+    pub labels: Option<String>,
 }
 
 /// The config file: the same settings as the flags, in snake_case.
@@ -250,6 +255,7 @@ pub struct FileConfig {
     pub node_overhead: Option<f64>,
     pub powercap_root: Option<PathBuf>,
     pub sim_foreign_gpus: Option<Vec<u32>>,
+    pub labels: Option<String>,
 }
 
 /// The configuration the agent runs with: every value present and valid.
@@ -285,6 +291,7 @@ pub struct AgentConfig {
     pub node_overhead_watts: f64,
     pub powercap_root: PathBuf,
     pub sim_foreign_gpus: Vec<u32>,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The agent's credentials for its controller session, as files.
@@ -416,10 +423,27 @@ impl Args {
                 .or(file.powercap_root)
                 .unwrap_or_else(|| PathBuf::from("/sys/class/powercap")),
             sim_foreign_gpus: self.sim_foreign_gpus.clone().or(file.sim_foreign_gpus).unwrap_or_default(),
+            labels: parse_labels(self.labels.as_deref().or(file.labels.as_deref()).unwrap_or(""))
+                .map_err(|e| ConfigError::invalid("labels", e))?,
         };
         config.validate()?;
         Ok(config)
     }
+}
+
+/// `rack=r12,row=r3` (spaces around each pair allowed; empty: none), each pair by Kubernetes'
+/// rules for labels.
+pub fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut labels = std::collections::BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| format!("{pair:?} is not KEY=VALUE"))?;
+        let (key, value) = (key.trim(), value.trim());
+        watt_common::names::check_label(key, value)?;
+        if labels.insert(key.to_string(), value.to_string()).is_some() {
+            return Err(format!("label {key} is given twice"));
+        }
+    }
+    Ok(labels)
 }
 
 impl FileConfig {
@@ -625,6 +649,13 @@ mod tests {
         assert!(err.contains("--sim-foreign-gpus") && err.contains("GPU 4"), "{err}");
         let ok = args(&["--sim-gpus", "4", "--sim-foreign-gpus", "1,3", "--node-overhead", "250"]).resolve().unwrap();
         assert_eq!((ok.sim_foreign_gpus, ok.node_overhead_watts), (vec![1, 3], 250.0));
+        for bad in ["rack", "rack=r1,rack=r2", "rack=a b", "=x"] {
+            let err = args(&["--labels", bad]).resolve().unwrap_err().to_string();
+            assert!(err.starts_with("invalid --labels (config key labels)"), "{bad}: {err}");
+        }
+        let ok = args(&["--labels", "rack=r12, row=r3,topology.kubernetes.io/zone=z1"]).resolve().unwrap();
+        let pairs: Vec<(&str, &str)> = ok.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(pairs, [("rack", "r12"), ("row", "r3"), ("topology.kubernetes.io/zone", "z1")]);
     }
 
     #[test]

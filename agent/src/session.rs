@@ -99,6 +99,8 @@ pub struct SessionConfig {
     pub metrics: SessionMetrics,
     /// The node's power at every round, sent once a second (see [`crate::power_trace`]).
     pub power_trace: Arc<crate::power_trace::PowerTrace>,
+    /// The node's labels (`--labels`), sent with its registration.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Keep a session open until `stop` turns true.
@@ -293,6 +295,7 @@ async fn session_once(
         logs_port: u32::from(config.logs_port),
         logs_tls: config.logs_tls,
         enforce_mode: enforcer.mode().to_proto() as i32,
+        labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };
     tx.send(message(pb::agent_message::Body::Register(register)))
         .await

@@ -176,6 +176,24 @@ enum Power {
     },
     /// Print the power status on every change.
     Watch,
+    /// The power domains (feeds, rows, racks): each one's limit, counted and measured power.
+    Domains,
+    /// Create or update a power domain: a part of the site behind a breaker.
+    SetDomain {
+        name: String,
+        /// Its breaker's rating × derating, e.g. 40kW: its nodes' counted power stays under it.
+        #[arg(long, value_parser = power::parse_watts)]
+        limit: f64,
+        /// The node labels that put a node in it, e.g. rack=r12 (agents' --labels); several are
+        /// all required.
+        #[arg(long = "select", value_name = "KEY=VALUE", required = true)]
+        select: Vec<String>,
+        /// The domain it is part of, e.g. row-3 [default: directly under the site].
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Remove a power domain with none under it.
+    RemoveDomain { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -445,6 +463,23 @@ async fn run_power(target: &Target, output: Output, what: Power) -> Result<(), F
             }
             client.set_site(request).await?
         }
+        Power::Domains => {
+            let status = client.get_power_status(pb::GetPowerStatusRequest {}).await?.into_inner();
+            let view = power::PowerView::from(status);
+            return emit(output, &view.domains, || power::DomainView::tree(&view.domains));
+        }
+        Power::SetDomain { name, limit, select, parent } => {
+            let mut selector = std::collections::HashMap::new();
+            for pair in &select {
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| Failure::Usage(format!("--select {pair:?}: write KEY=VALUE, e.g. rack=r12")))?;
+                selector.insert(key.trim().to_string(), value.trim().to_string());
+            }
+            let domain = pb::PowerDomain { name, parent: parent.unwrap_or_default(), limit_watts: limit, selector };
+            client.set_domain(pb::SetDomainRequest { domain: Some(domain) }).await?
+        }
+        Power::RemoveDomain { name } => client.remove_domain(pb::RemoveDomainRequest { name }).await?,
         Power::Watch => {
             let mut stream = client.watch_power(pb::WatchPowerRequest {}).await?.into_inner();
             while let Some(status) = stream.message().await? {

@@ -125,6 +125,87 @@ impl SwingView {
     }
 }
 
+/// A power domain now: `wattctl power domains`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DomainView {
+    pub name: String,
+    /// Empty: directly under the site.
+    pub parent: String,
+    pub limit_watts: f64,
+    pub selector: std::collections::BTreeMap<String, String>,
+    pub counted_watts: f64,
+    pub measured_watts: f64,
+    pub nodes: u32,
+    pub gpus: u32,
+    /// How many levels below the site (1: directly under it).
+    pub depth: u32,
+}
+
+impl DomainView {
+    /// Every domain of `status`, parents before children, each with its depth.
+    fn all(domains: Vec<pb::DomainStatus>) -> Vec<DomainView> {
+        let parents: Vec<i32> = domains.iter().map(|d| d.parent_index).collect();
+        let depth = |mut i: i32| {
+            let mut depth = 0;
+            while i >= 0 && depth < 64 {
+                depth += 1;
+                i = parents.get(i as usize).copied().unwrap_or(-1);
+            }
+            depth
+        };
+        domains
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let domain = d.domain.unwrap_or_default();
+                DomainView {
+                    name: domain.name,
+                    parent: domain.parent,
+                    limit_watts: domain.limit_watts,
+                    selector: domain.selector.into_iter().collect(),
+                    counted_watts: d.counted_watts,
+                    measured_watts: d.measured_watts,
+                    nodes: d.nodes,
+                    gpus: d.gpus,
+                    depth: depth(i as i32),
+                }
+            })
+            .collect()
+    }
+
+    /// The tree as a table: each domain under its parent, indented by its depth.
+    pub fn tree(domains: &[DomainView]) -> String {
+        // Depth-first from the site: parents come before children in `domains`.
+        let mut order = Vec::with_capacity(domains.len());
+        fn visit(domains: &[DomainView], parent: &str, order: &mut Vec<usize>) {
+            for (i, d) in domains.iter().enumerate().filter(|(_, d)| d.parent == parent) {
+                order.push(i);
+                visit(domains, &d.name, order);
+            }
+        }
+        visit(domains, "", &mut order);
+        let rows: Vec<Vec<String>> = order
+            .iter()
+            .map(|&i| {
+                let d = &domains[i];
+                let share = if d.limit_watts > 0.0 { d.counted_watts / d.limit_watts * 100.0 } else { 0.0 };
+                vec![
+                    format!("{}{}", "  ".repeat(d.depth as usize), d.name),
+                    show_watts(d.limit_watts),
+                    format!("{} ({share:.0}%)", show_watts(d.counted_watts)),
+                    show_watts(d.measured_watts),
+                    d.nodes.to_string(),
+                    d.gpus.to_string(),
+                    d.selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                ]
+            })
+            .collect();
+        let mut out = String::from("site\n");
+        out.push_str(&table(&["DOMAIN", "LIMIT", "COUNTED", "MEASURED", "NODES", "GPUS", "SELECTOR"], &rows));
+        out
+    }
+}
+
 /// `wattctl power status -o json`: stable field names.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PowerView {
@@ -165,6 +246,8 @@ pub struct PowerView {
     pub swing: Option<SwingView>,
     pub sources: Vec<SourceView>,
     pub jobs: Vec<JobPowerView>,
+    /// The power domains, parents before children.
+    pub domains: Vec<DomainView>,
     pub notes: Vec<String>,
     pub unix_ms: i64,
 }
@@ -225,6 +308,7 @@ impl From<pb::PowerStatus> for PowerView {
                     swing: j.swing.map(SwingView::from),
                 })
                 .collect(),
+            domains: DomainView::all(s.domains),
             notes: s.notes,
             unix_ms: s.unix_ms,
         }
@@ -349,6 +433,10 @@ impl PowerView {
                 })
                 .collect();
             out.push_str(&table(&["  JOB", "CAP/GPU", "SHARDS", "GPUS", "SWING"], &rows));
+        }
+        if !self.domains.is_empty() {
+            out.push_str("\nDomains:\n");
+            out.push_str(&DomainView::tree(&self.domains));
         }
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");

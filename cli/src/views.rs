@@ -375,6 +375,10 @@ pub struct NodeView {
     pub non_gpu_watts: f64,
     /// Where its agent serves shards' logs (to holders of a grant).
     pub logs_url: String,
+    /// Its labels (the agent's `--labels`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The power domains it is in, from the site down.
+    pub domains: Vec<String>,
 }
 
 /// The `--enforce` mode as its flag spells it.
@@ -411,6 +415,8 @@ impl From<pb::Node> for NodeView {
             enforce: enforce_mode(n.enforce_mode),
             non_gpu_watts: n.non_gpu_power_watts,
             logs_url: n.logs_url,
+            labels: n.labels.into_iter().collect(),
+            domains: n.domains,
         }
     }
 }

@@ -71,8 +71,48 @@ pub mod names {
         }
     }
 
+    /// The rule for node labels (`rack=r12`), as Kubernetes has it: a key of 1 to 63 of
+    /// `[A-Za-z0-9-._]`, starting and ending with a letter or digit, with an optional DNS prefix
+    /// and '/' (`topology.kubernetes.io/zone`); a value of up to 63 of the same. Otherwise what
+    /// the rule is, naming what was given.
+    pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+        let part = |s: &str, empty_ok: bool| {
+            (s.is_empty() && empty_ok)
+                || (s.len() <= 63
+                    && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+                    && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && s.ends_with(|c: char| c.is_ascii_alphanumeric()))
+        };
+        let (prefix, name) = key.rsplit_once('/').unwrap_or(("", key));
+        let prefix_ok = prefix.len() <= 253 && (key.find('/').is_none() || (!prefix.is_empty() && part(prefix, false)));
+        if !(prefix_ok && part(name, false)) {
+            return Err(format!(
+                "a label key must be 1 to 63 of [A-Za-z0-9-._], starting and ending with a letter or digit, with an optional prefix and '/' (got {key:?})"
+            ));
+        }
+        if !part(value, true) {
+            return Err(format!(
+                "the value of label {key} must be up to 63 of [A-Za-z0-9-._], starting and ending with a letter or digit (got {value:?})"
+            ));
+        }
+        Ok(())
+    }
+
     #[cfg(test)]
     mod tests {
+        #[test]
+        fn labels_follow_kubernetes() {
+            for (k, v) in [("rack", "r12"), ("topology.kubernetes.io/zone", "us-east-1a"), ("row", ""), ("a_b", "x.y")]
+            {
+                assert_eq!(super::check_label(k, v), Ok(()), "{k}={v}");
+            }
+            for (k, v) in
+                [("", "x"), ("-rack", "x"), ("rack", "-x"), ("/rack", "x"), ("rack", "a b"), ("r", &"v".repeat(64))]
+            {
+                assert!(super::check_label(k, v).is_err(), "{k}={v}");
+            }
+        }
+
         #[test]
         fn node_names_are_hostnames_and_everything_else_is_named() {
             for good in ["gpu-1", "node_7.rack-3", &"n".repeat(253)] {

@@ -13,6 +13,7 @@ use watt_proto::v1::submit_job_request::Source;
 
 use crate::auth::bootstrap::NodeSigner;
 use crate::auth::Principal;
+use crate::power::domains::Domain;
 use crate::power::table::{Applied, PowerChange, PowerError, SiteUpdate, SourceUpdate};
 use crate::power::SourceKind;
 use crate::reconcile::{Controller, RequestError};
@@ -202,6 +203,17 @@ impl PowerApi {
                 ),
             ),
             Applied::Removed(name) => (name.clone(), "source-removed", "source removed".to_string()),
+            Applied::Domain(d) => (
+                d.name.clone(),
+                "domain-set",
+                format!(
+                    "limit {:.0} W over nodes labelled {}{}",
+                    d.limit_watts,
+                    d.selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                    d.parent.as_ref().map_or(String::new(), |p| format!(", within {p}"))
+                ),
+            ),
+            Applied::DomainRemoved(name) => (name.clone(), "domain-removed", "domain removed".to_string()),
             Applied::Site(site) => (
                 "site".to_string(),
                 "site-set",
@@ -232,7 +244,7 @@ impl From<PowerError> for Status {
     fn from(e: PowerError) -> Status {
         match e {
             PowerError::Invalid(field) => Status::invalid_argument(field.to_string()),
-            PowerError::UnknownSource(_) => Status::not_found(e.to_string()),
+            PowerError::UnknownSource(_) | PowerError::UnknownDomain(_) => Status::not_found(e.to_string()),
             PowerError::Store(s) => RequestError::Store(s).into(),
             PowerError::Caretaking { .. } => Status::unavailable(e.to_string()),
         }
@@ -270,6 +282,30 @@ impl pb::power_service_server::PowerService for PowerApi {
             return Err(Status::invalid_argument("name is required"));
         }
         Ok(Response::new(self.change(PowerChange::RemoveSource(name), &by).await?))
+    }
+
+    async fn set_domain(&self, request: Request<pb::SetDomainRequest>) -> Result<Response<pb::PowerStatus>, Status> {
+        let by = principal(&request)?;
+        let d = request.into_inner().domain.ok_or_else(|| Status::invalid_argument("domain is required"))?;
+        let domain = Domain {
+            name: d.name,
+            parent: Some(d.parent).filter(|p| !p.is_empty()),
+            limit_watts: d.limit_watts,
+            selector: d.selector.into_iter().collect(),
+        };
+        Ok(Response::new(self.change(PowerChange::SetDomain(domain), &by).await?))
+    }
+
+    async fn remove_domain(
+        &self,
+        request: Request<pb::RemoveDomainRequest>,
+    ) -> Result<Response<pb::PowerStatus>, Status> {
+        let by = principal(&request)?;
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        Ok(Response::new(self.change(PowerChange::RemoveDomain(name), &by).await?))
     }
 
     async fn set_site(&self, request: Request<pb::SetSiteRequest>) -> Result<Response<pb::PowerStatus>, Status> {

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub power_event_ack: Histogram,
     pub power: GaugeVec,
     pub source_watts: GaugeVec,
+    /// Per power domain: its limit, what it counts, what it draws (`watt_power_domain_watts`).
+    pub domain_watts: GaugeVec,
     pub failsafe_nodes: IntGauge,
     pub unacknowledged_nodes: IntGauge,
     /// 1 while a power event is being carried out (see [`crate::power::acks::AckTracker`]).
@@ -232,6 +234,13 @@ impl Metrics {
         )?;
         let source_watts =
             GaugeVec::new(Opts::new("watt_power_source_watts", "What each source supplies now."), &["source", "kind"])?;
+        let domain_watts = GaugeVec::new(
+            Opts::new(
+                "watt_power_domain_watts",
+                "Per power domain (feed, row, rack): its limit, the counted power of its nodes, and their measured draw.",
+            ),
+            &["domain", "parent", "what"],
+        )?;
         let failsafe_nodes =
             IntGauge::new("watt_power_failsafe_nodes", "Unreachable nodes counted at their failsafe caps.")?;
         let unacknowledged_nodes =
@@ -333,6 +342,7 @@ impl Metrics {
         registry.register(Box::new(power_event_ack.clone()))?;
         registry.register(Box::new(power.clone()))?;
         registry.register(Box::new(source_watts.clone()))?;
+        registry.register(Box::new(domain_watts.clone()))?;
         registry.register(Box::new(failsafe_nodes.clone()))?;
         registry.register(Box::new(unacknowledged_nodes.clone()))?;
         registry.register(Box::new(power_event_open.clone()))?;
@@ -376,6 +386,7 @@ impl Metrics {
             power_event_ack,
             power,
             source_watts,
+            domain_watts,
             failsafe_nodes,
             unacknowledged_nodes,
             power_event_open,
@@ -415,6 +426,20 @@ impl Metrics {
             self.job_swing.with_label_values(&[job]).set(s.swing_watts);
             for (band, share) in BANDS.iter().zip(s.band_shares) {
                 self.job_swing_band.with_label_values(&[job.as_str(), band.name]).set(share);
+            }
+        }
+    }
+
+    /// Every power domain's figures; a removed domain's series go (the tree bounds the labels).
+    pub fn observe_domains(&self, domains: &[watt_proto::v1::DomainStatus]) {
+        self.domain_watts.reset();
+        for d in domains {
+            let Some(domain) = &d.domain else { continue };
+            let parent = if domain.parent.is_empty() { "site" } else { domain.parent.as_str() };
+            for (what, value) in
+                [("limit", domain.limit_watts), ("counted", d.counted_watts), ("measured", d.measured_watts)]
+            {
+                self.domain_watts.with_label_values(&[domain.name.as_str(), parent, what]).set(value);
             }
         }
     }
@@ -463,6 +488,7 @@ impl Metrics {
                 }
             }
         }
+        self.observe_domains(&s.domains);
         self.failsafe_nodes.set(i64::from(s.failsafe_nodes));
         self.infeasible.set(i64::from(s.infeasible));
         self.unenforced_nodes.set(i64::from(s.unenforced_nodes));

@@ -157,7 +157,10 @@ impl Controller {
             unsent: 0,
             withheld: 0,
         };
-        let mut books = Books::default();
+        let tree = power.table.tree().clone();
+        let mut books = Books::new(tree.len());
+        // Per node (as `entries`), the power domains it is in: none without a tree.
+        let mut paths: Vec<Vec<u32>> = Vec::new();
         let mut buffer = Vec::new();
         for (position, e) in entries.iter_mut().enumerate() {
             e.reset_cap_targets(pass);
@@ -190,7 +193,10 @@ impl Controller {
                 sender.send(e, &Order { node: position, phase: Phase::Decrease, caps });
             }
             decrease_outstanding |= e.power.decrease_outstanding(now_ms);
-            books.add(e, now_ms, idle);
+            if !tree.is_empty() {
+                paths.push(e.domain_path(&tree).to_vec());
+            }
+            books.add(e, paths.get(position).map_or(&[], Vec::as_slice), now_ms, idle);
         }
         // What is counted now is in force from now: the ramp's windows start from it.
         self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(now_ms, books.counted);
@@ -202,14 +208,21 @@ impl Controller {
             });
             let (snapshot, targets): (Vec<&NodeCaps>, Vec<&[f64]>) =
                 entries.iter().map(|e| (&e.power, e.cap_targets.as_slice())).unzip();
-            let orders = planner::increases(
+            // Each power domain's headroom under its limit (invariant 13).
+            let mut room = planner::DomainRoom {
+                paths: paths.iter().map(Vec::as_slice).collect(),
+                headroom: tree.domains.iter().zip(&books.domains).map(|(d, b)| d.limit_watts - b.counted).collect(),
+            };
+            let orders = planner::increases_within(
                 &snapshot,
                 &targets,
                 admission.limit_watts.min(ceiling),
                 now_ms,
                 idle,
                 MAX_INCREASE_NODES_PER_PASS,
+                &mut room,
             );
+            drop(room);
             drop((snapshot, targets));
             if !orders.is_empty() {
                 for order in &orders {
@@ -218,9 +231,9 @@ impl Controller {
                     }
                 }
                 // The books are read after the orders went out.
-                books = Books::default();
-                for e in &entries {
-                    books.add(e, now_ms, idle);
+                books = Books::new(tree.len());
+                for (position, e) in entries.iter().enumerate() {
+                    books.add(e, paths.get(position).map_or(&[], Vec::as_slice), now_ms, idle);
                 }
             }
         }
@@ -248,6 +261,7 @@ impl Controller {
             owing,
             more_to_order,
             unenforced,
+            domains: domain_books,
         } = books;
         self.ramp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(now_ms, counted);
         power.ramp_holding = site.ramp_up_watts_per_second.is_some() && more_to_order;
@@ -370,6 +384,7 @@ impl Controller {
             foreign_gpus,
             foreign_watts,
             swing: swings.site.map(swing_proto),
+            domains: domain_status(&power.table, &tree, &domain_books),
             ramp_1s_watts_per_second: self.ramp_rate(now_ms, 1_000),
             ramp_60s_watts_per_second: self.ramp_rate(now_ms, 60_000),
             // The meter's figures (see `Controller::look_at_the_meter`) carry over between passes.
@@ -377,6 +392,37 @@ impl Controller {
         };
         self.metrics.observe_power(&status);
         self.power_status.send_replace(status);
+    }
+}
+
+/// Every power domain as the status shows it, parents before children.
+fn domain_status(
+    table: &crate::power::table::PowerTable,
+    tree: &crate::power::domains::DomainTree,
+    books: &[DomainBooks],
+) -> Vec<pb::DomainStatus> {
+    let stored: crate::NameMap<&str, &crate::power::domains::Domain> =
+        table.domains().map(|d| (d.name.as_str(), d)).collect();
+    tree.domains
+        .iter()
+        .zip(books)
+        .map(|(d, b)| pb::DomainStatus {
+            domain: stored.get(d.name.as_str()).map(|s| domain_proto(s)),
+            counted_watts: b.counted,
+            measured_watts: b.measured,
+            nodes: b.nodes,
+            gpus: b.gpus,
+            parent_index: d.parent.map_or(-1, |p| p as i32),
+        })
+        .collect()
+}
+
+pub fn domain_proto(d: &crate::power::domains::Domain) -> pb::PowerDomain {
+    pb::PowerDomain {
+        name: d.name.clone(),
+        parent: d.parent.clone().unwrap_or_default(),
+        limit_watts: d.limit_watts,
+        selector: d.selector.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
 
@@ -395,13 +441,36 @@ struct Books {
     /// Targets not yet ordered: increases that wait for headroom or their turn.
     more_to_order: bool,
     unenforced: Unenforced,
+    /// Per power domain (positions in the tree): its nodes counted, drawn, and how many.
+    domains: Vec<DomainBooks>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct DomainBooks {
+    counted: f64,
+    measured: f64,
+    nodes: u32,
+    gpus: u32,
 }
 
 impl Books {
-    fn add(&mut self, e: &NodeEntry, now_ms: i64, idle: f64) {
+    fn new(domains: usize) -> Self {
+        Books { domains: vec![DomainBooks::default(); domains], ..Books::default() }
+    }
+
+    /// Add node `e`, in the power domains of `path`.
+    fn add(&mut self, e: &NodeEntry, path: &[u32], now_ms: i64, idle: f64) {
         let p = &e.power;
         let failsafe = p.failsafed(now_ms);
-        self.counted += p.counted_watts(now_ms, idle);
+        let counted = p.counted_watts(now_ms, idle);
+        self.counted += counted;
+        for &d in path {
+            let domain = &mut self.domains[d as usize];
+            domain.counted += counted;
+            domain.measured += e.drawn_gpu_watts() + p.overhead_watts;
+            domain.nodes += 1;
+            domain.gpus += p.gpus.len() as u32;
+        }
         for g in p.gpus.iter().filter(|g| g.work == GpuWork::Foreign) {
             self.foreign_gpus += 1;
             self.foreign_watts += g.counted_under(if failsafe { g.failsafe_watts } else { g.upper() }, idle);
@@ -586,12 +655,22 @@ impl Controller {
     pub fn look_at_the_meter(&self) {
         let now = Instant::now();
         self.look_at_the_ramp(self.clock.ms(now));
-        let (limit, feasible, limited, site_overhead, idle) = {
+        let (limit, feasible, limited, site_overhead, idle, domains) = {
             let s = self.power_status.borrow();
             let site = s.site.unwrap_or_default();
-            (s.limit_watts, !s.infeasible, !s.sources.is_empty(), site.node_overhead_watts, site.idle_gpu_watts)
+            let domains = s.domains.len();
+            (
+                s.limit_watts,
+                !s.infeasible,
+                !s.sources.is_empty(),
+                site.node_overhead_watts,
+                site.idle_gpu_watts,
+                domains,
+            )
         };
         let lease = self.settings.node_lease;
+        // Per power domain, what its nodes draw (their paths as the last pass worked them out).
+        let mut domain_measured = vec![0.0; domains];
         let (measured, taken_at) = {
             let nodes = self.registry.lock();
             let mut measured = 0.0;
@@ -604,7 +683,13 @@ impl Controller {
                 if e.telemetry.is_none() {
                     continue;
                 }
-                measured += e.drawn_gpu_watts() + e.non_gpu_watts_or(site_overhead);
+                let node = e.drawn_gpu_watts() + e.non_gpu_watts_or(site_overhead);
+                measured += node;
+                for &d in e.known_domain_path() {
+                    if let Some(w) = domain_measured.get_mut(d as usize) {
+                        *w += node;
+                    }
+                }
                 if e.state(now, lease) == NodeState::Ready {
                     if let Some(at) = e.telemetry_taken_at {
                         oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
@@ -636,6 +721,12 @@ impl Controller {
             self.power_status.send_if_modified(|s| {
                 let news = s.measured_violations != violations || (s.overdraw_seconds == 0.0) != (seconds == 0.0);
                 s.measured_watts = measured;
+                for (d, w) in s.domains.iter_mut().zip(&domain_measured) {
+                    d.measured_watts = *w;
+                }
+                if !s.domains.is_empty() {
+                    self.metrics.observe_domains(&s.domains);
+                }
                 s.measured_violations = violations;
                 s.overdraw_seconds = seconds;
                 s.worst_overdraw_watts = worst;

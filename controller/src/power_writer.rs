@@ -149,6 +149,8 @@ impl Controller {
                             Applied::Source(s) => (s.name.clone(), format!("{:.0} W available", s.available_watts)),
                             Applied::Site(_) => ("site".to_string(), "site settings raised".to_string()),
                             Applied::Removed(name) => (name, "removed".to_string()),
+                            Applied::Domain(d) => (d.name.clone(), format!("domain limit {:.0} W", d.limit_watts)),
+                            Applied::DomainRemoved(name) => (name, "domain removed".to_string()),
                         };
                         let text = format!("{now}: a cut made by the caretaker of term {}, not stored then", cut.term);
                         self.emit("power", &subject, "carried-cut-applied", text);

@@ -498,6 +498,7 @@ impl Controller {
             }
             allocated
         };
+        let tree = self.power.lock().await.table.tree().clone();
         let now = Instant::now();
         let now_ms = self.clock.ms(now);
         let site = self.power_status.borrow().site.unwrap_or_default();
@@ -547,6 +548,8 @@ impl Controller {
                     non_gpu_power_watts: e.non_gpu_watts_or(site.node_overhead_watts),
                     accounting,
                     logs_url: e.logs_url().unwrap_or_default(),
+                    labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    domains: tree.path(&e.labels).iter().map(|&i| tree.domains[i as usize].name.clone()).collect(),
                 }
             })
             .collect();
@@ -666,7 +669,7 @@ impl Controller {
         // before the view reads the nodes, so no reading is judged by a stale one after it.
         self.registry.set_idle_allowance(site.idle_gpu_watts);
         let mut nodes = self.registry.lock();
-        let rebuilt = kept.bring_up_to_date(&mut nodes, available, site, &self.clock);
+        let rebuilt = kept.bring_up_to_date(&mut nodes, available, site, table.tree(), &self.clock);
         kept.power.now_unix_ms = now.wall_ms;
         // The site's ramp limit: what starts may add at once.
         kept.power.ramp = match site.ramp_up_watts_per_second {
@@ -1099,6 +1102,7 @@ impl KeptView {
         registry: &mut crate::registry::Nodes,
         available_watts: f64,
         site: crate::power::Site,
+        tree: &Arc<crate::power::domains::DomainTree>,
         clock: &crate::clock::Clock,
     ) -> bool {
         let every_budget_changed = registry.take_every_budget_changed() || self.power.site != site;
@@ -1111,17 +1115,18 @@ impl KeptView {
             marked_lost: e.lost,
             gpus: e.gpus.iter().map(|g| g.index).collect(),
         };
-        if self.generation != Some(registry.generation()) {
+        if self.generation != Some(registry.generation()) || self.power.tree.id != tree.id {
             let mut names: Vec<String> = registry.values().map(|e| e.name.clone()).collect();
             names.sort();
             self.nodes.clear();
-            self.power = PowerView::new(available_watts, site);
+            self.power = PowerView::with_domains(available_watts, site, tree.clone());
             for (position, name) in names.iter().enumerate() {
                 let Some(e) = registry.get_mut(name) else { continue };
                 e.view_position = position;
                 e.take_budget_changed();
                 self.nodes.push(node_view(e));
-                self.power.add_node(&e.power, e.non_gpu_watts_or(site.node_overhead_watts));
+                let domains = e.domain_path(tree).to_vec();
+                self.power.add_node_in(&e.power, e.non_gpu_watts_or(site.node_overhead_watts), &domains);
             }
             self.generation = Some(registry.generation());
             return true;
@@ -1139,11 +1144,11 @@ impl KeptView {
         #[cfg(debug_assertions)]
         {
             // What was not read again must be what reading it would give.
-            let mut fresh = PowerView::new(available_watts, site);
+            let mut fresh = PowerView::with_domains(available_watts, site, tree.clone());
             let mut by_position: Vec<&crate::registry::NodeEntry> = registry.values().collect();
             by_position.sort_by_key(|e| e.view_position);
             for e in by_position {
-                fresh.add_node(&e.power, e.non_gpu_watts_or(site.node_overhead_watts));
+                fresh.add_node_in(&e.power, e.non_gpu_watts_or(site.node_overhead_watts), &tree.path(&e.labels));
             }
             assert!(fresh.same_figures(&self.power), "a node's budget figures changed without it being marked");
         }

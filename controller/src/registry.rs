@@ -122,6 +122,11 @@ pub struct NodeEntry {
     pub shard_gpus: HashMap<ShardKey, Vec<u32>>,
     /// The node's own draw besides GPUs, as it reports it (0: not reported).
     pub non_gpu_watts: f64,
+    /// Its labels (`--labels`): power domains select nodes by them.
+    pub labels: crate::power::domains::Labels,
+    /// The power domains it is in, parents first, as positions in the tree `domain_tree_id`.
+    domain_path: Vec<u32>,
+    domain_tree_id: Option<u64>,
     /// Per GPU (as in `power.gpus`): the cap it is moving to, as the last pass decided.
     pub cap_targets: Vec<f64>,
     /// The pass that last reset `cap_targets` (see [`NodeEntry::reset_cap_targets`]).
@@ -139,6 +144,22 @@ pub struct NodeEntry {
 }
 
 impl NodeEntry {
+    /// The power domains it is in as the last pass worked them out (positions in the tree then
+    /// in force): for readers that hold no tree, such as the meter.
+    pub fn known_domain_path(&self) -> &[u32] {
+        &self.domain_path
+    }
+
+    /// The power domains it is in, parents first, as positions in `tree` (worked out once per
+    /// tree: its labels do not change within a registration).
+    pub fn domain_path(&mut self, tree: &crate::power::domains::DomainTree) -> &[u32] {
+        if self.domain_tree_id != Some(tree.id) {
+            self.domain_path = tree.path(&self.labels);
+            self.domain_tree_id = Some(tree.id);
+        }
+        &self.domain_path
+    }
+
     /// The increase `caps` may go out: the store records a ceiling at or above each cap. If not,
     /// the ceilings it needs are wanted (see [`Nodes::ceilings_to_record`]).
     pub fn increase_recorded(&mut self, caps: &[(u32, f64)]) -> bool {
@@ -570,6 +591,9 @@ impl Registry {
             readings_valid_from: vec![None; register.gpus.len()],
             shard_statuses: register.shards.iter().map(|s| ((s.job.clone(), s.shard), s.clone())).collect(),
             non_gpu_watts: register.non_gpu_power_watts,
+            labels: register.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            domain_path: Vec::new(),
+            domain_tree_id: None,
             cap_targets: Vec::new(),
             targets_pass: 0,
             view_position: usize::MAX,
@@ -645,6 +669,9 @@ impl Registry {
                 shard_statuses: HashMap::new(),
                 shard_gpus: HashMap::new(),
                 non_gpu_watts: 0.0,
+                labels: Default::default(),
+                domain_path: Vec::new(),
+                domain_tree_id: None,
                 cap_targets: Vec::new(),
                 targets_pass: 0,
                 view_position: usize::MAX,

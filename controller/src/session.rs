@@ -72,6 +72,12 @@ pub fn validate_register(r: &pb::Register) -> Result<(), Status> {
     if !(r.non_gpu_power_watts >= 0.0 && r.non_gpu_power_watts.is_finite()) {
         return Err(invalid("register.non_gpu_power_watts", format!("must be ≥ 0 (got {})", r.non_gpu_power_watts)));
     }
+    if r.labels.len() > 64 {
+        return Err(invalid("register.labels", format!("lists {} labels; the limit is 64", r.labels.len())));
+    }
+    for (key, value) in &r.labels {
+        watt_common::names::check_label(key, value).map_err(|m| invalid("register.labels", m))?;
+    }
     Ok(())
 }
 

@@ -160,6 +160,16 @@ async fn bad_agent_messages_end_the_session_by_field_and_register_nothing() {
             "register.gpus[0].power_limit is required",
         ),
         (
+            {
+                let mut m = register("n1", vec![gpu(0, 200.0, 700.0)]);
+                if let Some(pb::agent_message::Body::Register(r)) = &mut m.body {
+                    r.labels.insert("rack".into(), "not a value".into());
+                }
+                m
+            },
+            "register.labels",
+        ),
+        (
             pb::AgentMessage { body: Some(pb::agent_message::Body::Telemetry(pb::Telemetry::default())) },
             "body of the first message of a session must be register",
         ),

@@ -28,6 +28,7 @@ fn register_round_trips() {
             enforce_mode: watt_proto::v1::EnforceMode::DryRun as i32,
             logs_port: 9402,
             logs_tls: true,
+            labels: [("rack".to_string(), "r12".to_string())].into_iter().collect(),
         })),
     };
     let bytes = sent.encode_to_vec();

@@ -69,7 +69,7 @@ pub fn access(path: &str) -> Option<Access> {
         ("watt.v1.ControlService", "SubmitJob" | "CancelJob") => Some(Access::Roles(&[Role::Submitter])),
         ("watt.v1.ControlService", "ResetNodeIdentity") => Some(Access::Roles(&[Role::Admin])),
         ("watt.v1.PowerService", "GetPowerStatus" | "WatchPower") => Some(Access::Roles(&[Role::Viewer])),
-        ("watt.v1.PowerService", "SetSource" | "RemoveSource" | "SetSite") => {
+        ("watt.v1.PowerService", "SetSource" | "RemoveSource" | "SetSite" | "SetDomain" | "RemoveDomain") => {
             Some(Access::Roles(&[Role::PowerOperator]))
         }
         _ => None,
@@ -193,7 +193,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 18, "16 of Watt's methods and 2 of health");
+        assert_eq!(methods, 20, "18 of Watt's methods and 2 of health");
         assert_eq!(access("/watt.v1.ControlService/DropEverything"), None);
         assert_eq!(access("nonsense"), None);
     }

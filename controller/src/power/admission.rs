@@ -10,6 +10,8 @@ use crate::NameMap;
 
 use crate::jobs::JobRecord;
 use crate::power::allocator::{allocate, Allocation, JobLoad};
+use crate::power::domain_allocation::{allocate_within_domains, DomainLoad, Spread};
+use crate::power::domains::DomainTree;
 use crate::power::planner::{GpuCap, GpuWork, NodeCaps};
 use crate::power::speed_fit::FittedCurves;
 use crate::power::{gpu_budget_watts, safe_limit_watts, Site};
@@ -55,6 +57,12 @@ pub struct PowerView {
     /// The site's ramp limit now: how much counted power may still rise this moment, and the
     /// most one second ever allows (both infinite without a limit). See [`crate::power::ramp`].
     pub ramp: RampRoom,
+    /// The power domains (see [`crate::power::domains`]), and per node the ones it is in.
+    pub tree: std::sync::Arc<DomainTree>,
+    node_domains: Vec<Vec<u32>>,
+    /// Per domain: its nodes' GPUs parked, and their draw besides GPUs.
+    domain_parked_watts: Vec<f64>,
+    domain_non_gpu_watts: Vec<f64>,
 }
 
 /// How much the site's ramp limit lets counted power rise.
@@ -105,8 +113,35 @@ impl PowerView {
         PowerView { available_watts, site, start: vec![0], ..PowerView::default() }
     }
 
-    /// Add a node: its GPUs' limits, what each counts parked, and its non-GPU draw.
+    /// No node yet, under the power domains of `tree`.
+    pub fn with_domains(available_watts: f64, site: Site, tree: std::sync::Arc<DomainTree>) -> Self {
+        let n = tree.len();
+        PowerView {
+            tree,
+            domain_parked_watts: vec![0.0; n],
+            domain_non_gpu_watts: vec![0.0; n],
+            ..PowerView::new(available_watts, site)
+        }
+    }
+
+    /// Add a node in no power domain (see [`PowerView::add_node_in`]).
     pub fn add_node(&mut self, caps: &NodeCaps, non_gpu_watts: f64) {
+        self.add_node_in(caps, non_gpu_watts, &[]);
+    }
+
+    /// Add a node: its GPUs' limits, what each counts parked, its non-GPU draw, and the power
+    /// domains it is in (positions in `tree`).
+    pub fn add_node_in(&mut self, caps: &NodeCaps, non_gpu_watts: f64, domains: &[u32]) {
+        self.node_domains.push(domains.to_vec());
+        self.add_node_figures(caps, non_gpu_watts);
+        let (parked, non_gpu) = (self.node_parked_watts[self.node_parked_watts.len() - 1], non_gpu_watts);
+        for &d in domains {
+            self.domain_parked_watts[d as usize] += parked;
+            self.domain_non_gpu_watts[d as usize] += non_gpu;
+        }
+    }
+
+    fn add_node_figures(&mut self, caps: &NodeCaps, non_gpu_watts: f64) {
         if self.start.is_empty() {
             self.start.push(0);
         }
@@ -150,6 +185,16 @@ impl PowerView {
     pub fn add_up(&mut self) {
         self.all_parked_watts = self.node_parked_watts.iter().fold(0.0, |sum, w| sum + w);
         self.non_gpu_watts = self.node_non_gpu_watts.iter().fold(0.0, |sum, w| sum + w);
+        if !self.tree.is_empty() {
+            self.domain_parked_watts.iter_mut().for_each(|w| *w = 0.0);
+            self.domain_non_gpu_watts.iter_mut().for_each(|w| *w = 0.0);
+            for (n, domains) in self.node_domains.iter().enumerate() {
+                for &d in domains {
+                    self.domain_parked_watts[d as usize] += self.node_parked_watts[n];
+                    self.domain_non_gpu_watts[d as usize] += self.node_non_gpu_watts[n];
+                }
+            }
+        }
     }
 
     /// How many nodes it holds.
@@ -163,10 +208,19 @@ impl PowerView {
 
     /// The GPUs of the node `name`, at `hint` when the caller knows where it is.
     fn node(&self, name: &str, hint: Option<usize>) -> Option<&[GpuLimits]> {
+        let at = self.position(name, hint)?;
+        Some(&self.gpus[self.start[at]..self.start[at + 1]])
+    }
+
+    fn position(&self, name: &str, hint: Option<usize>) -> Option<usize> {
         let hint = hint.filter(|&at| at < self.len());
         debug_assert!(hint.is_none() || self.nodes.get(name) == hint.as_ref(), "a position hint names another node");
-        let at = hint.or_else(|| self.nodes.get(name).copied())?;
-        Some(&self.gpus[self.start[at]..self.start[at + 1]])
+        hint.or_else(|| self.nodes.get(name).copied())
+    }
+
+    /// The power domains the node at `position` is in.
+    fn domains_of(&self, position: usize) -> &[u32] {
+        self.node_domains.get(position).map_or(&[], Vec::as_slice)
     }
 
     /// Every figure admission reads, for comparing two views.
@@ -176,6 +230,9 @@ impl PowerView {
             && self.node_non_gpu_watts == other.node_non_gpu_watts
             && self.all_parked_watts == other.all_parked_watts
             && self.non_gpu_watts == other.non_gpu_watts
+            && self.node_domains == other.node_domains
+            && self.domain_parked_watts == other.domain_parked_watts
+            && self.domain_non_gpu_watts == other.domain_non_gpu_watts
     }
 }
 
@@ -224,6 +281,11 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
     let idle = site.idle_gpu_watts;
     let mut in_jobs_parked = 0.0;
     let mut loads: Vec<JobLoad> = Vec::with_capacity(runs.len());
+    let with_domains = !power.tree.is_empty();
+    // Per job allocated: per shard, the domains its node is in; per domain, what its jobs'
+    // GPUs count parked (they count as the jobs have them instead).
+    let mut spreads: Vec<Spread> = Vec::new();
+    let mut domain_in_jobs_parked = vec![0.0; if with_domains { power.tree.len() } else { 0 }];
     for &Run { job: record, shards, at } in runs {
         let mut cap_min: f64 = 0.0;
         let mut cap_max = f64::INFINITY;
@@ -232,12 +294,18 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
         // Given up, a shard the job runs on now leaves GPUs with no process (the idle allowance);
         // one only proposed leaves its GPUs as they count now.
         let mut given_up_watts = Vec::with_capacity(shards.len());
+        let mut spread: Spread = Vec::new();
+        let mut shard_parked_each = Vec::new();
         'shards: for (i, s) in shards.iter().enumerate() {
             let hint = at.and_then(|at| at.get(i).copied().flatten());
-            let Some(node) = power.node(&s.node, hint) else {
+            let Some(position) = power.position(&s.node, hint) else {
                 known = false;
                 break;
             };
+            let node = &power.gpus[power.start[position]..power.start[position + 1]];
+            if with_domains {
+                spread.push(power.domains_of(position).to_vec());
+            }
             let mut shard_parked = 0.0;
             for index in &s.gpus {
                 let found = node.get(*index as usize).filter(|g| g.index == *index);
@@ -250,6 +318,7 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
                 shard_parked += g.parked_watts;
             }
             parked += shard_parked;
+            shard_parked_each.push(shard_parked);
             // On the shards it holds (the same slice: no comparison needed), or on a proposal that
             // keeps this one where it is.
             let runs_there = record.state.is_active()
@@ -261,12 +330,21 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
         if !known {
             continue;
         }
-        in_jobs_parked += parked;
         // A cancelled job ramping down may have no more than its ramp allows now.
         if let Some(stopping) = record.stopping {
             cap_max = cap_max.min(stopping.cap_at(power.now_unix_ms, cap_min)).max(cap_min);
         }
         if cap_min <= cap_max && cap_max.is_finite() {
+            // Its GPUs count as the job has them, not parked among the others.
+            in_jobs_parked += parked;
+            for (in_domains, shard_parked) in spread.iter().zip(&shard_parked_each) {
+                for &d in in_domains {
+                    domain_in_jobs_parked[d as usize] += shard_parked;
+                }
+            }
+            if with_domains {
+                spreads.push(spread);
+            }
             let curves = power.curves.get(&record.spec.name).copied().unwrap_or_default();
             loads.push(JobLoad {
                 name: record.spec.name.clone(),
@@ -288,8 +366,20 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
     let others = (power.all_parked_watts - in_jobs_parked).max(0.0);
     let given_up: f64 = loads.iter().flat_map(|l| &l.given_up_watts).sum();
     let budget = gpu_budget_watts(available, &site, power.non_gpu_watts);
+    let allocation = if with_domains {
+        let domains: Vec<DomainLoad> = (0..power.tree.len())
+            .map(|d| DomainLoad {
+                limit_watts: power.tree.domains[d].limit_watts,
+                others_watts: power.domain_non_gpu_watts[d]
+                    + (power.domain_parked_watts[d] - domain_in_jobs_parked[d]).max(0.0),
+            })
+            .collect();
+        allocate_within_domains(budget, &loads, &spreads, others, idle, &domains)
+    } else {
+        allocate(budget, &loads, others, idle)
+    };
     Admission {
-        allocation: Some(allocate(budget, &loads, others, idle)),
+        allocation: Some(allocation),
         limit_watts: limit,
         budget_watts: budget,
         available_watts: available,

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::domains::Domain;
 use super::table::{PowerChange, PowerTable, SiteUpdate, SourceUpdate};
 use super::{Site, Source};
 use crate::store::StoreError;
@@ -17,17 +18,24 @@ pub fn carried_key(term: u64) -> String {
     format!("{CARRIED_PREFIX}{term:020}")
 }
 
-/// The sources and site as a caretaker had them in force, unstored.
+/// The sources, site and power domains as a caretaker had them in force, unstored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CarriedCut {
     pub term: u64,
     pub sources: Vec<Source>,
     pub site: Site,
+    #[serde(default)]
+    pub domains: Vec<Domain>,
 }
 
 impl CarriedCut {
     pub fn of(term: u64, table: &PowerTable) -> CarriedCut {
-        CarriedCut { term, sources: table.sources().cloned().collect(), site: table.site() }
+        CarriedCut {
+            term,
+            sources: table.sources().cloned().collect(),
+            site: table.site(),
+            domains: table.domains().cloned().collect(),
+        }
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
@@ -71,6 +79,21 @@ impl CarriedCut {
         };
         if site != SiteUpdate::default() {
             changes.push(PowerChange::SetSite(site));
+        }
+        // A domain's lower limit over the same nodes, and a domain the table lacks whose parent
+        // it has: each only adds or lowers a limit.
+        for carried in &self.domains {
+            let tighter = match table.domains().find(|d| d.name == carried.name) {
+                Some(current) => {
+                    carried.limit_watts < current.limit_watts
+                        && carried.parent == current.parent
+                        && carried.selector == current.selector
+                }
+                None => carried.parent.as_ref().is_none_or(|p| table.domains().any(|d| &d.name == p)),
+            };
+            if tighter {
+                changes.push(PowerChange::SetDomain(carried.clone()));
+            }
         }
         changes
     }

@@ -10,6 +10,8 @@ pub mod admission;
 pub mod allocator;
 pub mod carried;
 pub mod ceilings;
+pub mod domain_allocation;
+pub mod domains;
 pub mod epochs;
 pub mod meter;
 /// The speed-vs-cap curve lives in `watt-common`: the agent's simulated GPUs pace workers by it.

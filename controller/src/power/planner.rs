@@ -211,6 +211,19 @@ pub fn plan<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
     idle_allowance: f64,
     max_increase_nodes: usize,
 ) -> Vec<Order> {
+    plan_within(nodes, targets, limit_watts, now_ms, idle_allowance, max_increase_nodes, &mut DomainRoom::default())
+}
+
+/// [`plan`], with increases also within every power domain's headroom.
+pub fn plan_within<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
+    nodes: &[N],
+    targets: &[T],
+    limit_watts: f64,
+    now_ms: i64,
+    idle_allowance: f64,
+    max_increase_nodes: usize,
+    domains: &mut DomainRoom,
+) -> Vec<Order> {
     let mut orders = Vec::new();
     let mut buffer = Vec::new();
     for (n, node) in nodes.iter().map(Borrow::borrow).enumerate() {
@@ -221,7 +234,7 @@ pub fn plan<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
     if !orders.is_empty() || nodes.iter().any(|n| n.borrow().decrease_outstanding(now_ms)) {
         return orders;
     }
-    increases(nodes, targets, limit_watts, now_ms, idle_allowance, max_increase_nodes)
+    increases_within(nodes, targets, limit_watts, now_ms, idle_allowance, max_increase_nodes, domains)
 }
 
 /// `targets[n]`, or no targets.
@@ -251,6 +264,28 @@ pub fn decreases(
     (!buffer.is_empty()).then(|| buffer.clone())
 }
 
+/// What the power domains leave for increases (invariant 13): per node (as the nodes planned
+/// over), the domains it is in; per domain, the headroom under its limit now.
+#[derive(Debug, Clone, Default)]
+pub struct DomainRoom<'a> {
+    pub paths: Vec<&'a [u32]>,
+    pub headroom: Vec<f64>,
+}
+
+impl DomainRoom<'_> {
+    /// The room node `n`'s domains leave (infinite in none).
+    fn of(&self, n: usize) -> f64 {
+        let path = self.paths.get(n).copied().unwrap_or_default();
+        path.iter().map(|&d| self.headroom[d as usize]).fold(f64::INFINITY, f64::min)
+    }
+
+    fn take(&mut self, n: usize, watts: f64) {
+        for &d in self.paths.get(n).copied().unwrap_or_default() {
+            self.headroom[d as usize] -= watts;
+        }
+    }
+}
+
 /// Phase 2: increases, within the headroom under `limit_watts`, on at most `max_increase_nodes`
 /// nodes, in node order. Only once no decrease is planned or outstanding anywhere (see [`plan`]).
 pub fn increases<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
@@ -261,11 +296,37 @@ pub fn increases<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
     idle_allowance: f64,
     max_increase_nodes: usize,
 ) -> Vec<Order> {
+    increases_within(
+        nodes,
+        targets,
+        limit_watts,
+        now_ms,
+        idle_allowance,
+        max_increase_nodes,
+        &mut DomainRoom::default(),
+    )
+}
+
+/// [`increases`], each node's also within the headroom of every power domain it is in.
+pub fn increases_within<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
+    nodes: &[N],
+    targets: &[T],
+    limit_watts: f64,
+    now_ms: i64,
+    idle_allowance: f64,
+    max_increase_nodes: usize,
+    domains: &mut DomainRoom,
+) -> Vec<Order> {
     let mut orders = Vec::new();
-    let mut headroom = limit_watts - counted_watts(nodes, now_ms, idle_allowance);
+    let mut site_headroom = limit_watts - counted_watts(nodes, now_ms, idle_allowance);
     for (n, node) in nodes.iter().map(Borrow::borrow).enumerate().filter(|(_, node)| node.reachable) {
-        if orders.len() >= max_increase_nodes || headroom <= 0.0 {
+        if orders.len() >= max_increase_nodes || site_headroom <= 0.0 {
             break;
+        }
+        // A node in a full domain waits; the next one, elsewhere, may still rise.
+        let headroom = site_headroom.min(domains.of(n));
+        if headroom <= 0.0 {
+            continue;
         }
         let targets = row(targets, n);
         let raise = |(g, &t): (&GpuCap, &f64)| (t >= g.upper() && g.needs(t, now_ms)).then_some(t);
@@ -284,7 +345,8 @@ pub fn increases<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
         let before = node.counted_watts(now_ms, idle_allowance);
         let cost = raised.counted_watts(now_ms, idle_allowance) - before;
         if cost <= headroom {
-            headroom -= cost;
+            site_headroom -= cost;
+            domains.take(n, cost);
             orders.push(Order { node: n, phase: Phase::Increase, caps });
             continue;
         }
@@ -293,6 +355,9 @@ pub fn increases<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
         // Steps too small to be worth an order wait for more headroom.
         let share = headroom / cost;
         if headroom < MIN_PARTIAL_STEP_WATTS * caps.len() as f64 {
+            if headroom < site_headroom {
+                continue; // Its domain is nearly full; the site may still have room elsewhere.
+            }
             break;
         }
         let partial: Vec<(u32, f64)> = caps
@@ -307,7 +372,12 @@ pub fn increases<N: Borrow<NodeCaps>, T: AsRef<[f64]>>(
         }
         let cost = raised.counted_watts(now_ms, idle_allowance) - before;
         if cost <= headroom && cost > 0.0 {
+            site_headroom -= cost;
+            domains.take(n, cost);
             orders.push(Order { node: n, phase: Phase::Increase, caps: partial });
+        }
+        if headroom < site_headroom {
+            continue; // Its domain is full now; the site may still have room elsewhere.
         }
         break;
     }
@@ -488,6 +558,42 @@ mod tests {
     /// An order an agent applied: (epoch, caps), its acknowledgement on the way.
     type Sent = (u64, Vec<(u32, f64)>);
 
+    /// A node reconnects and registers with the caps in force: its failsafe caps if its
+    /// deadline passed, else the last ones it applied; what it had not acknowledged is gone.
+    fn reconnect(node: &mut NodeCaps, in_force: &mut [f64], unacked: &mut Vec<Sent>, now: i64) {
+        let at_failsafe = node.failsafed(now);
+        for (k, g) in node.gpus.iter_mut().enumerate() {
+            if at_failsafe {
+                in_force[k] = g.failsafe_watts;
+            }
+            g.acked_watts = in_force[k];
+            g.in_flight = None;
+        }
+        unacked.clear();
+        node.reachable = true;
+    }
+
+    /// Send `orders` as the controller does: each with the next epoch, applied by its agent at
+    /// once, its acknowledgement on its way.
+    fn send(
+        nodes: &mut [NodeCaps],
+        orders: &[Order],
+        epoch: &mut u64,
+        now: i64,
+        in_force: &mut [Vec<f64>],
+        unacked: &mut [Vec<Sent>],
+    ) {
+        for order in orders {
+            let i = order.node;
+            *epoch += 1;
+            mark_sent(&mut nodes[i], order, *epoch, now);
+            for &(gpu, w) in &order.caps {
+                in_force[i][gpu as usize] = w;
+            }
+            unacked[i].push((*epoch, order.caps.clone()));
+        }
+    }
+
     /// A random run: budget changes, acks delayed or lost, nodes unreachable and back, time.
     #[derive(Debug, Clone)]
     enum Step {
@@ -600,16 +706,7 @@ mod tests {
                     Step::Cut(n) => { nodes[n].reachable = false; nodes[n].failsafe_at_ms = last_heard[n] + FAILSAFE_MS; }
                     Step::Heal(n) => {
                         if !nodes[n].reachable {
-                            // Reconnects and registers with the caps in force: its failsafe caps
-                            // if its deadline passed, else the last ones it applied.
-                            let at_failsafe = nodes[n].failsafed(now);
-                            for (k, g) in nodes[n].gpus.iter_mut().enumerate() {
-                                if at_failsafe { in_force[n][k] = g.failsafe_watts; }
-                                g.acked_watts = in_force[n][k];
-                                g.in_flight = None;
-                            }
-                            unacked[n].clear();
-                            nodes[n].reachable = true;
+                            reconnect(&mut nodes[n], &mut in_force[n], &mut unacked[n], now);
                             last_heard[n] = now;
                         }
                     }
@@ -664,14 +761,7 @@ mod tests {
             // Deliver everything and heal: the cluster settles under the limit.
             for i in 0..6 {
                 if !nodes[i].reachable {
-                    let at_failsafe = nodes[i].failsafed(now);
-                    nodes[i].reachable = true;
-                    for (k, g) in nodes[i].gpus.iter_mut().enumerate() {
-                        if at_failsafe { in_force[i][k] = g.failsafe_watts; }
-                        g.in_flight = None;
-                        g.acked_watts = in_force[i][k];
-                    }
-                    unacked[i].clear();
+                    reconnect(&mut nodes[i], &mut in_force[i], &mut unacked[i], now);
                 }
             }
             let mut fits = true;
@@ -683,18 +773,134 @@ mod tests {
                 let allocation = allocate(limit, &running, others, IDLE);
                 fits = allocation.fits;
                 let targets = targets_for(&mut nodes, &allocation);
-                for order in plan(&nodes, &targets, limit, now, IDLE, 6) {
-                    let i = order.node;
-                    epoch += 1;
-                    mark_sent(&mut nodes[i], &order, epoch, now);
-                    for &(gpu, w) in &order.caps { in_force[i][gpu as usize] = w; }
-                    unacked[i].push((epoch, order.caps.clone()));
-                }
+                let orders = plan(&nodes, &targets, limit, now, IDLE, 6);
+                send(&mut nodes, &orders, &mut epoch, now, &mut in_force, &mut unacked);
             }
             // Feasible (the floor — every job paused, foreign loads at their caps — fits): settled
             // under the limit.
             let settled = counted_watts(&nodes, now, IDLE);
             prop_assert!(!fits || settled <= limit + 1e-6, "settled at {settled} W over the limit {limit} W: {nodes:?}");
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum DomainStep {
+        /// Domain d's limit becomes this share of its nodes' full power.
+        Limit(usize, f64),
+        Deliver(usize),
+        Cut(usize),
+        Heal(usize),
+        Wait(i64),
+    }
+
+    fn domain_step() -> impl Strategy<Value = DomainStep> {
+        prop_oneof![
+            (0usize..3, 0.3f64..1.2).prop_map(|(d, share)| DomainStep::Limit(d, share)),
+            (0usize..6).prop_map(DomainStep::Deliver),
+            (0usize..6).prop_map(DomainStep::Cut),
+            (0usize..6).prop_map(DomainStep::Heal),
+            (100i64..4_000).prop_map(DomainStep::Wait),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Invariant 13: with a row over two racks, each job spanning both racks (job j on nodes
+        /// 2j and 2j + 1; rack 0 holds the even nodes, rack 1 the odd ones), through domain
+        /// limits cut and raised, lost acknowledgements and cut links — increases never take a
+        /// domain's counted power over its limit, over its limit a domain's counted power only
+        /// falls, and once everything is delivered every domain settles under its limit.
+        #[test]
+        fn every_domain_keeps_its_limit_at_every_step(steps in prop::collection::vec(domain_step(), 1..50)) {
+            use crate::power::domain_allocation::{allocate_within_domains, DomainLoad};
+            const FAILSAFE_MS: i64 = 10_000;
+            let mut nodes: Vec<NodeCaps> = (0..6).map(|i| node(&format!("n{i}"), 4, 200.0)).collect();
+            let jobs: Vec<JobLoad> = (0..3).map(|j| JobLoad {
+                name: format!("j{j}"), priority: j, sequence: j as u64, flex: 0.2, gpus_per_shard: 4,
+                shards: 2, min_shards: 2, cap_min: 200.0, cap_max: 700.0, curve: Curve::default(),
+                flex_curve: Curve::default(), probe: false, given_up_watts: Vec::new(),
+            }).collect();
+            // Domain 0: the row (every node); 1: rack 0 (even nodes); 2: rack 1 (odd nodes).
+            let paths: Vec<Vec<u32>> = (0..6).map(|i| vec![0, 1 + (i % 2) as u32]).collect();
+            let in_domain = |d: usize, n: usize| paths[n].contains(&(d as u32));
+            let spreads: Vec<Vec<Vec<u32>>> = (0..3).map(|j| vec![paths[2 * j].clone(), paths[2 * j + 1].clone()]).collect();
+            let mut limits = [24.0 * 700.0, 12.0 * 700.0, 12.0 * 700.0];
+            let mut now = 0i64;
+            let mut epoch = 0u64;
+            let mut unacked: Vec<Vec<Sent>> = vec![Vec::new(); 6];
+            let mut in_force: Vec<Vec<f64>> = vec![vec![200.0; 4]; 6];
+            let mut last_heard = [0i64; 6];
+            let domain_counted = |nodes: &[NodeCaps], now: i64| -> Vec<f64> {
+                (0..3).map(|d| (0..6).filter(|&n| in_domain(d, n)).map(|n| nodes[n].counted_watts(now, IDLE)).sum()).collect()
+            };
+            let pass = |nodes: &mut Vec<NodeCaps>, limits: &[f64; 3], now: i64, max: usize| -> (Vec<Order>, bool) {
+                let domains: Vec<DomainLoad> = limits.iter().map(|&l| DomainLoad { limit_watts: l, others_watts: 0.0 }).collect();
+                let allocation = allocate_within_domains(f64::INFINITY, &jobs, &spreads, 0.0, IDLE, &domains);
+                let targets = targets_for(nodes, &allocation);
+                let counted = domain_counted(nodes, now);
+                let mut room = DomainRoom {
+                    paths: paths.iter().map(Vec::as_slice).collect(),
+                    headroom: (0..3).map(|d| limits[d] - counted[d]).collect(),
+                };
+                (plan_within(nodes, &targets, f64::INFINITY, now, IDLE, max, &mut room), allocation.fits)
+            };
+            for s in steps {
+                match s {
+                    DomainStep::Limit(d, share) => {
+                        let full = if d == 0 { 24.0 * 700.0 } else { 12.0 * 700.0 };
+                        limits[d] = full * share;
+                    }
+                    DomainStep::Deliver(n) => {
+                        if nodes[n].reachable && !unacked[n].is_empty() {
+                            let (e, caps) = unacked[n].remove(0);
+                            apply_ack(&mut nodes[n], e, &caps, true);
+                            last_heard[n] = now;
+                        }
+                    }
+                    DomainStep::Cut(n) => { nodes[n].reachable = false; nodes[n].failsafe_at_ms = last_heard[n] + FAILSAFE_MS; }
+                    DomainStep::Heal(n) => {
+                        if !nodes[n].reachable {
+                            reconnect(&mut nodes[n], &mut in_force[n], &mut unacked[n], now);
+                            last_heard[n] = now;
+                        }
+                    }
+                    DomainStep::Wait(ms) => {
+                        now += ms;
+                        for (i, n) in nodes.iter().enumerate() { if n.reachable { last_heard[i] = now; } }
+                    }
+                }
+                let before = domain_counted(&nodes, now);
+                let (orders, _) = pass(&mut nodes, &limits, now, 2);
+                send(&mut nodes, &orders, &mut epoch, now, &mut in_force, &mut unacked);
+                let after = domain_counted(&nodes, now);
+                let increased = orders.iter().any(|o| o.phase == Phase::Increase);
+                for d in 0..3 {
+                    if increased {
+                        prop_assert!(after[d] <= limits[d] + 1e-6 || after[d] <= before[d] + 1e-6,
+                            "an increase took domain {d} to {} W over its {} W limit", after[d], limits[d]);
+                    }
+                    prop_assert!(after[d] <= before[d] + 1e-6 || after[d] <= limits[d] + 1e-6,
+                        "domain {d} rose from {} to {} W over its {} W limit", before[d], after[d], limits[d]);
+                }
+            }
+            // Everything delivered, every link healed: each domain settles under its limit.
+            for i in 0..6 {
+                if !nodes[i].reachable {
+                    reconnect(&mut nodes[i], &mut in_force[i], &mut unacked[i], now);
+                }
+            }
+            let mut fits = true;
+            for _ in 0..20 {
+                now += RESEND_AFTER_MS;
+                for i in 0..6 { for (e, caps) in unacked[i].drain(..) { apply_ack(&mut nodes[i], e, &caps, true); } }
+                let (orders, f) = pass(&mut nodes, &limits, now, 6);
+                fits = f;
+                send(&mut nodes, &orders, &mut epoch, now, &mut in_force, &mut unacked);
+            }
+            let settled = domain_counted(&nodes, now);
+            for d in 0..3 {
+                prop_assert!(!fits || settled[d] <= limits[d] + 1e-6, "domain {d} settled at {} W over its {} W limit", settled[d], limits[d]);
+            }
         }
     }
 }

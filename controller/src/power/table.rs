@@ -1,10 +1,11 @@
-//! Power sources and site settings: the controller's copy, and as stored (`power/sources/<name>`
-//! and `power/site`, JSON). A change that can only lower the budget is applied from memory at
+//! Power sources, site settings and power domains: the controller's copy, and as stored
+//! (`power/sources/<name>`, `power/site` and `power/domains/<name>`, JSON). A change that can only lower the budget is applied from memory at
 //! once and stored after; one that may raise it is stored first (ARCHITECTURE.md, invariant 10):
 //! [`PowerTable::check`] says which. Validation names the field and changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::domains::{check_tree, Domain, DomainTree, DOMAINS_PREFIX};
 use super::{Site, Source, SourceKind};
 use crate::spec::FieldError;
 use crate::store::{Expect, Store, StoreError, Write};
@@ -41,6 +42,8 @@ pub enum PowerError {
     Invalid(#[from] FieldError),
     #[error("no power source named {0:?}")]
     UnknownSource(String),
+    #[error("no power domain named {0:?}")]
+    UnknownDomain(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A change that may raise the budget, asked of a caretaker (invariant 11).
@@ -110,6 +113,8 @@ pub enum PowerChange {
     SetSource(SourceUpdate),
     RemoveSource(String),
     SetSite(SiteUpdate),
+    SetDomain(Domain),
+    RemoveDomain(String),
 }
 
 /// Which way a change moves the budget (ARCHITECTURE.md, invariant 10).
@@ -127,6 +132,8 @@ pub enum Applied {
     Source(Source),
     Removed(String),
     Site(Site),
+    Domain(Domain),
+    DomainRemoved(String),
 }
 
 /// The writes that store the table as of `generation`.
@@ -135,6 +142,7 @@ pub struct Snapshot {
     pub generation: u64,
     pub writes: Vec<Write>,
     sources: BTreeSet<String>,
+    domains: BTreeSet<String>,
 }
 
 /// The controller's copy of sources and site. Decisions read it; the store holds it as of the
@@ -148,6 +156,12 @@ pub struct PowerTable {
     stored: u64,
     /// Source names the store holds, so that a removed one is deleted there.
     stored_sources: BTreeSet<String>,
+    domains: BTreeMap<String, Domain>,
+    /// The domains as decisions use them, rebuilt on every change to them.
+    tree: std::sync::Arc<DomainTree>,
+    /// Changes to the domains so far: what a node's path in the tree was worked out for.
+    domains_generation: u64,
+    stored_domains: BTreeSet<String>,
 }
 
 impl PowerTable {
@@ -162,7 +176,51 @@ impl PowerTable {
             None => Site::default(),
         };
         let stored_sources = sources.keys().cloned().collect();
-        Ok(PowerTable { sources, site, generation: 0, stored: 0, stored_sources })
+        let mut domains = BTreeMap::new();
+        for e in store.list(DOMAINS_PREFIX).await? {
+            let d: Domain = crate::store::decode_json(&e.key, &e.value)?;
+            domains.insert(d.name.clone(), d);
+        }
+        Ok(PowerTable {
+            sources,
+            site,
+            generation: 0,
+            stored: 0,
+            stored_sources,
+            tree: std::sync::Arc::new(DomainTree::new(&domains)),
+            stored_domains: domains.keys().cloned().collect(),
+            domains,
+            domains_generation: 0,
+        })
+    }
+
+    /// An empty table: no source (power unmanaged), the default site, no domain.
+    pub fn empty() -> Self {
+        PowerTable {
+            sources: BTreeMap::new(),
+            site: Site::default(),
+            generation: 0,
+            stored: 0,
+            stored_sources: BTreeSet::new(),
+            domains: BTreeMap::new(),
+            tree: std::sync::Arc::default(),
+            domains_generation: 0,
+            stored_domains: BTreeSet::new(),
+        }
+    }
+
+    pub fn domains(&self) -> impl Iterator<Item = &Domain> {
+        self.domains.values()
+    }
+
+    /// The domains as decisions use them.
+    pub fn tree(&self) -> &std::sync::Arc<DomainTree> {
+        &self.tree
+    }
+
+    /// Changes to the domains so far (0 at load): nodes' paths in the tree hold until it moves.
+    pub fn domains_generation(&self) -> u64 {
+        self.domains_generation
     }
 
     pub fn sources(&self) -> impl Iterator<Item = &Source> {
@@ -221,6 +279,38 @@ impl PowerTable {
                     && next.node_overhead_watts >= old.node_overhead_watts
                     && next.idle_gpu_watts >= old.idle_gpu_watts
             }
+            PowerChange::SetDomain(domain) => {
+                domain.validate()?;
+                check_tree(&self.domains, domain)?;
+                match self.domains.get(&domain.name) {
+                    // Only a lower limit over the same nodes can only lower what they may draw.
+                    Some(old) => {
+                        domain.limit_watts <= old.limit_watts
+                            && domain.parent == old.parent
+                            && domain.selector == old.selector
+                    }
+                    // A new domain adds a limit.
+                    None => true,
+                }
+            }
+            PowerChange::RemoveDomain(name) => {
+                if !self.domains.contains_key(name) {
+                    return Err(PowerError::UnknownDomain(name.clone()));
+                }
+                let children: Vec<&str> = self
+                    .domains
+                    .values()
+                    .filter(|d| d.parent.as_deref() == Some(name.as_str()))
+                    .map(|d| d.name.as_str())
+                    .collect();
+                if !children.is_empty() {
+                    return Err(PowerError::Invalid(FieldError::new(
+                        "name",
+                        format!("domain {name} has domains under it ({}): remove them first", children.join(", ")),
+                    )));
+                }
+                false
+            }
         };
         Ok(if tightens { Direction::Tightens } else { Direction::Loosens })
     }
@@ -253,14 +343,29 @@ impl PowerTable {
                 self.site = update.apply(&self.site)?;
                 Applied::Site(self.site)
             }
+            PowerChange::SetDomain(domain) => {
+                self.domains.insert(domain.name.clone(), domain.clone());
+                self.domains_changed();
+                Applied::Domain(domain.clone())
+            }
+            PowerChange::RemoveDomain(name) => {
+                self.domains.remove(name);
+                self.domains_changed();
+                Applied::DomainRemoved(name.clone())
+            }
         };
         self.generation += 1;
         Ok(applied)
     }
 
+    fn domains_changed(&mut self) {
+        self.tree = std::sync::Arc::new(DomainTree::new(&self.domains));
+        self.domains_generation += 1;
+    }
+
     /// The writes that store the table as it is now.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let mut writes = Vec::with_capacity(self.sources.len() + 1);
+        let mut writes = Vec::with_capacity(self.sources.len() + self.domains.len() + 1);
         for (name, source) in &self.sources {
             let key = format!("{SOURCES_PREFIX}{name}");
             let bytes = crate::store::encode_json(&key, source)?;
@@ -270,7 +375,20 @@ impl PowerTable {
             writes.push(Write::delete(format!("{SOURCES_PREFIX}{gone}"), Expect::Any));
         }
         writes.push(Write::put(SITE_KEY, Expect::Any, crate::store::encode_json(SITE_KEY, &self.site)?));
-        Ok(Snapshot { generation: self.generation, writes, sources: self.sources.keys().cloned().collect() })
+        for (name, domain) in &self.domains {
+            let key = format!("{DOMAINS_PREFIX}{name}");
+            let bytes = crate::store::encode_json(&key, domain)?;
+            writes.push(Write::put(key, Expect::Any, bytes));
+        }
+        for gone in self.stored_domains.iter().filter(|name| !self.domains.contains_key(*name)) {
+            writes.push(Write::delete(format!("{DOMAINS_PREFIX}{gone}"), Expect::Any));
+        }
+        Ok(Snapshot {
+            generation: self.generation,
+            writes,
+            sources: self.sources.keys().cloned().collect(),
+            domains: self.domains.keys().cloned().collect(),
+        })
     }
 
     /// The store holds something other than any generation of this table (a change stored ahead
@@ -284,6 +402,7 @@ impl PowerTable {
         if snapshot.generation > self.stored {
             self.stored = snapshot.generation;
             self.stored_sources = snapshot.sources.clone();
+            self.stored_domains = snapshot.domains.clone();
         }
     }
 }
@@ -340,15 +459,50 @@ mod tests {
         assert_eq!(reloaded.site().reserve_ratio, 0.1);
     }
 
+    #[tokio::test]
+    async fn domains_are_durable_and_only_a_lower_limit_over_the_same_nodes_tightens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path().join("w.redb")).unwrap();
+        let mut table = PowerTable::load(&store).await.unwrap();
+        let domain = |name: &str, parent: Option<&str>, limit: f64, rack: &str| {
+            PowerChange::SetDomain(Domain {
+                name: name.into(),
+                parent: parent.map(Into::into),
+                limit_watts: limit,
+                selector: [("rack".to_string(), rack.to_string())].into_iter().collect(),
+            })
+        };
+        assert_eq!(table.check(&domain("row-1", None, 4e5, "x"), 0).unwrap(), Direction::Tightens, "a new limit");
+        table.apply(&domain("row-1", None, 4e5, "x"), 0).unwrap();
+        table.apply(&domain("rack-1", Some("row-1"), 4e4, "r1"), 0).unwrap();
+        assert_eq!(table.check(&domain("rack-1", Some("row-1"), 3e4, "r1"), 0).unwrap(), Direction::Tightens);
+        assert_eq!(table.check(&domain("rack-1", Some("row-1"), 5e4, "r1"), 0).unwrap(), Direction::Loosens);
+        assert_eq!(
+            table.check(&domain("rack-1", Some("row-1"), 3e4, "r2"), 0).unwrap(),
+            Direction::Loosens,
+            "other nodes"
+        );
+        assert_eq!(table.check(&PowerChange::RemoveDomain("rack-1".into()), 0).unwrap(), Direction::Loosens);
+        match table.check(&PowerChange::RemoveDomain("row-1".into()), 0) {
+            Err(PowerError::Invalid(e)) => assert!(e.message.contains("rack-1"), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(table.check(&PowerChange::RemoveDomain("nope".into()), 0), Err(PowerError::UnknownDomain(_))));
+        let tree_before = table.tree().id;
+        let snapshot = table.snapshot().unwrap();
+        store.commit(snapshot.writes.clone()).await.unwrap();
+        table.stored_as(&snapshot);
+        table.apply(&PowerChange::RemoveDomain("rack-1".into()), 0).unwrap();
+        assert_ne!(table.tree().id, tree_before, "a new tree: nodes' paths are worked out again");
+        store.commit(table.snapshot().unwrap().writes).await.unwrap();
+        let reloaded = PowerTable::load(&store).await.unwrap();
+        let names: Vec<&str> = reloaded.domains().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["row-1"], "the removed one is deleted from the store");
+    }
+
     #[test]
     fn a_change_tightens_only_when_it_can_only_lower_the_budget() {
-        let mut table = PowerTable {
-            sources: BTreeMap::new(),
-            site: Site::default(),
-            generation: 0,
-            stored: 0,
-            stored_sources: BTreeSet::new(),
-        };
+        let mut table = PowerTable::empty();
         let site = |update: SiteUpdate| PowerChange::SetSite(update);
         // No source is an unlimited budget: a first source limits it.
         assert_eq!(table.check(&source("grid", 10e6, None), 0).unwrap(), Direction::Tightens);
