@@ -154,6 +154,17 @@ fn demo_jobs(args: &UpArgs, worker: &Path, dir: &Path) -> Vec<serde_json::Value>
     .collect()
 }
 
+async fn set_domain(power: &mut crate::PowerClient, d: &scenario::Domain, limit_watts: f64) -> Result<(), Failure> {
+    let domain = pb::PowerDomain {
+        name: d.name.clone(),
+        parent: d.parent.clone().unwrap_or_default(),
+        limit_watts,
+        selector: d.selector.iter().cloned().collect(),
+    };
+    power.set_domain(pb::SetDomainRequest { domain: Some(domain) }).await?;
+    Ok(())
+}
+
 async fn set_source(power: &mut crate::PowerClient, s: &scenario::Source) -> Result<(), Failure> {
     let source = pb::PowerSource {
         name: s.name.clone(),
@@ -301,6 +312,8 @@ async fn start(
             format!("--sim-model={}", args.model),
             format!("--sim-seed={i}"),
             format!("--node-name=node-{i}"),
+            // Two nodes to a rack: what a scenario's power domains select.
+            format!("--labels=rack=r{}", i.div_ceil(2)),
             format!("--metrics-addr=127.0.0.1:{port}"),
             // Several agents on one machine: each its own logs port, which it tells the controller.
             "--logs-addr=127.0.0.1:0".into(),
@@ -373,6 +386,9 @@ async fn start(
     for s in &sources {
         set_source(&mut power, s).await?;
     }
+    for d in scenario.map(|s| s.domains.as_slice()).unwrap_or_default() {
+        set_domain(&mut power, d, d.limit_watts).await?;
+    }
     Ok(Running { control, power, sources })
 }
 
@@ -405,6 +421,7 @@ async fn play(
     let mut waiting_ack: Option<(Instant, String)> = None;
     let mut last_frame = started - Duration::from_secs(1);
     let mut last_sample = started;
+    let mut last_change = started;
     loop {
         tokio::select! {
             () = stop.requested() => {
@@ -418,19 +435,36 @@ async fn play(
             break;
         }
         while let Some(e) = events.next_if(|e| started + e.at <= now) {
-            let source = sources.iter().find(|s| s.name == e.source).cloned();
-            if let Some(mut s) = source {
-                s.available_watts = e.available_watts;
-                set_source(&mut power, &s).await?;
+            let changed = match &e.target {
+                scenario::Target::Source(name) => match sources.iter().find(|s| &s.name == name).cloned() {
+                    Some(mut s) => {
+                        s.available_watts = e.watts;
+                        set_source(&mut power, &s).await?;
+                        Some(name)
+                    }
+                    None => None,
+                },
+                scenario::Target::Domain(name) => {
+                    let domain = scenario.as_ref().and_then(|s| s.domains.iter().find(|d| &d.name == name));
+                    match domain {
+                        Some(d) => {
+                            set_domain(&mut power, d, e.watts).await?;
+                            Some(name)
+                        }
+                        None => None,
+                    }
+                }
+            };
+            if let Some(name) = changed {
                 let line = format!(
-                    "{:>6.1}s  {} ({} → {})",
+                    "{:>6.1}s  {} ({name} → {})",
                     now.duration_since(started).as_secs_f64(),
                     e.note,
-                    s.name,
-                    crate::power::show_watts(e.available_watts)
+                    crate::power::show_watts(e.watts)
                 );
                 log.push(line);
                 waiting_ack = Some((now, e.note.clone()));
+                last_change = now;
                 summary.events += 1;
             }
         }
@@ -449,7 +483,11 @@ async fn play(
         let dt = now.duration_since(last_sample).as_secs_f64();
         last_sample = now;
         let jobs = control.list_jobs(pb::ListJobsRequest {}).await?.into_inner().jobs;
-        summary.record(&Sample { status: &status, jobs: &jobs, dt, before_first_event: summary.events == 0 });
+        // The controller's settle time (2 s) after the start and after each event.
+        let settled = waiting_ack.is_none()
+            && status.unacknowledged_nodes == 0
+            && now.duration_since(last_change) >= Duration::from_secs(2);
+        summary.record(&Sample { status: &status, jobs: &jobs, dt, before_first_event: summary.events == 0, settled });
         if now.duration_since(last_frame) >= Duration::from_secs(1) {
             last_frame = now;
             let frame =

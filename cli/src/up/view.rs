@@ -34,7 +34,25 @@ pub fn frame(t: Duration, end: Option<Duration>, status: &pb::PowerStatus, jobs:
     }
     let sources: Vec<String> =
         status.sources.iter().map(|s| format!("{} {}", s.name, show_watts(s.effective_watts))).collect();
-    let _ = writeln!(out, "Sources  {}\n", sources.join(" · "));
+    let _ = writeln!(out, "Sources  {}", sources.join(" · "));
+    if !status.domains.is_empty() {
+        let domains: Vec<String> = status
+            .domains
+            .iter()
+            .filter_map(|d| {
+                let domain = d.domain.as_ref()?;
+                Some(format!(
+                    "{} {} counted / {} measured of {}",
+                    domain.name,
+                    show_watts(d.counted_watts),
+                    show_watts(d.measured_watts),
+                    show_watts(domain.limit_watts)
+                ))
+            })
+            .collect();
+        let _ = writeln!(out, "Domains  {}", domains.join(" · "));
+    }
+    out.push('\n');
     let _ = writeln!(
         out,
         "{:<12} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}  SPEED AT 60/80% CAP",
@@ -100,6 +118,9 @@ pub struct Sample<'a> {
     /// Seconds since the previous sample.
     pub dt: f64,
     pub before_first_event: bool,
+    /// Every cap acknowledged and the settle time passed since the last change (the start,
+    /// the latest event): what the meter judges.
+    pub settled: bool,
 }
 
 /// What the run did, for the summary.
@@ -131,6 +152,9 @@ pub struct Summary {
     /// Each job's largest power swing seen, and the site's.
     swings: BTreeMap<String, crate::power::SwingView>,
     site_swing: Option<crate::power::SwingView>,
+    /// Each power domain's highest counted and measured power, as shares of its limit then,
+    /// once settled.
+    domains: BTreeMap<String, (f64, f64)>,
 }
 
 impl Summary {
@@ -162,6 +186,12 @@ impl Summary {
             }
         }
         self.infeasible_seen |= s.status.infeasible;
+        for d in s.status.domains.iter().filter(|_| s.settled) {
+            let Some(domain) = d.domain.as_ref().filter(|d| d.limit_watts > 0.0) else { continue };
+            let seen = self.domains.entry(domain.name.clone()).or_insert((0.0, 0.0));
+            seen.0 = seen.0.max(d.counted_watts / domain.limit_watts);
+            seen.1 = seen.1.max(d.measured_watts / domain.limit_watts);
+        }
         for job in s.jobs {
             let Some(spec) = &job.spec else { continue };
             self.priority.insert(spec.name.clone(), spec.priority);
@@ -242,6 +272,14 @@ impl Summary {
             show_watts(-self.ramp_fall),
             self.ramp_limit.map_or("no ramp limit set".to_string(), |r| format!("limit {}/s", show_watts(r)))
         );
+        for (name, (counted, measured)) in &self.domains {
+            let _ = writeln!(
+                out,
+                "  domain {name:<16} settled, counted at most {:.0}% of its limit, measured at most {:.0}%",
+                counted * 100.0,
+                measured * 100.0
+            );
+        }
         let _ = writeln!(out, "  power events            {}", self.events);
         let _ = writeln!(out, "  worst event → every cap acknowledged  {:.0} ms", self.worst_ack.as_secs_f64() * 1e3);
         let _ = writeln!(out, "  budget violations       {}", self.violations);

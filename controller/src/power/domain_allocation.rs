@@ -67,6 +67,15 @@ pub fn allocate_within_domains(
 ) -> Allocation {
     let mut loads = jobs.to_vec();
     let mut paused = vec![false; jobs.len()];
+    // Per domain, its jobs' shards (job, shard), job by job: a round looks only at those.
+    let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); domains.len()];
+    for (j, spread) in spreads.iter().enumerate() {
+        for (i, in_domains) in spread.iter().enumerate() {
+            for &d in in_domains {
+                members[d as usize].push((j, i));
+            }
+        }
+    }
     let mut round = 0;
     loop {
         round += 1;
@@ -79,18 +88,16 @@ pub fn allocate_within_domains(
         }
         let mut progress = false;
         for &d in &over {
-            progress |= hold_domain(d, &allocation, &mut loads, &mut paused, spreads, domains, idle_gpu_watts);
+            progress |= hold_domain(&domains[d], &members[d], &allocation, &mut loads, &mut paused, idle_gpu_watts);
         }
         if round >= ROUNDS_BEFORE_PAUSING || !progress {
             // Pause the lowest-priority job (newest first) still running in each domain over.
             let mut paused_one = false;
             for &d in &over {
-                let lowest = (0..loads.len())
-                    .filter(|&j| !paused[j] && spreads[j].iter().any(|p| p.contains(&(d as u32))))
-                    .min_by(|&a, &b| {
-                        let (x, y) = (&loads[a], &loads[b]);
-                        x.priority.cmp(&y.priority).then(y.sequence.cmp(&x.sequence))
-                    });
+                let lowest = members[d].iter().map(|&(j, _)| j).filter(|&j| !paused[j]).min_by(|&a, &b| {
+                    let (x, y) = (&loads[a], &loads[b]);
+                    x.priority.cmp(&y.priority).then(y.sequence.cmp(&x.sequence))
+                });
                 if let Some(j) = lowest {
                     paused[j] = true;
                     paused_one = true;
@@ -149,51 +156,46 @@ fn allocate_with_paused(
     allocation
 }
 
-/// Share domain `d`'s budget among the jobs running in it, each no higher than `allocation`
-/// gave it; lower their ceilings to what it gives, pause those it cannot hold. Whether anything
-/// changed.
+/// Share `domain`'s budget among the jobs running in it (`members`: its shards, job by job),
+/// each no higher than `allocation` gave it; lower their ceilings to what it gives, pause those
+/// it cannot hold. Whether anything changed.
 fn hold_domain(
-    d: usize,
+    domain: &DomainLoad,
+    members: &[(usize, usize)],
     allocation: &Allocation,
     loads: &mut [JobLoad],
     paused: &mut [bool],
-    spreads: &[Spread],
-    domains: &[DomainLoad],
     idle_gpu_watts: f64,
 ) -> bool {
-    let inside = |i: &Vec<u32>| i.contains(&(d as u32));
-    let mut budget = domains[d].limit_watts - domains[d].others_watts;
-    let mut members = Vec::new();
-    let mut sub = Vec::new();
-    for (j, a) in allocation.jobs.iter().enumerate() {
-        let load = &loads[j];
-        let mut kept_here = 0u32;
-        for (i, in_domains) in spreads[j].iter().enumerate() {
-            if !inside(in_domains) {
-                continue;
-            }
-            if !a.paused && (i as u32) < a.shards {
-                kept_here += 1;
-            } else {
-                budget -=
-                    load.given_up_watts.get(i).copied().unwrap_or(f64::from(load.gpus_per_shard) * idle_gpu_watts);
-            }
+    let mut budget = domain.limit_watts - domain.others_watts;
+    let mut jobs_here: Vec<usize> = Vec::new();
+    let mut sub: Vec<JobLoad> = Vec::new();
+    for &(j, i) in members {
+        let (a, load) = (&allocation.jobs[j], &loads[j]);
+        if a.paused || i as u32 >= a.shards {
+            budget -= load.given_up_watts.get(i).copied().unwrap_or(f64::from(load.gpus_per_shard) * idle_gpu_watts);
+            continue;
         }
-        if kept_here > 0 {
-            members.push(j);
-            sub.push(JobLoad {
-                shards: kept_here,
-                min_shards: kept_here,
-                cap_max: a.cap_watts.max(load.cap_min),
-                probe: false,
-                given_up_watts: vec![f64::from(load.gpus_per_shard) * idle_gpu_watts; kept_here as usize],
-                ..load.clone()
-            });
+        if jobs_here.last() == Some(&j) {
+            let last = sub.last_mut().expect("a job's entry");
+            last.shards += 1;
+            last.min_shards += 1;
+            last.given_up_watts.push(f64::from(load.gpus_per_shard) * idle_gpu_watts);
+            continue;
         }
+        jobs_here.push(j);
+        sub.push(JobLoad {
+            shards: 1,
+            min_shards: 1,
+            cap_max: a.cap_watts.max(load.cap_min),
+            probe: false,
+            given_up_watts: vec![f64::from(load.gpus_per_shard) * idle_gpu_watts],
+            ..load.clone()
+        });
     }
     let held = allocate(budget, &sub, 0.0, idle_gpu_watts);
     let mut changed = false;
-    for (k, &j) in members.iter().enumerate() {
+    for (k, &j) in jobs_here.iter().enumerate() {
         let a = &held.jobs[k];
         if a.paused {
             paused[j] = true;
