@@ -105,7 +105,8 @@ fn every_panel_query_returns_data_from_a_real_prometheus_during_a_power_event() 
     std::fs::write(
         &scenario,
         "name: trip\nsources:\n  - {name: grid, kind: grid, available: 6kW}\n  - {name: gen-a, kind: generator, available: 4kW}\n  \
-         - {name: gen-b, kind: generator, available: 4kW}\nevents:\n  - {at: 15s, source: gen-a, available: 0W, note: trip}\nduration: 10m\n",
+         - {name: gen-b, kind: generator, available: 4kW}\ndomains:\n  - {name: rack-1, limit: 10kW, select: rack=r1}\n\
+         events:\n  - {at: 15s, source: gen-a, available: 0W, note: trip}\nduration: 10m\n",
     )
     .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -99,7 +99,8 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
             "WattStoreUnwritable",
             "WattScrapeFailing",
             "WattRampAboveLimit",
-            "WattPowerSwing"
+            "WattPowerSwing",
+            "WattDomainOverLimit"
         ]
     );
     let test = find(&docs, "Pod", "watt-test-controller");

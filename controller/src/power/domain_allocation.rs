@@ -8,6 +8,10 @@
 //! round to round, and each round lowers one or pauses one, so it ends; a job spanning racks
 //! still has one cap.
 //!
+//! Before the first round, each domain whose jobs would be over its limit at their ceilings is
+//! held at those ceilings, the most over first (pausing nobody): the rounds that follow are then
+//! few, and a job across a tight rack and a loose one takes its lower cap to the loose one.
+//!
 //! A domain is not shrunk into: a job its domain cannot hold pauses whole (the shards a shrink
 //! drops are the job's last ones, wherever they run).
 
@@ -76,6 +80,7 @@ pub fn allocate_within_domains(
             }
         }
     }
+    hold_at_ceilings(&mut loads, &members, domains, idle_gpu_watts);
     let mut round = 0;
     loop {
         round += 1;
@@ -88,7 +93,8 @@ pub fn allocate_within_domains(
         }
         let mut progress = false;
         for &d in &over {
-            progress |= hold_domain(&domains[d], &members[d], &allocation, &mut loads, &mut paused, idle_gpu_watts);
+            progress |=
+                hold_domain(&domains[d], &members[d], &allocation, &mut loads, &mut paused, idle_gpu_watts, true);
         }
         if round >= ROUNDS_BEFORE_PAUSING || !progress {
             // Pause the lowest-priority job (newest first) still running in each domain over.
@@ -156,9 +162,48 @@ fn allocate_with_paused(
     allocation
 }
 
+/// Before the rounds: each domain whose jobs, every one at its ceiling, would be over its limit
+/// shares its budget among them at those ceilings — the most over first, so that a job across a
+/// tight rack and a loose one brings its lower ceiling to the loose one — pausing nobody. The
+/// site's allocation then seldom takes a domain over, and the rounds are few.
+fn hold_at_ceilings(loads: &mut [JobLoad], members: &[Vec<(usize, usize)>], domains: &[DomainLoad], idle: f64) {
+    let at_ceilings = |loads: &[JobLoad], d: usize| -> f64 {
+        domains[d].others_watts
+            + members[d].iter().map(|&(j, _)| f64::from(loads[j].gpus_per_shard) * loads[j].cap_max).sum::<f64>()
+    };
+    let mut over: Vec<(f64, usize)> = (0..domains.len())
+        .map(|d| (at_ceilings(loads, d) / domains[d].limit_watts, d))
+        .filter(|(ratio, _)| *ratio > 1.0)
+        .collect();
+    over.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let everything = Allocation {
+        jobs: loads
+            .iter()
+            .map(|l| JobAllocation {
+                name: l.name.clone(),
+                cap_watts: l.cap_max,
+                shards: l.shards,
+                paused: false,
+                within_flex: true,
+            })
+            .collect(),
+        total_watts: 0.0,
+        fits: true,
+        notes: Vec::new(),
+        short: false,
+    };
+    let mut never = vec![false; loads.len()];
+    for (_, d) in over {
+        if at_ceilings(loads, d) > domains[d].limit_watts {
+            hold_domain(&domains[d], &members[d], &everything, loads, &mut never, idle, false);
+        }
+    }
+}
+
 /// Share `domain`'s budget among the jobs running in it (`members`: its shards, job by job),
-/// each no higher than `allocation` gave it; lower their ceilings to what it gives, pause those
-/// it cannot hold. Whether anything changed.
+/// each no higher than `allocation` gave it; lower their ceilings to what it gives, and pause
+/// those it cannot hold (`may_pause`; otherwise they go to their minimum). Whether anything
+/// changed.
 fn hold_domain(
     domain: &DomainLoad,
     members: &[(usize, usize)],
@@ -166,6 +211,7 @@ fn hold_domain(
     loads: &mut [JobLoad],
     paused: &mut [bool],
     idle_gpu_watts: f64,
+    may_pause: bool,
 ) -> bool {
     let mut budget = domain.limit_watts - domain.others_watts;
     let mut jobs_here: Vec<usize> = Vec::new();
@@ -187,7 +233,7 @@ fn hold_domain(
         sub.push(JobLoad {
             shards: 1,
             min_shards: 1,
-            cap_max: a.cap_watts.max(load.cap_min),
+            cap_max: a.cap_watts.min(load.cap_max).max(load.cap_min),
             probe: false,
             given_up_watts: vec![f64::from(load.gpus_per_shard) * idle_gpu_watts],
             ..load.clone()
@@ -197,8 +243,11 @@ fn hold_domain(
     let mut changed = false;
     for (k, &j) in jobs_here.iter().enumerate() {
         let a = &held.jobs[k];
-        if a.paused {
+        if a.paused && may_pause {
             paused[j] = true;
+            changed = true;
+        } else if a.paused {
+            loads[j].cap_max = loads[j].cap_min;
             changed = true;
         } else if a.cap_watts < loads[j].cap_max - 1e-6 {
             loads[j].cap_max = a.cap_watts.max(loads[j].cap_min);
@@ -261,6 +310,21 @@ mod tests {
         ];
         let held = allocate_within_domains(1e9, &jobs, &spreads, 0.0, 100.0, &domains);
         assert!((held.jobs[0].cap_watts - 300.0).abs() < 1e-6, "{held:?}");
+    }
+
+    #[test]
+    fn the_watts_a_spanning_job_cannot_use_in_a_loose_rack_go_to_its_neighbour() {
+        // wide: shard 0 in rack 0 (2,400 W: 300 W a GPU), shard 1 in rack 1 beside b. Rack 1
+        // holds wide at 300 W and b at 700 W (8,000 W); shared evenly there, b would get 500 W.
+        let jobs = [job("wide", 1, 2), job("b", 1, 1)];
+        let spreads = vec![vec![vec![0], vec![1]], vec![vec![1]]];
+        let domains = [
+            DomainLoad { limit_watts: 2_400.0, others_watts: 0.0 },
+            DomainLoad { limit_watts: 8_000.0, others_watts: 0.0 },
+        ];
+        let held = allocate_within_domains(1e9, &jobs, &spreads, 0.0, 100.0, &domains);
+        let cap = |n: &str| held.jobs.iter().find(|j| j.name == n).unwrap().cap_watts;
+        assert!((cap("wide") - 300.0).abs() < 1e-6 && (cap("b") - 700.0).abs() < 1e-6, "{held:?}");
     }
 
     #[test]
