@@ -143,6 +143,10 @@ enum Power {
         /// How fast it takes up load, e.g. 2MW/s; leave out for at once.
         #[arg(long, value_parser = power::parse_ramp)]
         ramp: Option<f64>,
+        /// The power domain (a feed) it supplies: that domain's nodes draw no more than it gives
+        /// [default: the site as a whole].
+        #[arg(long)]
+        domain: Option<String>,
     },
     /// Remove a power source.
     RemoveSource { name: String },
@@ -432,13 +436,14 @@ async fn run_power(target: &Target, output: Output, what: Power) -> Result<(), F
     let mut client = target.power().await?;
     let status = match what {
         Power::Status => client.get_power_status(pb::GetPowerStatusRequest {}).await?,
-        Power::SetSource { name, kind, available, ramp } => {
+        Power::SetSource { name, kind, available, ramp, domain } => {
             let source = pb::PowerSource {
                 name,
                 kind: kind as i32,
                 available_watts: available,
                 ramp_watts_per_second: ramp,
                 effective_watts: 0.0,
+                domain: domain.unwrap_or_default(),
             };
             client.set_source(pb::SetSourceRequest { source: Some(source) }).await?
         }

@@ -78,6 +78,8 @@ pub struct SourceView {
     pub available_watts: f64,
     pub effective_watts: f64,
     pub ramp_watts_per_second: Option<f64>,
+    /// The domain it feeds; empty: the site.
+    pub domain: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -132,6 +134,8 @@ pub struct DomainView {
     /// Empty: directly under the site.
     pub parent: String,
     pub limit_watts: f64,
+    /// The limit in force: `limit_watts`, or less when the sources feeding it supply less.
+    pub effective_limit_watts: f64,
     pub selector: std::collections::BTreeMap<String, String>,
     pub counted_watts: f64,
     pub measured_watts: f64,
@@ -162,6 +166,7 @@ impl DomainView {
                     name: domain.name,
                     parent: domain.parent,
                     limit_watts: domain.limit_watts,
+                    effective_limit_watts: d.effective_limit_watts,
                     selector: domain.selector.into_iter().collect(),
                     counted_watts: d.counted_watts,
                     measured_watts: d.measured_watts,
@@ -188,10 +193,16 @@ impl DomainView {
             .iter()
             .map(|&i| {
                 let d = &domains[i];
-                let share = if d.limit_watts > 0.0 { d.counted_watts / d.limit_watts * 100.0 } else { 0.0 };
+                let limit = d.effective_limit_watts;
+                let share = if limit > 0.0 { d.counted_watts / limit * 100.0 } else { 0.0 };
+                let limit_text = if limit < d.limit_watts - 0.5 {
+                    format!("{} (fed {})", show_watts(d.limit_watts), show_watts(limit))
+                } else {
+                    show_watts(d.limit_watts)
+                };
                 vec![
                     format!("{}{}", "  ".repeat(d.depth as usize), d.name),
-                    show_watts(d.limit_watts),
+                    limit_text,
                     format!("{} ({share:.0}%)", show_watts(d.counted_watts)),
                     show_watts(d.measured_watts),
                     d.nodes.to_string(),
@@ -294,6 +305,7 @@ impl From<pb::PowerStatus> for PowerView {
                     available_watts: x.available_watts,
                     effective_watts: x.effective_watts,
                     ramp_watts_per_second: x.ramp_watts_per_second,
+                    domain: x.domain,
                 })
                 .collect(),
             jobs: s
@@ -410,10 +422,11 @@ impl PowerView {
                         show_watts(s.effective_watts),
                         show_watts(s.available_watts),
                         s.ramp_watts_per_second.map(|r| format!("{}/s", show_watts(r))).unwrap_or_else(|| "-".into()),
+                        if s.domain.is_empty() { "site".into() } else { s.domain.clone() },
                     ]
                 })
                 .collect();
-            out.push_str(&table(&["  NAME", "KIND", "NOW", "AVAILABLE", "RAMP"], &rows));
+            out.push_str(&table(&["  NAME", "KIND", "NOW", "AVAILABLE", "RAMP", "FEEDS"], &rows));
         }
         if !self.jobs.is_empty() {
             out.push_str("\nJobs:\n");

@@ -268,6 +268,7 @@ impl pb::power_service_server::PowerService for PowerApi {
             kind,
             available_watts: source.available_watts,
             ramp_watts_per_second: source.ramp_watts_per_second,
+            domain: Some(source.domain).filter(|d| !d.is_empty()),
         };
         Ok(Response::new(self.change(PowerChange::SetSource(update), &by).await?))
     }

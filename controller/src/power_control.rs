@@ -158,6 +158,7 @@ impl Controller {
             withheld: 0,
         };
         let tree = power.table.tree().clone();
+        let domain_limits = power.table.domain_limits(wall_ms);
         let mut books = Books::new(tree.len());
         // Per node (as `entries`), the power domains it is in: none without a tree.
         let mut paths: Vec<Vec<u32>> = Vec::new();
@@ -211,7 +212,7 @@ impl Controller {
             // Each power domain's headroom under its limit (invariant 13).
             let mut room = planner::DomainRoom {
                 paths: paths.iter().map(Vec::as_slice).collect(),
-                headroom: tree.domains.iter().zip(&books.domains).map(|(d, b)| d.limit_watts - b.counted).collect(),
+                headroom: domain_limits.iter().zip(&books.domains).map(|(limit, b)| limit - b.counted).collect(),
             };
             let orders = planner::increases_within(
                 &snapshot,
@@ -359,6 +360,7 @@ impl Controller {
                     available_watts: s.available_watts,
                     ramp_watts_per_second: s.ramp_watts_per_second,
                     effective_watts: s.effective_watts(wall_ms),
+                    domain: s.domain.clone().unwrap_or_default(),
                 })
                 .collect(),
             site: Some(site_proto(&site)),
@@ -384,7 +386,7 @@ impl Controller {
             foreign_gpus,
             foreign_watts,
             swing: swings.site.map(swing_proto),
-            domains: domain_status(&power.table, &tree, &domain_books),
+            domains: domain_status(&power.table, &tree, &domain_limits, &domain_books),
             ramp_1s_watts_per_second: self.ramp_rate(now_ms, 1_000),
             ramp_60s_watts_per_second: self.ramp_rate(now_ms, 60_000),
             // The meter's figures (see `Controller::look_at_the_meter`) carry over between passes.
@@ -399,6 +401,7 @@ impl Controller {
 fn domain_status(
     table: &crate::power::table::PowerTable,
     tree: &crate::power::domains::DomainTree,
+    limits: &[f64],
     books: &[DomainBooks],
 ) -> Vec<pb::DomainStatus> {
     let stored: crate::NameMap<&str, &crate::power::domains::Domain> =
@@ -406,8 +409,10 @@ fn domain_status(
     tree.domains
         .iter()
         .zip(books)
-        .map(|(d, b)| pb::DomainStatus {
+        .zip(limits)
+        .map(|((d, b), &limit)| pb::DomainStatus {
             domain: stored.get(d.name.as_str()).map(|s| domain_proto(s)),
+            effective_limit_watts: limit,
             counted_watts: b.counted,
             measured_watts: b.measured,
             nodes: b.nodes,
@@ -868,6 +873,7 @@ mod tests {
             kind: SourceKind::Grid,
             available_watts: 600.0,
             ramp_watts_per_second: None,
+            domain: None,
         };
         c.change_power(&PowerChange::SetSource(grid)).await.unwrap();
         c.reconcile_once().await;

@@ -671,6 +671,7 @@ impl Controller {
         let mut nodes = self.registry.lock();
         let rebuilt = kept.bring_up_to_date(&mut nodes, available, site, table.tree(), &self.clock);
         kept.power.now_unix_ms = now.wall_ms;
+        kept.power.domain_limits = table.domain_limits(now.wall_ms);
         // The site's ramp limit: what starts may add at once.
         kept.power.ramp = match site.ramp_up_watts_per_second {
             None => crate::power::admission::RampRoom::default(),

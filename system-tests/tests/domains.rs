@@ -143,6 +143,31 @@ fn a_racks_limit_slows_only_its_own_jobs_and_its_draw_stays_under_it() {
     wait_for(Duration::from_secs(10), "full power again", || {
         caps_by_node(&url).values().all(|&c| c == 700.0).then_some(())
     });
+    // A generator feeding row 2 alone: row 2 draws no more than it gives (less the reserve),
+    // 2.85 kW for its 8 GPUs; row 1 runs on at full power.
+    let out = wattctl(
+        &url,
+        &["power", "set-source", "gen-2", "--kind", "generator", "--available", "3kW", "--domain", "row-2"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let caps = wait_for(Duration::from_secs(10), "row 2 under its generator", || {
+        let s = status(&url);
+        let row = domain(&s, "row-2");
+        (f(row, "effective_limit_watts") == 2_850.0
+            && f(row, "counted_watts") <= 2_850.0 + 1e-6
+            && s["unacknowledged_nodes"] == 0)
+            .then(|| caps_by_node(&url))
+    });
+    for (node, cap) in &caps {
+        let want = if node.starts_with("dom-2") { 2_850.0 / 8.0 } else { 700.0 };
+        assert!((cap - want).abs() < 1e-6, "{node}: {cap} W, want {want} W");
+    }
+    let tree = String::from_utf8(wattctl(&url, &["power", "domains"]).stdout).unwrap();
+    assert!(tree.contains("(fed 2.9 kW)"), "{tree}");
+    assert!(wattctl(&url, &["power", "remove-source", "gen-2"]).status.success());
+    wait_for(Duration::from_secs(10), "full power again", || {
+        caps_by_node(&url).values().all(|&c| c == 700.0).then_some(())
+    });
     // The tree is durable: a controller restarted on the same store has it.
     drop(controller);
     let controller = ControllerProc::start(&store, 0, &["--reconcile-interval", "200ms"]);

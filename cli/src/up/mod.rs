@@ -172,6 +172,7 @@ async fn set_source(power: &mut crate::PowerClient, s: &scenario::Source) -> Res
         available_watts: s.available_watts,
         ramp_watts_per_second: s.ramp_watts_per_second,
         effective_watts: 0.0,
+        domain: s.domain.clone().unwrap_or_default(),
     };
     power.set_source(pb::SetSourceRequest { source: Some(source) }).await?;
     Ok(())
@@ -376,6 +377,7 @@ async fn start(
                 kind: pb::SourceKind::Grid,
                 available_watts: ample,
                 ramp_watts_per_second: None,
+                domain: None,
             }]
         }
     };
@@ -383,11 +385,12 @@ async fn start(
         let site = pb::SetSiteRequest { ramp_up_watts_per_second: Some(ramp), ..Default::default() };
         power.set_site(site).await?;
     }
-    for s in &sources {
-        set_source(&mut power, s).await?;
-    }
+    // Domains first: a source may feed one.
     for d in scenario.map(|s| s.domains.as_slice()).unwrap_or_default() {
         set_domain(&mut power, d, d.limit_watts).await?;
+    }
+    for s in &sources {
+        set_source(&mut power, s).await?;
     }
     Ok(Running { control, power, sources })
 }

@@ -14,6 +14,8 @@ pub struct Source {
     pub kind: watt_proto::v1::SourceKind,
     pub available_watts: f64,
     pub ramp_watts_per_second: Option<f64>,
+    /// The domain (a feed) it supplies.
+    pub domain: Option<String>,
 }
 
 /// A power domain the scenario sets at the start (`wattctl up`'s nodes carry `rack=r1` for
@@ -85,6 +87,7 @@ struct FileSource {
     kind: String,
     available: String,
     ramp: Option<String>,
+    domain: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +123,7 @@ impl Scenario {
                     .map(parse_ramp)
                     .transpose()
                     .map_err(|e| format!("{}: {e}", field("ramp")))?,
+                domain: s.domain.clone(),
             });
         }
         if sources.is_empty() {
@@ -146,6 +150,11 @@ impl Scenario {
                 limit_watts: parse_watts(&d.limit).map_err(|e| format!("{}: {e}", field("limit")))?,
                 selector,
             });
+        }
+        for (i, s) in sources.iter().enumerate() {
+            if let Some(d) = s.domain.as_ref().filter(|d| !domains.iter().any(|x| &x.name == *d)) {
+                return Err(format!("sources[{i}].domain: no domain named {d:?} in domains"));
+            }
         }
         let mut events = Vec::new();
         for (i, e) in file.events.iter().enumerate() {

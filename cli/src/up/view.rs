@@ -46,7 +46,7 @@ pub fn frame(t: Duration, end: Option<Duration>, status: &pb::PowerStatus, jobs:
                     domain.name,
                     show_watts(d.counted_watts),
                     show_watts(d.measured_watts),
-                    show_watts(domain.limit_watts)
+                    show_watts(d.effective_limit_watts)
                 ))
             })
             .collect();
@@ -187,10 +187,10 @@ impl Summary {
         }
         self.infeasible_seen |= s.status.infeasible;
         for d in s.status.domains.iter().filter(|_| s.settled) {
-            let Some(domain) = d.domain.as_ref().filter(|d| d.limit_watts > 0.0) else { continue };
+            let Some(domain) = d.domain.as_ref().filter(|_| d.effective_limit_watts > 0.0) else { continue };
             let seen = self.domains.entry(domain.name.clone()).or_insert((0.0, 0.0));
-            seen.0 = seen.0.max(d.counted_watts / domain.limit_watts);
-            seen.1 = seen.1.max(d.measured_watts / domain.limit_watts);
+            seen.0 = seen.0.max(d.counted_watts / d.effective_limit_watts);
+            seen.1 = seen.1.max(d.measured_watts / d.effective_limit_watts);
         }
         for job in s.jobs {
             let Some(spec) = &job.spec else { continue };

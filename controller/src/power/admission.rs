@@ -59,6 +59,9 @@ pub struct PowerView {
     pub ramp: RampRoom,
     /// The power domains (see [`crate::power::domains`]), and per node the ones it is in.
     pub tree: std::sync::Arc<DomainTree>,
+    /// Each domain's limit in force now (see `PowerTable::domain_limits`); a domain not here
+    /// has its breaker's.
+    pub domain_limits: Vec<f64>,
     node_domains: Vec<Vec<u32>>,
     /// Per domain: its nodes' GPUs parked, and their draw besides GPUs.
     domain_parked_watts: Vec<f64>,
@@ -369,7 +372,7 @@ pub fn admit(power: &PowerView, runs: &[Run<'_>]) -> Admission {
     let allocation = if with_domains {
         let domains: Vec<DomainLoad> = (0..power.tree.len())
             .map(|d| DomainLoad {
-                limit_watts: power.tree.domains[d].limit_watts,
+                limit_watts: power.domain_limits.get(d).copied().unwrap_or(power.tree.domains[d].limit_watts),
                 others_watts: power.domain_non_gpu_watts[d]
                     + (power.domain_parked_watts[d] - domain_in_jobs_parked[d]).max(0.0),
             })

@@ -53,16 +53,15 @@ impl CarriedCut {
     pub fn changes_to(&self, table: &PowerTable, now_unix_ms: i64) -> Vec<PowerChange> {
         let mut changes = Vec::new();
         for carried in &self.sources {
-            let lower = match table.sources().find(|s| s.name == carried.name) {
-                Some(current) => carried.available_watts < current.effective_watts(now_unix_ms),
-                None => false,
-            };
-            if lower {
+            // The source as the table has it now (its domain included), only lower.
+            let current = table.sources().find(|s| s.name == carried.name);
+            if let Some(current) = current.filter(|c| carried.available_watts < c.effective_watts(now_unix_ms)) {
                 changes.push(PowerChange::SetSource(SourceUpdate {
                     name: carried.name.clone(),
                     kind: carried.kind,
                     available_watts: carried.available_watts,
                     ramp_watts_per_second: carried.ramp_watts_per_second,
+                    domain: current.domain.clone(),
                 }));
             }
         }
@@ -111,6 +110,7 @@ mod tests {
             kind: SourceKind::Grid,
             available_watts: watts,
             ramp_watts_per_second: None,
+            domain: None,
         })
     }
 

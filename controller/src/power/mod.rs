@@ -67,6 +67,10 @@ pub struct Source {
     /// Where the current ramp started: the supply in force at `ramp_start_unix_ms`.
     pub ramp_from_watts: f64,
     pub ramp_start_unix_ms: i64,
+    /// The power domain (a feed) it supplies, whose nodes then draw no more than it gives;
+    /// `None`: the site as a whole.
+    #[serde(default)]
+    pub domain: Option<String>,
 }
 
 impl Source {
@@ -91,6 +95,7 @@ impl Source {
             ramp_watts_per_second: ramp,
             ramp_from_watts: self.effective_watts(now_unix_ms).min(available),
             ramp_start_unix_ms: now_unix_ms,
+            domain: self.domain.clone(),
         }
     }
 
@@ -103,6 +108,7 @@ impl Source {
             ramp_watts_per_second: ramp,
             ramp_from_watts: if ramp.is_some() { 0.0 } else { available },
             ramp_start_unix_ms: now_unix_ms,
+            domain: None,
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct SourceUpdate {
     pub kind: SourceKind,
     pub available_watts: f64,
     pub ramp_watts_per_second: Option<f64>,
+    /// The power domain (a feed) it supplies; `None`: the site.
+    pub domain: Option<String>,
 }
 
 /// Site settings as requested: only the given ones change.
@@ -218,6 +220,24 @@ impl PowerTable {
         &self.tree
     }
 
+    /// Each domain's limit in force at `now` (positions in [`PowerTable::tree`]): its breaker's,
+    /// or less where the sources feeding it supply less — what they supply, less the site's
+    /// reserve and PUE, as the site's limit is of all sources.
+    pub fn domain_limits(&self, now_unix_ms: i64) -> Vec<f64> {
+        self.tree
+            .domains
+            .iter()
+            .map(|d| {
+                let mut fed = self.sources.values().filter(|s| s.domain.as_deref() == Some(d.name.as_str())).peekable();
+                if fed.peek().is_none() {
+                    return d.limit_watts;
+                }
+                let supply: f64 = fed.map(|s| s.effective_watts(now_unix_ms)).sum();
+                d.limit_watts.min(super::safe_limit_watts(supply, &self.site))
+            })
+            .collect()
+    }
+
     /// Changes to the domains so far (0 at load): nodes' paths in the tree hold until it moves.
     pub fn domains_generation(&self) -> u64 {
         self.domains_generation
@@ -257,7 +277,15 @@ impl PowerTable {
         let tightens = match change {
             PowerChange::SetSource(update) => {
                 update.validate()?;
+                if let Some(domain) = update.domain.as_ref().filter(|d| !self.domains.contains_key(*d)) {
+                    return Err(PowerError::Invalid(FieldError::new(
+                        "source.domain",
+                        format!("no power domain named {domain:?} (wattctl power domains)"),
+                    )));
+                }
                 match self.sources.get(&update.name) {
+                    // Moved to another domain: what the old one may draw rises.
+                    Some(old) if old.domain != update.domain => false,
                     // Never above what the source supplies now (a ramp's step included).
                     Some(old) => update.available_watts <= old.effective_watts(now_unix_ms),
                     // A first source turns an unmanaged (unlimited) budget into a limited one.
@@ -297,6 +325,18 @@ impl PowerTable {
                 if !self.domains.contains_key(name) {
                     return Err(PowerError::UnknownDomain(name.clone()));
                 }
+                let fed: Vec<&str> = self
+                    .sources
+                    .values()
+                    .filter(|s| s.domain.as_ref() == Some(name))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if !fed.is_empty() {
+                    return Err(PowerError::Invalid(FieldError::new(
+                        "name",
+                        format!("domain {name} is fed by source(s) {}: move or remove them first", fed.join(", ")),
+                    )));
+                }
                 let children: Vec<&str> = self
                     .domains
                     .values()
@@ -320,7 +360,7 @@ impl PowerTable {
         self.check(change, now_unix_ms)?;
         let applied = match change {
             PowerChange::SetSource(update) => {
-                let source = match self.sources.get(&update.name) {
+                let mut source = match self.sources.get(&update.name) {
                     Some(old) => {
                         old.updated(update.kind, update.available_watts, update.ramp_watts_per_second, now_unix_ms)
                     }
@@ -332,6 +372,7 @@ impl PowerTable {
                         now_unix_ms,
                     ),
                 };
+                source.domain = update.domain.clone();
                 self.sources.insert(source.name.clone(), source.clone());
                 Applied::Source(source)
             }
@@ -418,6 +459,7 @@ mod tests {
             kind: SourceKind::Grid,
             available_watts: watts,
             ramp_watts_per_second: ramp,
+            domain: None,
         })
     }
 
@@ -488,6 +530,30 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(table.check(&PowerChange::RemoveDomain("nope".into()), 0), Err(PowerError::UnknownDomain(_))));
+        // A source feeding row-1: its limit is what the source gives, less the reserve, when lower.
+        let feed = |domain: &str, watts: f64| {
+            PowerChange::SetSource(SourceUpdate {
+                name: "gen-1".into(),
+                kind: SourceKind::Generator,
+                available_watts: watts,
+                ramp_watts_per_second: None,
+                domain: Some(domain.into()),
+            })
+        };
+        match table.apply(&feed("nope", 1e5), 0) {
+            Err(PowerError::Invalid(e)) => assert_eq!(e.field, "source.domain"),
+            other => panic!("{other:?}"),
+        }
+        table.apply(&feed("row-1", 1e5), 0).unwrap();
+        let row = table.tree().domains.iter().position(|d| d.name == "row-1").unwrap();
+        assert_eq!(table.domain_limits(0)[row], 1e5 * 0.95, "the generator gives less than the breaker");
+        table.apply(&feed("row-1", 1e6), 0).unwrap();
+        assert_eq!(table.domain_limits(0)[row], 4e5, "the breaker binds");
+        match table.check(&PowerChange::RemoveDomain("row-1".into()), 0) {
+            Err(PowerError::Invalid(e)) => assert!(e.message.contains("gen-1"), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        table.apply(&PowerChange::RemoveSource("gen-1".into()), 0).unwrap();
         let tree_before = table.tree().id;
         let snapshot = table.snapshot().unwrap();
         store.commit(snapshot.writes.clone()).await.unwrap();
