@@ -7,6 +7,7 @@
 //!
 //!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30] [--events 5]
 //!         [--tls | --connection-per-agent] [--restart] [--store etcd://HOST:PORT [--failover]]
+//!         [--domains]
 //!
 //! By default the agents share a few HTTP/2 connections and prove their names with bearer
 //! tokens. `--tls`: each agent has a TLS connection of its own and presents a node certificate
@@ -20,7 +21,8 @@
 //! holds a session; the leader is killed (SIGKILL) and the bench times until the standby leads
 //! and until every agent holds a session with it. The agents know both controllers and, as the
 //! real agent does, try the other when one refuses or fails, pausing at most a second while a
-//! controller answers that none leads.
+//! controller answers that none leads. `--domains`: the controller holds a tree of power domains
+//! (10 feeds, 250 rows, 3,125 racks at 25,000 agents) that the agents' labels place them in.
 //!
 //! The controller runs as its own release process (the real binary); the generator shares the
 //! machine with it, so the controller's figures are read from /proc for its PID alone. Each
@@ -97,8 +99,19 @@ fn register(i: usize) -> pb::AgentMessage {
             failsafe_watts: 200.0,
         })
         .collect();
-    let register =
-        pb::Register { node_name: format!("load-{i:06}"), gpus, agent_version: "load".into(), ..Default::default() };
+    // Its place in the tree `--domains` sets (see `set_domains`).
+    let (rack, row) = (i / 8, i / 8 * 2 / 25);
+    let labels = [("feed", row / 25), ("row", row), ("rack", rack)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let register = pb::Register {
+        node_name: format!("load-{i:06}"),
+        gpus,
+        agent_version: "load".into(),
+        labels,
+        ..Default::default()
+    };
     pb::AgentMessage { body: Some(pb::agent_message::Body::Register(register)) }
 }
 
@@ -377,6 +390,9 @@ fn main() {
     }
     let mut controller = start_controller(&controller_args);
     let pid = controller.id();
+    if flags.iter().any(|a| a == "--domains") {
+        set_domains(&format!("http://127.0.0.1:{port}"), agents);
+    }
     // `--failover`: the standby's ports, known to the agents from the start.
     let failover = flags.iter().any(|a| a == "--failover");
     assert!(
@@ -527,6 +543,60 @@ fn main() {
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
+/// `--domains`: the tree the agents' labels place them in, set before they connect — a rack per
+/// 8 nodes, a row per 12.5 racks, a feed per 25 rows (3,125, 250 and 10 at 25,000 agents). Every
+/// fourth rack is derated to 60% of its GPUs at full power, the others to 85%; rows hold 90% of
+/// their nodes at full power, feeds 85.5%.
+fn set_domains(url: &str, agents: usize) {
+    use watt_proto::v1::power_service_client::PowerServiceClient;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let endpoint = Endpoint::from_shared(url.to_string()).unwrap();
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let mut power = PowerServiceClient::new(with_token(channel, token_of(None)));
+        let node_full = 8.0 * 700.0;
+        // Nodes per rack, row and feed, as `register` labels them.
+        // rack → (its row, nodes); row → (its feed, nodes); feed → nodes.
+        let mut racks: std::collections::BTreeMap<usize, (usize, usize)> = Default::default();
+        let mut rows: std::collections::BTreeMap<usize, (usize, usize)> = Default::default();
+        let mut feeds: std::collections::BTreeMap<usize, usize> = Default::default();
+        for i in 0..agents {
+            let (rack, row) = (i / 8, i / 8 * 2 / 25);
+            racks.entry(rack).or_insert((row, 0)).1 += 1;
+            rows.entry(row).or_insert((row / 25, 0)).1 += 1;
+            *feeds.entry(row / 25).or_insert(0) += 1;
+        }
+        let started = Instant::now();
+        let mut requests = Vec::new();
+        for (feed, nodes) in &feeds {
+            requests.push((format!("feed-{feed}"), String::new(), 0.855, *nodes, ("feed", *feed)));
+        }
+        for (row, (feed, nodes)) in &rows {
+            requests.push((format!("row-{row}"), format!("feed-{feed}"), 0.9, *nodes, ("row", *row)));
+        }
+        for (rack, (row, nodes)) in &racks {
+            let derating = if rack % 4 == 0 { 0.6 } else { 0.85 };
+            requests.push((format!("rack-{rack}"), format!("row-{row}"), derating, *nodes, ("rack", *rack)));
+        }
+        let set = requests.len();
+        for (name, parent, derating, nodes, (key, value)) in requests {
+            let domain = pb::PowerDomain {
+                name,
+                parent,
+                limit_watts: derating * nodes as f64 * node_full,
+                selector: [(key.to_string(), value.to_string())].into_iter().collect(),
+            };
+            power.set_domain(pb::SetDomainRequest { domain: Some(domain) }).await.unwrap();
+        }
+        println!("{set} power domains set in {:.1} s", started.elapsed().as_secs_f64());
+    });
+}
+
 /// Fill the cluster with jobs, then cut the grid by 25% and restore it `events` times; print the
 /// controller's event-to-every-cap-acknowledged latency for each.
 fn power_events(
@@ -641,8 +711,11 @@ fn power_events(
 
     let mut cuts = Vec::new();
     let mut restores = Vec::new();
+    // The cut: 25% of the grid; under `--domains`, whose racks already hold the cluster near
+    // 79% of its GPUs' full power, a cut to half of the grid (60% of full power) that binds.
+    let cut = if std::env::args().any(|a| a == "--domains") { 0.5 } else { 0.75 };
     for _ in 0..events {
-        for (share, out) in [(0.75, &mut cuts), (1.0, &mut restores)] {
+        for (share, out) in [(cut, &mut cuts), (1.0, &mut restores)] {
             let (sum0, count0) = (
                 metric(metrics_port, "watt_power_event_to_ack_seconds_sum"),
                 metric(metrics_port, "watt_power_event_to_ack_seconds_count"),
@@ -675,7 +748,7 @@ fn power_events(
         format!("median {:.3} s, max {:.3} s", v[v.len() / 2], v[v.len() - 1])
     };
     println!();
-    println!("| agents | GPUs | jobs | events | 25% cut → every cap acknowledged | restore → every cap acknowledged | budget violations |");
+    println!("| agents | GPUs | jobs | events | cut → every cap acknowledged | restore → every cap acknowledged | budget violations |");
     println!("|---|---|---|---|---|---|---|");
     println!(
         "| {agents} | {} | {jobs} | {events} | {} | {} | {} |",

@@ -159,8 +159,9 @@ fn a_racks_limit_slows_only_its_own_jobs_and_its_draw_stays_under_it() {
             .then(|| caps_by_node(&url))
     });
     for (node, cap) in &caps {
+        // Within a watt of the row's limit (the allocator's slack), a GPU's share of it.
         let want = if node.starts_with("dom-2") { 2_850.0 / 8.0 } else { 700.0 };
-        assert!((cap - want).abs() < 1e-6, "{node}: {cap} W, want {want} W");
+        assert!((cap - want).abs() < 0.2, "{node}: {cap} W, want {want} W");
     }
     let tree = String::from_utf8(wattctl(&url, &["power", "domains"]).stdout).unwrap();
     assert!(tree.contains("(fed 2.9 kW)"), "{tree}");

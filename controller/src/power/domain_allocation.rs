@@ -33,6 +33,11 @@ pub type Spread = Vec<Vec<u32>>;
 /// round: a guarantee of an end, not a path the allocator expects to take.
 const ROUNDS_BEFORE_PAUSING: usize = 32;
 
+/// A domain held is shared up to this much under its limit: the planner raises caps within
+/// each domain's headroom, and a share that filled it exactly could, by a rounding, leave its
+/// last node's increase a hair too large to fit — the caps then never reach their targets.
+const SLACK_WATTS: f64 = 1.0;
+
 /// What each domain counts under `allocation`.
 pub fn domain_watts(
     allocation: &Allocation,
@@ -213,7 +218,7 @@ fn hold_domain(
     idle_gpu_watts: f64,
     may_pause: bool,
 ) -> bool {
-    let mut budget = domain.limit_watts - domain.others_watts;
+    let mut budget = domain.limit_watts - domain.others_watts - SLACK_WATTS;
     let mut jobs_here: Vec<usize> = Vec::new();
     let mut sub: Vec<JobLoad> = Vec::new();
     for &(j, i) in members {
@@ -262,6 +267,7 @@ mod tests {
     use super::*;
     use crate::power::curve::Curve;
 
+    // Caps come within SLACK_WATTS of a domain's limit: a fifth of a watt a GPU here.
     fn job(name: &str, priority: i64, shards: u32) -> JobLoad {
         JobLoad {
             name: name.into(),
@@ -294,7 +300,7 @@ mod tests {
         assert!(site.jobs.iter().all(|j| (j.cap_watts - 600.0).abs() < 1e-6));
         let held = allocate_within_domains(9_600.0, &jobs, &spreads, 0.0, 100.0, &domains);
         let cap = |n: &str| held.jobs.iter().find(|j| j.name == n).unwrap().cap_watts;
-        assert!((cap("a") - 400.0).abs() < 1e-6, "{held:?}");
+        assert!((cap("a") - 400.0).abs() < 0.2, "{held:?}");
         assert!((cap("b") - 700.0).abs() < 1e-6, "b takes what a could not: {held:?}");
         let used = domain_watts(&held, &jobs, &spreads, &domains, 100.0);
         assert!(used[0] <= 3_200.0 + 1e-6 && held.total_watts <= 9_600.0 + 1e-6, "{used:?}");
@@ -309,7 +315,7 @@ mod tests {
             DomainLoad { limit_watts: 4_000.0, others_watts: 800.0 },
         ];
         let held = allocate_within_domains(1e9, &jobs, &spreads, 0.0, 100.0, &domains);
-        assert!((held.jobs[0].cap_watts - 300.0).abs() < 1e-6, "{held:?}");
+        assert!((held.jobs[0].cap_watts - 300.0).abs() < 0.2, "{held:?}");
     }
 
     #[test]
@@ -324,7 +330,7 @@ mod tests {
         ];
         let held = allocate_within_domains(1e9, &jobs, &spreads, 0.0, 100.0, &domains);
         let cap = |n: &str| held.jobs.iter().find(|j| j.name == n).unwrap().cap_watts;
-        assert!((cap("wide") - 300.0).abs() < 1e-6 && (cap("b") - 700.0).abs() < 1e-6, "{held:?}");
+        assert!((cap("wide") - 300.0).abs() < 0.2 && (cap("b") - 700.0).abs() < 1e-6, "{held:?}");
     }
 
     #[test]
@@ -339,7 +345,7 @@ mod tests {
         let low = held.jobs.iter().find(|j| j.name == "low").unwrap();
         let high = held.jobs.iter().find(|j| j.name == "high").unwrap();
         assert!(low.paused && !high.paused, "{held:?}");
-        assert!((high.cap_watts - 212.5).abs() < 1e-6, "(2,500 − 800) / 8: {held:?}");
+        assert!((high.cap_watts - 212.5).abs() < 0.2, "(2,500 − 800) / 8: {held:?}");
         assert!(held.fits);
         // Over with every job paused: said, not hidden.
         let domains = [DomainLoad { limit_watts: 1_000.0, others_watts: 0.0 }];
