@@ -843,6 +843,17 @@ mod tests {
         }
     }
 
+    /// Node n1 opens a session now: its id, and where its orders go.
+    fn connect(
+        c: &Controller,
+        failsafe_after_ms: u32,
+    ) -> (u64, tokio::sync::mpsc::Receiver<Result<pb::ControllerMessage, tonic::Status>>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let alive = Arc::new(AtomicBool::new(true));
+        let now_unix_ms = crate::reconcile::unix_ms();
+        (c.registry.register(&register(failsafe_after_ms), None, tx, alive, Instant::now(), now_unix_ms), rx)
+    }
+
     /// The probe, through a whole pass: a job whose curve is unsure, at a cap that has not moved
     /// for over a minute while power is short, has its cap lowered within its flex for a window;
     /// `describe` says so.
@@ -852,15 +863,7 @@ mod tests {
         use crate::power::SourceKind;
         let dir = tempfile::tempdir().unwrap();
         let c = controller(dir.path()).await;
-        let (tx, _rx) = tokio::sync::mpsc::channel(64);
-        c.registry.register(
-            &register(5_000),
-            None,
-            tx,
-            Arc::new(AtomicBool::new(true)),
-            Instant::now(),
-            crate::reconcile::unix_ms(),
-        );
+        let (_session, _rx) = connect(&c, 5_000);
         let admin = crate::auth::Principal {
             name: "ops".into(),
             role: watt_common::auth::Role::Admin,
@@ -907,15 +910,7 @@ mod tests {
     async fn an_unreachable_node_is_at_its_failsafe_caps_exactly_once_its_deadline_passed() {
         let dir = tempfile::tempdir().unwrap();
         let c = controller(dir.path()).await;
-        let (tx, _rx) = tokio::sync::mpsc::channel(64);
-        let session = c.registry.register(
-            &register(5_000),
-            None,
-            tx,
-            Arc::new(AtomicBool::new(true)),
-            Instant::now(),
-            crate::reconcile::unix_ms(),
-        );
+        let (session, _rx) = connect(&c, 5_000);
         c.reconcile_once().await;
         assert_eq!(c.power_status.borrow().failsafe_nodes, 0);
         c.registry.disconnect("n1", session);
