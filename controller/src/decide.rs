@@ -404,7 +404,9 @@ pub fn decide(view: &View, now: Now) -> Decisions {
     let making_room = !room.later.is_empty();
     // The decreases that happen now: this pass's, or, while room is being made (no start), those
     // the budget of what runs makes regardless and those whose ramp is done.
-    let decrease: NameMap<&str, (bool, u32)> = match &room.without_starts {
+    // (Every pass reads the verdict itself: only a pass making room builds another map.)
+    let merged: NameMap<&str, (bool, u32)>;
+    let decrease: &NameMap<&str, (bool, u32)> = match &room.without_starts {
         Some(now_verdict) if making_room => {
             let mut decrease: NameMap<&str, (bool, u32)> = now_verdict.clone();
             for j in &power_decreased {
@@ -413,9 +415,10 @@ pub fn decide(view: &View, now: Now) -> Decisions {
                     decrease.insert(name, verdict[name]);
                 }
             }
-            decrease
+            merged = decrease;
+            &merged
         }
-        _ => verdict.clone(),
+        _ => &verdict,
     };
 
     // 5. In one ordered batch: preemptions first (their GPUs are what starts stand on), then
