@@ -36,6 +36,7 @@ pub mod hex {
     }
 }
 pub mod pki;
+pub mod ports;
 pub mod tls;
 
 pub mod names {

@@ -57,7 +57,7 @@ fn store_arg() -> Option<String> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    watt_common::ports::free_loopback_port().unwrap()
 }
 
 fn cpu_seconds(pid: u32) -> f64 {

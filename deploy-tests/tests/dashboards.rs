@@ -109,7 +109,7 @@ fn every_panel_query_returns_data_from_a_real_prometheus_during_a_power_event() 
          events:\n  - {at: 15s, source: gen-a, available: 0W, note: trip}\nduration: 10m\n",
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = watt_system_tests::free_port();
     let prometheus = format!("127.0.0.1:{port}");
     let mut up = Command::new(&wattctl)
         .args(["up", "--nodes", "2", "--prometheus", "--prometheus-addr", &prometheus, "--scenario"])

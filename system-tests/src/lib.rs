@@ -20,8 +20,9 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A loopback port for a process a test starts (see [`watt_common::ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    watt_common::ports::free_loopback_port().unwrap()
 }
 
 /// Poll `check` until it returns Some, or panic after `timeout` with `what`.

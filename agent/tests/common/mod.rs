@@ -179,7 +179,7 @@ pub fn require_tool(tool: &str, package: &str) -> String {
     }
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port for a process a test starts (see [`watt_common::ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    watt_common::ports::free_loopback_port().unwrap()
 }

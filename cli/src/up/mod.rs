@@ -121,10 +121,7 @@ fn binary(name: &str) -> Result<PathBuf, Failure> {
 }
 
 fn free_port() -> Result<u16, Failure> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| Failure::Server(format!("no free port: {e}")))
+    watt_common::ports::free_loopback_port().map_err(|e| Failure::Server(format!("no free port: {e}")))
 }
 
 /// The demo jobs: three `watt-worker` jobs sized to the cluster, a priority and a flexibility
