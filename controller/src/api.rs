@@ -214,6 +214,9 @@ impl PowerApi {
                 ),
             ),
             Applied::DomainRemoved(name) => (name.clone(), "domain-removed", "domain removed".to_string()),
+            Applied::GridSchedule { windows } => {
+                ("grid".to_string(), "grid-schedule-set", format!("{windows} windows of grid events"))
+            }
             Applied::Site(site) => (
                 "site".to_string(),
                 "site-set",

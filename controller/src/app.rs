@@ -342,6 +342,9 @@ async fn lead_term(
     let metering = tokio::spawn(controller.clone().run_meter(wait_stop()));
     let writing = tokio::spawn(controller.clone().run_power_writer(wait_stop()));
     tokio::spawn(crate::retention::sweep(controller.clone(), wait_stop()));
+    if let Some(openadr) = &shared.config.openadr {
+        tokio::spawn(crate::openadr::ven::run(controller.clone(), openadr.clone(), wait_stop()));
+    }
     if let Some(signer) = &signer {
         tokio::spawn(signer.clone().follow(wait_stop()));
     }

@@ -138,6 +138,44 @@ pub struct Args {
     /// Log format [default: text].
     #[arg(long, env = "WATT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// An OpenADR 3 VTN whose events limit the site's grid import or a power domain (the
+    /// controller is its VEN): its base URL, such as https://vtn.example.com/openadr3/3.1.0/.
+    #[arg(long, env = "WATT_OPENADR_VTN", value_name = "URL")]
+    pub openadr_vtn: Option<String>,
+
+    /// The VEN's OAuth client id at the VTN. With --openadr-secret-file.
+    #[arg(long, env = "WATT_OPENADR_CLIENT_ID", value_name = "ID")]
+    pub openadr_client_id: Option<String>,
+
+    /// A file holding the VEN's OAuth client secret (one line).
+    #[arg(long, env = "WATT_OPENADR_SECRET_FILE", value_name = "FILE")]
+    pub openadr_secret_file: Option<PathBuf>,
+
+    /// The OAuth token endpoint [default: the VTN's auth/token].
+    #[arg(long, env = "WATT_OPENADR_TOKEN_URL", value_name = "URL")]
+    pub openadr_token_url: Option<String>,
+
+    /// The CA (PEM) that signed the VTN's certificate, when not a public one.
+    #[arg(long, env = "WATT_OPENADR_CA", value_name = "FILE")]
+    pub openadr_ca: Option<PathBuf>,
+
+    /// The VEN's name at the VTN [default: watt].
+    #[arg(long, env = "WATT_OPENADR_VEN_NAME", value_name = "NAME")]
+    pub openadr_ven_name: Option<String>,
+
+    /// The programs the site is enrolled in, by name, comma-separated: only their events count.
+    #[arg(long, env = "WATT_OPENADR_PROGRAMS", value_name = "NAMES", value_delimiter = ',')]
+    pub openadr_programs: Option<Vec<String>>,
+
+    /// How often the VTN is read [default: 10s].
+    #[arg(long, env = "WATT_OPENADR_POLL", value_name = "DURATION", value_parser = parse_duration)]
+    pub openadr_poll: Option<Duration>,
+
+    /// The share of the grid's supply, in percent, that SIMPLE levels 0, 1, 2 and 3 leave
+    /// [default: 100,75,50,25].
+    #[arg(long, env = "WATT_OPENADR_SIMPLE_LEVELS", value_name = "PERCENTS", value_delimiter = ',')]
+    pub openadr_simple_levels: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +212,16 @@ pub struct FileConfig {
     pub speed_curves: Option<CurvePolicy>,
     pub swing_alert_share: Option<f64>,
     pub log_format: Option<LogFormat>,
+    pub openadr_vtn: Option<String>,
+    pub openadr_client_id: Option<String>,
+    pub openadr_secret_file: Option<PathBuf>,
+    pub openadr_token_url: Option<String>,
+    pub openadr_ca: Option<PathBuf>,
+    pub openadr_ven_name: Option<String>,
+    pub openadr_programs: Option<Vec<String>>,
+    #[serde(default, with = "watt_common::duration::option")]
+    pub openadr_poll: Option<Duration>,
+    pub openadr_simple_levels: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,6 +249,23 @@ pub struct ControllerConfig {
     pub speed_curves: CurvePolicy,
     pub swing_alert_share: f64,
     pub log_format: LogFormat,
+    /// The VTN this controller is a VEN of, if any.
+    pub openadr: Option<OpenAdrConfig>,
+}
+
+/// The controller as an OpenADR 3 VEN (see [`crate::openadr`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAdrConfig {
+    pub vtn: url::Url,
+    pub token_url: url::Url,
+    pub client_id: String,
+    pub secret_file: PathBuf,
+    pub ca: Option<PathBuf>,
+    pub ven_name: String,
+    pub programs: Vec<String>,
+    pub poll: Duration,
+    /// SIMPLE levels 0–3 as shares (0–1) of the grid's supply.
+    pub simple_levels: [f64; 4],
 }
 
 /// TLS to etcd, as files: the CA, and a client certificate and key.
@@ -231,6 +296,7 @@ impl Args {
             Some(path) => load(path)?,
             None => FileConfig::default(),
         };
+        let openadr = self.openadr(&file)?;
         let tls = match (self.tls_cert.clone().or(file.tls_cert), self.tls_key.clone().or(file.tls_key)) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
@@ -290,9 +356,106 @@ impl Args {
             speed_curves: self.speed_curves.or(file.speed_curves).unwrap_or_default(),
             swing_alert_share: self.swing_alert_share.or(file.swing_alert_share).unwrap_or(0.5),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            openadr,
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+impl Args {
+    fn openadr(&self, file: &FileConfig) -> Result<Option<OpenAdrConfig>, ConfigError> {
+        let Some(vtn) = self.openadr_vtn.clone().or(file.openadr_vtn.clone()) else {
+            let stray = self.openadr_client_id.is_some() || file.openadr_client_id.is_some();
+            let stray = stray || self.openadr_programs.is_some() || file.openadr_programs.is_some();
+            if stray {
+                return Err(invalid(
+                    "openadr-vtn",
+                    "openadr_vtn",
+                    "is required with the other --openadr-* settings".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        // A base URL: the client joins paths to it, which drops a last segment without its slash.
+        let with_slash = if vtn.ends_with('/') { vtn } else { format!("{vtn}/") };
+        let vtn =
+            url::Url::parse(&with_slash).ok().filter(|u| matches!(u.scheme(), "http" | "https")).ok_or_else(|| {
+                invalid("openadr-vtn", "openadr_vtn", format!("must be an http:// or https:// URL; got {with_slash:?}"))
+            })?;
+        let token_url = match self.openadr_token_url.clone().or(file.openadr_token_url.clone()) {
+            Some(t) => {
+                url::Url::parse(&t).ok().filter(|u| matches!(u.scheme(), "http" | "https")).ok_or_else(|| {
+                    invalid(
+                        "openadr-token-url",
+                        "openadr_token_url",
+                        format!("must be an http:// or https:// URL; got {t:?}"),
+                    )
+                })?
+            }
+            None => vtn.join("auth/token").map_err(|e| invalid("openadr-vtn", "openadr_vtn", e.to_string()))?,
+        };
+        let client_id = self.openadr_client_id.clone().or(file.openadr_client_id.clone()).ok_or_else(|| {
+            invalid("openadr-client-id", "openadr_client_id", "is required with --openadr-vtn".into())
+        })?;
+        let secret_file = self.openadr_secret_file.clone().or(file.openadr_secret_file.clone()).ok_or_else(|| {
+            invalid("openadr-secret-file", "openadr_secret_file", "is required with --openadr-vtn".into())
+        })?;
+        let programs: Vec<String> = self
+            .openadr_programs
+            .clone()
+            .or(file.openadr_programs.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if programs.is_empty() {
+            return Err(invalid(
+                "openadr-programs",
+                "openadr_programs",
+                "must name at least one program the site is enrolled in".into(),
+            ));
+        }
+        let poll = self.openadr_poll.or(file.openadr_poll).unwrap_or(Duration::from_secs(10));
+        if poll < Duration::from_millis(200) || poll > Duration::from_secs(600) {
+            return Err(invalid(
+                "openadr-poll",
+                "openadr_poll",
+                format!("must be between 200ms and 10m; got {}", show(poll)),
+            ));
+        }
+        let levels = self.openadr_simple_levels.clone().or(file.openadr_simple_levels.clone());
+        let levels = levels.unwrap_or_else(|| vec![100.0, 75.0, 50.0, 25.0]);
+        let simple_levels: [f64; 4] = levels
+            .iter()
+            .map(|p| p / 100.0)
+            .collect::<Vec<f64>>()
+            .try_into()
+            .ok()
+            .filter(|l: &[f64; 4]| l.iter().all(|s| s.is_finite() && (0.0..=1.0).contains(s)))
+            .ok_or_else(|| {
+                invalid(
+                    "openadr-simple-levels",
+                    "openadr_simple_levels",
+                    format!("must be four percentages between 0 and 100, for levels 0 to 3; got {levels:?}"),
+                )
+            })?;
+        let ven_name = self.openadr_ven_name.clone().or(file.openadr_ven_name.clone()).unwrap_or_else(|| "watt".into());
+        if ven_name.is_empty() || ven_name.len() > 128 {
+            return Err(invalid("openadr-ven-name", "openadr_ven_name", "must be 1 to 128 characters".into()));
+        }
+        Ok(Some(OpenAdrConfig {
+            vtn,
+            token_url,
+            client_id,
+            secret_file,
+            ca: self.openadr_ca.clone().or(file.openadr_ca.clone()),
+            ven_name,
+            programs,
+            poll,
+            simple_levels,
+        }))
     }
 }
 

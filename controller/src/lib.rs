@@ -19,6 +19,7 @@ pub mod leader_gate;
 pub mod leadership;
 pub mod log_grants;
 pub mod metrics;
+pub mod openadr;
 pub mod power;
 pub mod power_control;
 pub mod power_writer;

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub job_cap: GaugeVec,
     /// 1 for each job that has not ended, labelled with its state (ended jobs leave the metric).
     pub job_state: IntGaugeVec,
+    /// The OpenADR VEN and the grid's windows (see [`crate::openadr`]).
+    pub grid: crate::openadr::GridMetrics,
     /// The state `job_state` shows for each job: a pass changes only the jobs that moved (a
     /// thousand label lookups every pass cost more than the rest of the books).
     job_state_shown: std::sync::Arc<std::sync::Mutex<crate::NameMap<String, JobState>>>,
@@ -358,7 +360,9 @@ impl Metrics {
         registry.register(Box::new(replica_in_sync.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let grid = crate::openadr::GridMetrics::register(&registry)?;
         Ok(Metrics {
+            grid,
             registry,
             nodes,
             gpus,

@@ -151,6 +151,9 @@ impl Controller {
                             Applied::Removed(name) => (name, "removed".to_string()),
                             Applied::Domain(d) => (d.name.clone(), format!("domain limit {:.0} W", d.limit_watts)),
                             Applied::DomainRemoved(name) => (name, "domain removed".to_string()),
+                            Applied::GridSchedule { windows } => {
+                                ("grid".to_string(), format!("{windows} grid windows"))
+                            }
                         };
                         let text = format!("{now}: a cut made by the caretaker of term {}, not stored then", cut.term);
                         self.emit("power", &subject, "carried-cut-applied", text);

@@ -577,17 +577,27 @@ impl Controller {
         // only when time itself changes something: a lease or a failsafe deadline runs out, a
         // source ramps, an order is due to be resent. At 25,000 nodes an idle pass is not free.
         let mut since_full = 0u32;
+        let mut last_pass_ms = unix_ms();
         loop {
+            // The grid's next window start or end: a pass at that moment, not at the next tick
+            // (an event's start is a cut, carried out within a second of it).
+            let grid_change = self.power.lock().await.table.grid().next_change_after(last_pass_ms);
+            let until_grid = grid_change.map(|at| Duration::from_millis((at - unix_ms()).max(0) as u64));
             let woken = tokio::select! {
                 _ = tick.tick() => false,
                 () = self.wake.notified() => true,
+                () = sleep_or_never(until_grid) => {
+                    self.acks.power_event();
+                    true
+                }
                 () = &mut shutdown => return,
             };
             since_full += 1;
             // A full pass at least every 30 ticks regardless, as a backstop.
             // A pass that time calls for looks at everything; one an event woke, at what changed.
-            let full = since_full >= 30 || (!woken && self.time_changes_something().await);
+            let full = since_full >= 30 || (!woken && self.time_changes_something(last_pass_ms).await);
             if woken || full {
+                last_pass_ms = unix_ms();
                 since_full = 0;
                 let started = Instant::now();
                 self.reconcile(full).await;
@@ -606,7 +616,7 @@ impl Controller {
     }
 
     /// Whether a pass now could decide something the last one did not, with no event since.
-    async fn time_changes_something(&self) -> bool {
+    async fn time_changes_something(&self, last_pass_unix_ms: i64) -> bool {
         let now = Instant::now();
         let now_ms = self.clock.ms(now);
         // Resizes and ramps are stored with wall times: they mean the same after a restart.
@@ -622,8 +632,13 @@ impl Controller {
         }
         {
             let power = self.power.lock().await;
-            if power.table.sources().any(|s| s.effective_watts(wall_ms) < s.available_watts) {
-                return true; // Ramping.
+            // Ramping now, or at the last pass (which then showed a step short of the top).
+            let ramping = |s: &crate::power::Source| s.effective_watts(last_pass_unix_ms) < s.available_watts;
+            if power.table.sources().any(ramping) {
+                return true;
+            }
+            if power.table.grid_moves(last_pass_unix_ms, wall_ms) {
+                return true; // A grid window starts, ends or lifts.
             }
             if power.ramp_holding
                 || self.ramp_starts_held.load(std::sync::atomic::Ordering::Relaxed)
@@ -1002,6 +1017,14 @@ impl Controller {
 }
 
 /// Whether a node that should run `want` (job, shard, epoch) should run shard `key` at `epoch`.
+/// Sleep for `duration`, or forever when there is none.
+async fn sleep_or_never(duration: Option<Duration>) {
+    match duration {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn wants(want: &[(&str, u32, u64)], key: &ShardKey, epoch: u64) -> bool {
     want.contains(&(key.0.as_str(), key.1, epoch))
 }

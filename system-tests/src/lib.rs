@@ -11,6 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant as StdInstant};
 
+pub mod vtn;
+
 /// A workspace binary, beside the test binary's own directory (`target/<profile>/`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -13,6 +13,7 @@ pub mod ceilings;
 pub mod domain_allocation;
 pub mod domains;
 pub mod epochs;
+pub mod grid;
 pub mod meter;
 /// The speed-vs-cap curve lives in `watt-common`: the agent's simulated GPUs pace workers by it.
 pub use watt_common::curve;

@@ -1,11 +1,13 @@
-//! Power sources, site settings and power domains: the controller's copy, and as stored
-//! (`power/sources/<name>`, `power/site` and `power/domains/<name>`, JSON). A change that can only lower the budget is applied from memory at
+//! Power sources, site settings, power domains and the grid's schedule: the controller's copy,
+//! and as stored (`power/sources/<name>`, `power/site`, `power/domains/<name>` and
+//! `power/grid-schedule`, JSON). A change that can only lower the budget is applied from memory at
 //! once and stored after; one that may raise it is stored first (ARCHITECTURE.md, invariant 10):
 //! [`PowerTable::check`] says which. Validation names the field and changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::domains::{check_tree, Domain, DomainTree, DOMAINS_PREFIX};
+use super::grid::{GridLimit, GridSchedule, GridTarget, GRID_SCHEDULE_KEY, MAX_WINDOWS};
 use super::{Site, Source, SourceKind};
 use crate::spec::FieldError;
 use crate::store::{Expect, Store, StoreError, Write};
@@ -117,6 +119,8 @@ pub enum PowerChange {
     SetSite(SiteUpdate),
     SetDomain(Domain),
     RemoveDomain(String),
+    /// The grid's whole schedule, as the VTN's events say now (see [`crate::openadr`]).
+    SetGridSchedule(GridSchedule),
 }
 
 /// Which way a change moves the budget (ARCHITECTURE.md, invariant 10).
@@ -136,6 +140,7 @@ pub enum Applied {
     Site(Site),
     Domain(Domain),
     DomainRemoved(String),
+    GridSchedule { windows: usize },
 }
 
 /// The writes that store the table as of `generation`.
@@ -164,6 +169,7 @@ pub struct PowerTable {
     /// Changes to the domains so far: what a node's path in the tree was worked out for.
     domains_generation: u64,
     stored_domains: BTreeSet<String>,
+    grid: GridSchedule,
 }
 
 impl PowerTable {
@@ -183,8 +189,13 @@ impl PowerTable {
             let d: Domain = crate::store::decode_json(&e.key, &e.value)?;
             domains.insert(d.name.clone(), d);
         }
+        let grid = match store.get(GRID_SCHEDULE_KEY).await? {
+            Some(e) => crate::store::decode_json(&e.key, &e.value)?,
+            None => GridSchedule::default(),
+        };
         Ok(PowerTable {
             sources,
+            grid,
             site,
             generation: 0,
             stored: 0,
@@ -208,6 +219,7 @@ impl PowerTable {
             tree: std::sync::Arc::default(),
             domains_generation: 0,
             stored_domains: BTreeSet::new(),
+            grid: GridSchedule::default(),
         }
     }
 
@@ -235,7 +247,35 @@ impl PowerTable {
                 let supply: f64 = fed.map(|s| s.effective_watts(now_unix_ms)).sum();
                 d.limit_watts.min(super::safe_limit_watts(supply, &self.site))
             })
+            .zip(&self.tree.domains)
+            .map(|(limit, d)| self.grid.limit(&GridTarget::Domain(d.name.clone()), now_unix_ms, limit, None))
             .collect()
+    }
+
+    /// The grid's schedule: its windows on the site's import and on domains.
+    pub fn grid(&self) -> &GridSchedule {
+        &self.grid
+    }
+
+    /// Whether the grid's schedule moves the budget after `after` and up to `now`: a window
+    /// starts or ends, or one that ended was lifting at `after`.
+    pub fn grid_moves(&self, after_unix_ms: i64, now_unix_ms: i64) -> bool {
+        let grid_supply: f64 =
+            self.sources.values().filter(|s| s.kind == SourceKind::Grid).map(|s| s.available_watts).sum();
+        self.grid.next_change_after(after_unix_ms).is_some_and(|t| t <= now_unix_ms)
+            // Only the site's import lifts along a ramp; a domain's window lifts at once.
+            || self.grid.restoring(after_unix_ms, self.grid_restore_rate(), |t| match t {
+                GridTarget::Site => grid_supply,
+                GridTarget::Domain(_) => 0.0,
+            })
+    }
+
+    /// How fast the site's import limit lifts after a window ends: as the grid sources take up
+    /// load after a cut, when every one of them has a ramp; else at once.
+    fn grid_restore_rate(&self) -> Option<f64> {
+        let mut grid = self.sources.values().filter(|s| s.kind == SourceKind::Grid).peekable();
+        grid.peek()?;
+        grid.map(|s| s.ramp_watts_per_second).sum()
     }
 
     /// Changes to the domains so far (0 at load): nodes' paths in the tree hold until it moves.
@@ -251,9 +291,13 @@ impl PowerTable {
         self.site
     }
 
-    /// Σ what every source supplies at `now`.
+    /// Σ what every source supplies at `now`, the grid sources together no more than the grid's
+    /// schedule lets the site import.
     pub fn available_watts(&self, now_unix_ms: i64) -> f64 {
-        self.sources().map(|s| s.effective_watts(now_unix_ms)).sum()
+        let (grid, other): (Vec<&Source>, Vec<&Source>) = self.sources().partition(|s| s.kind == SourceKind::Grid);
+        let grid: f64 = grid.iter().map(|s| s.effective_watts(now_unix_ms)).sum();
+        let other: f64 = other.iter().map(|s| s.effective_watts(now_unix_ms)).sum();
+        other + self.grid.limit(&GridTarget::Site, now_unix_ms, grid, self.grid_restore_rate())
     }
 
     /// Changes applied so far (0 at load).
@@ -343,6 +387,12 @@ impl PowerTable {
                     .filter(|d| d.parent.as_deref() == Some(name.as_str()))
                     .map(|d| d.name.as_str())
                     .collect();
+                if let Some(w) = self.grid.windows.iter().find(|w| w.target == GridTarget::Domain(name.clone())) {
+                    return Err(PowerError::Invalid(FieldError::new(
+                        "name",
+                        format!("domain {name} is limited by the grid's event {}: it ends first", w.event),
+                    )));
+                }
                 if !children.is_empty() {
                     return Err(PowerError::Invalid(FieldError::new(
                         "name",
@@ -350,6 +400,10 @@ impl PowerTable {
                     )));
                 }
                 false
+            }
+            PowerChange::SetGridSchedule(schedule) => {
+                self.check_grid(schedule)?;
+                self.grid.only_tightens_to(schedule)
             }
         };
         Ok(if tightens { Direction::Tightens } else { Direction::Loosens })
@@ -394,9 +448,41 @@ impl PowerTable {
                 self.domains_changed();
                 Applied::DomainRemoved(name.clone())
             }
+            PowerChange::SetGridSchedule(schedule) => {
+                self.grid = schedule.clone();
+                Applied::GridSchedule { windows: schedule.windows.len() }
+            }
         };
         self.generation += 1;
         Ok(applied)
+    }
+
+    /// A schedule's windows each on their own, naming the field at fault.
+    fn check_grid(&self, schedule: &GridSchedule) -> Result<(), FieldError> {
+        if schedule.windows.len() > MAX_WINDOWS {
+            return Err(FieldError::new("grid.windows", format!("at most {MAX_WINDOWS} windows")));
+        }
+        for (i, w) in schedule.windows.iter().enumerate() {
+            let field = |name: &str| format!("grid.windows[{i}].{name}");
+            match w.limit {
+                GridLimit::Watts(v) if !(v.is_finite() && (0.0..=MAX_SOURCE_WATTS).contains(&v)) => {
+                    return Err(FieldError::new(field("limit"), format!("must be between 0 W and 100 GW (got {v} W)")));
+                }
+                GridLimit::Share(v) if !(v.is_finite() && (0.0..=1.0).contains(&v)) => {
+                    return Err(FieldError::new(field("limit"), format!("a share must be between 0 and 1 (got {v})")));
+                }
+                _ => {}
+            }
+            if w.start_unix_ms >= w.end_unix_ms {
+                return Err(FieldError::new(field("end_unix_ms"), "must come after its start"));
+            }
+            if let GridTarget::Domain(name) = &w.target {
+                if !self.domains.contains_key(name) {
+                    return Err(FieldError::new(field("target"), format!("no power domain named {name:?}")));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn domains_changed(&mut self) {
@@ -424,6 +510,11 @@ impl PowerTable {
         for gone in self.stored_domains.iter().filter(|name| !self.domains.contains_key(*name)) {
             writes.push(Write::delete(format!("{DOMAINS_PREFIX}{gone}"), Expect::Any));
         }
+        writes.push(Write::put(
+            GRID_SCHEDULE_KEY,
+            Expect::Any,
+            crate::store::encode_json(GRID_SCHEDULE_KEY, &self.grid)?,
+        ));
         Ok(Snapshot {
             generation: self.generation,
             writes,
@@ -594,5 +685,73 @@ mod tests {
         let mixed = SiteUpdate { reserve_ratio: Some(0.2), pue: Some(1.0), ..Default::default() };
         table.apply(&site(SiteUpdate { pue: Some(1.2), ..Default::default() }), 0).unwrap();
         assert_eq!(table.check(&site(mixed), 0).unwrap(), Direction::Loosens);
+    }
+
+    #[tokio::test]
+    async fn the_grid_schedule_caps_the_grid_sources_and_domains_is_durable_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path().join("w.redb")).unwrap();
+        let mut table = PowerTable::load(&store).await.unwrap();
+        table.apply(&source("grid", 8_000.0, Some(1_000.0)), -100_000).unwrap();
+        let generator = PowerChange::SetSource(SourceUpdate {
+            name: "gen".into(),
+            kind: SourceKind::Generator,
+            available_watts: 2_000.0,
+            ramp_watts_per_second: None,
+            domain: None,
+        });
+        table.apply(&generator, 0).unwrap();
+        table
+            .apply(
+                &PowerChange::SetDomain(Domain {
+                    name: "rack-1".into(),
+                    parent: None,
+                    limit_watts: 3_000.0,
+                    selector: [("rack".to_string(), "r1".to_string())].into_iter().collect(),
+                }),
+                0,
+            )
+            .unwrap();
+        let window = |target, watts, start, end| crate::power::grid::window("e1", target, watts, start, end);
+        let schedule = GridSchedule {
+            windows: vec![
+                window(GridTarget::Site, 6_000.0, 10_000, 40_000),
+                window(GridTarget::Domain("rack-1".into()), 1_000.0, 10_000, 40_000),
+            ],
+        };
+        let change = PowerChange::SetGridSchedule(schedule.clone());
+        assert_eq!(table.check(&change, 0).unwrap(), Direction::Tightens, "windows added only lower the budget");
+        table.apply(&change, 0).unwrap();
+        assert_eq!(table.available_watts(0), 10_000.0, "not yet in force");
+        assert_eq!(table.available_watts(10_000), 8_000.0, "the grid's import capped, the generator's not");
+        assert_eq!(table.domain_limits(10_000), vec![1_000.0]);
+        assert_eq!(table.domain_limits(40_000), vec![3_000.0], "a domain's window lifts at once");
+        assert_eq!(table.available_watts(41_000), 9_000.0, "the import lifts along the grid's ramp");
+        assert!(table.grid_moves(5_000, 10_000) && table.grid_moves(40_500, 41_000) && !table.grid_moves(0, 9_999));
+        assert!(table.grid_moves(41_900, 42_500), "lifting at the last pass: one more");
+        assert!(!table.grid_moves(42_100, 43_000), "lifted");
+        assert_eq!(
+            table.check(&PowerChange::SetGridSchedule(GridSchedule::default()), 20_000).unwrap(),
+            Direction::Loosens,
+            "dropping a window is stored first"
+        );
+        match table.check(&PowerChange::RemoveDomain("rack-1".into()), 0) {
+            Err(PowerError::Invalid(e)) => assert!(e.message.contains("e1"), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        let bad = [
+            (window(GridTarget::Site, f64::NAN, 0, 1), "grid.windows[0].limit"),
+            (window(GridTarget::Site, 1.0, 5, 5), "grid.windows[0].end_unix_ms"),
+            (window(GridTarget::Domain("nope".into()), 1.0, 0, 5), "grid.windows[0].target"),
+        ];
+        for (w, field) in bad {
+            match table.check(&PowerChange::SetGridSchedule(GridSchedule { windows: vec![w] }), 0) {
+                Err(PowerError::Invalid(e)) => assert_eq!(e.field, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        store.commit(table.snapshot().unwrap().writes).await.unwrap();
+        let reloaded = PowerTable::load(&store).await.unwrap();
+        assert_eq!(reloaded.grid(), &schedule, "stored with the sources");
     }
 }

@@ -1,0 +1,274 @@
+//! Grid events end to end, against the real OpenADR 3 reference VTN (`openleadr-vtn`) on
+//! Debian's PostgreSQL: the controller is the VEN of a program; the utility (the test, with the
+//! OpenADR client crate as business logic) sends an event cutting the site's import capacity by
+//! 25% starting in a few seconds for 30 s. Every cap is acknowledged within a second of the
+//! event's start, restored after its end along the grid's ramp, and the usage report is at the
+//! VTN. Bad events are ignored and counted; a VTN that cannot be reached leaves the known
+//! schedule in force until it ends.
+// Real processes on the real clock.
+#![allow(clippy::unwrap_used, clippy::disallowed_types)]
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use openleadr_client::{BusinessLogic, Client, ClientCredentials, ProgramClient};
+use openleadr_wire::event::{EventInterval, EventPayloadDescriptor, EventType, EventValuesMap};
+use openleadr_wire::interval::IntervalPeriod;
+use openleadr_wire::values_map::Value;
+use serde_json::Value as Json;
+use watt_system_tests::vtn::{Vtn, BL_CLIENT, VEN_CLIENT};
+use watt_system_tests::*;
+
+fn f(v: &Json, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+fn status(url: &str) -> Json {
+    wattctl_json(url, &["power", "status"])
+}
+
+fn caps(status: &Json) -> Vec<f64> {
+    status["jobs"].as_array().unwrap().iter().map(|j| f(j, "cap_watts")).collect()
+}
+
+fn metric(controller: &ControllerProc, name: &str) -> f64 {
+    samples(&controller.metrics(), name).iter().map(|(_, v)| v).sum()
+}
+
+fn duration(iso: &str) -> openleadr_wire::Duration {
+    serde_json::from_value(serde_json::json!(iso)).unwrap()
+}
+
+/// An event of `program` with one payload per interval, the intervals one after another from
+/// `start`, each `each` long.
+fn event(
+    program: &ProgramClient<BusinessLogic>,
+    name: &str,
+    start: chrono::DateTime<Utc>,
+    each: &str,
+    payloads: Vec<(EventType, Value)>,
+) -> openleadr_wire::event::EventRequest {
+    let intervals = payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, (kind, value))| EventInterval {
+            id: i as i32,
+            interval_period: None,
+            payloads: vec![EventValuesMap { value_type: kind, values: vec![value] }],
+        })
+        .collect();
+    let mut request = program.new_event(intervals);
+    request.event_name = Some(name.into());
+    request.interval_period = Some(IntervalPeriod { start, duration: Some(duration(each)), randomize_start: None });
+    request.payload_descriptors = Some(vec![EventPayloadDescriptor {
+        units: Some(openleadr_wire::Unit::KW),
+        ..EventPayloadDescriptor::new(EventType::ImportCapacityLimit)
+    }]);
+    request
+}
+
+fn events_text(url: &str) -> String {
+    String::from_utf8(wattctl(url, &["events"]).stdout).unwrap()
+}
+
+#[test]
+fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_reported() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut vtn = Vtn::start();
+    let utility = Client::<BusinessLogic>::with_url(
+        vtn.url.parse().unwrap(),
+        Some(ClientCredentials::new(BL_CLIENT.0.into(), BL_CLIENT.1.into())),
+    );
+    let program = rt.block_on(utility.create_program(openleadr_wire::program::ProgramRequest::new("watt-dr"))).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("ven-secret");
+    std::fs::write(&secret, format!("{}\n", VEN_CLIENT.1)).unwrap();
+    let store = format!("file:{}", dir.path().join("w.redb").display());
+    let controller = ControllerProc::start(
+        &store,
+        0,
+        &[
+            "--reconcile-interval",
+            "1s",
+            "--openadr-vtn",
+            &vtn.url,
+            "--openadr-client-id",
+            VEN_CLIENT.0,
+            "--openadr-secret-file",
+            secret.to_str().unwrap(),
+            "--openadr-programs",
+            "watt-dr",
+            "--openadr-poll",
+            "1s",
+        ],
+    );
+    let url = controller.url.clone();
+    let _agents: Vec<Proc> = (0..4).map(|i| agent(&url, &format!("adr-{i}"), 2)).collect();
+    wait_for(Duration::from_secs(30), "4 nodes ready", || {
+        let listed = wattctl_json(&url, &["nodes"]);
+        (listed.as_array().unwrap().iter().filter(|n| n["state"] == "ready").count() == 4).then_some(())
+    });
+    // 6 kW from the grid, taken up again at 1 kW/s after a cut; 8 GPUs at 700 W fit in it.
+    set_grid(&url, "6kW", Some("1kW/s"));
+    for i in 0..4 {
+        let manifest = format!(
+            "name: job-{i}\nshards: {{min: 1, max: 1}}\ngpus_per_shard: 2\nflex: 0.5\ncommand: {IDLE_COMMAND}\n"
+        );
+        assert!(submit(&url, &manifest).status.success());
+    }
+    wait_for(Duration::from_secs(30), "4 jobs at full power, the grid ramped up", || {
+        let s = status(&url);
+        let caps = caps(&s);
+        (caps.len() == 4 && caps.iter().all(|&c| c == 700.0) && f(&s, "available_watts") == 6_000.0).then_some(())
+    });
+    // The controller registered itself as a VEN.
+    wait_for(Duration::from_secs(10), "the VEN known to the VTN", || rt.block_on(utility.get_ven_by_name("watt")).ok());
+
+    // Bad events first: each ignored with its reason, counted once, never a limit.
+    let now = Utc::now();
+    let price = event(&program, "price", now, "PT1H", vec![(EventType::Price, Value::Number(0.31))]);
+    let mut overlapping = event(
+        &program,
+        "overlap",
+        now + chrono::Duration::seconds(60),
+        "PT1M",
+        vec![(EventType::ImportCapacityLimit, Value::Number(1.0))],
+    );
+    let second = EventInterval {
+        id: 1,
+        interval_period: Some(IntervalPeriod {
+            start: now + chrono::Duration::seconds(90),
+            duration: Some(duration("PT1M")),
+            randomize_start: None,
+        }),
+        payloads: vec![EventValuesMap { value_type: EventType::ImportCapacityLimit, values: vec![Value::Number(0.5)] }],
+    };
+    overlapping.intervals.as_mut().unwrap().push(second);
+    let past = event(
+        &program,
+        "past",
+        now - chrono::Duration::hours(2),
+        "PT1H",
+        vec![(EventType::ImportCapacityLimit, Value::Number(0.1))],
+    );
+    for bad in [price, overlapping, past] {
+        rt.block_on(program.create_event(bad)).unwrap();
+    }
+    wait_for(Duration::from_secs(10), "the bad events counted", || {
+        let text = controller.metrics();
+        let ignored = samples(&text, "watt_openadr_ignored_events_total");
+        let count = |reason: &str| ignored.iter().filter(|(l, _)| l.contains(reason)).map(|(_, v)| v).sum::<f64>();
+        (count("unsupported-payloads") == 1.0 && count("overlapping-intervals") == 1.0 && count("\"ended\"") == 1.0)
+            .then_some(())
+    });
+    let s = status(&url);
+    assert_eq!(f(&s, "available_watts"), 6_000.0, "no bad event sets a limit: {s}");
+    assert!(events_text(&url).contains("grid-event-ignored"));
+
+    // The event: import capacity 25% lower, 4.5 kW, from 4 s from now for 30 s.
+    let before =
+        samples(&controller.metrics(), "watt_power_event_to_ack_seconds_count").iter().map(|(_, v)| v).sum::<f64>();
+    let start = Utc::now() + chrono::Duration::seconds(4);
+    let cut = event(&program, "peak", start, "PT30S", vec![(EventType::ImportCapacityLimit, Value::Number(4.5))]);
+    let created = rt.block_on(program.create_event(cut)).unwrap();
+    wait_for(Duration::from_secs(4), "the event scheduled before its start", || {
+        events_text(&url).contains("grid-event-scheduled").then_some(())
+    });
+    assert!(Utc::now() < start, "scheduled only after its start");
+    assert_eq!(caps(&status(&url)), vec![700.0; 4], "nothing moves before the start");
+    // Every cap lowered and acknowledged within a second of the start.
+    let start_instant = Instant::now() + (start - Utc::now()).to_std().unwrap();
+    let limit = 4_500.0 * 0.95;
+    let (seen, s) = wait_for(Duration::from_secs(10), "the cut's caps acknowledged", || {
+        let s = status(&url);
+        let done = f(&s, "available_watts") == 4_500.0
+            && f(&s, "counted_watts") <= limit + 1e-6
+            && s["unacknowledged_nodes"] == 0
+            && caps(&s).iter().all(|&c| c < 700.0);
+        done.then(|| (Instant::now(), s))
+    });
+    let after_start = seen.saturating_duration_since(start_instant);
+    eprintln!("caps {:?} acknowledged; seen {:.3} s after the start", caps(&s), after_start.as_secs_f64());
+    // Seen by polling wattctl, which itself takes a moment: the controller's own timing is exact.
+    assert!(after_start < Duration::from_millis(1_500), "{after_start:?}");
+    idle(Duration::from_secs(1));
+    let text = controller.metrics();
+    let count = samples(&text, "watt_power_event_to_ack_seconds_count").iter().map(|(_, v)| v).sum::<f64>();
+    let within_1s = samples(&text, "watt_power_event_to_ack_seconds_bucket")
+        .iter()
+        .filter(|(labels, _)| labels.contains("le=\"1\""))
+        .map(|(_, v)| *v)
+        .sum::<f64>();
+    let sum = metric(&controller, "watt_power_event_to_ack_seconds_sum");
+    eprintln!("power events acknowledged: {count} (before the cut {before}), within 1 s: {within_1s}, sum {sum:.3} s");
+    assert!(count > before, "the event's start was a power event");
+    assert_eq!(within_1s, count, "every power event acknowledged within 1 s");
+    assert_eq!(metric(&controller, "watt_grid_windows_in_force"), 1.0);
+    assert!(text.contains("watt_grid_limit_watts{target=\"site\"} 4500"), "{text}");
+
+    // The meter judges: measured draw under the limit once settled.
+    idle(Duration::from_secs(3));
+    let s = status(&url);
+    assert!(f(&s, "measured_watts") <= limit, "{s}");
+    assert_eq!(s["budget_violations"], 0);
+    assert_eq!(s["measured_violations"], 0);
+
+    // The end: the import lifts along the grid's ramp (1 kW/s), not in one step.
+    let end_instant = start_instant + Duration::from_secs(30);
+    idle(end_instant.saturating_duration_since(Instant::now()));
+    let mut lifting = Vec::new();
+    let restored = wait_for(Duration::from_secs(15), "full power again", || {
+        let s = status(&url);
+        let available = f(&s, "available_watts");
+        if available > 4_500.0 && available < 6_000.0 {
+            lifting.push(available);
+        }
+        (available == 6_000.0 && caps(&s).iter().all(|&c| c == 700.0) && s["unacknowledged_nodes"] == 0)
+            .then_some(available)
+    });
+    eprintln!("import while lifting: {lifting:?}; restored at {restored} W");
+    assert!(!lifting.is_empty(), "the import stepped back at once");
+    assert_eq!(restored, 6_000.0);
+
+    // The report of the interval at the VTN: what the site drew, and that it was curtailed.
+    let report = wait_for(Duration::from_secs(10), "the interval's report at the VTN", || {
+        let event = rt.block_on(utility.get_event_by_id(created.id())).ok()?;
+        let reports = rt.block_on(event.get_report_list(Some("watt"))).ok()?;
+        reports
+            .into_iter()
+            .map(|r| serde_json::to_value(r.content()).unwrap())
+            .find(|r| r.to_string().contains("USAGE"))
+    });
+    eprintln!("report: {report}");
+    let payloads = report["resources"][0]["intervals"][0]["payloads"].as_array().unwrap().clone();
+    let value = |kind: &str| payloads.iter().find(|p| p["type"] == kind).map(|p| p["values"][0].clone());
+    let kwh = value("USAGE").and_then(|v| v.as_f64()).unwrap();
+    let kw = value("DEMAND").and_then(|v| v.as_f64()).unwrap();
+    assert!(kwh > 0.0 && kw > 0.0 && kw <= limit / 1000.0, "usage {kwh} kWh, demand {kw} kW");
+    assert_eq!(value("OPERATING_STATE"), Some(Json::String("RUNNING_CURTAILED".into())));
+
+    // A VTN out of reach: the event in force holds until its end, then the sources' limit again.
+    let start = Utc::now() + chrono::Duration::seconds(3);
+    let cut = event(&program, "peak-2", start, "PT10S", vec![(EventType::ImportCapacityLimit, Value::Number(5.0))]);
+    rt.block_on(program.create_event(cut)).unwrap();
+    wait_for(Duration::from_secs(8), "the second event in force", || {
+        (f(&status(&url), "available_watts") == 5_000.0).then_some(())
+    });
+    vtn.stop();
+    wait_for(Duration::from_secs(15), "the VTN seen unreachable", || {
+        (metric(&controller, "watt_openadr_vtn_up") == 0.0).then_some(())
+    });
+    let end = start + chrono::Duration::seconds(10);
+    if Utc::now() < end - chrono::Duration::milliseconds(500) {
+        assert_eq!(f(&status(&url), "available_watts"), 5_000.0, "the known schedule holds");
+    }
+    wait_for(Duration::from_secs(15), "the sources' limit again after its end", || {
+        (f(&status(&url), "available_watts") == 6_000.0).then_some(())
+    });
+    assert!(events_text(&url).contains("vtn-unreachable"));
+    vtn.restart();
+    wait_for(Duration::from_secs(15), "the VTN read again", || {
+        (metric(&controller, "watt_openadr_vtn_up") == 1.0).then_some(())
+    });
+}
