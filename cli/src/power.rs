@@ -217,6 +217,54 @@ impl DomainView {
     }
 }
 
+/// One window of a grid event (OpenADR): a limit on the site's import or on a domain.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GridWindowView {
+    pub event: String,
+    pub interval: i32,
+    pub program: String,
+    pub event_name: String,
+    /// Empty: the site's import from the grid.
+    pub domain: String,
+    /// At most this many watts, or (`share` above 0) that share of the grid's supply.
+    pub limit_watts: f64,
+    pub share: f64,
+    pub start_unix_ms: i64,
+    pub end_unix_ms: i64,
+    pub in_force: bool,
+}
+
+/// How the controller's VEN stands with its VTN.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GridLinkView {
+    pub vtn: String,
+    pub ven_name: String,
+    pub reachable: bool,
+    pub last_read_unix_ms: i64,
+    pub error: String,
+}
+
+impl GridWindowView {
+    fn limit_text(&self) -> String {
+        if self.share > 0.0 {
+            format!("{:.0}% of grid", self.share * 100.0)
+        } else {
+            show_watts(self.limit_watts)
+        }
+    }
+}
+
+/// "in 5 s", "12 s ago": `at` as seen at `now`.
+fn relative(at_ms: i64, now_ms: i64) -> String {
+    let seconds = (at_ms - now_ms) as f64 / 1000.0;
+    let text = |s: f64| if s >= 120.0 { format!("{:.0} min", s / 60.0) } else { format!("{s:.0} s") };
+    if seconds >= 0.0 {
+        format!("in {}", text(seconds))
+    } else {
+        format!("{} ago", text(-seconds))
+    }
+}
+
 /// `wattctl power status -o json`: stable field names.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PowerView {
@@ -259,6 +307,9 @@ pub struct PowerView {
     pub jobs: Vec<JobPowerView>,
     /// The power domains, parents before children.
     pub domains: Vec<DomainView>,
+    /// The grid's schedule (OpenADR events), and the VTN it comes from, if any.
+    pub grid_windows: Vec<GridWindowView>,
+    pub grid_link: Option<GridLinkView>,
     pub notes: Vec<String>,
     pub unix_ms: i64,
 }
@@ -321,6 +372,29 @@ impl From<pb::PowerStatus> for PowerView {
                 })
                 .collect(),
             domains: DomainView::all(s.domains),
+            grid_windows: s
+                .grid_windows
+                .into_iter()
+                .map(|w| GridWindowView {
+                    event: w.event,
+                    interval: w.interval,
+                    program: w.program,
+                    event_name: w.event_name,
+                    domain: w.domain,
+                    limit_watts: w.limit_watts,
+                    share: w.share,
+                    start_unix_ms: w.start_unix_ms,
+                    end_unix_ms: w.end_unix_ms,
+                    in_force: w.in_force,
+                })
+                .collect(),
+            grid_link: s.grid_link.map(|l| GridLinkView {
+                vtn: l.vtn,
+                ven_name: l.ven_name,
+                reachable: l.reachable,
+                last_read_unix_ms: l.last_read_unix_ms,
+                error: l.error,
+            }),
             notes: s.notes,
             unix_ms: s.unix_ms,
         }
@@ -451,9 +525,56 @@ impl PowerView {
             out.push_str("\nDomains:\n");
             out.push_str(&DomainView::tree(&self.domains));
         }
+        out.push_str(&self.grid_text());
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");
         }
+        out
+    }
+
+    /// The grid's schedule and its VTN, when there is either.
+    fn grid_text(&self) -> String {
+        let mut out = String::new();
+        if let Some(link) = &self.grid_link {
+            let state = if link.reachable {
+                format!("reachable, read {}", relative(link.last_read_unix_ms.min(self.unix_ms), self.unix_ms))
+            } else {
+                format!("UNREACHABLE ({}); the known schedule holds until it ends", link.error)
+            };
+            let _ = writeln!(out, "\nGrid events: VTN {} as VEN {}: {state}", link.vtn, link.ven_name);
+        } else if !self.grid_windows.is_empty() {
+            out.push_str("\nGrid events:\n");
+        }
+        if self.grid_windows.is_empty() {
+            if self.grid_link.is_some() {
+                out.push_str("  none scheduled\n");
+            }
+            return out;
+        }
+        let rows: Vec<Vec<String>> = self
+            .grid_windows
+            .iter()
+            .map(|w| {
+                let name = if w.event_name.is_empty() { w.event.clone() } else { w.event_name.clone() };
+                let state = if w.in_force {
+                    "IN FORCE"
+                } else if w.start_unix_ms > self.unix_ms {
+                    "scheduled"
+                } else {
+                    "ended"
+                };
+                vec![
+                    format!("  {name}#{}", w.interval),
+                    w.program.clone(),
+                    if w.domain.is_empty() { "site import".into() } else { w.domain.clone() },
+                    w.limit_text(),
+                    relative(w.start_unix_ms, self.unix_ms),
+                    relative(w.end_unix_ms, self.unix_ms),
+                    state.into(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["  EVENT", "PROGRAM", "TARGET", "LIMIT", "STARTS", "ENDS", "STATE"], &rows));
         out
     }
 

@@ -387,6 +387,7 @@ impl Controller {
             foreign_watts,
             swing: swings.site.map(swing_proto),
             domains: domain_status(&power.table, &tree, &domain_limits, &domain_books),
+            grid_windows: power.table.grid().windows.iter().map(|w| grid_window_proto(w, wall_ms)).collect(),
             ramp_1s_watts_per_second: self.ramp_rate(now_ms, 1_000),
             ramp_60s_watts_per_second: self.ramp_rate(now_ms, 60_000),
             // The meter's figures (see `Controller::look_at_the_meter`) carry over between passes.
@@ -394,6 +395,30 @@ impl Controller {
         };
         self.metrics.observe_power(&status);
         self.power_status.send_replace(status);
+    }
+}
+
+/// A window of the grid's schedule as the status shows it.
+fn grid_window_proto(w: &crate::power::grid::GridWindow, now_unix_ms: i64) -> pb::GridWindow {
+    use crate::power::grid::{GridLimit, GridTarget};
+    let (limit_watts, share) = match w.limit {
+        GridLimit::Watts(watts) => (watts, 0.0),
+        GridLimit::Share(share) => (0.0, share),
+    };
+    pb::GridWindow {
+        event: w.event.clone(),
+        interval: w.interval,
+        program: w.program.clone(),
+        event_name: w.event_name.clone().unwrap_or_default(),
+        domain: match &w.target {
+            GridTarget::Site => String::new(),
+            GridTarget::Domain(d) => d.clone(),
+        },
+        limit_watts,
+        share,
+        start_unix_ms: w.start_unix_ms,
+        end_unix_ms: w.end_unix_ms,
+        in_force: w.in_force(now_unix_ms),
     }
 }
 

@@ -110,6 +110,8 @@ pub struct Controller {
     /// [`crate::swings`].
     pub(crate) swings: crate::swings::Swings,
     pub(crate) last_swings: std::sync::Mutex<crate::swings::SwingReport>,
+    /// How this term's VEN stands with its VTN (see [`crate::openadr::ven`]); `None`: no VTN.
+    pub(crate) grid_link: std::sync::Mutex<Option<pb::GridLink>>,
     /// Counted power over the last minute, for the site's ramp limit: see
     /// [`crate::power::ramp`]. Locked after `power`; the meter takes it alone.
     pub(crate) ramp: std::sync::Mutex<crate::power::ramp::CountedHistory>,
@@ -220,6 +222,7 @@ impl Controller {
             ramp: std::sync::Mutex::new(crate::power::ramp::CountedHistory::default()),
             swings: crate::swings::Swings::default(),
             last_swings: std::sync::Mutex::new(crate::swings::SwingReport::default()),
+            grid_link: std::sync::Mutex::new(None),
             ramp_starts_held: std::sync::atomic::AtomicBool::new(false),
             ramp_downs_running: std::sync::atomic::AtomicBool::new(false),
             clock,
@@ -290,6 +293,7 @@ impl Controller {
         status.drawn_watts = nodes.values().map(crate::registry::NodeEntry::drawn_gpu_watts).sum();
         status.change_unstored = self.power_writer.behind();
         status.caretaker_term = if self.caretaking() { self.term } else { 0 };
+        status.grid_link = self.grid_link.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         status
     }
 

@@ -100,7 +100,8 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
             "WattScrapeFailing",
             "WattRampAboveLimit",
             "WattPowerSwing",
-            "WattDomainOverLimit"
+            "WattDomainOverLimit",
+            "WattVtnUnreachable"
         ]
     );
     let test = find(&docs, "Pod", "watt-test-controller");

@@ -205,6 +205,10 @@ fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_r
     assert!(count > before, "the event's start was a power event");
     assert_eq!(within_1s, count, "every power event acknowledged within 1 s");
     assert_eq!(metric(&controller, "watt_grid_windows_in_force"), 1.0);
+    let shown = String::from_utf8(wattctl(&url, &["power", "status"]).stdout).unwrap();
+    eprintln!("{shown}");
+    assert!(shown.contains("as VEN watt: reachable") && shown.contains("peak#0"), "{shown}");
+    assert!(shown.contains("site import") && shown.contains("4.5 kW") && shown.contains("IN FORCE"), "{shown}");
     assert!(text.contains("watt_grid_limit_watts{target=\"site\"} 4500"), "{text}");
 
     // The meter judges: measured draw under the limit once settled.
@@ -257,8 +261,11 @@ fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_r
     });
     vtn.stop();
     wait_for(Duration::from_secs(15), "the VTN seen unreachable", || {
-        (metric(&controller, "watt_openadr_vtn_up") == 0.0).then_some(())
+        let up = samples(&controller.metrics(), "watt_openadr_vtn_up");
+        (up.len() == 1 && up[0].1 == 0.0 && up[0].0.contains(&vtn.url)).then_some(())
     });
+    let shown = String::from_utf8(wattctl(&url, &["power", "status"]).stdout).unwrap();
+    assert!(shown.contains("UNREACHABLE") && shown.contains("the known schedule holds"), "{shown}");
     let end = start + chrono::Duration::seconds(10);
     if Utc::now() < end - chrono::Duration::milliseconds(500) {
         assert_eq!(f(&status(&url), "available_watts"), 5_000.0, "the known schedule holds");

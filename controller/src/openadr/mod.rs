@@ -10,13 +10,14 @@
 pub mod events;
 pub mod ven;
 
-use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// The VEN's metrics, registered once with the controller's; each term's VEN writes them.
 #[derive(Debug, Clone)]
 pub struct GridMetrics {
-    /// 1 while the last read of the VTN succeeded (0 also when no VTN is configured).
-    pub vtn_up: IntGauge,
+    /// By VTN: 1 while the leader's last read of it succeeded. No series where no VTN is
+    /// configured, nor on followers.
+    pub vtn_up: IntGaugeVec,
     /// Reads of the VTN, by outcome (`ok`, `unreachable`).
     pub reads: IntCounterVec,
     /// Events ignored, by [`events::Ignored::label`]; each counted once per version.
@@ -31,7 +32,10 @@ pub struct GridMetrics {
 impl GridMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<GridMetrics> {
         let metrics = GridMetrics {
-            vtn_up: IntGauge::new("watt_openadr_vtn_up", "1 while the last read of the OpenADR VTN succeeded.")?,
+            vtn_up: IntGaugeVec::new(
+                Opts::new("watt_openadr_vtn_up", "1 while the leader's last read of its OpenADR VTN succeeded, 0 while it fails."),
+                &["vtn"],
+            )?,
             reads: IntCounterVec::new(
                 Opts::new("watt_openadr_reads_total", "Reads of the OpenADR VTN's programs and events, by outcome."),
                 &["outcome"],

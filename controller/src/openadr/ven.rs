@@ -88,9 +88,12 @@ pub async fn run(controller: Arc<Controller>, config: OpenAdrConfig, stop: impl 
         tokio::select! {
             _ = poll.tick() => read(&controller, &client, &config, &reading, &mut state).await,
             _ = sample.tick() => account(&controller, &client, &config, &mut state).await,
-            () = &mut stop => return,
+            () = &mut stop => break,
         }
     }
+    // Another controller leads now: its VEN speaks for the site.
+    let _ = controller.metrics.grid.vtn_up.remove_label_values(&[config.vtn.as_str()]);
+    *controller.grid_link.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
 }
 
 fn connect(config: &OpenAdrConfig) -> Result<Client<VirtualEndNode>, String> {
@@ -122,11 +125,12 @@ async fn read(
         Err(_) => return unreachable(controller, config, state, "no answer within 10 s"),
     };
     controller.metrics.grid.reads.with_label_values(&["ok"]).inc();
-    controller.metrics.grid.vtn_up.set(1);
+    controller.metrics.grid.vtn_up.with_label_values(&[config.vtn.as_str()]).set(1);
     if state.reachable == Some(false) {
         controller.emit("grid", &config.ven_name, "vtn-reachable", format!("the VTN {} answers again", config.vtn));
     }
     state.reachable = Some(true);
+    link(controller, config, now, None);
 
     let (old, domains) = {
         let power = controller.power.lock().await;
@@ -233,7 +237,7 @@ fn describe(windows: &[&GridWindow], now: i64) -> String {
 /// The VTN could not be read: keep the schedule, say so once, count it.
 fn unreachable(controller: &Controller, config: &OpenAdrConfig, state: &mut VenState, error: &str) {
     controller.metrics.grid.reads.with_label_values(&["unreachable"]).inc();
-    controller.metrics.grid.vtn_up.set(0);
+    controller.metrics.grid.vtn_up.with_label_values(&[config.vtn.as_str()]).set(0);
     if state.reachable != Some(false) {
         tracing::warn!(vtn = %config.vtn, error, "Cannot read the OpenADR VTN; keeping the grid's schedule as known until it ends.");
         controller.emit(
@@ -244,6 +248,20 @@ fn unreachable(controller: &Controller, config: &OpenAdrConfig, state: &mut VenS
         );
     }
     state.reachable = Some(false);
+    link(controller, config, 0, Some(error));
+}
+
+/// What the power status shows of the VTN: reachable (read at `now`), or not and why.
+fn link(controller: &Controller, config: &OpenAdrConfig, now: i64, error: Option<&str>) {
+    let mut link = controller.grid_link.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let last_read_unix_ms = if error.is_none() { now } else { link.as_ref().map_or(0, |l| l.last_read_unix_ms) };
+    *link = Some(watt_proto::v1::GridLink {
+        vtn: config.vtn.to_string(),
+        ven_name: config.ven_name.clone(),
+        reachable: error.is_none(),
+        last_read_unix_ms,
+        error: error.unwrap_or_default().to_string(),
+    });
 }
 
 /// The enrolled programs' events, each with its program's name; registers the VEN if need be.
