@@ -77,6 +77,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let Backend { gpus: backend, sim } = backend;
+    // Before anything else: a node that cannot say which rack it stands in does not start.
+    let labels = labels(&config).await?;
     let Listeners { metrics: listener, logs: logs_listener } = listeners;
     let agent_metrics = AgentMetrics::new()?;
     let session_metrics = match config.controller {
@@ -183,7 +185,7 @@ pub async fn run(
             log_access: log_access.clone(),
             metrics,
             power_trace,
-            labels: config.labels.clone(),
+            labels,
         };
         tokio::spawn(session::run(
             session_config,
@@ -276,4 +278,20 @@ fn shard_cgroups(
 /// A random identity for this run of the agent.
 fn boot_id() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// The node's labels: those `--labels-from-node` names, read from its Node object, then
+/// `--labels` over them.
+async fn labels(config: &AgentConfig) -> Result<std::collections::BTreeMap<String, String>, AgentError> {
+    if config.labels_from_node.is_empty() {
+        return Ok(config.labels.clone());
+    }
+    let cluster =
+        crate::node_labels::InCluster::from_env(&config.service_account_dir).map_err(AgentError::NodeLabels)?;
+    let mut labels = crate::node_labels::read(&cluster, &config.node_name, &config.labels_from_node)
+        .await
+        .map_err(AgentError::NodeLabels)?;
+    tracing::info!(node = %config.node_name, ?labels, "Labels read from the node's Kubernetes Node object.");
+    labels.extend(config.labels.clone());
+    Ok(labels)
 }

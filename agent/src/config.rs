@@ -214,6 +214,15 @@ pub struct Args {
     /// racks) select their nodes by them.
     #[arg(long, env = "WATT_LABELS", value_name = "KEY=VALUE[,KEY=VALUE...]")]
     pub labels: Option<String>,
+
+    /// Inside Kubernetes: copy these labels of this node's Node object (`example.com/rack,…`),
+    /// read once at start with the pod's service account; --labels given as well win.
+    #[arg(long, env = "WATT_LABELS_FROM_NODE", value_name = "KEY[,KEY...]", value_delimiter = ',')]
+    pub labels_from_node: Option<Vec<String>>,
+
+    /// Where the pod's service account is mounted, for --labels-from-node.
+    #[arg(long, env = "WATT_SERVICE_ACCOUNT_DIR", value_name = "DIR")]
+    pub service_account_dir: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags, in snake_case.
@@ -256,6 +265,8 @@ pub struct FileConfig {
     pub powercap_root: Option<PathBuf>,
     pub sim_foreign_gpus: Option<Vec<u32>>,
     pub labels: Option<String>,
+    pub labels_from_node: Option<Vec<String>>,
+    pub service_account_dir: Option<PathBuf>,
 }
 
 /// The configuration the agent runs with: every value present and valid.
@@ -292,6 +303,9 @@ pub struct AgentConfig {
     pub powercap_root: PathBuf,
     pub sim_foreign_gpus: Vec<u32>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Label keys to copy from the node's Kubernetes Node object (see [`crate::node_labels`]).
+    pub labels_from_node: Vec<String>,
+    pub service_account_dir: PathBuf,
 }
 
 /// The agent's credentials for its controller session, as files.
@@ -349,6 +363,7 @@ impl ConfigError {
             "token_file" => "token-file",
             "bootstrap_token_file" => "bootstrap-token-file",
             "run_as" => "run-as",
+            "labels_from_node" => "labels-from-node",
             other => other,
         };
         ConfigError::Invalid { flag, key, message }
@@ -425,6 +440,25 @@ impl Args {
             sim_foreign_gpus: self.sim_foreign_gpus.clone().or(file.sim_foreign_gpus).unwrap_or_default(),
             labels: parse_labels(self.labels.as_deref().or(file.labels.as_deref()).unwrap_or(""))
                 .map_err(|e| ConfigError::invalid("labels", e))?,
+            labels_from_node: self
+                .labels_from_node
+                .clone()
+                .or(file.labels_from_node)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .map(|k| {
+                    watt_common::names::check_label(&k, "x")
+                        .map(|()| k)
+                        .map_err(|e| ConfigError::invalid("labels_from_node", e))
+                })
+                .collect::<Result<Vec<String>, ConfigError>>()?,
+            service_account_dir: self
+                .service_account_dir
+                .clone()
+                .or(file.service_account_dir)
+                .unwrap_or_else(|| PathBuf::from(crate::node_labels::SERVICE_ACCOUNT_DIR)),
         };
         config.validate()?;
         Ok(config)

@@ -17,6 +17,9 @@ pub enum AgentError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Failsafe(#[from] crate::enforcer::FailsafeCapError),
+    /// `--labels-from-node`: the node's labels could not be read.
+    #[error("cannot read this node's labels from Kubernetes (--labels-from-node): {0}")]
+    NodeLabels(String),
 }
 
 impl AgentError {
@@ -26,7 +29,11 @@ impl AgentError {
         match self {
             AgentError::Config(_) | AgentError::Failsafe(_) => 2,
             AgentError::Gpu(GpuError::LibraryMissing { .. }) => 2,
-            AgentError::Gpu(_) | AgentError::Listen { .. } | AgentError::Io { .. } | AgentError::Metrics(_) => 1,
+            AgentError::Gpu(_)
+            | AgentError::Listen { .. }
+            | AgentError::Io { .. }
+            | AgentError::Metrics(_)
+            | AgentError::NodeLabels(_) => 1,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod host;
 pub mod https;
 pub mod logs;
+pub mod node_labels;
 pub mod power_trace;
 pub mod powercap;
 pub mod progress;

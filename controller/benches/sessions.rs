@@ -7,7 +7,7 @@
 //!
 //!     cargo bench -p watt-controller --bench sessions -- [--agents 25000] [--seconds 30] [--events 5]
 //!         [--tls | --connection-per-agent] [--restart] [--store etcd://HOST:PORT [--failover]]
-//!         [--domains]
+//!         [--domains] [--grid-events]
 //!
 //! By default the agents share a few HTTP/2 connections and prove their names with bearer
 //! tokens. `--tls`: each agent has a TLS connection of its own and presents a node certificate
@@ -23,6 +23,10 @@
 //! real agent does, try the other when one refuses or fails, pausing at most a second while a
 //! controller answers that none leads. `--domains`: the controller holds a tree of power domains
 //! (10 feeds, 250 rows, 3,125 racks at 25,000 agents) that the agents' labels place them in.
+//! `--grid-events`: each cut is an OpenADR event instead of `set-source`: the controller is the VEN
+//! of the real reference VTN (`openleadr-vtn` on PostgreSQL, as `scripts/test` installs them),
+//! the bench its utility; an `IMPORT_CAPACITY_LIMIT` event starts 3 s after it is sent and lasts
+//! 10 s, and its start and its end are the events timed (the end lifts the limit at once).
 //!
 //! The controller runs as its own release process (the real binary); the generator shares the
 //! machine with it, so the controller's figures are read from /proc for its PID alone. Each
@@ -388,6 +392,28 @@ fn main() {
             controller_args.extend([flag.to_string(), file.display().to_string()]);
         }
     }
+    // `--grid-events`: the VTN, and the controller as its VEN polling every second.
+    let grid = flags.iter().any(|a| a == "--grid-events").then(|| {
+        let vtn = watt_system_tests::vtn::Vtn::start();
+        let secret = dir.path().join("ven-secret");
+        std::fs::write(&secret, watt_system_tests::vtn::VEN_CLIENT.1).unwrap();
+        controller_args.extend(
+            [
+                "--openadr-vtn",
+                &vtn.url,
+                "--openadr-client-id",
+                watt_system_tests::vtn::VEN_CLIENT.0,
+                "--openadr-secret-file",
+                secret.to_str().unwrap(),
+                "--openadr-programs",
+                "bench-dr",
+                "--openadr-poll",
+                "1s",
+            ]
+            .map(String::from),
+        );
+        vtn
+    });
     let mut controller = start_controller(&controller_args);
     let pid = controller.id();
     if flags.iter().any(|a| a == "--domains") {
@@ -536,7 +562,7 @@ fn main() {
     }
     let events = arg("--events", 5);
     if events > 0 {
-        power_events(&runtime, &url, pki.as_ref().map(|p| p.ca.clone()), metrics_port, agents, events);
+        power_events(&runtime, &url, pki.as_ref().map(|p| p.ca.clone()), metrics_port, agents, events, grid.as_ref());
     }
     let _ = controller.kill();
     let _ = controller.wait();
@@ -606,6 +632,7 @@ fn power_events(
     metrics_port: u16,
     agents: usize,
     events: u64,
+    vtn: Option<&watt_system_tests::vtn::Vtn>,
 ) {
     use watt_proto::v1::control_service_client::ControlServiceClient;
     use watt_proto::v1::power_service_client::PowerServiceClient;
@@ -714,6 +741,15 @@ fn power_events(
     // The cut: 25% of the grid; under `--domains`, whose racks already hold the cluster near
     // 79% of its GPUs' full power, a cut to half of the grid (60% of full power) that binds.
     let cut = if std::env::args().any(|a| a == "--domains") { 0.5 } else { 0.75 };
+    let program = vtn.map(|vtn| {
+        use openleadr_client::{BusinessLogic, Client, ClientCredentials};
+        let (id, secret) = watt_system_tests::vtn::BL_CLIENT;
+        let utility = Client::<BusinessLogic>::with_url(
+            vtn.url.parse().unwrap(),
+            Some(ClientCredentials::new(id.into(), secret.into())),
+        );
+        runtime.block_on(utility.create_program(openleadr_wire::program::ProgramRequest::new("bench-dr"))).unwrap()
+    });
     for _ in 0..events {
         for (share, out) in [(cut, &mut cuts), (1.0, &mut restores)] {
             let (sum0, count0) = (
@@ -721,7 +757,12 @@ fn power_events(
                 metric(metrics_port, "watt_power_event_to_ack_seconds_count"),
             );
             let before = read();
-            set(&mut power, full * share);
+            match &program {
+                None => set(&mut power, full * share),
+                // The event's start is the cut; its end, 10 s later, the restore.
+                Some(program) if share < 1.0 => grid_event(runtime, program, full * share),
+                Some(_) => {}
+            }
             let start = Instant::now();
             // The controller times the event itself; polling its metrics (a few thousand series
             // at this size) more often would only take its CPU during the event.
@@ -740,6 +781,9 @@ fn power_events(
         }
     }
     let passes = metric(metrics_port, "watt_reconcile_duration_seconds_count");
+    if program.is_some() {
+        println!("grid events: each cut an OpenADR IMPORT_CAPACITY_LIMIT event's start, each restore its end");
+    }
     let pass_seconds = metric(metrics_port, "watt_reconcile_duration_seconds_sum") / passes.max(1.0);
     println!("reconcile passes: {passes}, mean {:.1} ms", pass_seconds * 1e3);
     let show = |v: &[f64]| {
@@ -757,4 +801,32 @@ fn power_events(
         show(&restores),
         metric(metrics_port, "watt_budget_violations_total{basis=\"counted\"}")
     );
+}
+
+/// Send an `IMPORT_CAPACITY_LIMIT` event of `watts` to the VTN, starting in 3 s for 10 s.
+fn grid_event(
+    runtime: &tokio::runtime::Runtime,
+    program: &openleadr_client::ProgramClient<openleadr_client::BusinessLogic>,
+    watts: f64,
+) {
+    use openleadr_wire::event::{EventInterval, EventPayloadDescriptor, EventType, EventValuesMap};
+    let interval = EventInterval {
+        id: 0,
+        interval_period: None,
+        payloads: vec![EventValuesMap {
+            value_type: EventType::ImportCapacityLimit,
+            values: vec![openleadr_wire::values_map::Value::Number(watts / 1000.0)],
+        }],
+    };
+    let mut event = program.new_event(vec![interval]);
+    event.interval_period = Some(openleadr_wire::interval::IntervalPeriod {
+        start: chrono::Utc::now() + chrono::Duration::seconds(3),
+        duration: serde_json::from_value(serde_json::json!("PT10S")).ok(),
+        randomize_start: None,
+    });
+    event.payload_descriptors = Some(vec![EventPayloadDescriptor {
+        units: Some(openleadr_wire::Unit::KW),
+        ..EventPayloadDescriptor::new(EventType::ImportCapacityLimit)
+    }]);
+    runtime.block_on(program.create_event(event)).unwrap();
 }

@@ -591,7 +591,9 @@ impl Controller {
                 _ = tick.tick() => false,
                 () = self.wake.notified() => true,
                 () = sleep_or_never(until_grid) => {
-                    self.acks.power_event();
+                    // Timed from the window's start, not from when the loop got to it.
+                    let late = Duration::from_millis((unix_ms() - grid_change.unwrap_or(0)).max(0) as u64);
+                    self.acks.power_event_at(Instant::now().checked_sub(late).unwrap_or_else(Instant::now));
                     true
                 }
                 () = &mut shutdown => return,

@@ -85,3 +85,28 @@ fn etcd_tls_needs_its_ca_a_whole_pair_and_an_etcd_store() {
     let ok = controller(&[&etcd[..], &["--etcd-ca", "ca.pem", "--etcd-cert", "c.pem", "--etcd-key", "k.pem"]].concat());
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
 }
+
+#[test]
+fn an_openadr_vtn_needs_a_url_credentials_programs_and_sane_levels() {
+    let base = ["--token-file", "/etc/watt/tokens", "--check-config"];
+    let vtn = [&base[..], &["--openadr-vtn", "https://vtn.example/openadr3/3.1.0"]].concat();
+    let full = [
+        &vtn[..],
+        &["--openadr-client-id", "watt-site-7", "--openadr-secret-file", "/etc/watt/vtn", "--openadr-programs", "dr"],
+    ]
+    .concat();
+    usage_error(&controller(&[&base[..], &["--openadr-vtn", "ftp://vtn"]].concat()), &["--openadr-vtn", "http"]);
+    usage_error(&controller(&vtn), &["--openadr-client-id"]);
+    usage_error(&controller(&[&base[..], &["--openadr-programs", "dr"]].concat()), &["--openadr-vtn", "required"]);
+    usage_error(&controller(&[&full[..], &["--openadr-poll", "50ms"]].concat()), &["--openadr-poll"]);
+    usage_error(
+        &controller(&[&full[..], &["--openadr-simple-levels", "100,75,50"]].concat()),
+        &["--openadr-simple-levels", "four percentages"],
+    );
+    usage_error(
+        &controller(&[&full[..], &["--openadr-simple-levels", "100,75,50,250"]].concat()),
+        &["--openadr-simple-levels"],
+    );
+    let ok = controller(&full);
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+}

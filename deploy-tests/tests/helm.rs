@@ -80,6 +80,24 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
     );
     let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
     assert!(args.contains(&"--enforce=on") && args.contains(&"--node-overhead=450"), "{args:?}");
+    // Node labels for power domains: only then may the agent get nodes, and nothing else.
+    assert!(args.contains(&"--labels-from-node=example.com/row,example.com/rack"), "{args:?}");
+    let pod = &find(&on, "DaemonSet", "watt-agent")["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "watt-agent");
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let role = find(&on, "ClusterRole", "watt-agent-node-reader");
+    assert_eq!(
+        role["rules"],
+        serde_yaml::from_str::<serde_yaml::Value>("[{apiGroups: [''], resources: [nodes], verbs: [get]}]").unwrap()
+    );
+    let binding = find(&on, "ClusterRoleBinding", "watt-agent-node-reader");
+    assert_eq!(binding["subjects"][0]["name"], "watt-agent");
+    assert_eq!(
+        docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "ServiceAccount").count(),
+        0,
+        "none by default"
+    );
+    assert_eq!(agent["spec"]["template"]["spec"]["automountServiceAccountToken"], false, "no API access by default");
     let controller = find(&docs, "StatefulSet", "watt-controller");
     assert_eq!(controller["spec"]["replicas"], 1);
     assert!(controller["spec"]["volumeClaimTemplates"].is_sequence(), "the embedded store is on a volume");

@@ -651,6 +651,11 @@ pub fn agent(controller: &str, node: &str, gpus: u32) -> Proc {
 /// The same, with more flags (`--enforce dry-run`, `--node-overhead 150`, …). Against an
 /// https:// controller it presents the node's own certificate, unless `extra` brings credentials.
 pub fn agent_with(controller: &str, node: &str, gpus: u32, extra: &[&str]) -> Proc {
+    Proc::spawn(node, agent_command(controller, node, gpus, extra))
+}
+
+/// The command [`agent_with`] runs, for a test that sets more on it (its environment).
+pub fn agent_command(controller: &str, node: &str, gpus: u32, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("watt-agent"));
     cmd.args(extra);
     let own_credentials =
@@ -674,7 +679,7 @@ pub fn agent_with(controller: &str, node: &str, gpus: u32, extra: &[&str]) -> Pr
     if !extra.contains(&"--state-dir") {
         cmd.arg("--state-dir").arg(state_dir(node));
     }
-    Proc::spawn(node, cmd)
+    cmd
 }
 
 /// A controller on a fresh file store in `dir` and `nodes` agents (`node-1`…) of `gpus`

@@ -278,4 +278,22 @@ fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_r
     wait_for(Duration::from_secs(15), "the VTN read again", || {
         (metric(&controller, "watt_openadr_vtn_up") == 1.0).then_some(())
     });
+
+    // An event the cluster cannot meet (0.5 kW, below its 0.8 kW floor): Watt opts out at once,
+    // saying why, and still does what it can.
+    let start = Utc::now() + chrono::Duration::seconds(2);
+    let impossible =
+        event(&program, "blackout", start, "PT6S", vec![(EventType::ImportCapacityLimit, Value::Number(0.5))]);
+    let created = rt.block_on(program.create_event(impossible)).unwrap();
+    let opt_out = wait_for(Duration::from_secs(20), "the opt-out at the VTN", || {
+        let event = rt.block_on(utility.get_event_by_id(created.id())).ok()?;
+        let reports = rt.block_on(event.get_report_list(Some("watt"))).ok()?;
+        reports
+            .into_iter()
+            .map(|r| serde_json::to_value(r.content()).unwrap())
+            .find(|r| r.to_string().contains("RUNNING_OPTED_OUT"))
+    });
+    eprintln!("opt-out: {opt_out}");
+    assert!(opt_out.to_string().contains("below the least the cluster can draw"), "{opt_out}");
+    assert!(events_text(&url).contains("grid-event-opted-out"));
 }

@@ -52,7 +52,7 @@ pub enum Ignored {
     BadUnits { units: String },
     #[error("intervals {first} and {second} overlap")]
     OverlappingIntervals { first: i32, second: i32 },
-    #[error("it ended before Watt read it")]
+    #[error("it was sent when it was already over")]
     Ended,
     #[error("none of its payloads limits power (it carries {types})")]
     UnsupportedPayloads { types: String },
@@ -154,8 +154,15 @@ pub fn windows_of(
             return Err(Ignored::OverlappingIntervals { first: pair[0].0, second: pair[1].0 });
         }
     }
-    if spans.iter().all(|s| s.3 <= now_unix_ms) {
-        return Err(Ignored::Ended);
+    let last_end = spans.iter().map(|s| s.3).max().unwrap_or(i64::MIN);
+    if last_end <= now_unix_ms {
+        // Sent (or changed) when it was already over: bad input. One that ended since it was
+        // sent is only old: a VTN keeps past events.
+        return if event.modification_date_time.timestamp_millis() >= last_end {
+            Err(Ignored::Ended)
+        } else {
+            Ok(vec![])
+        };
     }
     Ok(spans
         .iter()
@@ -288,7 +295,7 @@ mod tests {
         let mut full = serde_json::json!({
             "id": "event-1",
             "createdDateTime": "2026-11-29T00:00:00Z",
-            "modificationDateTime": "2026-11-29T00:00:00Z",
+            "modificationDateTime": iso(NOW),
             "objectType": "EVENT",
             "programID": "program-1",
         });
@@ -362,6 +369,20 @@ mod tests {
         assert!(starts.iter().all(|s| (NOW..=NOW + 300_000).contains(s)), "{starts:?}");
         assert!(starts.iter().collect::<std::collections::BTreeSet<_>>().len() > 10, "spread: {starts:?}");
         assert_eq!(start("ven-3"), start("ven-3"), "stable");
+    }
+
+    #[test]
+    fn an_event_that_ended_since_it_was_sent_is_only_old() {
+        let e = event(serde_json::json!({
+            "intervalPeriod": {"start": iso(NOW - 120_000), "duration": "PT1M"},
+            "intervals": [{"id": 0, "payloads": [{"type": "IMPORT_CAPACITY_LIMIT", "values": [5]}]}],
+        }));
+        let mut old = e.clone();
+        old.modification_date_time = DateTime::<Utc>::from_timestamp_millis(NOW - 200_000).unwrap();
+        assert_eq!(read(&old), Ok(vec![]), "nothing to do, nothing wrong");
+        let mut late = e;
+        late.modification_date_time = DateTime::<Utc>::from_timestamp_millis(NOW - 30_000).unwrap();
+        assert_eq!(read(&late), Err(Ignored::Ended), "sent when over");
     }
 
     #[test]

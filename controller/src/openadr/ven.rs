@@ -29,7 +29,7 @@ use openleadr_wire::values_map::{Value, ValueType, ValuesMap};
 use openleadr_wire::ven::VenVenRequest;
 use openleadr_wire::{OperatingState, Unit};
 
-use super::events::{windows_of, Ignored, Reading};
+use super::events::{windows_of, Reading};
 use crate::config::OpenAdrConfig;
 use crate::power::grid::{GridLimit, GridSchedule, GridTarget, GridWindow};
 use crate::power::table::PowerChange;
@@ -142,11 +142,11 @@ async fn read(
     for (program, event) in &events {
         let id = event.id.as_str().to_string();
         listed.insert(id.clone());
-        let first_read = *state.first_read.entry(id.clone()).or_insert(now);
+        // An event of "now" scheduled by an earlier term keeps the start it was given then.
+        let scheduled = old.windows.iter().filter(|w| w.event == id).map(|w| w.start_unix_ms).min();
+        let first_read = *state.first_read.entry(id.clone()).or_insert(scheduled.unwrap_or(now));
         match windows_of(event, program, reading, |d| domains.contains(d), now, first_read) {
             Ok(mut of_event) => windows.append(&mut of_event),
-            // An event Watt acted on that has since ended is not bad input.
-            Err(Ignored::Ended) if old.windows.iter().any(|w| w.event == id) => {}
             Err(why) => {
                 let version = (id.clone(), event.modification_date_time.timestamp_millis());
                 if state.ignored.insert(version) {

@@ -28,9 +28,14 @@ pub struct AckTracker {
 impl AckTracker {
     /// A source or the site changed: start the clock, unless an event is already running.
     pub fn power_event(&self) {
-        let now = Instant::now();
-        self.lock().get_or_insert(now);
-        *self.last_event.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+        self.power_event_at(Instant::now());
+    }
+
+    /// A power event that happened at `at` (a grid window's start, seen a moment later): the
+    /// clock runs from then.
+    pub fn power_event_at(&self, at: Instant) {
+        self.lock().get_or_insert(at);
+        *self.last_event.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(at);
     }
 
     /// When the last power event happened (`None`: none since the controller started).
