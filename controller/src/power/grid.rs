@@ -193,4 +193,60 @@ mod tests {
         assert_eq!(old.pruned(2_001).windows.len(), 0);
         assert_eq!(old.pruned(2_000).windows.len(), 1);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_window() -> impl Strategy<Value = GridWindow> {
+            (0u8..3, 0u8..2, 0.0f64..12_000.0, 0.0f64..1.0, 0i64..100, 1i64..60, any::<bool>()).prop_map(
+                |(event, target, watts, share, start, length, is_share)| GridWindow {
+                    limit: if is_share { GridLimit::Share(share) } else { GridLimit::Watts(watts) },
+                    start_unix_ms: start * 1_000,
+                    end_unix_ms: (start + length) * 1_000,
+                    ..window(
+                        &format!("e{event}"),
+                        if target == 0 { GridTarget::Site } else { GridTarget::Domain("rack-1".into()) },
+                        0.0,
+                        0,
+                        1,
+                    )
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            /// Whatever the VTN sends, a window only lowers what the sources give: never a limit
+            /// above the supply, the supply itself with no window in force or lifting, each
+            /// window in force binding; and a schedule that only adds windows (a tightening,
+            /// applied before it is stored) lowers or keeps every limit at every moment.
+            #[test]
+            fn windows_never_raise_a_limit_and_additions_only_lower(
+                windows in prop::collection::vec(any_window(), 0..8),
+                more in prop::collection::vec(any_window(), 0..4),
+                supply in 0.0f64..20_000.0,
+                restore in prop::option::of(1.0f64..5_000.0),
+            ) {
+                let schedule = GridSchedule { windows: windows.clone() };
+                let mut added = schedule.clone();
+                added.windows.extend(more);
+                prop_assert!(schedule.only_tightens_to(&added));
+                for target in [GridTarget::Site, GridTarget::Domain("rack-1".into())] {
+                    for now in (0..170).map(|s| s * 1_000 + 500) {
+                        let limit = schedule.limit(&target, now, supply, restore);
+                        prop_assert!(limit <= supply, "{limit} above the supply {supply}");
+                        for w in schedule.in_force(now).filter(|w| w.target == target) {
+                            prop_assert!(limit <= w.limit.watts(supply) + 1e-9);
+                        }
+                        let lifting = schedule.restoring(now, restore, |_| supply);
+                        if schedule.in_force(now).all(|w| w.target != target) && !lifting {
+                            prop_assert_eq!(limit, supply);
+                        }
+                        prop_assert!(added.limit(&target, now, supply, restore) <= limit + 1e-9);
+                    }
+                }
+            }
+        }
+    }
 }
