@@ -239,9 +239,9 @@ impl Metrics {
         let domain_watts = GaugeVec::new(
             Opts::new(
                 "watt_power_domain_watts",
-                "Per power domain (feed, row, rack): its limit, the counted power of its nodes, and their measured draw.",
+                "Per power domain (feed, row, rack) and its level under the site: the limit in force, its breaker's rating × derating, the counted power of its nodes, and their measured draw.",
             ),
-            &["domain", "parent", "what"],
+            &["domain", "parent", "level", "what"],
         )?;
         let failsafe_nodes =
             IntGauge::new("watt_power_failsafe_nodes", "Unreachable nodes counted at their failsafe caps.")?;
@@ -434,16 +434,29 @@ impl Metrics {
         }
     }
 
-    /// Every power domain's figures; a removed domain's series go (the tree bounds the labels).
+    /// Every power domain's figures, with its level in the tree (1: directly under the site),
+    /// for a dashboard row per level; a removed domain's series go (the tree bounds the labels).
+    /// `limit` is the limit in force (the breaker's, or less: the sources feeding it, a grid
+    /// event), `breaker` the rating × derating.
     pub fn observe_domains(&self, domains: &[watt_proto::v1::DomainStatus]) {
         self.domain_watts.reset();
+        // Parents come before children: each level is its parent's plus one.
+        let mut levels: Vec<usize> = Vec::with_capacity(domains.len());
         for d in domains {
+            let parent = usize::try_from(d.parent_index).ok().and_then(|p| levels.get(p).copied()).unwrap_or(0);
+            levels.push(parent + 1);
+        }
+        for (d, level) in domains.iter().zip(&levels) {
             let Some(domain) = &d.domain else { continue };
             let parent = if domain.parent.is_empty() { "site" } else { domain.parent.as_str() };
-            for (what, value) in
-                [("limit", domain.limit_watts), ("counted", d.counted_watts), ("measured", d.measured_watts)]
-            {
-                self.domain_watts.with_label_values(&[domain.name.as_str(), parent, what]).set(value);
+            let level = level.to_string();
+            for (what, value) in [
+                ("limit", d.effective_limit_watts),
+                ("breaker", domain.limit_watts),
+                ("counted", d.counted_watts),
+                ("measured", d.measured_watts),
+            ] {
+                self.domain_watts.with_label_values(&[domain.name.as_str(), parent, level.as_str(), what]).set(value);
             }
         }
     }

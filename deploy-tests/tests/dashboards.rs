@@ -33,7 +33,7 @@ fn queries() -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for (file, d) in dashboards() {
         for p in d["panels"].as_array().unwrap() {
-            for t in p["targets"].as_array().unwrap() {
+            for t in p["targets"].as_array().into_iter().flatten() {
                 out.push((
                     file.clone(),
                     p["title"].as_str().unwrap().to_string(),
@@ -62,6 +62,12 @@ fn the_dashboards_are_well_formed() {
         );
         for p in d["panels"].as_array().unwrap() {
             let title = p["title"].as_str().unwrap();
+            if p["type"] == "row" {
+                // A row repeated per value of a template variable (the domains' levels).
+                let repeat = p["repeat"].as_str().unwrap_or_default();
+                assert!(vars.iter().any(|v| v["name"] == repeat), "{file} {title}: repeats over {repeat:?}");
+                continue;
+            }
             assert!(["timeseries", "stat"].contains(&p["type"].as_str().unwrap()), "{file} {title}");
             assert_eq!(p["datasource"]["uid"], "${datasource}", "{file} {title}: every panel has the datasource");
             assert!(!p["targets"].as_array().unwrap().is_empty(), "{file} {title}");
@@ -121,7 +127,11 @@ fn every_panel_query_returns_data_from_a_real_prometheus_during_a_power_event() 
 
     // Every query answers within a minute or so: scrapes every 2 s, rates over their window.
     let filled = |expr: &str| {
-        expr.replace("$__rate_interval", "1m").replace("$node", "node-1").replace("$gpu", "0").replace("$job", ".*")
+        expr.replace("$__rate_interval", "1m")
+            .replace("$node", "node-1")
+            .replace("$gpu", "0")
+            .replace("$job", ".*")
+            .replace("$level", "1")
     };
     let t0 = Instant::now();
     // A VTN's link, and a grid event's annotation, have data only with an OpenADR VTN (and an
@@ -137,6 +147,7 @@ fn every_panel_query_returns_data_from_a_real_prometheus_during_a_power_event() 
     }
     // The template variables' own queries have values, and the ones used above are among them.
     let nodes = get(&format!("http://{prometheus}/api/v1/label/node/values")).unwrap();
+    let levels = get(&format!("http://{prometheus}/api/v1/label/level/values")).unwrap();
     let jobs = query(&prometheus, "watt_job_shards");
     let names = get(&format!("http://{prometheus}/api/v1/label/__name__/values")).unwrap();
     let event = query(&prometheus, "watt_power_event_to_ack_seconds_count > 0");
@@ -155,6 +166,7 @@ fn every_panel_query_returns_data_from_a_real_prometheus_during_a_power_event() 
     assert!(valid.iter().all(|v| *v), "queries Prometheus refuses: {needs_grid_event:?}");
     assert!(exited.success(), "wattctl up: {exited}");
     assert!(nodes["data"].as_array().unwrap().iter().any(|n| n == "node-1"), "{nodes}");
+    assert!(levels["data"].as_array().unwrap().iter().any(|l| l == "1"), "the domains' levels: {levels}");
     assert_eq!(jobs.len(), 3, "the three demo jobs: {jobs:?}");
     assert!(!event.is_empty(), "a power event happened and was acknowledged");
     // Every metric a dashboard names is one the binaries export.

@@ -128,9 +128,9 @@ fn a_racks_limit_slows_only_its_own_jobs_and_its_draw_stays_under_it() {
     assert!((1_000.0..=2_000.0).contains(&f(rack, "measured_watts")), "{rack}");
     let metrics = controller.metrics();
     assert!(
-        metrics
-            .lines()
-            .any(|l| l == "watt_power_domain_watts{domain=\"rack-1a\",parent=\"row-1\",what=\"limit\"} 2000"),
+        metrics.lines().any(
+            |l| l == "watt_power_domain_watts{domain=\"rack-1a\",level=\"2\",parent=\"row-1\",what=\"limit\"} 2000"
+        ),
         "{metrics}"
     );
     assert_eq!((rack["nodes"].as_u64(), rack["gpus"].as_u64()), (Some(2), Some(4)));

@@ -159,6 +159,7 @@ async fn read(
         }
     }
     state.first_read.retain(|id, _| listed.contains(id));
+    state.ignored.retain(|(id, _)| listed.contains(id));
     // Windows that ended lately stay (their limits lift along the ramp, their reports may be owed),
     // whether or not the VTN still lists their event.
     for w in &old.windows {
