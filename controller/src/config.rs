@@ -54,7 +54,8 @@ pub struct Args {
     pub token_file: Option<PathBuf>,
 
     /// Allow listening off loopback without TLS. Tokens and job secrets then cross the
-    /// network in plain text; logged every minute and shown in metrics.
+    /// network in plain text; logged every minute and shown in metrics. Also allows an http://
+    /// OpenADR VTN off this machine (the VEN's secret in the clear).
     #[arg(long, env = "WATT_INSECURE")]
     pub insecure: bool,
 
@@ -395,6 +396,26 @@ impl Args {
             }
             None => vtn.join("auth/token").map_err(|e| invalid("openadr-vtn", "openadr_vtn", e.to_string()))?,
         };
+        // The VEN's client secret crosses to the token endpoint: plain text stays on this machine
+        // unless asked (--insecure), as for the gRPC port.
+        let insecure = self.insecure || file.insecure.unwrap_or(false);
+        for (flag, key, url) in
+            [("openadr-vtn", "openadr_vtn", &vtn), ("openadr-token-url", "openadr_token_url", &token_url)]
+        {
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                Some(url::Host::Domain(name)) => name == "localhost",
+                None => false,
+            };
+            if url.scheme() == "http" && !loopback && !insecure {
+                return Err(invalid(
+                    flag,
+                    key,
+                    format!("{url} is plain text off this machine: use https://, or --insecure to send the VEN's secret in the clear"),
+                ));
+            }
+        }
         let client_id = self.openadr_client_id.clone().or(file.openadr_client_id.clone()).ok_or_else(|| {
             invalid("openadr-client-id", "openadr_client_id", "is required with --openadr-vtn".into())
         })?;

@@ -109,4 +109,16 @@ fn an_openadr_vtn_needs_a_url_credentials_programs_and_sane_levels() {
     );
     let ok = controller(&full);
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    // The VEN's secret in plain text only on this machine, unless asked.
+    let plain = [
+        &base[..],
+        &["--openadr-vtn", "http://vtn.example/", "--openadr-client-id", "c", "--openadr-secret-file", "s"],
+        &["--openadr-programs", "dr"],
+    ]
+    .concat();
+    usage_error(&controller(&plain), &["--openadr-vtn", "plain text", "--insecure"]);
+    let local = [&base[..], &["--openadr-vtn", "http://127.0.0.1:8080/", "--openadr-client-id", "c"]].concat();
+    let local = [&local[..], &["--openadr-secret-file", "s", "--openadr-programs", "dr"]].concat();
+    assert_eq!(controller(&local).status.code(), Some(0));
+    assert_eq!(controller(&[&plain[..], &["--insecure"]].concat()).status.code(), Some(0));
 }
