@@ -67,6 +67,18 @@ fn event(
     request
 }
 
+/// The VEN's report on `event` at the VTN that mentions `needle`, read as the utility.
+fn watts_report(
+    rt: &tokio::runtime::Runtime,
+    utility: &Client<BusinessLogic>,
+    event: &openleadr_wire::event::EventId,
+    needle: &str,
+) -> Option<Json> {
+    let event = rt.block_on(utility.get_event_by_id(event)).ok()?;
+    let reports = rt.block_on(event.get_report_list(Some("watt"))).ok()?;
+    reports.into_iter().map(|r| serde_json::to_value(r.content()).unwrap()).find(|r| r.to_string().contains(needle))
+}
+
 fn events_text(url: &str) -> String {
     String::from_utf8(wattctl(url, &["events"]).stdout).unwrap()
 }
@@ -237,12 +249,7 @@ fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_r
 
     // The report of the interval at the VTN: what the site drew, and that it was curtailed.
     let report = wait_for(Duration::from_secs(10), "the interval's report at the VTN", || {
-        let event = rt.block_on(utility.get_event_by_id(created.id())).ok()?;
-        let reports = rt.block_on(event.get_report_list(Some("watt"))).ok()?;
-        reports
-            .into_iter()
-            .map(|r| serde_json::to_value(r.content()).unwrap())
-            .find(|r| r.to_string().contains("USAGE"))
+        watts_report(&rt, &utility, created.id(), "USAGE")
     });
     eprintln!("report: {report}");
     let payloads = report["resources"][0]["intervals"][0]["payloads"].as_array().unwrap().clone();
@@ -286,12 +293,7 @@ fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_r
         event(&program, "blackout", start, "PT6S", vec![(EventType::ImportCapacityLimit, Value::Number(0.5))]);
     let created = rt.block_on(program.create_event(impossible)).unwrap();
     let opt_out = wait_for(Duration::from_secs(20), "the opt-out at the VTN", || {
-        let event = rt.block_on(utility.get_event_by_id(created.id())).ok()?;
-        let reports = rt.block_on(event.get_report_list(Some("watt"))).ok()?;
-        reports
-            .into_iter()
-            .map(|r| serde_json::to_value(r.content()).unwrap())
-            .find(|r| r.to_string().contains("RUNNING_OPTED_OUT"))
+        watts_report(&rt, &utility, created.id(), "RUNNING_OPTED_OUT")
     });
     eprintln!("opt-out: {opt_out}");
     assert!(opt_out.to_string().contains("below the least the cluster can draw"), "{opt_out}");

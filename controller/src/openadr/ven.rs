@@ -426,10 +426,9 @@ async fn send(
 ) -> Result<(), String> {
     let event_id: EventId = w.event.parse().map_err(|e| format!("event id {:?}: {e:?}", w.event))?;
     let event = client.get_event_by_id(&event_id).await.map_err(|e| e.to_string())?;
-    let state = match (&books.opted_out, what) {
-        (Some(_), _) => OperatingState::RunningOptedOut,
-        (None, _) => OperatingState::RunningCurtailed,
-    };
+    // Once opted out, every report on the window says so.
+    let state =
+        if books.opted_out.is_some() { OperatingState::RunningOptedOut } else { OperatingState::RunningCurtailed };
     let state = serde_json::to_value(&state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     let mut payloads =
         vec![ValuesMap { value_type: ValueType("OPERATING_STATE".into()), values: vec![Value::String(state)] }];
