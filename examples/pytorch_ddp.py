@@ -42,6 +42,7 @@ def main():
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--bf16", action="store_true", help="autocast the forward pass to bfloat16 (GPUs only)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -77,10 +78,12 @@ def main():
     local = args.global_batch // world + (1 if rank < args.global_batch % world else 0)
     started = time.time()
     while step < args.steps:
-        g = torch.Generator(device="cpu").manual_seed(step * world + rank)
-        x = torch.randn(local, args.width, generator=g).to(device)
+        # The batch is made where it is used: a host-made batch would keep a GPU waiting on the CPU.
+        g = torch.Generator(device=device).manual_seed(step * world + rank)
+        x = torch.randn(local, args.width, generator=g, device=device)
         y = x[:, :1].sin()
-        loss = nn.functional.mse_loss(ddp(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and cuda):
+            loss = nn.functional.mse_loss(ddp(x).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -194,6 +194,14 @@ pub fn ramp_downs_end<'a>(jobs: impl IntoIterator<Item = &'a JobRecord>, now_uni
         .fold(now_unix_ms, i64::max)
 }
 
+/// Whether a `pb::ShardState` is one a shard's process ends in.
+fn shard_state_ended(state: i32) -> bool {
+    matches!(
+        pb::ShardState::try_from(state),
+        Ok(pb::ShardState::Stopped | pb::ShardState::Succeeded | pb::ShardState::Failed)
+    )
+}
+
 /// How one shard of a job's last run ended.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShardOutcome {
@@ -212,6 +220,11 @@ pub struct ShardOutcome {
 }
 
 impl ShardOutcome {
+    /// Whether its process has ended (stopped, succeeded or failed), not only been told to.
+    pub fn has_ended(&self) -> bool {
+        shard_state_ended(self.state)
+    }
+
     fn to_proto(&self) -> pb::ShardOutcome {
         pb::ShardOutcome {
             shard: self.shard,
@@ -265,6 +278,30 @@ impl JobRecord {
             shards: self.spec.shards,
             gpus_per_shard: self.spec.gpus_per_shard,
         }
+    }
+
+    /// Folds in how a shard of its last run ended, reported by `node` after the job came off
+    /// its GPUs: a cancel, preemption or pause records the run while the shards are still being
+    /// stopped, and their SIGTERM ends them a moment later. Returns whether anything changed.
+    pub fn fold_late_end(&mut self, node: &str, status: &pb::ShardStatus) -> bool {
+        if !self.shards.is_empty() || !shard_state_ended(status.state) {
+            return false;
+        }
+        let outcome = self.last_run.iter_mut().find(|o| o.shard == status.shard && o.node == node);
+        let Some(outcome) = outcome.filter(|o| o.epoch == status.epoch && !o.has_ended()) else {
+            return false;
+        };
+        outcome.state = status.state;
+        outcome.exit_code = status.exit_code;
+        outcome.signal = status.signal;
+        outcome.restarts = status.restarts;
+        outcome.message.clone_from(&status.message);
+        true
+    }
+
+    /// Whether a shard of its last run may still report how it ended (see [`Self::fold_late_end`]).
+    pub fn awaits_late_end(&self) -> bool {
+        self.shards.is_empty() && self.last_run.iter().any(|o| !o.has_ended())
     }
 
     /// Back to waiting, off its GPUs. Where it ran is kept in `last_run`, each shard with the

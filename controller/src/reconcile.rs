@@ -716,6 +716,8 @@ impl Controller {
             }
         }
         let changed = nodes.take_reports_changed();
+        kept.late_ends =
+            changed.iter().filter(|n| jobs.get(n).is_some_and(JobRecord::awaits_late_end)).cloned().collect();
         kept.read_reports(&nodes, &live, (!full && !rebuilt).then_some(&changed));
         drop(nodes);
         View {
@@ -754,17 +756,17 @@ impl Controller {
         let started = Instant::now();
         let mut phase = Phases::new(&self.metrics);
         let now = Now { mono_ms: self.clock.ms(Instant::now()), wall_ms: unix_ms() };
-        let (settle, place, admission, due, mut read) = {
+        let (settle, place, admission, due, mut read, late_ends) = {
             let jobs = self.jobs.lock().await;
             let mut power = self.power.lock().await;
-            let decisions = {
+            let (decisions, late_ends) = {
                 let mut kept = self.kept_view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let view = self.view(&jobs, &power.table, &mut kept, now, full);
                 phase.done("view");
                 let decided_at = Instant::now();
                 let decisions = decide(&view, now);
                 self.metrics.scheduling_duration.observe(decided_at.elapsed().as_secs_f64());
-                decisions
+                (decisions, std::mem::take(&mut kept.late_ends))
             };
             phase.done("decide");
             self.speed_curves.set_power_short(decisions.admission.allocation.as_ref().is_some_and(|a| a.short));
@@ -815,7 +817,7 @@ impl Controller {
                 .any(|d| jobs.get(&d.spec.name).is_none_or(|j| j.state != d.state || j.shards != d.shards));
             self.enforce(&mut power, &jobs, Some(&deciding), decisions.admission.clone(), placements_moving, full);
             phase.done("caps");
-            (decisions.settle, decisions.place, decisions.admission, due, read)
+            (decisions.settle, decisions.place, decisions.admission, due, read, late_ends)
         };
         if self.caretaking() {
             // A caretaker stores nothing and orders no shard: its pass ends with the decreases.
@@ -832,6 +834,9 @@ impl Controller {
             if settled.all {
                 placements_stored |= self.apply(&turn, &mut read, place).await.moved_gpus;
             }
+        }
+        if !late_ends.is_empty() {
+            self.record_late_ends(&late_ends).await;
         }
         phase.done("store");
 
@@ -854,6 +859,35 @@ impl Controller {
         drop(jobs);
         phase.done("books");
         self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Store how shards of runs already off their GPUs ended, as their agents now report it, so
+    /// an ended job says "exited 143" rather than the "running" it was recorded with. A write
+    /// that fails is logged; the job then keeps the outcome it was recorded with.
+    async fn record_late_ends(&self, names: &[String]) {
+        let turn = self.job_store.writing().await;
+        let records: Vec<JobRecord> = {
+            let jobs = self.jobs.lock().await;
+            let nodes = self.registry.lock();
+            names
+                .iter()
+                .filter_map(|name| {
+                    let mut record = jobs.get(name)?.clone();
+                    let mut changed = false;
+                    for (node, shard) in record.last_run.iter().map(|o| (o.node.clone(), o.shard)).collect::<Vec<_>>() {
+                        let status = nodes.get(&node).and_then(|e| e.shard_statuses.get(&(name.clone(), shard)));
+                        changed |= status.is_some_and(|s| record.fold_late_end(&node, s));
+                    }
+                    changed.then_some(record)
+                })
+                .collect()
+        };
+        for record in records {
+            let name = record.spec.name.clone();
+            if let Err(e) = self.job_store.update(&turn, &self.jobs, record).await {
+                tracing::warn!(job = %name, error = %e, "Cannot store how the shards of its last run ended.");
+            }
+        }
     }
 
     /// Store `changes` in order (see [`JobStore::update_all`]; `read`: the versions they were
@@ -1081,6 +1115,9 @@ struct KeptView {
     report_epochs: HashMap<String, (u64, u64)>,
     /// The speed curves' generation `power.curves` holds.
     curves_generation: Option<u64>,
+    /// Jobs off their GPUs whose shards' reports moved since the last pass: how the shards
+    /// of their last run ended may have come in (see [`JobRecord::fold_late_end`]).
+    late_ends: Vec<String>,
 }
 
 impl KeptView {

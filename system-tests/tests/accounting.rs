@@ -123,6 +123,15 @@ fn nodes_that_do_not_enforce_are_answered_once_per_target_shown_as_such_and_cost
     assert_eq!(sample(&agent_metrics, "watt_agent_controller_connected"), 1.0);
     let text = String::from_utf8(wattctl(&url, &["power", "status"]).stdout).unwrap();
     assert!(text.contains("Unenforced:  2 node(s)"), "{text}");
+
+    // Power back: the job's target is the 700 W limit the nodes read back anyway. They are told
+    // so once, and their draw is judged against that order, not against the lower one before.
+    set_grid(&url, "100kW", None);
+    let p = wait_for(Duration::from_secs(20), "draw judged against the order in force", || {
+        let p = power(&url);
+        (f(&p, "unenforced_excess_watts") < 100.0).then_some(p)
+    });
+    assert!(f(&p, "measured_watts") > 0.9 * f(&p, "drawn_watts"), "the meter sees what they draw: {p}");
 }
 
 #[test]
@@ -238,6 +247,32 @@ fn a_gpu_busy_with_a_process_watt_did_not_start_is_counted_at_its_cap_and_report
     assert_eq!(sample(&controller.metrics(), "watt_power_foreign_gpus"), 2.0);
     // Counted: 6 idle at 100 W, 2 foreign at their 200 W parked caps, no overhead.
     assert!((f(&p, "counted_watts") - 1_000.0).abs() < 1.0, "{p}");
+}
+
+#[test]
+fn a_cancelled_job_says_how_its_shards_ended_once_they_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, _agents) = local_cluster(dir.path(), 1, 8, &[]);
+    let url = controller.url.clone();
+    let manifest = "name: sleeper\nshards: {min: 1, max: 1}\ngpus_per_shard: 1\ncommand: [sleep, \"600\"]\n";
+    assert!(submit(&url, manifest).status.success());
+    wait_for(Duration::from_secs(30), "the job running", || {
+        (jobs(&url)["sleeper"]["state"] == "running").then_some(())
+    });
+    assert!(wattctl(&url, &["cancel", "sleeper"]).status.success());
+    // Recorded as it came off its GPUs, while its shard was still being stopped; SIGTERM then
+    // ends the process, and the record says so.
+    let job = wait_for(Duration::from_secs(20), "the shard's end recorded", || {
+        let job = wattctl_json(&url, &["describe", "job", "sleeper"]);
+        (job["last_run"][0]["state"] == "stopped").then_some(job)
+    });
+    assert_eq!(
+        (job["state"].clone(), job["last_run"][0]["signal"].clone()),
+        (Value::from("cancelled"), Value::from(15)),
+        "{job}"
+    );
+    let text = String::from_utf8(wattctl(&url, &["describe", "job", "sleeper"]).stdout).unwrap();
+    assert!(text.contains("shard 0 on node-1 was killed by signal 15"), "{text}");
 }
 
 #[test]

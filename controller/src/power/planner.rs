@@ -104,7 +104,10 @@ impl GpuCap {
         match self.in_flight {
             Some(f) if f.target == target && now_ms - f.sent_ms < RESEND_AFTER_MS => false,
             Some(_) => true,
-            None => target != self.acked_watts,
+            // A node that does not enforce reads back its own limit, so a target that meets it
+            // is still ordered once: its answer then names the order it now runs against,
+            // instead of an older, lower one it would seem to overdraw forever.
+            None => target != self.acked_watts || self.answered_watts.is_some(),
         }
     }
 
@@ -533,6 +536,19 @@ mod tests {
         let lower = vec![vec![300.0, 300.0]];
         let orders = plan(&nodes, &lower, 10_000.0, 1, IDLE, 10);
         assert_eq!(orders[0].caps, vec![(0, 300.0), (1, 300.0)]);
+        // A target that meets the limit it reads back is ordered once too, so that its excess is
+        // judged against the order it runs against now, not against the 300 W before.
+        let mark = |nodes: &mut Vec<NodeCaps>, orders: &[Order], epoch: u64| {
+            mark_sent(&mut nodes[0], &orders[0], epoch, 2);
+            apply_ack(&mut nodes[0], epoch, &[(0, 700.0), (1, 700.0)], false);
+        };
+        mark(&mut nodes, &orders, 2);
+        let full = vec![vec![700.0, 700.0]];
+        let orders = plan(&nodes, &full, 10_000.0, 3, IDLE, 10);
+        assert_eq!(orders[0].caps, vec![(0, 700.0), (1, 700.0)]);
+        mark(&mut nodes, &orders, 3);
+        assert_eq!(nodes[0].unenforced_excess_watts(IDLE), 0.0, "running at its order");
+        assert!(plan(&nodes, &full, 10_000.0, 4 + 10 * RESEND_AFTER_MS, IDLE, 10).is_empty(), "and once only");
         // Unreachable past its failsafe deadline it is still at its own caps: it sets nothing.
         nodes[0].reachable = false;
         nodes[0].failsafe_at_ms = 0;
