@@ -242,6 +242,35 @@ pub struct GridLinkView {
     pub reachable: bool,
     pub last_read_unix_ms: i64,
     pub error: String,
+    /// The VTN's notifications: `off`, `not-offered`, `connecting`, `subscribed` or `failed`.
+    pub notifier: &'static str,
+    pub notifier_url: String,
+    pub notifier_error: String,
+}
+
+impl GridLinkView {
+    /// "notified over MQTT mqtt://…", or why it is polled only.
+    fn notifier_text(&self) -> String {
+        match self.notifier {
+            "subscribed" => format!("notified at once over MQTT {}", self.notifier_url),
+            "connecting" => format!("subscribing at MQTT {}", self.notifier_url),
+            "failed" => format!("notifications FAILING ({}); read every poll", self.notifier_error),
+            "not-offered" => "the VTN names no MQTT broker; read every poll".into(),
+            "off" => "read every poll (notifications off)".into(),
+            _ => "read every poll".into(),
+        }
+    }
+}
+
+fn notifier_name(state: pb::NotifierState) -> &'static str {
+    match state {
+        pb::NotifierState::Unspecified => "unknown",
+        pb::NotifierState::Off => "off",
+        pb::NotifierState::NotOffered => "not-offered",
+        pb::NotifierState::Connecting => "connecting",
+        pb::NotifierState::Subscribed => "subscribed",
+        pb::NotifierState::Failed => "failed",
+    }
 }
 
 impl GridWindowView {
@@ -389,11 +418,14 @@ impl From<pb::PowerStatus> for PowerView {
                 })
                 .collect(),
             grid_link: s.grid_link.map(|l| GridLinkView {
+                notifier: notifier_name(l.notifier()),
                 vtn: l.vtn,
                 ven_name: l.ven_name,
                 reachable: l.reachable,
                 last_read_unix_ms: l.last_read_unix_ms,
                 error: l.error,
+                notifier_url: l.notifier_url,
+                notifier_error: l.notifier_error,
             }),
             notes: s.notes,
             unix_ms: s.unix_ms,
@@ -541,7 +573,13 @@ impl PowerView {
             } else {
                 format!("UNREACHABLE ({}); the known schedule holds until it ends", link.error)
             };
-            let _ = writeln!(out, "\nGrid events: VTN {} as VEN {}: {state}", link.vtn, link.ven_name);
+            let _ = writeln!(
+                out,
+                "\nGrid events: VTN {} as VEN {}: {state}; {}",
+                link.vtn,
+                link.ven_name,
+                link.notifier_text()
+            );
         } else if !self.grid_windows.is_empty() {
             out.push_str("\nGrid events:\n");
         }

@@ -177,6 +177,21 @@ pub struct Args {
     /// [default: 100,75,50,25].
     #[arg(long, env = "WATT_OPENADR_SIMPLE_LEVELS", value_name = "PERCENTS", value_delimiter = ',')]
     pub openadr_simple_levels: Option<Vec<f64>>,
+
+    /// The VTN's notifications over MQTT, read at once when they come (polling stays the
+    /// fallback): `auto`, the broker the VTN names; `off`; or a broker URL (mqtts://HOST:PORT,
+    /// or mqtt:// on this machine) [default: auto].
+    #[arg(long, env = "WATT_OPENADR_MQTT", value_name = "auto|off|URL")]
+    pub openadr_mqtt: Option<String>,
+
+    /// The VEN's user name at the MQTT broker [default: as the VTN says: its OAuth client id,
+    /// with its bearer token as the password]. With --openadr-mqtt-password-file.
+    #[arg(long, env = "WATT_OPENADR_MQTT_USERNAME", value_name = "NAME")]
+    pub openadr_mqtt_username: Option<String>,
+
+    /// A file holding the VEN's password at the MQTT broker (one line).
+    #[arg(long, env = "WATT_OPENADR_MQTT_PASSWORD_FILE", value_name = "FILE")]
+    pub openadr_mqtt_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +238,9 @@ pub struct FileConfig {
     #[serde(default, with = "watt_common::duration::option")]
     pub openadr_poll: Option<Duration>,
     pub openadr_simple_levels: Option<Vec<f64>>,
+    pub openadr_mqtt: Option<String>,
+    pub openadr_mqtt_username: Option<String>,
+    pub openadr_mqtt_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -267,6 +285,58 @@ pub struct OpenAdrConfig {
     pub poll: Duration,
     /// SIMPLE levels 0–3 as shares (0–1) of the grid's supply.
     pub simple_levels: [f64; 4],
+    /// Where notifications come from (see [`crate::openadr::notify`]).
+    pub mqtt: MqttBroker,
+    /// The VEN's own login at the broker; `None`: as the VTN's notifier says.
+    pub mqtt_login: Option<MqttLogin>,
+    /// Plain text off this machine was allowed (`--insecure`): a broker the VTN names is held
+    /// to the same rule as one given here.
+    pub insecure: bool,
+}
+
+/// Which MQTT broker the VEN subscribes at.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MqttBroker {
+    /// The one the VTN names (`GET /notifiers`), if it names one.
+    Auto,
+    Off,
+    Url(url::Url),
+}
+
+/// A user name and the file holding its password.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttLogin {
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
+/// An MQTT broker URL Watt connects to: `mqtt://`/`tcp://` (plain) or `mqtts://`/`ssl://`
+/// (TLS), the names the reference VTN's MQTT library gives them too.
+pub fn mqtt_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "mqtt" | "tcp" | "mqtts" | "ssl") || url.host().is_none() {
+        return Err(format!("must be mqtts://HOST:PORT or mqtt://HOST:PORT; got {text:?}"));
+    }
+    Ok(url)
+}
+
+/// Whether `url` carries its traffic in the clear.
+pub fn plain_text(url: &url::Url) -> bool {
+    matches!(url.scheme(), "http" | "mqtt" | "tcp")
+}
+
+/// Whether `url` names this machine.
+pub fn on_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        // Non-special schemes (mqtt://) keep an address as an opaque name.
+        Some(url::Host::Domain(name)) => {
+            name == "localhost"
+                || name.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        None => false,
+    }
 }
 
 /// TLS to etcd, as files: the CA, and a client certificate and key.
@@ -369,6 +439,8 @@ impl Args {
         let Some(vtn) = self.openadr_vtn.clone().or(file.openadr_vtn.clone()) else {
             let stray = self.openadr_client_id.is_some() || file.openadr_client_id.is_some();
             let stray = stray || self.openadr_programs.is_some() || file.openadr_programs.is_some();
+            let stray = stray || self.openadr_mqtt.is_some() || file.openadr_mqtt.is_some();
+            let stray = stray || self.openadr_mqtt_username.is_some() || file.openadr_mqtt_username.is_some();
             if stray {
                 return Err(invalid(
                     "openadr-vtn",
@@ -399,23 +471,50 @@ impl Args {
         // The VEN's client secret crosses to the token endpoint: plain text stays on this machine
         // unless asked (--insecure), as for the gRPC port.
         let insecure = self.insecure || file.insecure.unwrap_or(false);
-        for (flag, key, url) in
-            [("openadr-vtn", "openadr_vtn", &vtn), ("openadr-token-url", "openadr_token_url", &token_url)]
-        {
-            let loopback = match url.host() {
-                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                Some(url::Host::Domain(name)) => name == "localhost",
-                None => false,
-            };
-            if url.scheme() == "http" && !loopback && !insecure {
+        let mqtt = match self.openadr_mqtt.clone().or(file.openadr_mqtt.clone()).as_deref() {
+            None | Some("auto") => MqttBroker::Auto,
+            Some("off") => MqttBroker::Off,
+            Some(text) => MqttBroker::Url(mqtt_url(text).map_err(|e| invalid("openadr-mqtt", "openadr_mqtt", e))?),
+        };
+        let mut plain =
+            vec![("openadr-vtn", "openadr_vtn", &vtn), ("openadr-token-url", "openadr_token_url", &token_url)];
+        if let MqttBroker::Url(url) = &mqtt {
+            plain.push(("openadr-mqtt", "openadr_mqtt", url));
+        }
+        for (flag, key, url) in plain {
+            if plain_text(url) && !on_loopback(url) && !insecure {
                 return Err(invalid(
                     flag,
                     key,
-                    format!("{url} is plain text off this machine: use https://, or --insecure to send the VEN's secret in the clear"),
+                    format!("{url} is plain text off this machine: use TLS, or --insecure to send the VEN's secrets in the clear"),
                 ));
             }
         }
+        let username = self.openadr_mqtt_username.clone().or(file.openadr_mqtt_username.clone());
+        let password_file = self.openadr_mqtt_password_file.clone().or(file.openadr_mqtt_password_file.clone());
+        let mqtt_login = match (username, password_file) {
+            (None, None) => None,
+            (Some(username), Some(password_file)) if !username.is_empty() => {
+                Some(MqttLogin { username, password_file })
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid("openadr-mqtt-username", "openadr_mqtt_username", "must not be empty".into()))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "openadr-mqtt-password-file",
+                    "openadr_mqtt_password_file",
+                    "is required with --openadr-mqtt-username".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "openadr-mqtt-username",
+                    "openadr_mqtt_username",
+                    "is required with --openadr-mqtt-password-file".into(),
+                ))
+            }
+        };
         let client_id = self.openadr_client_id.clone().or(file.openadr_client_id.clone()).ok_or_else(|| {
             invalid("openadr-client-id", "openadr_client_id", "is required with --openadr-vtn".into())
         })?;
@@ -476,6 +575,9 @@ impl Args {
             programs,
             poll,
             simple_levels,
+            mqtt,
+            mqtt_login,
+            insecure,
         }))
     }
 }

@@ -121,4 +121,21 @@ fn an_openadr_vtn_needs_a_url_credentials_programs_and_sane_levels() {
     let local = [&local[..], &["--openadr-secret-file", "s", "--openadr-programs", "dr"]].concat();
     assert_eq!(controller(&local).status.code(), Some(0));
     assert_eq!(controller(&[&plain[..], &["--insecure"]].concat()).status.code(), Some(0));
+    // Notifications: a broker URL, TLS off this machine, and a whole login or none.
+    let mqtt = |extra: &[&str]| controller(&[&full[..], extra].concat());
+    usage_error(&mqtt(&["--openadr-mqtt", "http://broker:1883"]), &["--openadr-mqtt", "mqtts://"]);
+    usage_error(&mqtt(&["--openadr-mqtt", "mqtt://broker.example:1883"]), &["--openadr-mqtt", "plain text"]);
+    usage_error(&mqtt(&["--openadr-mqtt-username", "ven"]), &["--openadr-mqtt-password-file", "required"]);
+    usage_error(&mqtt(&["--openadr-mqtt-password-file", "/etc/watt/mqtt"]), &["--openadr-mqtt-username", "required"]);
+    usage_error(&controller(&[&base[..], &["--openadr-mqtt", "off"]].concat()), &["--openadr-vtn", "required"]);
+    let login = ["--openadr-mqtt-username", "ven", "--openadr-mqtt-password-file", "/etc/watt/mqtt"];
+    for ok in [
+        &["--openadr-mqtt", "off"][..],
+        &["--openadr-mqtt", "auto"],
+        &["--openadr-mqtt", "mqtts://broker.example:8883"],
+        &[&["--openadr-mqtt", "mqtt://127.0.0.1:1883"][..], &login].concat(),
+    ] {
+        let out = mqtt(ok);
+        assert_eq!(out.status.code(), Some(0), "{ok:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

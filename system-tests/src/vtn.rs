@@ -1,6 +1,7 @@
 //! The OpenADR 3 reference VTN (`openleadr-vtn` from crates.io, with its own OAuth provider)
-//! on Debian's PostgreSQL, both real, on loopback, for the grid-event tests. `scripts/test`
-//! installs the VTN and its schema under `target/tools` (see `scripts/openleadr-vtn-schema.py`).
+//! on Debian's PostgreSQL, notifying through Debian's Mosquitto MQTT broker, all real, on
+//! loopback, for the grid-event tests. `scripts/test` installs the VTN and its schema under
+//! `target/tools` (see `scripts/openleadr-vtn-schema.py`), and PostgreSQL and Mosquitto.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,12 +26,24 @@ INSERT INTO user_credentials (user_id, client_id, client_secret)
 VALUES ('ven-client', 'ven-client-client-id', '$argon2id$v=19$m=16,t=2,p=1$YWlOSE8xRGFVdVVIa212Ug$tjmQC+zNC3QXc9K8mEXRrA');
 "#;
 
-/// A PostgreSQL server of its own and the VTN on it; both stopped when dropped.
+/// The VTN's login at the broker, to publish.
+const VTN_MQTT: (&str, &str) = ("vtn", "vtn-mqtt-password");
+/// The VEN's login at the broker, to subscribe (`--openadr-mqtt-username`).
+pub const VEN_MQTT: (&str, &str) = ("watt-ven", "watt-ven-mqtt-password");
+
+/// A PostgreSQL server of its own, a Mosquitto broker of its own, and the VTN on them; all
+/// stopped when dropped.
 pub struct Vtn {
     pub url: String,
     pub port: u16,
+    /// The broker the VTN publishes its notifications at (`mqtt://127.0.0.1:PORT`).
+    pub mqtt_url: String,
+    /// A file holding [`VEN_MQTT`]'s password, for `--openadr-mqtt-password-file`.
+    pub ven_mqtt_password_file: PathBuf,
     vtn: Option<Proc>,
     postgres: Option<Proc>,
+    mosquitto: Option<Proc>,
+    mqtt_port: u16,
     database_url: String,
     secret: String,
     dir: tempfile::TempDir,
@@ -124,17 +137,75 @@ impl Vtn {
             base64::engine::general_purpose::STANDARD.encode(bytes)
         };
         let port = free_port();
+        let mqtt_port = free_port();
+        let ven_mqtt_password_file = dir.path().join("ven-mqtt-password");
+        std::fs::write(&ven_mqtt_password_file, format!("{}\n", VEN_MQTT.1)).unwrap();
         let mut vtn = Vtn {
             url: format!("http://127.0.0.1:{port}/"),
             port,
+            mqtt_url: format!("mqtt://127.0.0.1:{mqtt_port}"),
+            ven_mqtt_password_file,
             vtn: None,
             postgres: Some(postgres),
+            mosquitto: None,
+            mqtt_port,
             database_url,
             secret,
             dir,
         };
+        vtn.start_broker();
         vtn.start_vtn();
         vtn
+    }
+
+    /// Mosquitto on loopback, anonymous refused: the VTN and the VEN each log in.
+    fn start_broker(&mut self) {
+        let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .or_else(|| which("mosquitto"))
+            .unwrap_or_else(|| {
+                panic!("Mosquitto is not installed: run `apt-get install -y mosquitto` (scripts/test does)")
+            });
+        let passwd = which("mosquitto_passwd")
+            .unwrap_or_else(|| panic!("`mosquitto_passwd` is missing: apt-get install -y mosquitto"));
+        let passwords = self.dir.path().join("mqtt-passwords");
+        for (i, (user, password)) in [VTN_MQTT, VEN_MQTT].into_iter().enumerate() {
+            let mut cmd = Command::new(&passwd);
+            cmd.arg("-b");
+            if i == 0 {
+                cmd.arg("-c");
+            }
+            let out = cmd.arg(&passwords).args([user, password]).output().unwrap();
+            assert!(out.status.success(), "mosquitto_passwd: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let conf = self.dir.path().join("mosquitto.conf");
+        // As root it would switch to the `mosquitto` user, who cannot read this test's files.
+        let user = if nix::unistd::Uid::effective().is_root() { "user root\n" } else { "" };
+        std::fs::write(
+            &conf,
+            format!(
+                "{user}listener {} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n",
+                self.mqtt_port,
+                passwords.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(mosquitto);
+        cmd.arg("-c").arg(&conf);
+        self.mosquitto = Some(Proc::spawn("mosquitto", cmd));
+        let port = self.mqtt_port;
+        wait_for(Duration::from_secs(10), "Mosquitto listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        });
+    }
+
+    /// The broker stops: notifications stop, the VTN's reads go on.
+    pub fn stop_broker(&mut self) {
+        if let Some(mut p) = self.mosquitto.take() {
+            p.kill9();
+        }
     }
 
     fn start_vtn(&mut self) {
@@ -144,6 +215,10 @@ impl Vtn {
             .env("OAUTH_TYPE", "INTERNAL")
             .env("OAUTH_BASE64_SECRET", &self.secret)
             .env("OAUTH_TOKEN_URL", format!("{}auth/token", self.url))
+            .env("MQTT_URL", format!("tcp://127.0.0.1:{}", self.mqtt_port))
+            .env("MQTT_ADVERTISE_URL", &self.mqtt_url)
+            .env("MQTT_USERNAME", VTN_MQTT.0)
+            .env("MQTT_PASSWORD", VTN_MQTT.1)
             .env("RUST_LOG", "warn")
             .current_dir(self.dir.path());
         self.vtn = Some(Proc::spawn("vtn", cmd));
@@ -170,6 +245,7 @@ impl Vtn {
 impl Drop for Vtn {
     fn drop(&mut self) {
         self.stop();
+        self.stop_broker();
         if let Some(postgres) = self.postgres.take() {
             // A fast shutdown: its server processes end with it.
             let _ = Command::new("kill").args(["-INT", &postgres.pid().to_string()]).status();

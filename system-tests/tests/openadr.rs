@@ -16,7 +16,7 @@ use openleadr_wire::event::{EventInterval, EventPayloadDescriptor, EventType, Ev
 use openleadr_wire::interval::IntervalPeriod;
 use openleadr_wire::values_map::Value;
 use serde_json::Value as Json;
-use watt_system_tests::vtn::{Vtn, BL_CLIENT, VEN_CLIENT};
+use watt_system_tests::vtn::{Vtn, BL_CLIENT, VEN_CLIENT, VEN_MQTT};
 use watt_system_tests::*;
 
 fn f(v: &Json, key: &str) -> f64 {
@@ -83,59 +83,92 @@ fn events_text(url: &str) -> String {
     String::from_utf8(wattctl(url, &["events"]).stdout).unwrap()
 }
 
-#[test]
-fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_reported() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut vtn = Vtn::start();
-    let utility = Client::<BusinessLogic>::with_url(
-        vtn.url.parse().unwrap(),
-        Some(ClientCredentials::new(BL_CLIENT.0.into(), BL_CLIENT.1.into())),
-    );
-    let program = rt.block_on(utility.create_program(openleadr_wire::program::ProgramRequest::new("watt-dr"))).unwrap();
+/// The utility's side: the VTN, its business-logic client and one program.
+struct Utility {
+    rt: tokio::runtime::Runtime,
+    vtn: Vtn,
+    client: Client<BusinessLogic>,
+    program: ProgramClient<BusinessLogic>,
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("ven-secret");
+impl Utility {
+    fn start(program: &str) -> Utility {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let vtn = Vtn::start();
+        let client = Client::<BusinessLogic>::with_url(
+            vtn.url.parse().unwrap(),
+            Some(ClientCredentials::new(BL_CLIENT.0.into(), BL_CLIENT.1.into())),
+        );
+        let request = openleadr_wire::program::ProgramRequest::new(program);
+        let program = rt.block_on(client.create_program(request)).unwrap();
+        Utility { rt, vtn, client, program }
+    }
+}
+
+/// A site enrolled in `program`: a controller as its VEN (`extra` flags after the VTN's), `nodes`
+/// agents of 2 GPUs, each running one job of 2 GPUs at full power under `grid` from the grid
+/// (taken up again at 1 kW/s).
+fn site(
+    utility: &Utility,
+    dir: &std::path::Path,
+    program: &str,
+    extra: &[&str],
+    nodes: usize,
+    grid: &str,
+) -> (ControllerProc, Vec<Proc>) {
+    let secret = dir.join("ven-secret");
     std::fs::write(&secret, format!("{}\n", VEN_CLIENT.1)).unwrap();
-    let store = format!("file:{}", dir.path().join("w.redb").display());
-    let controller = ControllerProc::start(
-        &store,
-        0,
-        &[
-            "--reconcile-interval",
-            "1s",
-            "--openadr-vtn",
-            &vtn.url,
-            "--openadr-client-id",
-            VEN_CLIENT.0,
-            "--openadr-secret-file",
-            secret.to_str().unwrap(),
-            "--openadr-programs",
-            "watt-dr",
-            "--openadr-poll",
-            "1s",
-        ],
-    );
+    let store = format!("file:{}", dir.join("w.redb").display());
+    let vtn_flags = [
+        "--openadr-vtn",
+        &utility.vtn.url,
+        "--openadr-client-id",
+        VEN_CLIENT.0,
+        "--openadr-secret-file",
+        secret.to_str().unwrap(),
+        "--openadr-programs",
+        program,
+    ];
+    let controller = ControllerProc::start(&store, 0, &[&vtn_flags[..], extra].concat());
     let url = controller.url.clone();
-    let _agents: Vec<Proc> = (0..4).map(|i| agent(&url, &format!("adr-{i}"), 2)).collect();
-    wait_for(Duration::from_secs(30), "4 nodes ready", || {
+    let agents: Vec<Proc> = (0..nodes).map(|i| agent(&url, &format!("adr-{i}"), 2)).collect();
+    wait_for(Duration::from_secs(30), "the nodes ready", || {
         let listed = wattctl_json(&url, &["nodes"]);
-        (listed.as_array().unwrap().iter().filter(|n| n["state"] == "ready").count() == 4).then_some(())
+        (listed.as_array().unwrap().iter().filter(|n| n["state"] == "ready").count() == nodes).then_some(())
     });
-    // 6 kW from the grid, taken up again at 1 kW/s after a cut; 8 GPUs at 700 W fit in it.
-    set_grid(&url, "6kW", Some("1kW/s"));
-    for i in 0..4 {
+    set_grid(&url, grid, Some("1kW/s"));
+    for i in 0..nodes {
         let manifest = format!(
             "name: job-{i}\nshards: {{min: 1, max: 1}}\ngpus_per_shard: 2\nflex: 0.5\ncommand: {IDLE_COMMAND}\n"
         );
         assert!(submit(&url, &manifest).status.success());
     }
-    wait_for(Duration::from_secs(30), "4 jobs at full power, the grid ramped up", || {
+    wait_for(Duration::from_secs(30), "every job at full power, the grid ramped up", || {
         let s = status(&url);
         let caps = caps(&s);
-        (caps.len() == 4 && caps.iter().all(|&c| c == 700.0) && f(&s, "available_watts") == 6_000.0).then_some(())
+        (caps.len() == nodes && caps.iter().all(|&c| c == 700.0) && f(&s, "available_watts") == parse_watts(grid))
+            .then_some(())
     });
     // The controller registered itself as a VEN.
-    wait_for(Duration::from_secs(10), "the VEN known to the VTN", || rt.block_on(utility.get_ven_by_name("watt")).ok());
+    wait_for(Duration::from_secs(10), "the VEN known to the VTN", || {
+        utility.rt.block_on(utility.client.get_ven_by_name("watt")).ok()
+    });
+    (controller, agents)
+}
+
+fn parse_watts(text: &str) -> f64 {
+    text.strip_suffix("kW").unwrap().parse::<f64>().unwrap() * 1_000.0
+}
+
+#[test]
+fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_reported() {
+    let utility = Utility::start("watt-dr");
+    let dir = tempfile::tempdir().unwrap();
+    // 6 kW from the grid; 8 GPUs at 700 W fit in it.
+    let (controller, _agents) =
+        site(&utility, dir.path(), "watt-dr", &["--reconcile-interval", "1s", "--openadr-poll", "1s"], 4, "6kW");
+    let url = controller.url.clone();
+    let Utility { rt, mut vtn, client: utility, program } = utility;
 
     // Bad events first: each ignored with its reason, counted once, never a limit.
     let now = Utc::now();
@@ -298,4 +331,52 @@ fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_r
     eprintln!("opt-out: {opt_out}");
     assert!(opt_out.to_string().contains("below the least the cluster can draw"), "{opt_out}");
     assert!(events_text(&url).contains("grid-event-opted-out"));
+}
+
+#[test]
+fn an_event_starting_now_is_in_force_at_once_through_the_vtns_notifications_and_polling_carries_on_without_them() {
+    let utility = Utility::start("watt-now");
+    let dir = tempfile::tempdir().unwrap();
+    // A poll once a minute: an event seen within seconds was seen through a notification.
+    let password_file = utility.vtn.ven_mqtt_password_file.to_str().unwrap().to_string();
+    let login = ["--openadr-mqtt-username", VEN_MQTT.0, "--openadr-mqtt-password-file", &password_file];
+    let (controller, _agents) =
+        site(&utility, dir.path(), "watt-now", &[&["--openadr-poll", "60s"][..], &login].concat(), 2, "3kW");
+    let url = controller.url.clone();
+    let Utility { rt, mut vtn, program, .. } = utility;
+    let s = wait_for(Duration::from_secs(30), "subscribed to the VTN's notifications", || {
+        let s = status(&url);
+        (s["grid_link"]["notifier"] == "subscribed").then_some(s)
+    });
+    assert_eq!(s["grid_link"]["notifier_url"], vtn.mqtt_url, "the broker the VTN names: {s}");
+    assert_eq!(metric(&controller, "watt_openadr_notifier_up"), 1.0);
+
+    // An event of "now": 2 kW of import for 30 s, sent a moment after it started.
+    let sent = Instant::now();
+    let cut = event(&program, "now", Utc::now(), "PT30S", vec![(EventType::ImportCapacityLimit, Value::Number(2.0))]);
+    rt.block_on(program.create_event(cut)).unwrap();
+    let seen = wait_for(Duration::from_secs(20), "the cut's caps acknowledged", || {
+        let s = status(&url);
+        let done = f(&s, "available_watts") == 2_000.0
+            && f(&s, "counted_watts") <= 2_000.0 * 0.95 + 1e-6
+            && s["unacknowledged_nodes"] == 0
+            && caps(&s).iter().all(|&c| c < 700.0);
+        done.then(|| sent.elapsed())
+    });
+    println!("an event of now: every cap acknowledged {:.3} s after it was sent (poll: 60 s)", seen.as_secs_f64());
+    assert!(seen < Duration::from_secs(5), "through a notification, not the minute's poll: {seen:?}");
+    assert!(metric(&controller, "watt_openadr_notifications_total") >= 1.0);
+    let text = String::from_utf8(wattctl(&url, &["power", "status"]).stdout).unwrap();
+    assert!(text.contains(&format!("notified at once over MQTT {}", vtn.mqtt_url)), "{text}");
+
+    // The broker gone: the status says notifications fail, and the VTN is still read.
+    vtn.stop_broker();
+    let s = wait_for(Duration::from_secs(30), "the notifier failing", || {
+        let s = status(&url);
+        (s["grid_link"]["notifier"] == "failed").then_some(s)
+    });
+    assert_eq!(s["grid_link"]["reachable"], true, "{s}");
+    assert_eq!(metric(&controller, "watt_openadr_notifier_up"), 0.0);
+    let text = String::from_utf8(wattctl(&url, &["power", "status"]).stdout).unwrap();
+    assert!(text.contains("notifications FAILING") && text.contains("read every poll"), "{text}");
 }

@@ -6,11 +6,13 @@
 //! - [`events`]: what an event means, or why it is ignored (pure).
 //! - [`ven`]: the VEN itself: reading the VTN, the schedule into the power table, reports,
 //!   opting out of what cannot be met, and what happens when the VTN cannot be reached.
+//! - [`notify`]: the VTN's notifications over MQTT, each a reason to read it at once.
 
 pub mod events;
+pub mod notify;
 pub mod ven;
 
-use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// The VEN's metrics, registered once with the controller's; each term's VEN writes them.
 #[derive(Debug, Clone)]
@@ -27,6 +29,10 @@ pub struct GridMetrics {
     /// The grid's windows in force, and the limit each target is under (`site` or a domain).
     pub windows_in_force: IntGauge,
     pub limit_watts: GaugeVec,
+    /// 1 while the leader's VEN is subscribed to the VTN's notifications.
+    pub notifier_up: IntGauge,
+    /// Notifications received (each a read of the VTN at once).
+    pub notifications: IntCounter,
 }
 
 impl GridMetrics {
@@ -62,6 +68,14 @@ impl GridMetrics {
                 ),
                 &["target"],
             )?,
+            notifier_up: IntGauge::new(
+                "watt_openadr_notifier_up",
+                "1 while the leader's VEN is subscribed to its VTN's notifications (MQTT); 0: polling only.",
+            )?,
+            notifications: IntCounter::new(
+                "watt_openadr_notifications_total",
+                "Notifications from the OpenADR VTN, each read at once.",
+            )?,
         };
         registry.register(Box::new(metrics.vtn_up.clone()))?;
         registry.register(Box::new(metrics.reads.clone()))?;
@@ -69,6 +83,8 @@ impl GridMetrics {
         registry.register(Box::new(metrics.reports.clone()))?;
         registry.register(Box::new(metrics.windows_in_force.clone()))?;
         registry.register(Box::new(metrics.limit_watts.clone()))?;
+        registry.register(Box::new(metrics.notifier_up.clone()))?;
+        registry.register(Box::new(metrics.notifications.clone()))?;
         Ok(metrics)
     }
 }

@@ -1,5 +1,5 @@
 //! The VEN: the leader reads its VTN every `--openadr-poll` with the OpenADR 3 client crate
-//! (`openleadr-client`), and
+//! (`openleadr-client`), and at once when the VTN notifies it ([`super::notify`]), and
 //!
 //! - registers itself by name, once a term, if the VTN does not know it yet;
 //! - turns the events of the enrolled programs into the grid's schedule and puts it in the power
@@ -70,8 +70,8 @@ struct Books {
 
 /// Run the VEN for this term until `stop`.
 pub async fn run(controller: Arc<Controller>, config: OpenAdrConfig, stop: impl Future<Output = ()>) {
-    let client = match connect(&config) {
-        Ok(client) => client,
+    let (client, http) = match connect(&config) {
+        Ok(connected) => connected,
         Err(e) => {
             tracing::error!(error = %e, vtn = %config.vtn, "Cannot set up the OpenADR client; grid events will not be read.");
             return;
@@ -83,20 +83,26 @@ pub async fn run(controller: Arc<Controller>, config: OpenAdrConfig, stop: impl 
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sample = tokio::time::interval(SAMPLE_EVERY);
     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Notifications make a read happen at once; the poll is the fallback.
+    let (notify, mut notified) = tokio::sync::mpsc::channel(1);
+    let notifier = tokio::spawn(super::notify::run(controller.clone(), config.clone(), client.clone(), http, notify));
     tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = poll.tick() => read(&controller, &client, &config, &reading, &mut state).await,
+            Some(()) = notified.recv() => read(&controller, &client, &config, &reading, &mut state).await,
             _ = sample.tick() => account(&controller, &client, &config, &mut state).await,
             () = &mut stop => break,
         }
     }
     // Another controller leads now: its VEN speaks for the site.
+    notifier.abort();
+    controller.metrics.grid.notifier_up.set(0);
     let _ = controller.metrics.grid.vtn_up.remove_label_values(&[config.vtn.as_str()]);
     *controller.grid_link.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
 }
 
-fn connect(config: &OpenAdrConfig) -> Result<Client<VirtualEndNode>, String> {
+fn connect(config: &OpenAdrConfig) -> Result<(Client<VirtualEndNode>, reqwest::Client), String> {
     let secret = std::fs::read_to_string(&config.secret_file)
         .map_err(|e| format!("cannot read --openadr-secret-file {}: {e}", config.secret_file.display()))?;
     let credentials = ClientCredentials::new(config.client_id.clone(), secret.trim().to_string());
@@ -107,7 +113,7 @@ fn connect(config: &OpenAdrConfig) -> Result<Client<VirtualEndNode>, String> {
         http = http.add_root_certificate(cert);
     }
     let http = http.build().map_err(|e| e.to_string())?;
-    Ok(Client::with_details(config.vtn.clone(), config.token_url.clone(), http, Some(credentials)))
+    Ok((Client::with_details(config.vtn.clone(), config.token_url.clone(), http.clone(), Some(credentials)), http))
 }
 
 /// One read of the VTN: the programs, their events, the schedule they make.
@@ -256,12 +262,15 @@ fn unreachable(controller: &Controller, config: &OpenAdrConfig, state: &mut VenS
 fn link(controller: &Controller, config: &OpenAdrConfig, now: i64, error: Option<&str>) {
     let mut link = controller.grid_link.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let last_read_unix_ms = if error.is_none() { now } else { link.as_ref().map_or(0, |l| l.last_read_unix_ms) };
+    // The notifier's fields are its own (see `super::notify`).
+    let kept = link.take().unwrap_or_default();
     *link = Some(watt_proto::v1::GridLink {
         vtn: config.vtn.to_string(),
         ven_name: config.ven_name.clone(),
         reachable: error.is_none(),
         last_read_unix_ms,
         error: error.unwrap_or_default().to_string(),
+        ..kept
     });
 }
 
