@@ -131,7 +131,8 @@ fn site(
     ];
     let controller = ControllerProc::start(&store, 0, &[&vtn_flags[..], extra].concat());
     let url = controller.url.clone();
-    let agents: Vec<Proc> = (0..nodes).map(|i| agent(&url, &format!("adr-{i}"), 2)).collect();
+    let agents: Vec<Proc> =
+        (0..nodes).map(|i| agent_with(&url, &format!("adr-{i}"), 2, &["--labels", &format!("rack=r{i}")])).collect();
     wait_for(Duration::from_secs(30), "the nodes ready", || {
         let listed = wattctl_json(&url, &["nodes"]);
         (listed.as_array().unwrap().iter().filter(|n| n["state"] == "ready").count() == nodes).then_some(())
@@ -334,7 +335,7 @@ fn a_grid_event_cuts_the_import_within_a_second_restores_along_the_ramp_and_is_r
 }
 
 #[test]
-fn an_event_starting_now_is_in_force_at_once_through_the_vtns_notifications_and_polling_carries_on_without_them() {
+fn notifications_bring_an_event_of_now_at_once_a_racks_unmeetable_event_is_opted_out_and_polling_outlives_the_broker() {
     let utility = Utility::start("watt-now");
     let dir = tempfile::tempdir().unwrap();
     // A poll once a minute: an event seen within seconds was seen through a notification.
@@ -343,7 +344,7 @@ fn an_event_starting_now_is_in_force_at_once_through_the_vtns_notifications_and_
     let (controller, _agents) =
         site(&utility, dir.path(), "watt-now", &[&["--openadr-poll", "60s"][..], &login].concat(), 2, "3kW");
     let url = controller.url.clone();
-    let Utility { rt, mut vtn, program, .. } = utility;
+    let Utility { rt, mut vtn, client: utility, program } = utility;
     let s = wait_for(Duration::from_secs(30), "subscribed to the VTN's notifications", || {
         let s = status(&url);
         (s["grid_link"]["notifier"] == "subscribed").then_some(s)
@@ -368,6 +369,29 @@ fn an_event_starting_now_is_in_force_at_once_through_the_vtns_notifications_and_
     assert!(metric(&controller, "watt_openadr_notifications_total") >= 1.0);
     let text = String::from_utf8(wattctl(&url, &["power", "status"]).stdout).unwrap();
     assert!(text.contains(&format!("notified at once over MQTT {}", vtn.mqtt_url)), "{text}");
+
+    // An event for one power domain: the utility gives the VEN the domain's name as a target
+    // (the VTN shows a targeted event only to VENs with that target). 50 W for a rack whose two
+    // idle GPUs alone count 200 W cannot be met: its job pauses, the other runs on, and Watt
+    // opts out, saying why.
+    let mut ven = rt.block_on(utility.get_ven_by_name("watt")).unwrap();
+    ven.content_mut().targets = vec!["rack-0".parse().unwrap()];
+    rt.block_on(ven.update()).unwrap();
+    let set = wattctl(&url, &["power", "set-domain", "rack-0", "--limit", "2kW", "--select", "rack=r0"]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let mut rack =
+        event(&program, "rack", Utc::now(), "PT30S", vec![(EventType::ImportCapacityLimit, Value::Number(0.05))]);
+    rack.targets = vec!["rack-0".parse().unwrap()];
+    let rack = rt.block_on(program.create_event(rack)).unwrap();
+    let opt_out = wait_for(Duration::from_secs(20), "the rack's opt-out at the VTN", || {
+        watts_report(&rt, &utility, rack.id(), "power domain rack-0")
+    });
+    assert!(opt_out.to_string().contains("RUNNING_OPTED_OUT"), "{opt_out}");
+    let s = status(&url);
+    let windows = s["grid_windows"].as_array().unwrap();
+    assert!(windows.iter().any(|w| w["domain"] == "rack-0"), "a window on the rack alone: {s}");
+    let states: Vec<Json> = ["job-0", "job-1"].iter().map(|j| jobs(&url)[*j]["state"].clone()).collect();
+    assert!(states.contains(&Json::from("running")), "the job outside the rack runs on: {states:?}");
 
     // The broker gone: the status says notifications fail, and the VTN is still read.
     vtn.stop_broker();

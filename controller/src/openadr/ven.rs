@@ -258,6 +258,34 @@ fn unreachable(controller: &Controller, config: &OpenAdrConfig, state: &mut VenS
     link(controller, config, 0, Some(error));
 }
 
+/// A domain's window is judged once this long in force: by then its decreases are acknowledged.
+const DOMAIN_SETTLE_MS: i64 = 5_000;
+
+/// Why window `w`, in force, cannot be met, if it cannot: the site's limit below the least the
+/// cluster can draw; a domain's below what its nodes still count once everything that can be
+/// paused in it has been (the allocator keeps each domain within its limit while it can).
+fn unmeetable(w: &GridWindow, status: &watt_proto::v1::PowerStatus, now: i64) -> Option<String> {
+    match &w.target {
+        GridTarget::Site => status.infeasible.then(|| {
+            format!(
+                "the limit is below the least the cluster can draw ({:.1} kW with every pausable job paused and every GPU at its floor)",
+                status.floor_watts / 1000.0
+            )
+        }),
+        GridTarget::Domain(name) => {
+            let domain = status.domains.iter().find(|d| d.domain.as_ref().is_some_and(|x| &x.name == name))?;
+            let over = domain.counted_watts > domain.effective_limit_watts + 1.0;
+            (over && now - w.start_unix_ms >= DOMAIN_SETTLE_MS).then(|| {
+                format!(
+                    "power domain {name} still counts {:.2} kW with every job in it that can be paused paused, above its {:.2} kW limit",
+                    domain.counted_watts / 1000.0,
+                    domain.effective_limit_watts / 1000.0
+                )
+            })
+        }
+    }
+}
+
 /// What the power status shows of the VTN: reachable (read at `now`), or not and why.
 fn link(controller: &Controller, config: &OpenAdrConfig, now: i64, error: Option<&str>) {
     let mut link = controller.grid_link.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -353,11 +381,8 @@ async fn account(
                 books.seconds += seconds;
             }
             books.last_sample_ms = Some(now);
-            if status.infeasible && books.opted_out.is_none() {
-                books.opted_out = Some(format!(
-                    "the limit is below the least the cluster can draw ({:.1} kW with every pausable job paused and every GPU at its floor)",
-                    status.floor_watts / 1000.0
-                ));
+            if books.opted_out.is_none() {
+                books.opted_out = unmeetable(w, &status, now);
             }
         }
         if books.opted_out.is_some() && !books.opt_out_sent {
