@@ -148,9 +148,14 @@ pub async fn run(
         Some(user) => tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "Shards run as this user."),
         None => tracing::info!(uid = nix::unistd::Uid::effective().as_raw(), "Shards run as the agent's own user."),
     }
+    config.shard_exec.check().map_err(AgentError::HostExec)?;
+    tracing::info!(exec = config.shard_exec.describe(), runtimes = ?config.runtimes, "Shards run here.");
     let cgroups = shard_cgroups(&config, inventory.len())?;
     let supervisor = Arc::new(
-        Supervisor::new(config.state_dir.clone()).with_shard_user(config.shard_user.clone()).with_cgroups(cgroups),
+        Supervisor::new(config.state_dir.clone())
+            .with_shard_user(config.shard_user.clone())
+            .with_cgroups(cgroups)
+            .with_exec(config.shard_exec, config.runtimes.clone()),
     );
     if config.controller.is_some() {
         // Shards an earlier run of this agent left behind are stopped; the controller orders
@@ -186,6 +191,8 @@ pub async fn run(
             metrics,
             power_trace,
             labels,
+            runtimes: config.runtimes.clone(),
+            shard_exec: config.shard_exec,
         };
         tokio::spawn(session::run(
             session_config,

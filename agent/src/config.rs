@@ -17,6 +17,7 @@ use crate::gpu::nvml::DEFAULT_LIBRARY;
 use crate::gpu::sim::{SimModel, TICK};
 use crate::supervisor::cgroup::{MemoryPolicy, DEFAULT_PIDS};
 use crate::supervisor::identity::{self, ShardUser};
+use crate::supervisor::ShardExec;
 use watt_common::client::{read_token, ClientError, Credentials};
 use watt_common::duration::{parse as parse_duration, show};
 pub use watt_common::logging::LogFormat;
@@ -223,6 +224,23 @@ pub struct Args {
     /// Where the pod's service account is mounted, for --labels-from-node.
     #[arg(long, env = "WATT_SERVICE_ACCOUNT_DIR", value_name = "DIR")]
     pub service_account_dir: Option<PathBuf>,
+
+    /// Where shards run: `agent`, in the agent's own namespaces (in a container, its image);
+    /// `host`, in the host's PID and mount namespaces (needs root and the host's PID namespace)
+    /// [default: agent].
+    #[arg(long, env = "WATT_SHARD_EXEC", value_name = "agent|host")]
+    pub shard_exec: Option<String>,
+
+    /// With --shard-exec host: the process whose mount namespace shards enter [default: 1, the
+    /// host's init]. Another only for nested setups and tests.
+    #[arg(long, env = "WATT_HOST_NAMESPACE_PID", value_name = "PID")]
+    pub host_namespace_pid: Option<u32>,
+
+    /// The training runtimes this node offers shards, by name (`pytorch-24.10,…`): a job naming
+    /// one (`runtime:`) runs only on nodes that offer it [default: none; `host` with
+    /// --shard-exec host].
+    #[arg(long, env = "WATT_RUNTIMES", value_name = "NAME[,NAME...]", value_delimiter = ',')]
+    pub runtimes: Option<Vec<String>>,
 }
 
 /// The config file: the same settings as the flags, in snake_case.
@@ -266,6 +284,9 @@ pub struct FileConfig {
     pub sim_foreign_gpus: Option<Vec<u32>>,
     pub labels: Option<String>,
     pub labels_from_node: Option<Vec<String>>,
+    pub shard_exec: Option<String>,
+    pub host_namespace_pid: Option<u32>,
+    pub runtimes: Option<Vec<String>>,
     pub service_account_dir: Option<PathBuf>,
 }
 
@@ -306,6 +327,9 @@ pub struct AgentConfig {
     /// Label keys to copy from the node's Kubernetes Node object (see [`crate::node_labels`]).
     pub labels_from_node: Vec<String>,
     pub service_account_dir: PathBuf,
+    /// Where shards run (see `supervisor::runtime`), and the runtimes this node offers.
+    pub shard_exec: ShardExec,
+    pub runtimes: Vec<String>,
 }
 
 /// The agent's credentials for its controller session, as files.
@@ -364,6 +388,7 @@ impl ConfigError {
             "bootstrap_token_file" => "bootstrap-token-file",
             "run_as" => "run-as",
             "labels_from_node" => "labels-from-node",
+            "shard_exec" => "shard-exec",
             other => other,
         };
         ConfigError::Invalid { flag, key, message }
@@ -378,7 +403,7 @@ impl Args {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let config = AgentConfig {
+        let mut config = AgentConfig {
             backend: self.backend.or(file.backend).unwrap_or(BackendKind::Nvml),
             nvml_library: self.nvml_library.clone().or(file.nvml_library).unwrap_or_else(|| DEFAULT_LIBRARY.into()),
             sim_gpus: self.sim_gpus.or(file.sim_gpus).unwrap_or(8),
@@ -459,7 +484,29 @@ impl Args {
                 .clone()
                 .or(file.service_account_dir)
                 .unwrap_or_else(|| PathBuf::from(crate::node_labels::SERVICE_ACCOUNT_DIR)),
+            shard_exec: match self.shard_exec.as_deref().or(file.shard_exec.as_deref()) {
+                None | Some("agent") => ShardExec::Agent,
+                Some("host") => {
+                    ShardExec::Host { pid: self.host_namespace_pid.or(file.host_namespace_pid).unwrap_or(1) }
+                }
+                Some(other) => {
+                    return Err(ConfigError::invalid("shard_exec", format!("must be agent or host; got {other:?}")))
+                }
+            },
+            runtimes: Vec::new(),
         };
+        // An image built with no RUNTIME sets WATT_RUNTIMES empty: the default then.
+        let given: Vec<String> = self.runtimes.clone().or(file.runtimes).unwrap_or_default();
+        let mut runtimes: Vec<String> = given.iter().map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect();
+        if runtimes.is_empty() && matches!(config.shard_exec, ShardExec::Host { .. }) {
+            runtimes.push("host".into());
+        }
+        for runtime in &runtimes {
+            watt_common::names::check_runtime(runtime).map_err(|e| ConfigError::invalid("runtimes", e))?;
+            if !config.runtimes.iter().any(|r| r == runtime) {
+                config.runtimes.push(runtime.to_string());
+            }
+        }
         config.validate()?;
         Ok(config)
     }

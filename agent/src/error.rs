@@ -20,6 +20,9 @@ pub enum AgentError {
     /// `--labels-from-node`: the node's labels could not be read.
     #[error("cannot read this node's labels from Kubernetes (--labels-from-node): {0}")]
     NodeLabels(String),
+    /// `--shard-exec host` where the host's namespaces cannot be reached.
+    #[error("{0}")]
+    HostExec(String),
 }
 
 impl AgentError {
@@ -27,7 +30,7 @@ impl AgentError {
     /// flag or file, no NVIDIA driver for `--backend nvml`), 1 for anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Config(_) | AgentError::Failsafe(_) => 2,
+            AgentError::Config(_) | AgentError::Failsafe(_) | AgentError::HostExec(_) => 2,
             AgentError::Gpu(GpuError::LibraryMissing { .. }) => 2,
             AgentError::Gpu(_)
             | AgentError::Listen { .. }

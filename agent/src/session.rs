@@ -101,6 +101,9 @@ pub struct SessionConfig {
     pub power_trace: Arc<crate::power_trace::PowerTrace>,
     /// The node's labels (`--labels`), sent with its registration.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The runtimes it offers and where shards run, sent with its registration too.
+    pub runtimes: Vec<String>,
+    pub shard_exec: crate::supervisor::ShardExec,
 }
 
 /// Keep a session open until `stop` turns true.
@@ -296,6 +299,11 @@ async fn session_once(
         logs_tls: config.logs_tls,
         enforce_mode: enforcer.mode().to_proto() as i32,
         labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        runtimes: config.runtimes.clone(),
+        shard_exec: match config.shard_exec {
+            crate::supervisor::ShardExec::Agent => pb::ShardExec::Agent,
+            crate::supervisor::ShardExec::Host { .. } => pb::ShardExec::Host,
+        } as i32,
     };
     tx.send(message(pb::agent_message::Body::Register(register)))
         .await

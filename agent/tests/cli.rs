@@ -145,3 +145,27 @@ fn logs_off_loopback_need_a_node_certificate_and_shard_limits_are_checked_by_nam
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success() && text.contains("68719476736") && text.contains("shard_pids: None"), "{text}");
 }
+
+#[test]
+fn where_shards_run_and_the_runtimes_offered_are_checked_by_name_and_default_by_mode() {
+    let sim = ["--backend", "sim", "--check-config"];
+    assert_usage_error(&agent(&[&sim[..], &["--shard-exec", "sideways"]].concat()), &["--shard-exec", "agent or host"]);
+    assert_usage_error(&agent(&[&sim[..], &["--runtimes", "PyTorch 24"]].concat()), &["--runtimes", "PyTorch 24"]);
+    let config = |extra: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(AGENT);
+        cmd.args(sim).args(extra).env_remove("WATT_CONFIG").env_remove("WATT_RUNTIMES");
+        if let Some(value) = env {
+            cmd.env("WATT_RUNTIMES", value);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(config(&[], None).contains("runtimes: []"));
+    let host = config(&["--shard-exec", "host"], None);
+    assert!(host.contains("Host") && host.contains("pid: 1") && host.contains("\"host\""), "{host}");
+    // An image built without a RUNTIME sets the variable empty: the mode's default stands.
+    assert!(config(&["--shard-exec", "host"], Some("")).contains("\"host\""));
+    let image = config(&[], Some("pytorch-25.01"));
+    assert!(image.contains("\"pytorch-25.01\""), "{image}");
+}

@@ -72,6 +72,8 @@ pub struct ShardView {
     pub node: String,
     pub gpus: Vec<u32>,
     pub state: String,
+    /// Its agent's latest words: the process, and the runtime it runs in.
+    pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -83,6 +85,8 @@ pub struct JobView {
     pub shards_max: i64,
     pub gpus_per_shard: i64,
     pub command: Vec<String>,
+    /// The training runtime it needs (empty: any node's).
+    pub runtime: String,
     pub flex: f64,
     pub max_restarts: i64,
     pub sequence: u64,
@@ -201,6 +205,7 @@ impl From<pb::Job> for JobView {
             shards_max: shards.max,
             gpus_per_shard: spec.gpus_per_shard,
             command: spec.command,
+            runtime: spec.runtime,
             flex: spec.flex,
             max_restarts: spec.max_restarts.unwrap_or_default(),
             sequence: job.sequence,
@@ -210,7 +215,13 @@ impl From<pb::Job> for JobView {
             placement: job
                 .shards
                 .into_iter()
-                .map(|s| ShardView { shard: s.shard, node: s.node, gpus: s.gpu_indices, state: shard_state(s.state) })
+                .map(|s| ShardView {
+                    shard: s.shard,
+                    node: s.node,
+                    gpus: s.gpu_indices,
+                    state: shard_state(s.state),
+                    message: s.message,
+                })
                 .collect(),
             message: job.message,
             preemptions: job.preemptions,
@@ -310,6 +321,9 @@ impl JobView {
         );
         let _ = writeln!(out, "GPUs per shard: {}", self.gpus_per_shard);
         let _ = writeln!(out, "Command:        {}", self.command.join(" "));
+        if !self.runtime.is_empty() {
+            let _ = writeln!(out, "Runtime:        {} (only nodes whose agent offers it)", self.runtime);
+        }
         let _ = writeln!(out, "Flex:           {}", self.flex);
         let _ = writeln!(out, "Max restarts:   {}", self.max_restarts);
         let _ = writeln!(out, "Sequence:       {}", self.sequence);
@@ -351,10 +365,10 @@ impl JobView {
                 .iter()
                 .map(|s| {
                     let gpus: Vec<String> = s.gpus.iter().map(u32::to_string).collect();
-                    vec![format!("  {}", s.shard), s.node.clone(), gpus.join(","), s.state.clone()]
+                    vec![format!("  {}", s.shard), s.node.clone(), gpus.join(","), s.state.clone(), s.message.clone()]
                 })
                 .collect();
-            out.push_str(&table(&["  SHARD", "NODE", "GPUS", "STATE"], &rows));
+            out.push_str(&table(&["  SHARD", "NODE", "GPUS", "STATE", "AGENT SAYS"], &rows));
         }
         out
     }
@@ -379,6 +393,9 @@ pub struct NodeView {
     pub labels: std::collections::BTreeMap<String, String>,
     /// The power domains it is in, from the site down.
     pub domains: Vec<String>,
+    /// The training runtimes its agent offers, and where its shards run (agent or host).
+    pub runtimes: Vec<String>,
+    pub shard_exec: String,
 }
 
 /// The `--enforce` mode as its flag spells it.
@@ -417,6 +434,12 @@ impl From<pb::Node> for NodeView {
             logs_url: n.logs_url,
             labels: n.labels.into_iter().collect(),
             domains: n.domains,
+            runtimes: n.runtimes,
+            shard_exec: match pb::ShardExec::try_from(n.shard_exec).unwrap_or_default() {
+                pb::ShardExec::Host => "host",
+                pb::ShardExec::Agent | pb::ShardExec::Unspecified => "agent",
+            }
+            .into(),
         }
     }
 }
@@ -435,10 +458,11 @@ impl NodeView {
                     format!("{:.0}", n.power_watts),
                     format!("{:.0}", n.non_gpu_watts),
                     n.enforce.clone(),
+                    if n.runtimes.is_empty() { "-".into() } else { n.runtimes.join(",") },
                 ]
             })
             .collect();
-        table(&["NAME", "STATE", "GPUS", "ALLOCATED", "MODEL", "POWER(W)", "NON-GPU(W)", "ENFORCE"], &rows)
+        table(&["NAME", "STATE", "GPUS", "ALLOCATED", "MODEL", "POWER(W)", "NON-GPU(W)", "ENFORCE", "RUNTIMES"], &rows)
     }
 }
 

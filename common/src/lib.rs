@@ -59,6 +59,22 @@ pub mod names {
         }
     }
 
+    /// The rule for runtime names (`pytorch-24.10`, `host`): like an image tag, 1 to 63 of
+    /// `[a-z0-9-._]`, starting with a letter or digit; otherwise what the rule is, naming what
+    /// was given. Job specs and agents' `--runtimes` both hold to it, so they match exactly.
+    pub fn check_runtime(name: &str) -> Result<(), String> {
+        let ok = (1..=63).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_'))
+            && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "must be 1 to 63 lowercase letters, digits, '-', '.' or '_', starting with a letter or digit (got {name:?})"
+            ))
+        }
+    }
+
     /// The rule for node names (they come from hostnames and certificates): 1 to 253 of
     /// `[A-Za-z0-9-._]`; otherwise what the rule is, naming what was given.
     pub fn check_node(name: &str) -> Result<(), String> {

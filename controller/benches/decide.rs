@@ -32,6 +32,7 @@ fn spec(name: String, shards: u32, gpus: u32) -> JobSpec {
         flex: 0.1,
         max_restarts: 0,
         stop_grace_ms: 1_000,
+        runtime: None,
     }
 }
 
@@ -91,6 +92,7 @@ fn bench(c: &mut Criterion) {
                 connected: true,
                 marked_lost: false,
                 gpus: (0..8).collect(),
+                runtimes: Vec::new(),
             }
         })
         .collect();

@@ -13,7 +13,7 @@ use watt_controller::scheduler::{schedule, JobRequest, Node, RunningJob};
 use watt_controller::spec::ShardRange;
 
 fn cluster(nodes: usize) -> Vec<Node> {
-    (0..nodes).map(|i| Node { name: format!("gpu-{i:05}"), gpus: (0..8).collect() }).collect()
+    (0..nodes).map(|i| Node { name: format!("gpu-{i:05}"), gpus: (0..8).collect(), runtimes: Vec::new() }).collect()
 }
 
 /// A queue of `n` jobs whose shards add up to about `gpus` GPUs.
@@ -32,6 +32,7 @@ fn queue(n: usize, first_sequence: u64, priority_base: i64) -> Vec<JobRequest> {
                 sequence: first_sequence + i as u64,
                 shards: ShardRange { min, max },
                 gpus_per_shard: g,
+                runtime: None,
             }
         })
         .collect()

@@ -48,6 +48,8 @@ pub struct NodeView {
     pub marked_lost: bool,
     /// Its GPUs' indices.
     pub gpus: Vec<u32>,
+    /// The training runtimes its agent offers.
+    pub runtimes: Vec<String>,
 }
 
 impl NodeView {
@@ -81,6 +83,9 @@ impl Schedulable for Offer<'_> {
         } else {
             &[]
         }
+    }
+    fn offers(&self, runtime: &str) -> bool {
+        self.node.runtimes.iter().any(|r| r == runtime)
     }
 }
 
@@ -526,7 +531,7 @@ pub fn decide(view: &View, now: Now) -> Decisions {
     for waiting in &plan.waiting {
         let Some(record) = jobs.get(&waiting.job) else { continue };
         // A reason of its own (preempted, node lost, power) stands over the scheduler's.
-        let reason = Reason::Waiting(waiting.reason);
+        let reason = Reason::Waiting(waiting.reason.clone());
         if record.hold.is_none() && record.message != reason.to_string() {
             place.push(JobChange { record: record.clone(), event: None, reason });
         }
@@ -783,6 +788,7 @@ mod tests {
             flex: 0.0,
             max_restarts: 0,
             stop_grace_ms: 1_000,
+            runtime: None,
         };
         JobRecord {
             state,
@@ -819,6 +825,7 @@ mod tests {
                         connected: true,
                         marked_lost: false,
                         gpus: (0..8).collect(),
+                        runtimes: Vec::new(),
                     })
                     .collect(),
                 reports: HashMap::new(),
@@ -1368,6 +1375,7 @@ mod tests {
             connected: true,
             marked_lost: false,
             gpus: (0..8).collect(),
+            runtimes: Vec::new(),
         });
         c.jobs.push(record("other", 0, (1, 1), JobState::Pending, &[]));
         let d = c.decide(0, 1_000 + REGROW_AFTER_MS);

@@ -277,6 +277,7 @@ impl JobRecord {
             sequence: self.sequence,
             shards: self.spec.shards,
             gpus_per_shard: self.spec.gpus_per_shard,
+            runtime: self.spec.runtime.clone(),
         }
     }
 
@@ -357,6 +358,7 @@ impl JobRecord {
                     node: s.node.clone(),
                     gpu_indices: s.gpus.clone(),
                     state: shard_states(i) as i32,
+                    message: String::new(),
                 })
                 .collect(),
             message: self.message.clone(),

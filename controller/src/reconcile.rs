@@ -554,6 +554,8 @@ impl Controller {
                     logs_url: e.logs_url().unwrap_or_default(),
                     labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     domains: tree.path(&e.labels).iter().map(|&i| tree.domains[i as usize].name.clone()).collect(),
+                    runtimes: e.runtimes.clone(),
+                    shard_exec: e.shard_exec as i32,
                 }
             })
             .collect();
@@ -566,6 +568,13 @@ impl Controller {
         let progress = self.progress.job(&record.spec.name);
         let nodes = self.registry.lock();
         let mut job = record.to_proto(|i| reported_state(&nodes, record, i).unwrap_or(pb::ShardState::Unspecified));
+        for (placement, shard) in job.shards.iter_mut().zip(&record.shards) {
+            let status =
+                nodes.get(&shard.node).and_then(|e| e.shard_statuses.get(&(record.spec.name.clone(), placement.shard)));
+            if let Some(status) = status.filter(|s| s.epoch == record.epoch) {
+                placement.message.clone_from(&status.message);
+            }
+        }
         job.progress = progress;
         let in_use = self.settings.speed_curves == crate::speed_curves::CurvePolicy::Learned;
         job.speed_curve = self.speed_curves.describe(&record.spec.name, in_use);
@@ -994,6 +1003,7 @@ impl Controller {
                     grace_period_ms: job.spec.stop_grace_ms,
                     run_token: self.run_tokens.token(&job.spec.name, job.epoch),
                     term: self.term,
+                    runtime: job.spec.runtime.clone().unwrap_or_default(),
                 };
                 let message = pb::ControllerMessage { body: Some(pb::controller_message::Body::ShardOrder(order)) };
                 // A full queue is retried next pass: it is not marked sent.
@@ -1181,6 +1191,7 @@ impl KeptView {
             connected: e.session.is_some(),
             marked_lost: e.lost,
             gpus: e.gpus.iter().map(|g| g.index).collect(),
+            runtimes: e.runtimes.clone(),
         };
         if self.generation != Some(registry.generation()) || self.power.tree.id != tree.id {
             let mut names: Vec<String> = registry.values().map(|e| e.name.clone()).collect();

@@ -124,6 +124,9 @@ pub struct NodeEntry {
     pub non_gpu_watts: f64,
     /// Its labels (`--labels`): power domains select nodes by them.
     pub labels: crate::power::domains::Labels,
+    /// The training runtimes its agent offers (`--runtimes`), and where its shards run.
+    pub runtimes: Vec<String>,
+    pub shard_exec: pb::ShardExec,
     /// The power domains it is in, parents first, as positions in the tree `domain_tree_id`.
     domain_path: Vec<u32>,
     domain_tree_id: Option<u64>,
@@ -592,6 +595,8 @@ impl Registry {
             shard_statuses: register.shards.iter().map(|s| ((s.job.clone(), s.shard), s.clone())).collect(),
             non_gpu_watts: register.non_gpu_power_watts,
             labels: register.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            runtimes: register.runtimes.clone(),
+            shard_exec: register.shard_exec(),
             domain_path: Vec::new(),
             domain_tree_id: None,
             cap_targets: Vec::new(),
@@ -670,6 +675,8 @@ impl Registry {
                 shard_gpus: HashMap::new(),
                 non_gpu_watts: 0.0,
                 labels: Default::default(),
+                runtimes: Vec::new(),
+                shard_exec: pb::ShardExec::Unspecified,
                 domain_path: Vec::new(),
                 domain_tree_id: None,
                 cap_targets: Vec::new(),

@@ -16,19 +16,24 @@
 //!   can start; within one priority a stream of small jobs can delay a large one, the price of
 //!   not leaving GPUs idle without run-time estimates.
 //!
+//! - **Runtimes.** A job that names a training runtime goes only onto nodes whose agent offers
+//!   it; while no node does, it waits saying so (nothing is preempted for it in vain).
+//!
 //! Capacity is indexed by free-GPU count per node, so one placement costs O(GPUs per node), not
-//! O(nodes): the scheduler places thousands of shards a second at 25,000 nodes.
+//! O(nodes): the scheduler places thousands of shards a second at 25,000 nodes. A job that
+//! names a runtime is placed by a walk over the nodes that may hold it instead.
 
 use std::borrow::Cow;
 
 use crate::spec::ShardRange;
 use crate::NameMap;
 
-/// A schedulable node: its name and the GPU indices jobs may use.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A schedulable node: its name, the GPU indices jobs may use, the runtimes its agent offers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Node {
     pub name: String,
     pub gpus: Vec<u32>,
+    pub runtimes: Vec<String>,
 }
 
 /// Anything the scheduler can place on: a [`Node`], or the decision's own view of a node, read
@@ -37,6 +42,8 @@ pub trait Schedulable {
     fn name(&self) -> &str;
     /// The GPU indices jobs may use (any order; duplicates count once).
     fn gpus(&self) -> &[u32];
+    /// Whether its agent offers shards the training runtime `runtime`.
+    fn offers(&self, runtime: &str) -> bool;
 }
 
 impl Schedulable for Node {
@@ -46,6 +53,9 @@ impl Schedulable for Node {
     fn gpus(&self) -> &[u32] {
         &self.gpus
     }
+    fn offers(&self, runtime: &str) -> bool {
+        self.runtimes.iter().any(|r| r == runtime)
+    }
 }
 
 impl<T: Schedulable + ?Sized> Schedulable for &T {
@@ -54,6 +64,9 @@ impl<T: Schedulable + ?Sized> Schedulable for &T {
     }
     fn gpus(&self) -> &[u32] {
         (**self).gpus()
+    }
+    fn offers(&self, runtime: &str) -> bool {
+        (**self).offers(runtime)
     }
 }
 
@@ -66,6 +79,8 @@ pub struct JobRequest {
     pub sequence: u64,
     pub shards: ShardRange,
     pub gpus_per_shard: u32,
+    /// The training runtime its shards need (`None`: any node).
+    pub runtime: Option<String>,
 }
 
 /// One shard's place: a node and GPUs on it.
@@ -134,21 +149,27 @@ pub struct Waiting {
 }
 
 /// Why the scheduler left a job waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitReason {
     /// Zero GPUs a shard, zero shards, or a minimum above the maximum (validation keeps these out).
     InvalidRequest,
     /// Not enough GPUs free, even after preempting every lower-priority job it may.
     NoRoom { min_shards: usize, gpus_per_shard: usize, fit_now: usize },
+    /// No ready node's agent offers the runtime it names.
+    NoRuntime { runtime: String },
 }
 
 impl std::fmt::Display for WaitReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
+        match self {
             WaitReason::InvalidRequest => f.write_str("invalid request"),
             WaitReason::NoRoom { min_shards, gpus_per_shard, fit_now } => write!(
                 f,
                 "waiting for room: needs {min_shards} shard(s) of {gpus_per_shard} GPU(s) on one node each; {fit_now} fit now"
+            ),
+            WaitReason::NoRuntime { runtime } => write!(
+                f,
+                "waiting for a node that offers runtime {runtime}: no ready node's agent does (its --runtimes, the chart's agent.runtimes)"
             ),
         }
     }
@@ -319,11 +340,15 @@ impl<'a, N: Schedulable> Capacity<'a, N> {
         self.link(node);
     }
 
-    /// How many shards of `g` GPUs fit right now, counted up to `cap`.
-    fn shards_that_fit(&self, g: usize, cap: usize) -> usize {
+    /// How many shards of `g` GPUs fit right now on nodes offering `runtime` (any node: `None`),
+    /// counted up to `cap`.
+    fn shards_that_fit(&self, g: usize, cap: usize, runtime: Option<&str>) -> usize {
         let mut total = 0;
         for f in (g..self.buf.buckets.len()).rev() {
-            total += self.buf.buckets[f].len() * (f / g);
+            total += match runtime {
+                None => self.buf.buckets[f].len(),
+                Some(r) => self.buf.buckets[f].iter().filter(|&&n| self.nodes[n].offers(r)).count(),
+            } * (f / g);
             if total >= cap {
                 return cap;
             }
@@ -331,22 +356,34 @@ impl<'a, N: Schedulable> Capacity<'a, N> {
         total
     }
 
-    /// Place `k` shards of `g` GPUs, fewest nodes first. Caller checked that they fit.
-    fn place(&mut self, k: usize, g: usize) -> Vec<ShardAssignment> {
+    /// A node with exactly `f` free GPUs offering `runtime` (any: `None`), the last linked first.
+    fn in_bucket(&self, f: usize, runtime: Option<&str>) -> Option<usize> {
+        let bucket = &self.buf.buckets[f];
+        match runtime {
+            None => bucket.last().copied(),
+            Some(r) => bucket.iter().rev().copied().find(|&n| self.nodes[n].offers(r)),
+        }
+    }
+
+    /// Place `k` shards of `g` GPUs on nodes offering `runtime`, fewest nodes first. Caller
+    /// checked that they fit.
+    fn place(&mut self, k: usize, g: usize, runtime: Option<&str>) -> Vec<ShardAssignment> {
         let mut shards = Vec::with_capacity(k);
         let mut remaining = k;
         while remaining > 0 {
             // One node that holds the rest: the fullest such (best fit).
-            let best_fit = (remaining * g..self.buf.buckets.len()).find(|&f| !self.buf.buckets[f].is_empty());
+            let best_fit =
+                (remaining * g..self.buf.buckets.len()).find_map(|f| self.in_bucket(f, runtime).map(|n| (n, f)));
             let (node, count) = match best_fit {
-                Some(f) => (self.buf.buckets[f][self.buf.buckets[f].len() - 1], remaining),
+                Some((node, _)) => (node, remaining),
                 None => {
                     // Otherwise the emptiest node, filled completely.
-                    let f = (g..self.buf.buckets.len()).rev().find(|&f| !self.buf.buckets[f].is_empty()).unwrap_or(0);
-                    if f < g {
+                    let emptiest =
+                        (g..self.buf.buckets.len()).rev().find_map(|f| self.in_bucket(f, runtime).map(|n| (n, f)));
+                    let Some((node, f)) = emptiest else {
                         break; // Unreachable when the caller checked capacity.
-                    }
-                    (self.buf.buckets[f][self.buf.buckets[f].len() - 1], f / g)
+                    };
+                    (node, f / g)
                 }
             };
             let gpus: Vec<u32> = self.free_of(node)[..count * g].to_vec();
@@ -395,10 +432,18 @@ pub fn schedule<N: Schedulable>(nodes: &[N], running: &[RunningJob], pending: &[
             plan.waiting.push(Waiting { job: job.name.clone(), reason: WaitReason::InvalidRequest });
             continue;
         }
-        if capacity.shards_that_fit(g, min) < min {
+        let runtime = job.runtime.as_deref();
+        if let Some(r) = runtime {
+            if !nodes.iter().any(|n| !n.gpus().is_empty() && n.offers(r)) {
+                plan.waiting
+                    .push(Waiting { job: job.name.clone(), reason: WaitReason::NoRuntime { runtime: r.into() } });
+                continue;
+            }
+        }
+        if capacity.shards_that_fit(g, min, runtime) < min {
             let freed = preempt_for(job, &mut capacity, &locate, &victims, &mut preempted);
             if freed.is_empty() {
-                let free_shards = capacity.shards_that_fit(g, usize::MAX);
+                let free_shards = capacity.shards_that_fit(g, usize::MAX, runtime);
                 plan.waiting.push(Waiting {
                     job: job.name.clone(),
                     reason: WaitReason::NoRoom { min_shards: min, gpus_per_shard: g, fit_now: free_shards },
@@ -409,8 +454,8 @@ pub fn schedule<N: Schedulable>(nodes: &[N], running: &[RunningJob], pending: &[
                 plan.preemptions.push(Preemption { job: victim, by: job.name.clone() });
             }
         }
-        let k = capacity.shards_that_fit(g, max);
-        plan.starts.push(Start { job: job.name.clone(), shards: capacity.place(k, g) });
+        let k = capacity.shards_that_fit(g, max, runtime);
+        plan.starts.push(Start { job: job.name.clone(), shards: capacity.place(k, g, runtime) });
     }
     plan
 }
@@ -424,7 +469,7 @@ fn preempt_for<N: Schedulable>(
     victims: &[&RunningJob<'_>],
     preempted: &mut [bool],
 ) -> Vec<String> {
-    let (g, min) = (job.gpus_per_shard as usize, job.shards.min as usize);
+    let (g, min, runtime) = (job.gpus_per_shard as usize, job.shards.min as usize, job.runtime.as_deref());
     let release = |capacity: &mut Capacity<'_, N>, victim: &RunningJob<'_>| {
         for (i, shard) in victim.shards.iter().enumerate() {
             if let Some(node) = victim.node_of(i, locate) {
@@ -449,11 +494,11 @@ fn preempt_for<N: Schedulable>(
         }
         release(capacity, victim);
         chosen.push(i);
-        if capacity.shards_that_fit(g, min) >= min {
+        if capacity.shards_that_fit(g, min, runtime) >= min {
             break;
         }
     }
-    if capacity.shards_that_fit(g, min) < min {
+    if capacity.shards_that_fit(g, min, runtime) < min {
         for &i in &chosen {
             retake(capacity, victims[i]);
         }
@@ -463,7 +508,7 @@ fn preempt_for<N: Schedulable>(
     let mut needed = Vec::new();
     for &i in chosen.iter().rev() {
         retake(capacity, victims[i]);
-        if capacity.shards_that_fit(g, min) >= min {
+        if capacity.shards_that_fit(g, min, runtime) >= min {
             continue; // Fits without preempting this one: it keeps running.
         }
         release(capacity, victims[i]);
@@ -488,11 +533,18 @@ mod tests {
     use super::*;
 
     fn nodes(n: usize, gpus: u32) -> Vec<Node> {
-        (0..n).map(|i| Node { name: format!("n{i}"), gpus: (0..gpus).collect() }).collect()
+        (0..n).map(|i| Node { name: format!("n{i}"), gpus: (0..gpus).collect(), runtimes: Vec::new() }).collect()
     }
 
     fn job(name: &str, priority: i64, sequence: u64, min: u32, max: u32, g: u32) -> JobRequest {
-        JobRequest { name: name.into(), priority, sequence, shards: ShardRange { min, max }, gpus_per_shard: g }
+        JobRequest {
+            name: name.into(),
+            priority,
+            sequence,
+            shards: ShardRange { min, max },
+            gpus_per_shard: g,
+            runtime: None,
+        }
     }
 
     fn run(plan: &Plan, pending: &[JobRequest]) -> Vec<RunningJob<'static>> {
@@ -553,13 +605,13 @@ mod tests {
 
     #[test]
     fn a_nodes_gpus_count_once_in_any_order_and_a_preempted_job_frees_only_gpus_the_node_has() {
-        let cluster = vec![Node { name: "n0".into(), gpus: vec![3, 1, 1, 2, 0] }];
+        let cluster = vec![Node { name: "n0".into(), gpus: vec![3, 1, 1, 2, 0], runtimes: Vec::new() }];
         let plan = schedule(&cluster, &[], &[job("a", 0, 0, 1, 1, 4)]);
         assert_eq!(plan.starts[0].shards[0].gpus, vec![0, 1, 2, 3]);
         assert!(schedule(&cluster, &[], &[job("b", 0, 0, 1, 1, 5)]).starts.is_empty(), "4 distinct GPUs");
 
         // Preempting a job whose record names a GPU the node lacks (9) frees no GPU 9.
-        let cluster = vec![Node { name: "n0".into(), gpus: vec![0, 1, 2, 3] }];
+        let cluster = vec![Node { name: "n0".into(), gpus: vec![0, 1, 2, 3], runtimes: Vec::new() }];
         let holding = |name: &str, sequence, gpus: Vec<u32>| RunningJob {
             request: job(name, 0, sequence, 1, 1, gpus.len() as u32),
             shards: vec![ShardAssignment { node: "n0".into(), gpus }].into(),
@@ -610,22 +662,38 @@ mod tests {
         assert_eq!(plan.waiting[0].job, "big");
     }
 
+    /// Runtimes nodes may offer ("a", "b") and jobs may ask for (also "c", which none offers).
+    const RUNTIMES: [&str; 3] = ["a", "b", "c"];
+
     fn cluster_strategy() -> impl Strategy<Value = (Vec<Node>, Vec<JobRequest>, Vec<JobRequest>)> {
-        let nodes = prop::collection::vec(prop::sample::select(vec![2u32, 4, 8]), 1..8).prop_map(|sizes| {
+        let node = (prop::sample::select(vec![2u32, 4, 8]), 0usize..4);
+        let nodes = prop::collection::vec(node, 1..8).prop_map(|sizes| {
             sizes
                 .into_iter()
                 .enumerate()
-                .map(|(i, n)| Node { name: format!("n{i}"), gpus: (0..n).collect() })
+                .map(|(i, (n, offered))| Node {
+                    name: format!("n{i}"),
+                    gpus: (0..n).collect(),
+                    // 0: none, 1: a, 2: b, 3: both.
+                    runtimes: RUNTIMES[..2]
+                        .iter()
+                        .enumerate()
+                        .filter(|(r, _)| offered & (1 << r) != 0)
+                        .map(|(_, r)| r.to_string())
+                        .collect(),
+                })
                 .collect::<Vec<_>>()
         });
-        let one = (0i64..4, 1u32..4, 0u32..3, prop::sample::select(vec![1u32, 2, 4, 8]));
+        // Most jobs name no runtime; the rest one of the three.
+        let one = (0i64..4, 1u32..4, 0u32..3, prop::sample::select(vec![1u32, 2, 4, 8]), 0usize..6);
         let jobs = prop::collection::vec(one, 0..12);
         (nodes, jobs.clone(), jobs).prop_map(|(nodes, first, second)| {
-            let mk = |offset: u64, v: Vec<(i64, u32, u32, u32)>| {
+            let mk = |offset: u64, v: Vec<(i64, u32, u32, u32, usize)>| {
                 v.into_iter()
                     .enumerate()
-                    .map(|(i, (p, min, extra, g))| {
-                        job(&format!("j{}", offset + i as u64), p, offset + i as u64, min, min + extra, g)
+                    .map(|(i, (p, min, extra, g, runtime))| JobRequest {
+                        runtime: RUNTIMES.get(runtime).map(|r| r.to_string()),
+                        ..job(&format!("j{}", offset + i as u64), p, offset + i as u64, min, min + extra, g)
                     })
                     .collect::<Vec<_>>()
             };
@@ -661,6 +729,32 @@ mod tests {
                 for gpu in &shard.gpus {
                     prop_assert!(node.gpus.contains(gpu), "GPU {gpu} not on {}", node.name);
                     prop_assert!(used.insert((shard.node.clone(), *gpu)), "GPU {gpu} on {} booked twice", shard.node);
+                }
+            }
+        }
+
+        #[test]
+        fn a_shard_is_never_placed_on_a_node_lacking_its_runtime_and_a_runtime_none_offers_is_said((nodes, first, second) in cluster_strategy()) {
+            let (running, plan) = two_waves(&nodes, &first, &second);
+            let placed = running.iter().map(|r| (&r.request, r.shards.as_ref())).chain(
+                plan.starts.iter().map(|s| (second.iter().find(|j| j.name == s.job).unwrap(), s.shards.as_slice())),
+            );
+            for (job, shards) in placed {
+                let Some(runtime) = &job.runtime else { continue };
+                for shard in shards {
+                    let node = nodes.iter().find(|n| n.name == shard.node).unwrap();
+                    prop_assert!(node.offers(runtime), "{} (runtime {runtime}) placed on {} offering {:?}", job.name, node.name, node.runtimes);
+                }
+            }
+            for waiting in &plan.waiting {
+                let job = second.iter().find(|j| j.name == waiting.job).unwrap();
+                let offered = job.runtime.as_ref().is_none_or(|r| nodes.iter().any(|n| n.offers(r)));
+                let said = matches!(&waiting.reason, WaitReason::NoRuntime { runtime } if Some(runtime) == job.runtime.as_ref());
+                prop_assert_eq!(said, !offered, "{}: {}", job.name, waiting.reason);
+            }
+            for job in &second {
+                if job.runtime.as_deref() == Some("c") {
+                    prop_assert!(plan.waiting.iter().any(|w| w.job == job.name), "{} needs a runtime no node has", job.name);
                 }
             }
         }

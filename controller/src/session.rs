@@ -78,6 +78,12 @@ pub fn validate_register(r: &pb::Register) -> Result<(), Status> {
     for (key, value) in &r.labels {
         watt_common::names::check_label(key, value).map_err(|m| invalid("register.labels", m))?;
     }
+    if r.runtimes.len() > 32 {
+        return Err(invalid("register.runtimes", format!("lists {} runtimes; the limit is 32", r.runtimes.len())));
+    }
+    for (i, runtime) in r.runtimes.iter().enumerate() {
+        watt_common::names::check_runtime(runtime).map_err(|m| invalid(&format!("register.runtimes[{i}]"), m))?;
+    }
     Ok(())
 }
 

@@ -76,6 +76,9 @@ pub struct JobSpec {
     /// Between SIGTERM and SIGKILL when a shard is stopped.
     #[serde(default = "default_stop_grace_ms")]
     pub stop_grace_ms: u64,
+    /// The training runtime its shards need: only nodes whose agent offers it run them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 fn default_stop_grace_ms() -> u64 {
@@ -106,6 +109,7 @@ struct Manifest {
     max_restarts: Option<i64>,
     /// A duration ("30s", "2m"), or milliseconds from the proto's `stop_grace_ms`.
     stop_grace: Option<String>,
+    runtime: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +175,7 @@ impl JobSpec {
             flex: Some(spec.flex),
             max_restarts: spec.max_restarts,
             stop_grace: spec.stop_grace_ms.map(|ms| format!("{ms}ms")),
+            runtime: non_empty(&spec.runtime),
         })
     }
 
@@ -263,6 +268,9 @@ impl JobSpec {
                     FieldError::new("stop_grace", format!("must be a duration up to 1h, like 30s (got {text:?})"))
                 })?,
         };
+        if let Some(runtime) = &m.runtime {
+            watt_common::names::check_runtime(runtime).map_err(|message| FieldError::new("runtime", message))?;
+        }
         Ok(JobSpec {
             name,
             priority,
@@ -275,6 +283,7 @@ impl JobSpec {
             flex,
             max_restarts: max_restarts as u32,
             stop_grace_ms,
+            runtime: m.runtime,
         })
     }
 
@@ -291,6 +300,7 @@ impl JobSpec {
             flex: self.flex,
             max_restarts: Some(i64::from(self.max_restarts)),
             stop_grace_ms: Some(self.stop_grace_ms as i64),
+            runtime: self.runtime.clone().unwrap_or_default(),
         }
     }
 }
@@ -309,6 +319,29 @@ mod tests {
 
     fn err(text: &str) -> String {
         JobSpec::from_manifest(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_example_job_is_a_valid_spec() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let spec = JobSpec::from_manifest(&std::fs::read_to_string(&path).unwrap());
+            assert!(spec.is_ok(), "{}: {spec:?}", path.display());
+            seen += 1;
+        }
+        assert!(seen >= 4, "{seen} examples in {}", dir.display());
+    }
+
+    #[test]
+    fn a_runtime_is_a_name_kept_through_the_proto_and_checked_by_field() {
+        let spec = JobSpec::from_manifest(&format!("{GOOD}runtime: pytorch-25.01\n")).unwrap();
+        assert_eq!(spec.runtime.as_deref(), Some("pytorch-25.01"));
+        assert_eq!(JobSpec::from_proto(&spec.to_proto()).unwrap(), spec);
+        assert_eq!(JobSpec::from_manifest(GOOD).unwrap().runtime, None, "none: any node");
+        let e = err(&format!("{GOOD}runtime: PyTorch 25\n"));
+        assert!(e.starts_with("runtime") && e.contains("PyTorch 25"), "{e}");
     }
 
     #[test]

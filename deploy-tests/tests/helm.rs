@@ -6,13 +6,14 @@
 
 use watt_deploy_tests::*;
 
-const VALUE_FILES: [&str; 6] = [
+const VALUE_FILES: [&str; 7] = [
     "",
     "helm/watt/values-production.yaml",
     "deploy-tests/values/cert-manager.yaml",
     "deploy-tests/values/etcd-3-replicas.yaml",
     "deploy-tests/values/enforcement-off.yaml",
     "deploy-tests/values/enforcement-on.yaml",
+    "deploy-tests/values/host-exec.yaml",
 ];
 
 fn render(values: &str) -> String {
@@ -206,6 +207,57 @@ fn privileges_only_when_enforcing_and_the_store_as_configured() {
     assert!(docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"), "no budget for one replica");
 }
 
+/// Where shards run: by default in the agent's container, from the chart's image or the one
+/// given, with no host namespace and no privilege; with host execution, the host's PID
+/// namespace and exactly the capabilities entering its mount namespace takes.
+#[test]
+fn shards_run_in_the_agents_image_unless_host_execution_is_chosen_which_alone_gets_its_privileges() {
+    let pod = |docs: &[serde_yaml::Value]| find(docs, "DaemonSet", "watt-agent")["spec"]["template"]["spec"].clone();
+    let args = |pod: &serde_yaml::Value| -> Vec<String> {
+        pod["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect()
+    };
+    let caps = |pod: &serde_yaml::Value| -> Vec<String> {
+        let add = &pod["containers"][0]["securityContext"]["capabilities"]["add"];
+        add.as_sequence().map(|s| s.iter().filter_map(|c| c.as_str().map(String::from)).collect()).unwrap_or_default()
+    };
+    let default = pod(&documents(&render("")));
+    assert_eq!(default["hostPID"], false);
+    assert_eq!(default["containers"][0]["image"], "ghcr.io/watt-power/watt-agent:0.1.0");
+    assert!(args(&default).contains(&"--shard-exec=agent".to_string()), "{:?}", args(&default));
+    assert!(!args(&default).iter().any(|a| a.starts_with("--runtimes")), "the image's own runtimes");
+    assert!(caps(&default).is_empty());
+    // Training needs shared memory, and no pod limit capping it.
+    let shm = default["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == "shm").unwrap().clone();
+    assert_eq!(
+        (shm["emptyDir"]["medium"].clone(), shm["emptyDir"]["sizeLimit"].clone()),
+        ("Memory".into(), "16Gi".into())
+    );
+    assert!(default["containers"][0]["resources"]["limits"].as_mapping().is_none_or(|m| m.is_empty()), "{default:?}");
+
+    // Enforcing: root for the power limits, and what running shards as nobody takes; no more.
+    let on = pod(&documents(&render("deploy-tests/values/enforcement-on.yaml")));
+    assert_eq!(on["hostPID"], false);
+    assert_eq!(caps(&on), ["SYS_ADMIN", "SETUID", "SETGID", "CHOWN", "KILL"]);
+
+    let host = pod(&documents(&render("deploy-tests/values/host-exec.yaml")));
+    assert_eq!(host["hostPID"], true);
+    assert_eq!(host["containers"][0]["image"], "registry.example.com/ml/watt-agent:pytorch-24.10");
+    assert_eq!(host["containers"][0]["securityContext"]["runAsUser"], 0);
+    assert_eq!(caps(&host), ["SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE", "SETUID", "SETGID", "CHOWN", "KILL"]);
+    let host_args = args(&host);
+    assert!(
+        host_args.contains(&"--shard-exec=host".to_string())
+            && host_args.contains(&"--runtimes=site-conda".to_string()),
+        "{host_args:?}"
+    );
+    assert!(host_args.contains(&"--enforce=dry-run".to_string()), "still a dry run: {host_args:?}");
+}
+
 #[test]
 fn bad_values_are_refused_at_install_naming_the_value() {
     for (set, want) in [
@@ -219,6 +271,9 @@ fn bad_values_are_refused_at_install_naming_the_value() {
         ("certManager.enabled=true", "/certManager/issuerRef"),
         ("agent.stateDir=relative/path", "/agent/stateDir"),
         ("agent.nodeOverhead=-5", "/agent/nodeOverhead"),
+        ("agent.shardExec=container", "/agent/shardExec"),
+        ("agent.runtimes={PyTorch}", "/agent/runtimes/0"),
+        ("agent.shmSize=lots", "/agent/shmSize"),
         ("agent.typo=1", "typo"),
         // What would weaken TLS or node identity needs insecure: true.
         ("controller.extraArgs={--insecure}", "/controller/extraArgs"),

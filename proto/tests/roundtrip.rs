@@ -29,6 +29,8 @@ fn register_round_trips() {
             logs_port: 9402,
             logs_tls: true,
             labels: [("rack".to_string(), "r12".to_string())].into_iter().collect(),
+            runtimes: vec!["pytorch-25.01".into()],
+            shard_exec: watt_proto::v1::ShardExec::Host as i32,
         })),
     };
     let bytes = sent.encode_to_vec();

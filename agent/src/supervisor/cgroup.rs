@@ -237,15 +237,30 @@ fn kill(dir: &Path) -> io::Result<()> {
     std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.kill"))?.write_all(b"1")
 }
 
-/// The command line that starts `program args` as a shard's first process in the group at
-/// `group`, as `user` (uid, gid) when given: `<agent> __shard-exec <group> <uid> <gid> -- ...`.
-pub fn exec_args(group: &Path, user: Option<(u32, u32)>, program: &str, args: &[String]) -> Vec<OsString> {
+/// Where a shard's first process goes before it becomes the job's command (see
+/// [`exec_in_group`]); `None`s are left as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardEntry<'a> {
+    /// Its cgroup.
+    pub group: Option<&'a Path>,
+    /// Its user and group (uid, gid).
+    pub user: Option<(u32, u32)>,
+    /// The mount namespace of this process (host execution), and the working directory there.
+    pub mount_namespace_of: Option<u32>,
+    pub workdir: Option<&'a str>,
+}
+
+/// The command line that starts `program args` as a shard's first process, entering `entry`:
+/// `<agent> __shard-exec GROUP UID GID NS WORKDIR -- PROGRAM ARGS...` ("-" for none).
+pub fn exec_args(entry: &ShardEntry<'_>, program: &str, args: &[String]) -> Vec<OsString> {
     let id = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     let mut out: Vec<OsString> = vec![
         EXEC_ARG.into(),
-        group.into(),
-        id(user.map(|u| u.0)).into(),
-        id(user.map(|u| u.1)).into(),
+        entry.group.map_or_else(|| OsString::from("-"), OsString::from),
+        id(entry.user.map(|u| u.0)).into(),
+        id(entry.user.map(|u| u.1)).into(),
+        id(entry.mount_namespace_of).into(),
+        entry.workdir.unwrap_or("-").into(),
         "--".into(),
         program.into(),
     ];
@@ -253,23 +268,33 @@ pub fn exec_args(group: &Path, user: Option<(u32, u32)>, program: &str, args: &[
     out
 }
 
-/// The shard's first process (`watt-agent __shard-exec GROUP UID GID -- PROGRAM ARGS...`, the
-/// arguments after `__shard-exec`): join the group, take the user, exec the job's command.
-/// Returns only on failure, with the reason; the caller exits with 127, as a shell does for a
-/// command it cannot run.
+/// The shard's first process (the arguments after `__shard-exec`, see [`exec_args`]): join the
+/// group, enter the host's mount namespace and the working directory there, take the user,
+/// exec the job's command. Returns only on failure, with the reason; the caller exits with 127,
+/// as a shell does for a command it cannot run.
 pub fn exec_in_group(args: &[OsString]) -> String {
     use std::os::unix::process::CommandExt;
-    let [group, uid, gid, dashes, program, rest @ ..] = args else {
-        return format!("{EXEC_ARG}: expected GROUP UID GID -- PROGRAM [ARGS...]");
+    let [group, uid, gid, ns, workdir, dashes, program, rest @ ..] = args else {
+        return format!("{EXEC_ARG}: expected GROUP UID GID NS WORKDIR -- PROGRAM [ARGS...]");
     };
     if dashes != "--" {
         return format!("{EXEC_ARG}: expected -- before the program");
     }
-    // Writing 0 moves the process that writes it: this one, and whatever it will start.
-    if let Err(e) = std::fs::write(Path::new(group).join("cgroup.procs"), "0") {
-        return format!("cannot join the shard's cgroup {}: {e}", Path::new(group).display());
+    // Writing 0 moves the process that writes it: this one, and whatever it will start. Before
+    // entering the host's mount namespace: the group's path is the agent's view of cgroupfs.
+    if group != "-" {
+        if let Err(e) = std::fs::write(Path::new(group).join("cgroup.procs"), "0") {
+            return format!("cannot join the shard's cgroup {}: {e}", Path::new(group).display());
+        }
     }
     let id = |v: &OsString| v.to_str().filter(|s| *s != "-").map(str::parse::<u32>);
+    if let Some(pid) = id(ns) {
+        let Ok(pid) = pid else { return format!("{EXEC_ARG}: bad namespace pid {ns:?}") };
+        let workdir = if workdir == "-" { Path::new("/") } else { Path::new(workdir) };
+        if let Err(e) = super::runtime::enter_mount_namespace(pid, workdir) {
+            return e;
+        }
+    }
     let mut command = std::process::Command::new(program);
     command.args(rest);
     match (id(uid), id(gid)) {

@@ -36,11 +36,13 @@ use watt_proto::v1 as pb;
 
 pub mod cgroup;
 pub mod identity;
+pub mod runtime;
 mod state_dir;
 mod torchrun;
 
 pub use cgroup::{ShardCgroups, ShardLimits};
 pub use identity::ShardUser;
+pub use runtime::ShardExec;
 pub use state_dir::{log_file, log_file_name, logs_dir, rotate_if_large, StateDir, LOG_KEEP, LOG_MAX_BYTES};
 pub use torchrun::worker_env;
 
@@ -111,6 +113,9 @@ pub struct Supervisor {
     cgroups: Option<(Arc<ShardCgroups>, ShardLimits)>,
     /// The agent's own program, which starts a shard inside its cgroup.
     agent_exe: PathBuf,
+    /// Where shards run (see [`runtime`]), and the runtimes this node offers, for messages.
+    exec: ShardExec,
+    runtimes: Vec<String>,
 }
 
 impl Supervisor {
@@ -121,7 +126,28 @@ impl Supervisor {
             shard_user: None,
             cgroups: None,
             agent_exe: PathBuf::from("/proc/self/exe"),
+            exec: ShardExec::Agent,
+            runtimes: Vec::new(),
         }
+    }
+
+    /// Run shards where `exec` says, this node offering `runtimes`.
+    pub fn with_exec(mut self, exec: ShardExec, runtimes: Vec<String>) -> Self {
+        self.exec = exec;
+        self.runtimes = runtimes;
+        self
+    }
+
+    /// "runtime pytorch-24.10 (the agent's own file system)": what runs `order`'s shard.
+    fn runtime_name(&self, order: &pb::ShardOrder) -> String {
+        let name = if !order.runtime.is_empty() {
+            order.runtime.clone()
+        } else if self.runtimes.is_empty() {
+            "default".to_string()
+        } else {
+            self.runtimes.join("/")
+        };
+        format!("runtime {name} ({})", self.exec.describe())
     }
 
     /// Start shards in their cgroups through `exe` (a `watt-agent`), not this process's own
@@ -237,8 +263,9 @@ impl Supervisor {
                 }
             };
             let pgid = child.id().map(|p| Pid::from_raw(p as i32));
-            tracing::info!(job, shard, epoch, pid = ?child.id(), restarts, "Shard process started.");
-            say(pb::ShardState::Running, format!("pid {}", child.id().unwrap_or(0)), last);
+            let runtime = self.runtime_name(o);
+            tracing::info!(job, shard, epoch, pid = ?child.id(), restarts, runtime, "Shard process started.");
+            say(pb::ShardState::Running, format!("pid {} in {runtime}", child.id().unwrap_or(0)), last);
             let rotation = tokio::spawn(rotate_while_running(self.state_dir.log_path(job, shard)));
             let exited = tokio::select! {
                 status = child.wait() => Some(status),
@@ -339,6 +366,22 @@ impl Supervisor {
         let Some((program, args)) = o.command.split_first() else {
             return Err("the job has no command".into());
         };
+        // Found where it will run, or the shard fails now: no restart would find it either.
+        let path = match (o.env.get("PATH"), self.exec) {
+            (Some(path), _) => path.clone(),
+            // The shard inherits the agent's PATH in its own namespaces; on the host, the usual.
+            (None, ShardExec::Agent) => std::env::var("PATH").unwrap_or_else(|_| runtime::DEFAULT_PATH.into()),
+            (None, ShardExec::Host { .. }) => runtime::DEFAULT_PATH.into(),
+        };
+        let workdir = if o.workdir.is_empty() { "/" } else { o.workdir.as_str() };
+        if let Err(missing) = runtime::find_command(&self.exec.root(), program, &path, workdir) {
+            return Err(format!(
+                "{}: command {:?} not found (looked in {})",
+                self.runtime_name(o),
+                missing.program,
+                missing.looked_in
+            ));
+        }
         let log = self.state_dir.log_path(&o.job, o.shard);
         let checkpoints = self.state_dir.checkpoint_dir(o);
         let run = self.state_dir.run_dir();
@@ -360,16 +403,23 @@ impl Supervisor {
             .open(&log)
             .map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
-        let mut cmd = match group {
-            // The agent starts the shard through itself, which joins the group and takes the
-            // shard's user before the command runs (see `cgroup`).
-            Some(group) => {
+        let host = self.exec.mount_namespace_of();
+        let mut cmd = match (group, host) {
+            // The agent starts the shard through itself, which joins the group, enters the
+            // host's mount namespace and takes the shard's user before the command runs (see
+            // `cgroup`).
+            (Some(_), _) | (_, Some(_)) => {
                 let mut cmd = tokio::process::Command::new(&self.agent_exe);
-                let user = self.shard_user.as_ref().map(|u| (u.uid, u.gid));
-                cmd.args(cgroup::exec_args(group, user, program, args));
+                let entry = cgroup::ShardEntry {
+                    group,
+                    user: self.shard_user.as_ref().map(|u| (u.uid, u.gid)),
+                    mount_namespace_of: host,
+                    workdir: (!o.workdir.is_empty()).then_some(o.workdir.as_str()),
+                };
+                cmd.args(cgroup::exec_args(&entry, program, args));
                 cmd
             }
-            None => {
+            (None, None) => {
                 let mut cmd = tokio::process::Command::new(program);
                 cmd.args(args);
                 if let Some(user) = &self.shard_user {
@@ -382,12 +432,14 @@ impl Supervisor {
         };
         cmd.envs(worker_env(o, restarts, &checkpoints, launch.node_cpus))
             .env("WATT_PROGRESS_SOCKET", self.state_dir.progress_path(&o.job, o.shard))
+            .env("PATH", &path)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .process_group(0)
             .kill_on_drop(false);
-        if !o.workdir.is_empty() {
+        // On the host, the working directory is entered there (it may not exist here).
+        if !o.workdir.is_empty() && host.is_none() {
             cmd.current_dir(&o.workdir);
         }
         if launch.simulated {
@@ -551,8 +603,10 @@ mod tests {
         false
     }
 
+    /// The pid in "pid 4711 in runtime …".
     fn pid_of(running_message: &str) -> Pid {
-        Pid::from_raw(running_message.trim_start_matches("pid ").parse().unwrap_or(0))
+        let pid = running_message.trim_start_matches("pid ").split(' ').next().unwrap_or_default();
+        Pid::from_raw(pid.parse().unwrap_or(0))
     }
 
     #[tokio::test]
@@ -643,7 +697,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let (_s, log) = start(dir.path(), order(&["/no/such/trainer", "--x"], 3), Duration::from_secs(1));
         let failed = log.until(pb::ShardState::Failed).await;
-        assert!(failed.contains("cannot start \"/no/such/trainer\""), "{failed}");
+        assert!(failed.contains("runtime default") && failed.contains("\"/no/such/trainer\" not found"), "{failed}");
+        // At once: no restart for a command the runtime does not have.
+        assert!(log.all().iter().all(|(s, _)| *s != pb::ShardState::Running), "{:?}", log.all());
+        // A name looked up on the PATH the shard gets: the agent's own here.
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (_s, log) = start(dir.path(), order(&["no-such-trainer"], 3), Duration::from_secs(1));
+        let failed = log.until(pb::ShardState::Failed).await;
+        assert!(failed.contains("looked in PATH"), "{failed}");
     }
 
     #[tokio::test]
