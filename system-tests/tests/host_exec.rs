@@ -103,8 +103,13 @@ fn a_shard_runs_in_the_hosts_namespaces_stops_by_sigterm_then_sigkill_and_a_miss
     assert!(stopping.elapsed() >= Duration::from_secs(2), "not before the grace period");
     let log = String::from_utf8(wattctl(&url, &["logs", "hosted"]).stdout).unwrap();
     assert!(log.contains("train: SIGTERM, not stopping"), "{log}");
-    let left = Command::new("pgrep").args(["-f", "sleep 7777"]).output().unwrap();
-    assert!(left.stdout.is_empty(), "a process outlived its shard: {}", String::from_utf8_lossy(&left.stdout));
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.trim() == "sleep 7777")
+        .collect();
+    assert!(left.is_empty(), "a process outlived its shard: {left:?}");
 
     // A command the host does not have: failed at once, no restart, the runtime named.
     let missing = format!("{}/missing", dir.path().display());
