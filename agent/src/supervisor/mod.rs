@@ -373,8 +373,14 @@ impl Supervisor {
             (None, ShardExec::Agent) => std::env::var("PATH").unwrap_or_else(|_| runtime::DEFAULT_PATH.into()),
             (None, ShardExec::Host { .. }) => runtime::DEFAULT_PATH.into(),
         };
-        let workdir = if o.workdir.is_empty() { "/" } else { o.workdir.as_str() };
-        if let Err(missing) = runtime::find_command(&self.exec.root(), program, &path, workdir) {
+        // Where a relative command is found from: the job's directory, else where the shard
+        // starts — the agent's own directory here, the root on the host.
+        let workdir = match (o.workdir.is_empty(), self.exec) {
+            (false, _) => PathBuf::from(&o.workdir),
+            (true, ShardExec::Agent) => std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+            (true, ShardExec::Host { .. }) => PathBuf::from("/"),
+        };
+        if let Err(missing) = runtime::find_command(&self.exec.root(), program, &path, &workdir.to_string_lossy()) {
             return Err(format!(
                 "{}: command {:?} not found (looked in {})",
                 self.runtime_name(o),
