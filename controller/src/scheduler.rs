@@ -425,6 +425,8 @@ pub fn schedule<N: Schedulable>(nodes: &[N], running: &[RunningJob], pending: &[
     order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.sequence.cmp(&b.sequence)));
 
     let mut plan = Plan::default();
+    // Whether any ready node offers a runtime: one walk over the nodes per runtime named.
+    let mut offered: NameMap<&str, bool> = NameMap::default();
     for job in order {
         let g = job.gpus_per_shard as usize;
         let (min, max) = (job.shards.min as usize, job.shards.max as usize);
@@ -434,7 +436,8 @@ pub fn schedule<N: Schedulable>(nodes: &[N], running: &[RunningJob], pending: &[
         }
         let runtime = job.runtime.as_deref();
         if let Some(r) = runtime {
-            if !nodes.iter().any(|n| !n.gpus().is_empty() && n.offers(r)) {
+            let any = *offered.entry(r).or_insert_with(|| nodes.iter().any(|n| !n.gpus().is_empty() && n.offers(r)));
+            if !any {
                 plan.waiting
                     .push(Waiting { job: job.name.clone(), reason: WaitReason::NoRuntime { runtime: r.into() } });
                 continue;
